@@ -1,0 +1,156 @@
+"""PID 1 of the guest: a fixed, ordered list of named steps, each timed on the console, then the agent, then
+poweroff. Settings come from the kernel command line (memvisor.cmdline, the codec the host encodes them with).
+
+Run as `python3 -SI` (the image's /init is a shebang wrapper that calls main()). It never returns: whatever
+happens it ends in sync + poweroff, and a failure is logged to the console first so the host can show it.
+Stdlib only, and only cheap imports: see proto.py for why.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from memvisor import cmdline, proto
+from memvisor.guest import agent, linux
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+MODULES_JSON = "/etc/memvisor/modules.json"
+UNPRIVILEGED_UID = 1000
+
+
+class Context:
+    """What the steps learn and hand on (runtime state, not policy)."""
+
+    def __init__(self) -> None:
+        self.settings: dict[str, str] = {}
+        self.modules: dict[str, list[str]] = {}
+        self.kernel_version = ""
+        self.channel: agent.Channel | None = None
+        self.steps: list[tuple[str, float]] = []
+
+    def flag(self, key: str) -> bool:
+        """A boolean setting from the command line (absent = off)."""
+        return cmdline.parse_bool(self.settings.get(key, "0"))
+
+
+def log(message: str) -> None:
+    """One line on the console, prefixed with the guest uptime."""
+    print(f"memvisor-init [{agent.uptime():7.3f}] {message}", flush=True)
+
+
+def mount_filesystems(ctx: Context) -> None:
+    """/proc, /sys and /dev (devtmpfs: the kernel creates device nodes, root-only by default)."""
+    for source, target, fstype, flags in (
+        ("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC),
+        ("sysfs", "/sys", "sysfs", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC),
+        ("devtmpfs", "/dev", "devtmpfs", linux.MS_NOSUID),
+    ):
+        linux.mount(source, target, fstype, flags)
+
+
+def read_settings(ctx: Context) -> None:
+    """memvisor.* keys from the kernel command line; the module load order from the image."""
+    with open("/proc/cmdline") as f:
+        ctx.settings = cmdline.parse(f.read())
+    with open(MODULES_JSON) as f:
+        info = proto.json_loads(f.read())
+    assert isinstance(info, dict)
+    ctx.modules = info["groups"]
+    ctx.kernel_version = info["kernel"]
+
+
+def load_modules(ctx: Context, groups: tuple[str, ...]) -> None:
+    """Load each group's modules in dependency order (already-loaded ones are skipped)."""
+    base = f"/lib/modules/{ctx.kernel_version}"
+    for group in groups:
+        for relpath in ctx.modules[group]:
+            linux.finit_module(f"{base}/{relpath}")
+
+
+def load_base_modules(ctx: Context) -> None:
+    """virtio-pci and virtio-console: what the control channel needs."""
+    load_modules(ctx, ("base",))
+
+
+def open_channel(ctx: Context) -> None:
+    """Find the virtio-serial port by name and open it."""
+    ctx.channel = agent.Channel.open(ctx.settings.get("port", proto.PORT_NAME), time.monotonic() + 10, log)
+
+
+STEPS: list[tuple[str, Callable[[Context], None]]] = [
+    ("mount_filesystems", mount_filesystems),
+    ("read_settings", read_settings),
+    ("load_base_modules", load_base_modules),
+    ("open_channel", open_channel),
+]
+
+
+def run_steps(ctx: Context) -> None:
+    """Run STEPS in order, logging each with its duration."""
+    log("init started")
+    for name, step in STEPS:
+        start = time.monotonic()
+        step(ctx)
+        elapsed = time.monotonic() - start
+        ctx.steps.append((name, elapsed))
+        log(f"step {name} done in {elapsed * 1000:.0f} ms")
+
+
+def meminfo() -> dict[str, int]:
+    """/proc/meminfo in KiB."""
+    out = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            out[key] = int(rest.split()[0])
+    return out
+
+
+def shutdown() -> None:
+    """sync and power off; if ACPI poweroff fails, reboot (QEMU runs with -no-reboot, so it exits either way)."""
+    os.sync()
+    for cmd in (linux.LINUX_REBOOT_CMD_POWER_OFF, linux.LINUX_REBOOT_CMD_RESTART):
+        try:
+            linux.reboot(cmd)
+        except OSError as exc:
+            log(f"reboot({cmd:#x}) failed: {exc}")
+    # Returning would make the kernel panic ("Attempted to kill init"), which stops the VM too.
+
+
+def main() -> None:
+    """The whole life of the guest."""
+    ctx = Context()
+    try:
+        run_steps(ctx)
+        assert ctx.channel is not None
+        ctx.channel.send(proto.Kind.HELLO, {
+            "version": proto.VERSION,
+            "uptime": agent.uptime(),
+            "memtotal_kib": meminfo()["MemTotal"],
+            "steps": [[name, round(t, 6)] for name, t in ctx.steps],
+            "kernel": os.uname().release,
+        })
+        agent.serve(ctx.channel, uid=0 if ctx.flag("root") else UNPRIVILEGED_UID,
+                    report=lambda: {"meminfo": meminfo()})
+    except BaseException as exc:  # PID 1 must never die with an exception: report it and power off
+        import traceback  # only on this path: it is slow to import at boot
+
+        log("FATAL: " + "".join(traceback.format_exception(exc)).replace("\n", "\n    "))
+        if ctx.channel is not None:
+            try:
+                ctx.channel.send(proto.Kind.ERROR, {"message": f"guest init failed: {exc!r}", "fatal": True})
+            except OSError:
+                pass
+    finally:
+        log("powering off")
+        sys.stdout.flush()
+        shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,284 @@
+"""The memory policy of a sandbox: one typed, frozen value and the single table of its settings.
+
+Each setting is declared once in `SETTINGS`; that declaration drives the CLI flag, the TOML key, the JSON field and
+(for settings the guest acts on) the `memvisor.<key>` kernel-command-line key. Partial policies ("layers": the
+config file, the flags, the SDK) are plain mappings of field name to an already-coerced value and are merged in
+order by `merge()`, which keeps every field.
+
+Stdlib only: the guest init imports this module to decode its kernel command line. Runtime state (pids, paths,
+sockets) does not belong here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from memvisor import cmdline
+from memvisor.errors import ConfigError, PolicyError
+
+
+class SwapMode(enum.StrEnum):
+    """How the guest swaps to its host-backed disk."""
+
+    OFF = "off"
+    PLAIN = "plain"
+    ENCRYPTED = "encrypted"
+    AUTHENTICATED = "authenticated"
+
+
+ZRAM_ALGORITHMS = ("lzo-rle", "lzo", "lz4", "zstd")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One policy setting and every name it goes by."""
+
+    field: str
+    section: str
+    key: str
+    flag: str
+    kind: type
+    help: str
+    cmdline: str | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] = ()
+    optional: bool = False
+    # The issue that implements it; a non-default value of an unimplemented setting is rejected, not ignored.
+    pending_issue: int | None = None
+
+    @property
+    def toml_key(self) -> str:
+        return f"{self.section}.{self.key}"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What a sandbox gets: its size, how it runs, and its memory policy. Immutable; build with `merge()`."""
+
+    memory_mib: int = 256
+    cpus: int = 1
+    timeout: float | None = None
+    root: bool = False
+    swap_size_mib: int = 0
+    swap_mode: SwapMode | None = None
+    allow_weaker_swap: bool = False
+    zram_percent: int = 0
+    zram_algorithm: str = "lz4"
+    ksm: bool = False
+    balloon: bool = False
+    deflate_on_oom: bool = False
+    # Not a setting: filled in by merge() so reports can tell where each value came from.
+    sources: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
+
+    @property
+    def effective_swap_mode(self) -> SwapMode:
+        """The swap mode asked for: the explicit one, else `authenticated` when a size is given, else off."""
+        if self.swap_mode is not None:
+            return self.swap_mode
+        return SwapMode.AUTHENTICATED if self.swap_size_mib > 0 else SwapMode.OFF
+
+    def summary(self) -> str:
+        """One short human line, for `memvisor ps`."""
+        parts = [f"{self.memory_mib}MiB", f"{self.cpus}cpu"]
+        mode = self.effective_swap_mode
+        if mode is not SwapMode.OFF:
+            parts.append(f"swap={self.swap_size_mib}MiB/{mode}")
+        if self.zram_percent:
+            parts.append(f"zram={self.zram_percent}%/{self.zram_algorithm}")
+        if self.ksm:
+            parts.append("ksm")
+        if self.balloon:
+            parts.append("balloon")
+        if self.root:
+            parts.append("root")
+        return " ".join(parts)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("memory_mib", "vm", "memory_mib", "--memory", int, "guest RAM in MiB", minimum=64, maximum=1 << 20),
+    Setting("cpus", "vm", "cpus", "--cpus", int, "number of vCPUs", minimum=1, maximum=64),
+    Setting("timeout", "run", "timeout", "--timeout", float, "kill the sandbox after this many seconds",
+            minimum=0.001, optional=True),
+    Setting("root", "run", "root", "--root", bool, "run the command as root in the guest (default: unprivileged)",
+            cmdline="root"),
+    Setting("swap_size_mib", "swap", "size_mib", "--swap-size", int, "size of the guest's disk swap in MiB",
+            cmdline="swap_size_mib", minimum=0, maximum=1 << 26, pending_issue=3),
+    Setting("swap_mode", "swap", "mode", "--swap-mode", SwapMode,
+            "swap mode (default: authenticated when a size is given)", cmdline="swap_mode",
+            choices=tuple(m.value for m in SwapMode), optional=True, pending_issue=3),
+    Setting("allow_weaker_swap", "swap", "allow_weaker", "--allow-weaker-swap", bool,
+            "step down authenticated -> encrypted -> plain if the guest kernel lacks the mode",
+            cmdline="allow_weaker_swap", pending_issue=3),
+    Setting("zram_percent", "zram", "percent", "--zram-pct", int, "zram device size as a percent of guest RAM",
+            cmdline="zram_percent", minimum=0, maximum=400, pending_issue=3),
+    Setting("zram_algorithm", "zram", "algorithm", "--zram-algorithm", str, "zram compression algorithm",
+            cmdline="zram_algorithm", choices=ZRAM_ALGORITHMS, pending_issue=3),
+    Setting("ksm", "ksm", "enable", "--ksm", bool, "let the host merge identical guest pages (side channel!)",
+            pending_issue=4),
+    Setting("balloon", "balloon", "enable", "--balloon", bool,
+            "virtio-balloon with free-page reporting", cmdline="balloon", pending_issue=4),
+    Setting("deflate_on_oom", "balloon", "deflate_on_oom", "--deflate-on-oom", bool,
+            "let the guest deflate the balloon when it would OOM", pending_issue=4),
+)
+
+SETTINGS_BY_FIELD = {s.field: s for s in SETTINGS}
+DEFAULT = Policy()
+
+
+def coerce(setting: Setting, raw: object, source: str) -> object:
+    """Turn `raw` (a string from a flag or the kernel command line, or a TOML/JSON value) into the setting's type.
+
+    Raises PolicyError naming the source, the setting and the value.
+    """
+    where = f"{source}: {setting.flag}" if source == "flag" else f"{source}: {setting.toml_key}"
+    if raw is None and setting.optional:
+        return None
+    try:
+        if setting.kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            if isinstance(raw, str):
+                return cmdline.parse_bool(raw)
+            raise ValueError
+        if setting.kind is int:
+            if isinstance(raw, bool):
+                raise ValueError
+            value: Any = int(raw) if isinstance(raw, int | str) else _reject(raw)
+        elif setting.kind is float:
+            if isinstance(raw, bool):
+                raise ValueError
+            value = float(raw) if isinstance(raw, int | float | str) else _reject(raw)
+        elif issubclass(setting.kind, enum.Enum):
+            value = setting.kind(raw)
+        else:
+            if not isinstance(raw, str):
+                raise ValueError
+            value = raw
+    except ValueError:
+        expected = "/".join(setting.choices) if setting.choices else _kind_name(setting.kind)
+        raise PolicyError(f"{where} has invalid value {raw!r}", hint=f"expected {expected}") from None
+    if setting.choices and str(value) not in setting.choices:
+        raise PolicyError(f"{where} has invalid value {raw!r}", hint=f"choose one of {', '.join(setting.choices)}")
+    if setting.minimum is not None and value < setting.minimum:
+        raise PolicyError(f"{where} is {value}, below the minimum {setting.minimum:g}")
+    if setting.maximum is not None and value > setting.maximum:
+        raise PolicyError(f"{where} is {value}, above the maximum {setting.maximum:g}")
+    return value
+
+
+def _reject(raw: object) -> Any:
+    raise ValueError(raw)
+
+
+def _kind_name(kind: type) -> str:
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(kind, kind.__name__)
+
+
+def merge(*layers: tuple[str, Mapping[str, object]]) -> Policy:
+    """Merge named partial policies in order (later wins) over the defaults, then validate.
+
+    Each layer is (name, {field: coerced value}); unknown fields are a programming error.
+    """
+    values: dict[str, object] = {}
+    sources: dict[str, str] = {}
+    for name, layer in layers:
+        for key, value in layer.items():
+            if key not in SETTINGS_BY_FIELD:
+                raise KeyError(f"unknown policy field {key!r} in layer {name}")
+            values[key] = value
+            sources[key] = name
+    policy = Policy(**values, sources=tuple(sorted(sources.items())))  # type: ignore[arg-type]
+    validate(policy)
+    return policy
+
+
+def validate(policy: Policy) -> None:
+    """Reject values that make no sense together, and non-default values of settings not implemented yet."""
+    source = dict(policy.sources)
+    for setting in SETTINGS:
+        value = getattr(policy, setting.field)
+        if setting.pending_issue is not None and value != getattr(DEFAULT, setting.field):
+            raise PolicyError(
+                f"{setting.flag} ({setting.toml_key}) is not implemented yet in this memvisor "
+                f"(value {value!r} from {source.get(setting.field, 'default')})",
+                hint=f"remove it; it arrives with issue #{setting.pending_issue}",
+            )
+    if policy.swap_mode not in (None, SwapMode.OFF) and policy.swap_size_mib == 0:
+        raise PolicyError(f"--swap-mode {policy.swap_mode} needs a swap size", hint="add --swap-size MiB")
+
+
+def to_json(policy: Policy) -> dict[str, dict[str, object]]:
+    """The policy as nested JSON-ready dicts, one object per TOML section."""
+    out: dict[str, dict[str, object]] = {}
+    for s in SETTINGS:
+        value = getattr(policy, s.field)
+        out.setdefault(s.section, {})[s.key] = value.value if isinstance(value, enum.Enum) else value
+    return out
+
+
+def layer_from_mapping(doc: Mapping[str, object], source: str) -> dict[str, object]:
+    """Read a TOML document or a JSON policy (same nesting) into a layer; unknown keys are an error."""
+    known_sections = {s.section for s in SETTINGS}
+    layer: dict[str, object] = {}
+    for section, table in doc.items():
+        if section not in known_sections:
+            raise ConfigError(f"{source}: unknown section [{section}]",
+                              hint=f"known sections: {', '.join(sorted(known_sections))}")
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{source}: [{section}] must be a table, not {table!r}")
+        by_key = {s.key: s for s in SETTINGS if s.section == section}
+        for key, raw in table.items():
+            if key not in by_key:
+                raise ConfigError(f"{source}: unknown key {section}.{key}",
+                                  hint=f"keys in [{section}]: {', '.join(sorted(by_key))}")
+            layer[by_key[key].field] = coerce(by_key[key], raw, source)
+    return layer
+
+
+def from_json(doc: Mapping[str, object]) -> Policy:
+    """Inverse of `to_json` (None values are the defaults of optional settings)."""
+    return merge(("json", layer_from_mapping(doc, "json")))
+
+
+def to_toml(policy: Policy) -> str:
+    """The policy as a TOML document that `layer_from_mapping(tomllib.loads(...))` reads back."""
+    lines: list[str] = []
+    for section, table in to_json(policy).items():
+        body = [f"{key} = {json.dumps(value)}" for key, value in table.items() if value is not None]
+        if body:
+            lines += [f"[{section}]", *body, ""]
+    return "\n".join(lines)
+
+
+def to_cmdline(policy: Policy) -> list[str]:
+    """The guest-side settings as `memvisor.<key>=<value>` kernel command-line words."""
+    return [cmdline.word(s.cmdline, getattr(policy, s.field)) for s in SETTINGS
+            if s.cmdline is not None and getattr(policy, s.field) is not None]
+
+
+def parse_cmdline(text: str) -> dict[str, object]:
+    """Decode the guest-side settings of a kernel command line into a typed policy layer (host-side check of
+    what the guest will see; the guest itself reads them with memvisor.cmdline)."""
+    raw = cmdline.parse(text)
+    return {s.field: coerce(s, raw[s.cmdline], "kernel command line") for s in SETTINGS
+            if s.cmdline is not None and s.cmdline in raw}
+
+
+def replace(policy: Policy, source: str, **changes: object) -> Policy:
+    """A copy of `policy` with `changes` (field names) applied as one more layer, re-validated."""
+    base = {s.field: getattr(policy, s.field) for s in SETTINGS}
+    coerced = {k: coerce(SETTINGS_BY_FIELD[k], v, source) for k, v in changes.items()}
+    merged = merge(("base", base), (source, coerced))
+    sources = dict(policy.sources) | {k: source for k in coerced}
+    return dataclasses.replace(merged, sources=tuple(sorted(sources.items())))
+
+
+def explicit_fields(policy: Policy) -> Iterable[str]:
+    """The fields some layer set explicitly (not defaults)."""
+    return (name for name, _ in policy.sources)

@@ -1,0 +1,57 @@
+"""The one way memvisor runs a host program: argv lists, stdin from /dev/null, a clean environment, and the
+full command line in every failure message. Long-lived children (the VMM) are spawned in host/launch.py."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+
+from memvisor.errors import MemvisorError, MissingDependencyError
+
+CLEAN_ENV_KEYS = ("PATH", "LANG", "LC_ALL", "TMPDIR", "HOME")
+
+# Host programs memvisor needs, and the Debian package that provides each.
+DEBIAN_PACKAGE = {
+    "qemu-system-x86_64": "qemu-system-x86",
+    "apt-get": "apt",
+    "apt-cache": "apt",
+    "dpkg-deb": "dpkg",
+}
+
+
+def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A minimal environment for children: PATH and locale only, plus `extra`."""
+    env = {k: os.environ[k] for k in CLEAN_ENV_KEYS if k in os.environ}
+    env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    env.update(extra or {})
+    return env
+
+
+def which(program: str) -> str:
+    """The full path of a host program, or MissingDependencyError saying which package to install."""
+    path = shutil.which(program, path=clean_env()["PATH"])
+    if path is None:
+        pkg = DEBIAN_PACKAGE.get(program, program)
+        raise MissingDependencyError(f"{program} is not installed", hint=f"apt-get install {pkg}")
+    return path
+
+
+def run(argv: Sequence[str], *, cwd: str | None = None, env: Mapping[str, str] | None = None,
+        timeout: float | None = None, capture: bool = True) -> subprocess.CompletedProcess[bytes]:
+    """Run a program to completion; raise MemvisorError with its command line and stderr if it fails."""
+    argv = [which(argv[0]), *argv[1:]] if "/" not in argv[0] else list(argv)
+    try:
+        proc = subprocess.run(argv, cwd=cwd, env=clean_env(env), stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE if capture else None,
+                              stderr=subprocess.PIPE if capture else None,
+                              timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise MemvisorError(f"`{shlex.join(argv)}` did not finish within {timeout} s") from None
+    if proc.returncode != 0:
+        err = (proc.stderr or b"").decode(errors="replace").strip().splitlines()
+        tail = "; ".join(err[-3:]) if err else "no error output"
+        raise MemvisorError(f"`{shlex.join(argv)}` failed with exit status {proc.returncode}: {tail}")
+    return proc
