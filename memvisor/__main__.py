@@ -1,0 +1,3 @@
+from memvisor.cli import entry
+
+entry()

@@ -1,0 +1,140 @@
+"""Per-sandbox runtime directories (<runtime root>/<id>/) and the sweep that removes stale ones.
+
+A runtime directory holds `state.json` (who owns it, the VMM pid, the policy, the file list), the console log,
+the VMM's own log and the QMP socket. It is removed at teardown. If memvisor itself is SIGKILLed, the VMM dies
+with it (PR_SET_PDEATHSIG) and the next memvisor command sweeps the directory: a directory is stale when its
+owner process is gone (pid and start time both checked, so a reused pid does not keep it alive).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from memvisor import paths
+
+log = logging.getLogger("memvisor")
+STATE = "state.json"
+ORPHAN_GRACE_S = 60  # a directory with no state file yet may be one being created right now
+
+
+@dataclass
+class SandboxState:
+    """What `memvisor ps` and the sweep know of a sandbox (runtime state, not policy)."""
+
+    id: str
+    owner_pid: int
+    owner_started: float
+    created: float
+    runtime_dir: str
+    policy: dict[str, Any]
+    summary: str
+    vmm_pid: int | None = None
+    vmm_started: float | None = None
+    vmm_name: str = ""
+    files: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def process_start_time(pid: int) -> float | None:
+    """The start time of process `pid` (seconds since the epoch), or None if it is gone."""
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def same_process(pid: int | None, started: float | None) -> bool:
+    """True if `pid` is alive and is the process that started at `started` (not a reused pid)."""
+    if pid is None or started is None:
+        return False
+    now = process_start_time(pid)
+    return now is not None and abs(now - started) < 0.5
+
+
+def new_id() -> str:
+    """A short random sandbox id."""
+    return secrets.token_hex(4)
+
+
+def create(sandbox_id: str) -> Path:
+    """Make the sandbox's runtime directory (mode 0700)."""
+    root = paths.runtime_root()
+    root.mkdir(parents=True, exist_ok=True, mode=0o755)
+    path = root / sandbox_id
+    path.mkdir(mode=0o700)
+    return path
+
+
+def write_state(state: SandboxState) -> None:
+    """Atomically (re)write state.json."""
+    path = Path(state.runtime_dir) / STATE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state.to_json(), indent=2) + "\n")
+    tmp.replace(path)
+
+
+def read_state(path: Path) -> SandboxState | None:
+    try:
+        return SandboxState(**json.loads((path / STATE).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def owner_state(sandbox_id: str) -> SandboxState | None:
+    """The state of a live sandbox by id, or None."""
+    return read_state(paths.runtime_root() / sandbox_id)
+
+
+def sweep() -> list[str]:
+    """Remove runtime directories whose owner is gone, killing a VMM left behind; return the ids removed."""
+    root = paths.runtime_root()
+    removed: list[str] = []
+    if not root.is_dir():
+        return removed
+    for path in root.iterdir():
+        if not path.is_dir():
+            continue
+        state = read_state(path)
+        if state is None:
+            with contextlib.suppress(OSError):
+                if time.time() - path.stat().st_mtime > ORPHAN_GRACE_S:
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed.append(path.name)
+            continue
+        if same_process(state.owner_pid, state.owner_started):
+            continue
+        if same_process(state.vmm_pid, state.vmm_started):
+            assert state.vmm_pid is not None
+            log.warning("killing VMM pid %d left behind by sandbox %s", state.vmm_pid, state.id)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(state.vmm_pid, signal.SIGKILL)
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(state.id)
+    return removed
+
+
+def live() -> list[SandboxState]:
+    """Every running sandbox (after a sweep), oldest first."""
+    sweep()
+    root = paths.runtime_root()
+    states = [s for p in root.iterdir() if p.is_dir() and (s := read_state(p))] if root.is_dir() else []
+    return sorted(states, key=lambda s: s.created)
+
+
+def remove(path: Path) -> None:
+    """Delete a runtime directory at teardown."""
+    shutil.rmtree(path, ignore_errors=True)

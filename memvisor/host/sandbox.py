@@ -1,0 +1,316 @@
+"""One sandbox's lifecycle on an ExitStack: runtime directory, sockets, VMM process, the command, teardown.
+
+Everything acquired is registered on the stack as it is acquired, so any failure, Ctrl-C or SIGTERM (the CLI
+turns it into an exception) unwinds it: the VMM is asked to quit over QMP, then killed, the sockets closed and
+the runtime directory removed. The VMM also dies with memvisor on SIGKILL (launch.py), and the runtime
+directory is then swept by the next memvisor command (runtime.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from memvisor import policy as pol
+from memvisor import proto
+from memvisor.errors import GuestError, MemvisorError
+from memvisor.host import launch, runtime
+from memvisor.host.channel import HostChannel
+from memvisor.host.vmm import VMMBackend, VMSpec, backend
+from memvisor.host.vmm.qmp import QMP
+from memvisor.image.build import Image
+
+log = logging.getLogger("memvisor")
+BOOT_TIMEOUT_S = 120.0  # from VMM start to the guest's HELLO; TCG boots take ~4 s
+POWEROFF_TIMEOUT_S = 10.0
+CONSOLE_TAIL_LINES = 25
+TIMEOUT_EXIT = 124  # like timeout(1)
+MEMINFO_KEYS = ("MemTotal", "MemFree", "MemAvailable", "SwapTotal", "SwapFree", "Shmem", "AnonPages")
+
+OutputFn = Callable[[bytes], None]
+
+
+@dataclass
+class RunResult:
+    """How a command ended. `exit_code` is what `memvisor run` exits with: the command's code, 128+signo for a
+    signal death, 124 for a timeout."""
+
+    exit_code: int
+    code: int | None
+    signal: int | None
+    timed_out: bool
+    stdout: bytes = b""
+    stderr: bytes = b""
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+class Instance:
+    """A running sandbox VM. Use as a context manager; `run()` runs one command in it."""
+
+    def __init__(self, policy: pol.Policy, image: Image, vmm: VMMBackend | None = None,
+                 sandbox_id: str | None = None) -> None:
+        self.policy = policy
+        self.image = image
+        self.vmm = vmm or backend()
+        self.id = sandbox_id or runtime.new_id()
+        self.name = f"memvisor-{self.id}"
+        self.dir: Path | None = None
+        self.argv: list[str] = []
+        self.process: subprocess.Popen[bytes] | None = None
+        self.channel: HostChannel | None = None
+        self.state: runtime.SandboxState | None = None
+        self._stack = contextlib.ExitStack()
+        self._vmm_socks: list[socket.socket] = []
+        self.spawned_at = 0.0
+
+    # -- setting up ----------------------------------------------------------------------------------------
+    def plan(self) -> list[str]:
+        """Create the runtime directory and sockets, and decide the VMM command line (nothing runs yet)."""
+        runtime.sweep()
+        self.dir = runtime.create(self.id)
+        self._stack.callback(runtime.remove, self.dir)
+        me = os.getpid()
+        self.state = runtime.SandboxState(
+            id=self.id, owner_pid=me, owner_started=runtime.process_start_time(me) or 0.0, created=time.time(),
+            runtime_dir=str(self.dir), policy=pol.to_json(self.policy), summary=self.policy.summary(),
+            vmm_name=self.name,
+            files={"state": str(self.dir / runtime.STATE), "console": str(self.console_log),
+                   "vmm_log": str(self.dir / "vmm.log"), "qmp": str(self.qmp_path)})
+        runtime.write_state(self.state)
+
+        qmp_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._stack.callback(qmp_sock.close)
+        qmp_sock.bind(str(self.qmp_path))
+        qmp_sock.listen(4)
+        self.channel, theirs = HostChannel.pair()
+        self._stack.callback(self.channel.close)
+        self._stack.callback(theirs.close)
+        self._vmm_socks = [qmp_sock, theirs]
+        spec = VMSpec(
+            name=self.name, memory_mib=self.policy.memory_mib, cpus=self.policy.cpus,
+            kernel=self.image.vmlinux, initrd=self.image.initramfs,
+            cmdline=(f"memvisor.id={self.id}", *pol.to_cmdline(self.policy)),
+            console_log=self.console_log, qmp_fd=qmp_sock.fileno(), channel_fd=theirs.fileno(),
+            ksm=self.policy.ksm)
+        self.argv = self.vmm.command(spec)
+        return self.argv
+
+    @property
+    def console_log(self) -> Path:
+        assert self.dir is not None
+        return self.dir / "console.log"
+
+    @property
+    def qmp_path(self) -> Path:
+        assert self.dir is not None
+        return self.dir / "qmp.sock"
+
+    def start(self) -> None:
+        """Plan (if not done) and start the VMM."""
+        if not self.argv:
+            self.plan()
+        assert self.dir is not None and self.state is not None
+        self.spawned_at = time.monotonic()
+        self.process = launch.spawn_vmm(self.argv, pass_fds=tuple(s.fileno() for s in self._vmm_socks),
+                                        log=self.dir / "vmm.log")
+        self._stack.callback(self._stop_vmm)
+        for sock in self._vmm_socks:  # the VMM has its copies now
+            sock.close()
+        self.state.vmm_pid = self.process.pid
+        self.state.vmm_started = runtime.process_start_time(self.process.pid)
+        runtime.write_state(self.state)
+
+    def __enter__(self) -> Instance:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the VMM if it still runs and release everything."""
+        self._stack.close()
+
+    # -- running a command ---------------------------------------------------------------------------------
+    def run(self, argv: list[str], *, env: dict[str, str] | None = None, on_stdout: OutputFn | None = None,
+            on_stderr: OutputFn | None = None, on_phase: Callable[[str], None] | None = None) -> RunResult:
+        """Run `argv` in the guest, streaming its output to the callbacks (or collecting it in the result)."""
+        assert self.process is not None and self.channel is not None
+        out, err = bytearray(), bytearray()
+        emit_out = on_stdout or out.extend
+        emit_err = on_stderr or err.extend
+        phase = on_phase or (lambda _p: None)
+        timeout = self.policy.timeout
+        deadline = self.spawned_at + timeout if timeout else float("inf")
+        boot_deadline = self.spawned_at + BOOT_TIMEOUT_S
+        hello: dict[str, Any] | None = None
+        started: dict[str, Any] | None = None
+        exit_body: dict[str, Any] | None = None
+        marks: dict[str, float] = {}
+
+        sel = selectors.DefaultSelector()
+        pidfd = os.pidfd_open(self.process.pid)
+        sel.register(self.channel.sock, selectors.EVENT_READ, "channel")
+        sel.register(pidfd, selectors.EVENT_READ, "vmm")
+        phase("booting")
+        try:
+            while exit_body is None:
+                now = time.monotonic()
+                limit = min(deadline, boot_deadline if hello is None else float("inf"))
+                if now >= limit:
+                    if now >= deadline:
+                        return self._timed_out(bytes(out), bytes(err), marks, hello, started)
+                    raise GuestError(f"the guest did not report ready within {BOOT_TIMEOUT_S:.0f} s",
+                                     console_tail=self.console_tail())
+                events = sel.select(timeout=min(limit - now, 1.0))
+                vmm_gone = any(key.data == "vmm" for key, _ in events)
+                for frame in self.channel.receive():
+                    if frame.kind is proto.Kind.HELLO and hello is None:
+                        assert frame.body is not None
+                        if frame.body["version"] != proto.VERSION:
+                            raise GuestError(f"the guest speaks protocol {frame.body['version']}, "
+                                             f"the host {proto.VERSION}", hint="rebuild the image")
+                        hello, marks["hello"] = frame.body, time.monotonic()
+                        self.channel.send(proto.Kind.RUN, {"argv": argv, "env": env or {}})
+                        phase("running")
+                    elif frame.kind is proto.Kind.STARTED and hello is not None:
+                        started, marks["started"] = frame.body, time.monotonic()
+                    elif frame.kind is proto.Kind.STDOUT:
+                        emit_out(frame.data)
+                    elif frame.kind is proto.Kind.STDERR:
+                        emit_err(frame.data)
+                    elif frame.kind is proto.Kind.EXIT and hello is not None:
+                        exit_body, marks["exit"] = frame.body, time.monotonic()
+                    elif frame.kind is proto.Kind.ERROR:
+                        assert frame.body is not None
+                        log.warning("guest reports: %s", frame.body["message"])
+                        if frame.body.get("fatal"):
+                            raise GuestError(f"the guest failed: {frame.body['message']}",
+                                             console_tail=self.console_tail())
+                    else:
+                        self.channel.reject(f"unexpected {frame.kind.name} from the guest")
+                if exit_body is None and (vmm_gone or self.channel.closed):
+                    self.process.wait(timeout=POWEROFF_TIMEOUT_S)
+                    raise GuestError(self._death_message(), console_tail=self.console_tail())
+        finally:
+            sel.close()
+            os.close(pidfd)
+        phase("stopping")
+        self._wait_poweroff()
+        return self._result(exit_body, bytes(out), bytes(err), marks, hello, started)
+
+    def _death_message(self) -> str:
+        assert self.process is not None
+        rc = self.process.returncode
+        tail = self.console_tail()
+        if "Kernel panic" in tail:
+            return "the guest kernel panicked before the command finished"
+        if rc is not None and rc < 0:
+            return f"the VMM (pid {self.process.pid}) was killed by {signal.Signals(-rc).name}"
+        vmm_log = self.vmm_log_tail()
+        detail = f"; VMM said: {vmm_log}" if vmm_log else ""
+        return f"the guest stopped without reporting the command's end (VMM exit status {rc}){detail}"
+
+    def _wait_poweroff(self) -> None:
+        assert self.process is not None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=POWEROFF_TIMEOUT_S)
+
+    def _timed_out(self, out: bytes, err: bytes, marks: dict[str, float], hello: dict[str, Any] | None,
+                   started: dict[str, Any] | None) -> RunResult:
+        result = RunResult(TIMEOUT_EXIT, None, None, True, out, err)
+        result.report = self._report(result, marks, hello, started, None)
+        return result
+
+    def _result(self, body: dict[str, Any], out: bytes, err: bytes, marks: dict[str, float],
+                hello: dict[str, Any] | None, started: dict[str, Any] | None) -> RunResult:
+        code, sig = body["code"], body["signal"]
+        exit_code = 128 + sig if sig else (code if code is not None else 255)
+        result = RunResult(exit_code, code, sig, False, out, err)
+        result.report = self._report(result, marks, hello, started, body)
+        return result
+
+    def _report(self, result: RunResult, marks: dict[str, float], hello: dict[str, Any] | None,
+                started: dict[str, Any] | None, exit_body: dict[str, Any] | None) -> dict[str, Any]:
+        """The --json report: timings from the host's clock, facts from the guest's messages."""
+        def since_spawn(mark: str) -> float | None:
+            return round(marks[mark] - self.spawned_at, 3) if mark in marks else None
+
+        guest: dict[str, Any] = {}
+        if hello is not None:
+            steps = {name: seconds for name, seconds in hello["steps"]}
+            guest = {"kernel": hello.get("kernel"), "memtotal_kib": hello["memtotal_kib"],
+                     "init_started_uptime": round(hello["uptime"] - sum(steps.values()), 3),
+                     "ready_uptime": round(hello["uptime"], 3), "init_steps": steps}
+        if started is not None:
+            guest["command_started_uptime"] = round(started["uptime"], 3)
+        if exit_body is not None and "meminfo" in exit_body:
+            guest["meminfo_at_exit_kib"] = {k: exit_body["meminfo"].get(k) for k in MEMINFO_KEYS}
+        assert self.process is not None and self.channel is not None
+        return {
+            "id": self.id,
+            "exit_code": result.exit_code,
+            "code": result.code,
+            "signal": result.signal,
+            "timed_out": result.timed_out,
+            "boot_seconds": since_spawn("hello"),
+            "time_to_command_seconds": since_spawn("started"),
+            "total_seconds": round(time.monotonic() - self.spawned_at, 3),
+            "guest": guest,
+            "vmm": {"backend": self.vmm.name, "accel": self.vmm.accel(), "pid": self.process.pid},
+            "image": self.image.manifest.get("key"),
+            "policy": pol.to_json(self.policy),
+            "protocol_errors": self.channel.errors,
+        }
+
+    # -- tearing down --------------------------------------------------------------------------------------
+    def _stop_vmm(self) -> None:
+        """Quit over QMP, then SIGKILL if it lingers; always reap."""
+        proc = self.process
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            with QMP(self.qmp_path) as qmp:
+                qmp.execute("quit", timeout=2.0)
+            proc.wait(timeout=3.0)
+        except (MemvisorError, subprocess.TimeoutExpired) as exc:
+            log.debug("QMP quit did not stop the VMM (%s); killing it", exc)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def console_tail(self, lines: int = CONSOLE_TAIL_LINES) -> str:
+        """The last lines the guest wrote on its serial console."""
+        return _tail(self.console_log, lines) if self.dir else ""
+
+    def vmm_log_tail(self, lines: int = 3) -> str:
+        return _tail(self.dir / "vmm.log", lines).replace("\n", "; ") if self.dir else ""
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            data = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(data.rstrip().splitlines()[-lines:])

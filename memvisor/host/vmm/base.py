@@ -1,0 +1,42 @@
+"""What every VMM backend is given (VMSpec) and must provide (VMMBackend)."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    """One VM to start: everything the backend needs, already decided by the sandbox."""
+
+    name: str
+    memory_mib: int
+    cpus: int
+    kernel: Path
+    initrd: Path
+    cmdline: tuple[str, ...]
+    console_log: Path
+    qmp_fd: int  # a bound, listening unix socket the VMM serves its monitor on
+    channel_fd: int  # one end of a connected socketpair: the guest control channel
+    ksm: bool = False
+
+
+class VMMBackend(abc.ABC):
+    """A VMM: turns a VMSpec into a command line, and says how it accelerates."""
+
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def command(self, spec: VMSpec) -> list[str]:
+        """The exact argv that starts the VM (printed as is by --dry-run)."""
+
+    @abc.abstractmethod
+    def accel(self) -> str:
+        """The accelerator this backend will use on this host ("kvm" or "tcg")."""
+
+    def notice(self) -> str | None:
+        """A one-line notice for the user about how the VM will run (e.g. no KVM), or None."""
+        return None

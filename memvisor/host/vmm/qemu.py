@@ -1,0 +1,76 @@
+"""The QEMU backend: the command line, one option and its value per line, and the KVM/TCG choice.
+
+KVM is used only when /dev/kvm is usable *and* the CPU has vmx/svm: a PVM-only /dev/kvm (FACTS.md) exists but
+cannot run a normal guest. Otherwise TCG with `-cpu max` (which gives the guest AES-NI/PCLMUL, used by the swap
+crypto). The guest boots the ELF vmlinux through QEMU's PVH entry.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import ClassVar
+
+from memvisor import cmdline, proc, proto
+from memvisor.errors import MemvisorError
+from memvisor.host.vmm.base import VMMBackend, VMSpec
+
+QEMU = "qemu-system-x86_64"
+KERNEL_ARGS = ("console=ttyS0", "quiet", "panic=-1")
+
+
+@functools.cache
+def kvm_usable() -> bool:
+    """True when /dev/kvm can run a normal guest: readable/writable and a vmx or svm CPU flag."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "vmx" in flags or "svm" in flags
+
+
+class QemuBackend(VMMBackend):
+    """qemu-system-x86_64, q35 machine, no default devices."""
+
+    name: ClassVar[str] = "qemu"
+
+    def accel(self) -> str:
+        return "kvm" if kvm_usable() else "tcg"
+
+    def notice(self) -> str | None:
+        if self.accel() == "tcg":
+            return "KVM cannot run a normal guest here (no vmx/svm CPU flag): using QEMU TCG, which is slow"
+        return None
+
+    def command(self, spec: VMSpec) -> list[str]:
+        kernel_cmdline = " ".join((*KERNEL_ARGS, *spec.cmdline))
+        if len(kernel_cmdline) >= cmdline.COMMAND_LINE_MAX:
+            raise MemvisorError(f"the kernel command line is {len(kernel_cmdline)} bytes, over the "
+                                f"{cmdline.COMMAND_LINE_MAX}-byte limit")
+        accel = self.accel()
+        return [
+            proc.which(QEMU),
+            "-name", f"guest={spec.name},process={spec.name},debug-threads=on",
+            "-machine", f"q35,mem-merge={'on' if spec.ksm else 'off'}",
+            "-accel", accel,
+            "-cpu", "host" if accel == "kvm" else "max",
+            "-smp", str(spec.cpus),
+            "-m", f"{spec.memory_mib}M",
+            "-nodefaults",
+            "-no-user-config",
+            "-display", "none",
+            "-no-reboot",
+            "-kernel", str(spec.kernel),
+            "-initrd", str(spec.initrd),
+            "-append", kernel_cmdline,
+            "-chardev", f"file,id=console,path={spec.console_log}",
+            "-serial", "chardev:console",
+            "-chardev", f"socket,id=qmp,fd={spec.qmp_fd},server=on,wait=off",
+            "-mon", "chardev=qmp,mode=control",
+            "-device", "virtio-serial-pci,id=vser0",
+            "-chardev", f"socket,id=ctl,fd={spec.channel_fd}",
+            "-device", f"virtserialport,bus=vser0.0,chardev=ctl,name={proto.PORT_NAME}",
+        ]

@@ -1,0 +1,54 @@
+"""A small synchronous front to `qemu.qmp`'s QMPClient, for memvisor's single-threaded host code.
+
+Each QMP object owns its asyncio event loop; calls run it until the reply (or the timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient
+from qemu.qmp.error import QMPError
+
+from memvisor.errors import MemvisorError
+
+
+class QMP:
+    """One QMP connection to a VMM's monitor socket."""
+
+    def __init__(self, path: Path, name: str = "memvisor") -> None:
+        self.path = path
+        self._loop = asyncio.new_event_loop()
+        self._client = QMPClient(name)
+
+    def connect(self, timeout: float = 5.0) -> None:
+        """Connect and negotiate capabilities."""
+        self._run(self._client.connect(str(self.path)), timeout, "connect")
+
+    def execute(self, command: str, arguments: dict[str, Any] | None = None, timeout: float = 5.0) -> Any:
+        """Run one QMP command and return its "return" value."""
+        return self._run(self._client.execute(command, arguments), timeout, command)
+
+    def close(self) -> None:
+        """Disconnect and drop the event loop."""
+        try:
+            self._loop.run_until_complete(asyncio.wait_for(self._client.disconnect(), 2.0))
+        except (QMPError, OSError, TimeoutError):
+            pass
+        finally:
+            self._loop.close()
+
+    def __enter__(self) -> QMP:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _run(self, coro: Any, timeout: float, what: str) -> Any:
+        try:
+            return self._loop.run_until_complete(asyncio.wait_for(coro, timeout))
+        except (QMPError, OSError, TimeoutError) as exc:
+            raise MemvisorError(f"QMP {what} on {self.path} failed: {exc or type(exc).__name__}") from None

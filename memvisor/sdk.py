@@ -1,0 +1,64 @@
+"""The Python SDK: `Sandbox(memory_mib=256).run(["echo", "hi"])`.
+
+Layers merge like the CLI's: the config file < the SDK's arguments and `with_*` calls. A Sandbox is an
+immutable description; every `run()` boots a fresh VM and tears it down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+from memvisor import config, policy
+from memvisor.host.sandbox import Instance, OutputFn, RunResult
+from memvisor.image import build
+
+__all__ = ["RunResult", "Sandbox"]
+
+
+class Sandbox:
+    """A sandbox description: a policy. `run()` boots it, runs one command, and tears it down."""
+
+    def __init__(self, memory_mib: int | None = None, cpus: int | None = None, *, timeout: float | None = None,
+                 root: bool | None = None, config_file: Path | str | Literal[False] | None = None,
+                 **settings: object) -> None:
+        """Keyword arguments are policy field names (see memvisor.policy.SETTINGS); None means "not set".
+
+        `config_file`: a TOML file to read first; None reads the default file if it exists; False reads none.
+        """
+        given = {"memory_mib": memory_mib, "cpus": cpus, "timeout": timeout, "root": root, **settings}
+        unknown = set(given) - set(policy.SETTINGS_BY_FIELD)
+        if unknown:
+            raise TypeError(f"unknown Sandbox setting(s): {', '.join(sorted(unknown))}")
+        layer = {k: policy.coerce(policy.SETTINGS_BY_FIELD[k], v, "sdk") for k, v in given.items() if v is not None}
+        if config_file is False:
+            file_layer: tuple[str, dict[str, object]] = ("config", {})
+        else:
+            file_layer = config.load(Path(config_file) if config_file else None, explicit=config_file is not None)
+        self._layers: tuple[tuple[str, Mapping[str, object]], ...] = (file_layer, ("sdk", layer))
+        self.policy = policy.merge(*self._layers)
+
+    def _with(self, **changes: object) -> Sandbox:
+        clone = object.__new__(Sandbox)
+        layer = {k: policy.coerce(policy.SETTINGS_BY_FIELD[k], v, "sdk") for k, v in changes.items()}
+        clone._layers = (*self._layers, ("sdk", layer))
+        clone.policy = policy.merge(*clone._layers)
+        return clone
+
+    def with_policy(self, **changes: object) -> Sandbox:
+        """A copy with some policy fields changed."""
+        return self._with(**changes)
+
+    def run(self, argv: list[str], *, env: Mapping[str, str] | None = None, stdout: OutputFn | None = None,
+            stderr: OutputFn | None = None) -> RunResult:
+        """Boot, run `argv`, tear down. Output goes to the callbacks if given, else into the result."""
+        image = build.ensure()
+        with Instance(self.policy, image) as vm:
+            return vm.run(list(argv), env=dict(env or {}), on_stdout=stdout, on_stderr=stderr)
+
+    def __repr__(self) -> str:
+        fields = {f.name: getattr(self.policy, f.name) for f in dataclasses.fields(self.policy)
+                  if f.name != "sources" and getattr(self.policy, f.name) != getattr(policy.DEFAULT, f.name)}
+        return f"Sandbox({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
