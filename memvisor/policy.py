@@ -131,15 +131,18 @@ SETTINGS_BY_FIELD = {s.field: s for s in SETTINGS}
 DEFAULT = Policy()
 
 
-def coerce(setting: Setting, raw: object, source: str) -> object:
-    """Turn `raw` (a string from a flag or the kernel command line, or a TOML/JSON value) into the setting's type.
+def coerce(setting: Setting, raw: object, source: str, *, typed: bool = False) -> object:
+    """Turn `raw` (text from a flag or the kernel command line, or a TOML/JSON/SDK value) into the setting's type.
 
+    `typed` sources (TOML, JSON) must use the document's own types: "256" is not a number there.
     Raises PolicyError naming the source, the setting and the value.
     """
     where = f"{source}: {setting.flag}" if source == "flag" else f"{source}: {setting.toml_key}"
     if raw is None and setting.optional:
         return None
     try:
+        if typed and isinstance(raw, str) and setting.kind in (int, float, bool):
+            raise ValueError(raw)
         if setting.kind is bool:
             if isinstance(raw, bool):
                 return raw
@@ -161,8 +164,9 @@ def coerce(setting: Setting, raw: object, source: str) -> object:
                 raise ValueError
             value = raw
     except ValueError:
-        expected = "/".join(setting.choices) if setting.choices else _kind_name(setting.kind)
-        raise PolicyError(f"{where} has invalid value {raw!r}", hint=f"expected {expected}") from None
+        expected = f"choose one of {', '.join(setting.choices)}" if setting.choices else \
+            f"expected {_kind_name(setting.kind)}"
+        raise PolicyError(f"{where} has invalid value {raw!r}", hint=expected) from None
     if setting.choices and str(value) not in setting.choices:
         raise PolicyError(f"{where} has invalid value {raw!r}", hint=f"choose one of {', '.join(setting.choices)}")
     if setting.minimum is not None and value < setting.minimum:
@@ -237,7 +241,7 @@ def layer_from_mapping(doc: Mapping[str, object], source: str) -> dict[str, obje
             if key not in by_key:
                 raise ConfigError(f"{source}: unknown key {section}.{key}",
                                   hint=f"keys in [{section}]: {', '.join(sorted(by_key))}")
-            layer[by_key[key].field] = coerce(by_key[key], raw, source)
+            layer[by_key[key].field] = coerce(by_key[key], raw, source, typed=True)
     return layer
 
 

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -83,6 +84,7 @@ class Instance:
         runtime.sweep()
         self.dir = runtime.create(self.id)
         self._stack.callback(runtime.remove, self.dir)
+        self._stack.callback(self._keep_console)
         me = os.getpid()
         self.state = runtime.SandboxState(
             id=self.id, owner_pid=me, owner_started=runtime.process_start_time(me) or 0.0, created=time.time(),
@@ -220,9 +222,9 @@ class Instance:
     def _death_message(self) -> str:
         assert self.process is not None
         rc = self.process.returncode
-        tail = self.console_tail()
-        if "Kernel panic" in tail:
-            return "the guest kernel panicked before the command finished"
+        panic = next((line for line in self.console_tail(1000).splitlines() if "Kernel panic" in line), None)
+        if panic:
+            return f"the guest kernel panicked before the command finished ({panic.split('] ', 1)[-1].strip()})"
         if rc is not None and rc < 0:
             return f"the VMM (pid {self.process.pid}) was killed by {signal.Signals(-rc).name}"
         vmm_log = self.vmm_log_tail()
@@ -296,6 +298,13 @@ class Instance:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+    def _keep_console(self) -> None:
+        """Copy the console log to $MEMVISOR_KEEP_CONSOLE/<id>.log before teardown (tests and debugging)."""
+        keep = os.environ.get("MEMVISOR_KEEP_CONSOLE")
+        if keep and self.dir is not None and self.console_log.exists():
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.console_log, Path(keep) / f"{self.id}.log")
 
     def console_tail(self, lines: int = CONSOLE_TAIL_LINES) -> str:
         """The last lines the guest wrote on its serial console."""

@@ -35,7 +35,8 @@ class QMP:
         """Disconnect and drop the event loop."""
         try:
             self._loop.run_until_complete(asyncio.wait_for(self._client.disconnect(), 2.0))
-        except (QMPError, OSError, TimeoutError):
+        except (QMPError, OSError, EOFError, TimeoutError):
+            # disconnect() re-raises what ended the session: EOFError is the normal end after `quit`.
             pass
         finally:
             self._loop.close()
@@ -50,5 +51,5 @@ class QMP:
     def _run(self, coro: Any, timeout: float, what: str) -> Any:
         try:
             return self._loop.run_until_complete(asyncio.wait_for(coro, timeout))
-        except (QMPError, OSError, TimeoutError) as exc:
+        except (QMPError, OSError, EOFError, TimeoutError) as exc:
             raise MemvisorError(f"QMP {what} on {self.path} failed: {exc or type(exc).__name__}") from None

@@ -1,0 +1,44 @@
+# memvisor: `make run` sets everything up and boots the demo sandbox; `make test` runs every check.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test deps image lint typecheck unit vm bench clean
+
+deps: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/install-host-deps
+	./scripts/install-host-deps
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+image: deps
+	$(BIN)/memvisor image build
+
+run: image
+	$(BIN)/memvisor run --memory 256 -- sh -c 'echo "hello from $$(uname -n), kernel $$(uname -r), uid $$(id -u)"; \
+		grep MemTotal /proc/meminfo; python3 -c "import sys; print(\"python\", sys.version.split()[0])"'
+
+lint: deps
+	$(BIN)/ruff check memvisor tests bench
+
+typecheck: deps
+	$(BIN)/mypy
+
+unit: deps
+	$(BIN)/pytest -q -m "not vm"
+
+vm: image
+	$(BIN)/pytest -q -m vm
+
+test: lint typecheck image
+	$(BIN)/pytest -q
+
+bench: image
+	$(BIN)/python bench/boot.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,160 @@
+"""The policy model: every setting through every form (flag, TOML, JSON, kernel command line, SDK), merges."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from memvisor import cli, cmdline, policy
+from memvisor.errors import ConfigError, PolicyError
+from memvisor.policy import SETTINGS, Policy, SwapMode
+
+# A non-default value for every setting, as its Python value.
+SAMPLE: dict[str, object] = {
+    "memory_mib": 192, "cpus": 2, "timeout": 12.5, "root": True, "swap_size_mib": 1024,
+    "swap_mode": SwapMode.ENCRYPTED, "allow_weaker_swap": True, "zram_percent": 50, "zram_algorithm": "zstd",
+    "ksm": True, "balloon": True, "deflate_on_oom": True,
+}
+IMPLEMENTED = [s for s in SETTINGS if s.pending_issue is None]
+
+
+def test_sample_covers_every_setting() -> None:
+    assert set(SAMPLE) == {s.field for s in SETTINGS}
+    assert {f.name for f in dataclasses.fields(Policy)} - {"sources"} == set(SAMPLE)
+    for s in SETTINGS:
+        assert SAMPLE[s.field] != getattr(policy.DEFAULT, s.field), s.field
+
+
+def full_policy() -> Policy:
+    """Every field non-default, bypassing the not-implemented check (the shape is what is tested here)."""
+    return Policy(**SAMPLE)  # type: ignore[arg-type]
+
+
+def flag_words(values: dict[str, object]) -> list[str]:
+    words = []
+    for field, value in values.items():
+        s = policy.SETTINGS_BY_FIELD[field]
+        if s.kind is bool:
+            words.append(s.flag if value else "--no-" + s.flag.removeprefix("--"))
+        else:
+            words += [s.flag, cmdline.encode_value(value)]
+    return words
+
+
+def test_json_round_trip_every_field() -> None:
+    p = full_policy()
+    doc = policy.to_json(p)
+    layer = policy.layer_from_mapping(doc, "json")
+    assert Policy(**layer) == p  # type: ignore[arg-type]
+
+
+def test_toml_round_trip_every_field() -> None:
+    p = full_policy()
+    layer = policy.layer_from_mapping(tomllib.loads(policy.to_toml(p)), "toml")
+    assert Policy(**layer) == p  # type: ignore[arg-type]
+
+
+def test_cmdline_round_trip_guest_fields() -> None:
+    p = full_policy()
+    words = policy.to_cmdline(p)
+    decoded = policy.parse_cmdline("console=ttyS0 quiet " + " ".join(words))
+    guest_fields = {s.field for s in SETTINGS if s.cmdline}
+    assert set(decoded) == guest_fields
+    assert all(decoded[f] == getattr(p, f) for f in guest_fields)
+    assert all(w.startswith("memvisor.") and " " not in w for w in words)
+
+
+def test_cli_flags_every_field() -> None:
+    args = cli.build_parser().parse_args(["run", *flag_words(SAMPLE), "--", "true"])
+    layer = {s.field: policy.coerce(s, getattr(args, s.field), "flag") for s in SETTINGS}
+    assert Policy(**layer) == full_policy()  # type: ignore[arg-type]
+
+
+def test_cli_flags_unset_are_absent() -> None:
+    args = cli.build_parser().parse_args(["run", "--", "true"])
+    assert all(getattr(args, s.field) is None for s in SETTINGS)
+
+
+def test_merge_keeps_every_field_file_then_flags_then_sdk() -> None:
+    fields = [s.field for s in IMPLEMENTED]
+    # Each layer sets a different subset; every value must survive unless a later layer overrides it.
+    file_layer = {"memory_mib": 160, "cpus": 2, "timeout": 30.0}
+    flag_layer = {"cpus": 1, "root": True}
+    sdk_layer = {"timeout": 5.0}
+    p = policy.merge(("file", file_layer), ("flags", flag_layer), ("sdk", sdk_layer))
+    assert (p.memory_mib, p.cpus, p.timeout, p.root) == (160, 1, 5.0, True)
+    assert dict(p.sources) == {"memory_mib": "file", "cpus": "flags", "timeout": "sdk", "root": "flags"}
+    assert set(fields) <= {f.name for f in dataclasses.fields(p)}
+
+
+@pytest.mark.parametrize("setting", IMPLEMENTED, ids=lambda s: s.field)
+def test_each_implemented_field_survives_every_layer_order(setting: policy.Setting) -> None:
+    value = SAMPLE[setting.field]
+    for position in range(3):
+        layers: list[tuple[str, dict[str, object]]] = [("file", {}), ("flags", {}), ("sdk", {})]
+        layers[position] = (layers[position][0], {setting.field: value})
+        p = policy.merge(*layers)
+        assert getattr(p, setting.field) == value
+        assert dict(p.sources)[setting.field] == layers[position][0]
+
+
+def test_toml_file_then_flags(tmp_path: Path) -> None:
+    conf = tmp_path / "memvisor.toml"
+    conf.write_text("[vm]\nmemory_mib = 160\ncpus = 2\n[run]\nroot = true\n")
+    args = cli.build_parser().parse_args(["--config", str(conf), "run", "--cpus", "1", "--", "true"])
+    p = cli.policy_from_args(args)
+    assert (p.memory_mib, p.cpus, p.root) == (160, 1, True)
+
+
+@pytest.mark.parametrize("setting", [s for s in SETTINGS if s.pending_issue], ids=lambda s: s.field)
+def test_unimplemented_settings_are_rejected_not_ignored(setting: policy.Setting) -> None:
+    with pytest.raises(PolicyError, match=f"issue #{setting.pending_issue}"):
+        layer: dict[str, object] = {setting.field: SAMPLE[setting.field]}
+        if setting.field == "swap_mode":
+            layer["swap_size_mib"] = 64
+        policy.merge(("flags", layer))
+
+
+@pytest.mark.parametrize(("field", "raw", "match"), [
+    ("memory_mib", "lots", "invalid value 'lots'"),
+    ("memory_mib", "16", "below the minimum 64"),
+    ("cpus", "0", "below the minimum 1"),
+    ("cpus", "1.5", "invalid value"),
+    ("timeout", "-1", "below the minimum"),
+    ("root", "maybe", "invalid value 'maybe'"),
+    ("swap_mode", "fancy", "choose one of off, plain, encrypted, authenticated"),
+    ("zram_algorithm", "gzip", "choose one of"),
+])
+def test_bad_values_name_the_flag_and_value(field: str, raw: str, match: str) -> None:
+    with pytest.raises(PolicyError, match=match) as info:
+        policy.coerce(policy.SETTINGS_BY_FIELD[field], raw, "flag")
+    assert policy.SETTINGS_BY_FIELD[field].flag in info.value.message
+
+
+def test_toml_types_are_checked() -> None:
+    with pytest.raises(PolicyError, match="vm.memory_mib has invalid value '256'"):
+        policy.layer_from_mapping({"vm": {"memory_mib": "256"}}, "f.toml")
+    with pytest.raises(PolicyError, match="invalid value True"):
+        policy.layer_from_mapping({"vm": {"cpus": True}}, "f.toml")
+
+
+def test_unknown_toml_keys_are_errors() -> None:
+    with pytest.raises(ConfigError, match=r"unknown key vm.memory .*keys in \[vm\]: cpus, memory_mib"):
+        policy.layer_from_mapping({"vm": {"memory": 1}}, "f.toml")
+    with pytest.raises(ConfigError, match="unknown section"):
+        policy.layer_from_mapping({"vmm": {}}, "f.toml")
+
+
+def test_effective_swap_mode_defaults() -> None:
+    assert policy.DEFAULT.effective_swap_mode is SwapMode.OFF
+    assert Policy(swap_size_mib=64).effective_swap_mode is SwapMode.AUTHENTICATED
+    assert Policy(swap_size_mib=64, swap_mode=SwapMode.PLAIN).effective_swap_mode is SwapMode.PLAIN
+
+
+def test_cmdline_values_cannot_inject_words() -> None:
+    with pytest.raises(ValueError):
+        cmdline.encode_value("a b")
+    assert cmdline.parse("x memvisor.a=1 memvisor.a=2 memvisor.b") == {"a": "2"}

@@ -1,0 +1,111 @@
+"""Real-guest fixtures: the image (built once), an isolated runtime directory per test, a CLI runner, and a
+check that every test leaves no VMM process and no runtime file behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from memvisor.image import build
+from memvisor.image.build import Image
+
+pytestmark = pytest.mark.vm
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/vm/" in str(item.fspath):
+            item.add_marker(pytest.mark.vm)
+
+
+@pytest.fixture(scope="session")
+def image() -> Image:
+    return build.ensure()
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Each test gets its own runtime root and config; afterwards nothing of it may remain."""
+    run_dir = tmp_path / "run"
+    monkeypatch.setenv("MEMVISOR_RUNTIME_DIR", str(run_dir))
+    monkeypatch.setenv("MEMVISOR_CONFIG", str(tmp_path / "no-config.toml"))
+    monkeypatch.setenv("MEMVISOR_KEEP_CONSOLE", str(tmp_path / "consoles"))
+    before = {p.pid for p in qemu_processes()}
+    yield run_dir
+    leftover = [p for p in qemu_processes() if p.pid not in before and str(run_dir) in " ".join(_cmdline(p))]
+    for p in leftover:  # fail loudly, but do not leave them running for the next test
+        p.kill()
+    assert not leftover, f"VMM processes left behind: {[p.pid for p in leftover]}"
+    assert not run_dir.exists() or not any(run_dir.iterdir()), f"runtime files left: {list(run_dir.iterdir())}"
+
+
+def qemu_processes() -> list[psutil.Process]:
+    """Running VMMs (a zombie is dead: once memvisor is SIGKILLed, its VMM is reaped by whoever inherits it)."""
+    out = []
+    for p in psutil.process_iter(["name", "status"]):
+        if (p.info["name"] or "").startswith(("qemu-system", "memvisor-")) and p.info["status"] != "zombie":
+            out.append(p)
+    return out
+
+
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []
+
+
+Runner = Callable[..., subprocess.CompletedProcess[str]]
+
+
+def memvisor_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "memvisor", "-q", *args]
+
+
+@pytest.fixture
+def memvisor(image: Image) -> Runner:
+    """Run the memvisor CLI to completion."""
+    def run(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(memvisor_argv(*args), capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+    return run
+
+
+def report(stdout: str) -> dict[str, Any]:
+    """The --json report: the last line of stdout."""
+    parsed: dict[str, Any] = json.loads(stdout.rstrip("\n").rsplit("\n", 1)[-1])
+    return parsed
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll until predicate() is truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def ps(runtime_env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    out = subprocess.run(memvisor_argv("ps", "--json"), capture_output=True, text=True, check=True,
+                         env=runtime_env or dict(os.environ)).stdout
+    states: list[dict[str, Any]] = json.loads(out)
+    return states
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
