@@ -16,7 +16,8 @@ magic; the bytes skipped are reported as a ProtocolError value, never raised, so
 hung by its peer.
 
 Stdlib only: the guest imports this module at boot, so it also avoids `json` (whose decoder compiles regexes
-at import), `dataclasses` and `typing`, each of which costs ~0.4-0.9 s of TCG code translation in a fresh guest.
+at import), `enum`, `dataclasses` and `typing`, each of which costs ~0.4-0.9 s of TCG code translation in a
+fresh guest (bench/boot.py; measured with `python3 -X importtime` as the guest's first process).
 JSON goes through `_json`, the C scanner/encoder that `json.loads`/`json.dumps` themselves use. It owns the wire
 format and nothing else (no sockets, no files).
 """
@@ -24,7 +25,6 @@ format and nothing else (no sockets, no files).
 from __future__ import annotations
 
 import _json
-import enum
 import struct
 
 from memvisor.errors import ProtocolError
@@ -42,23 +42,47 @@ CHUNK = 64 * 1024  # output is sent in chunks no larger than this
 PORT_NAME = "org.memvisor.ctl"  # the virtio-serial port's name
 
 
-class Kind(enum.IntEnum):
-    """Message kinds; the direction is in the comment."""
+class MessageKind(int):
+    """A message kind: its number on the wire, with a name. One instance per kind, so `is` compares."""
 
-    HELLO = 1  # guest -> host: init is ready; boot facts and step timings
-    RUN = 2  # host -> guest: the command to run
-    STARTED = 3  # guest -> host: the command was spawned
-    STDOUT = 4  # guest -> host: raw bytes
-    STDERR = 5  # guest -> host: raw bytes
-    EXIT = 6  # guest -> host: how the command ended, plus guest memory facts
-    ERROR = 7  # either way: the peer sent something wrong, or the guest failed
+    name: str
+    _by_value: dict[int, MessageKind] = {}
+
+    def __new__(cls, value: int, name: str) -> MessageKind:
+        self = super().__new__(cls, value)
+        self.name = name
+        cls._by_value[value] = self
+        return self
+
+    def __repr__(self) -> str:
+        return f"Kind.{self.name}"
+
+
+class Kind:
+    """Message kinds (what an IntEnum would be, without importing enum at boot); the direction is in the comment."""
+
+    HELLO = MessageKind(1, "HELLO")  # guest -> host: init is ready; boot facts and step timings
+    RUN = MessageKind(2, "RUN")  # host -> guest: the command to run
+    STARTED = MessageKind(3, "STARTED")  # guest -> host: the command was spawned
+    STDOUT = MessageKind(4, "STDOUT")  # guest -> host: raw bytes
+    STDERR = MessageKind(5, "STDERR")  # guest -> host: raw bytes
+    EXIT = MessageKind(6, "EXIT")  # guest -> host: how the command ended, plus guest memory facts
+    ERROR = MessageKind(7, "ERROR")  # either way: the peer sent something wrong, or the guest failed
+
+    @staticmethod
+    def from_wire(value: int) -> MessageKind:
+        """The kind numbered `value`; ValueError if there is none."""
+        try:
+            return MessageKind._by_value[value]
+        except KeyError:
+            raise ValueError(f"unknown message kind {value}") from None
 
 
 RAW_KINDS = frozenset({Kind.STDOUT, Kind.STDERR})
 
 # field -> (allowed types, required). Unknown fields are rejected so typos cannot hide.
 _Schema = dict[str, tuple[tuple[type, ...], bool]]
-SCHEMAS: dict[Kind, _Schema] = {
+SCHEMAS: dict[MessageKind, _Schema] = {
     Kind.HELLO: {
         "version": ((int,), True),
         "uptime": ((float, int), True),
@@ -91,7 +115,7 @@ class Frame:
 
     __slots__ = ("kind", "data", "body")
 
-    def __init__(self, kind: Kind, data: bytes, body: dict[str, Any] | None = None) -> None:
+    def __init__(self, kind: MessageKind, data: bytes, body: dict[str, Any] | None = None) -> None:
         self.kind = kind
         self.data = data
         self.body = body
@@ -145,7 +169,7 @@ def json_dumps(value: object) -> str:
     return "".join(_encode(value, 0))
 
 
-def encode(kind: Kind, body: dict[str, Any] | bytes) -> bytes:
+def encode(kind: MessageKind, body: dict[str, Any] | bytes) -> bytes:
     """Serialise one message; raises ProtocolError if it would exceed MAX_PAYLOAD or break its schema."""
     if kind in RAW_KINDS:
         if not isinstance(body, bytes | bytearray):
@@ -161,13 +185,13 @@ def encode(kind: Kind, body: dict[str, Any] | bytes) -> bytes:
     return HEADER.pack(MAGIC, VERSION, kind, 0, len(payload)) + payload
 
 
-def encode_output(kind: Kind, data: bytes) -> Iterator[bytes]:
+def encode_output(kind: MessageKind, data: bytes) -> Iterator[bytes]:
     """STDOUT/STDERR data split into frames of at most CHUNK bytes."""
     for start in range(0, len(data), CHUNK):
         yield encode(kind, data[start:start + CHUNK])
 
 
-def check(kind: Kind, body: dict[str, Any]) -> None:
+def check(kind: MessageKind, body: dict[str, Any]) -> None:
     """Validate a JSON body against its kind's schema; raises ProtocolError naming the field."""
     schema = SCHEMAS[kind]
     for name, (types, required) in schema.items():
@@ -252,7 +276,7 @@ class Decoder:
         if reserved != 0:
             return ProtocolError(f"reserved header field is {reserved}, not 0")
         try:
-            kind_ = Kind(kind)
+            kind_ = Kind.from_wire(kind)
         except ValueError:
             return ProtocolError(f"unknown message kind {kind}")
         if kind_ in RAW_KINDS:

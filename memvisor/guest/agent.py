@@ -57,11 +57,11 @@ class Channel:
                 raise OSError(f"virtio-serial port {name!r} did not appear")
             time.sleep(0.01)
 
-    def send(self, kind: proto.Kind, body: dict[str, Any] | bytes) -> None:
+    def send(self, kind: proto.MessageKind, body: dict[str, Any] | bytes) -> None:
         """Send one frame (blocking until the host has room)."""
         self._write(proto.encode(kind, body))
 
-    def send_output(self, kind: proto.Kind, data: bytes) -> None:
+    def send_output(self, kind: proto.MessageKind, data: bytes) -> None:
         for frame in proto.encode_output(kind, data):
             self._write(frame)
 

@@ -35,7 +35,7 @@ class HostChannel:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def send(self, kind: proto.Kind, body: dict[str, Any] | bytes) -> None:
+    def send(self, kind: proto.MessageKind, body: dict[str, Any] | bytes) -> None:
         """Send one frame (blocking briefly if the VMM's buffer is full)."""
         self.sendraw(proto.encode(kind, body))
 

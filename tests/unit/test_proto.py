@@ -14,7 +14,7 @@ from memvisor import proto
 from memvisor.errors import ProtocolError
 from memvisor.proto import Kind
 
-VALID: list[tuple[Kind, dict[str, Any] | bytes]] = [
+VALID: list[tuple[proto.MessageKind, dict[str, Any] | bytes]] = [
     (Kind.HELLO, {"version": 1, "uptime": 1.5, "memtotal_kib": 1000, "steps": [["a", 0.1]]}),
     (Kind.RUN, {"argv": ["echo", "hé"], "env": {"A": "1"}, "cwd": "/tmp"}),
     (Kind.STARTED, {"pid": 5, "uptime": 2}),
@@ -30,7 +30,7 @@ def decode_all(data: bytes) -> list[proto.Frame | ProtocolError]:
 
 
 @pytest.mark.parametrize(("kind", "body"), VALID, ids=lambda v: str(v)[:20])
-def test_round_trip(kind: Kind, body: dict[str, Any] | bytes) -> None:
+def test_round_trip(kind: proto.MessageKind, body: dict[str, Any] | bytes) -> None:
     [frame] = decode_all(proto.encode(kind, body))
     assert isinstance(frame, proto.Frame)
     assert frame.kind is kind
@@ -55,7 +55,7 @@ def test_byte_by_byte_delivery() -> None:
     (Kind.STARTED, {"pid": True, "uptime": 1}, "is a bool"),
     (Kind.EXIT, {"code": 0, "uptime": 1}, "missing field 'signal'"),
 ])
-def test_invalid_bodies_are_rejected(kind: Kind, body: dict[str, object], match: str) -> None:
+def test_invalid_bodies_are_rejected(kind: proto.MessageKind, body: dict[str, object], match: str) -> None:
     with pytest.raises(ProtocolError, match=match):
         proto.encode(kind, body)
     # ... and the same body arriving from a peer is reported, not raised.

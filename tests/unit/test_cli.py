@@ -1,0 +1,45 @@
+"""CLI errors: one line naming the value and the fix, exit 125, nothing started."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from memvisor import cli
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["run", "--memory", "lots", "--", "true"], "error: flag: --memory has invalid value 'lots'"),
+    (["run", "--cpus", "0", "--", "true"], "--cpus is 0, below the minimum 1"),
+    (["run", "--swap-size", "512", "--", "true"], "--swap-size (swap.size_mib) is not implemented yet"),
+    (["run"], "no command given"),
+    (["run", "--env", "NOEQUALS", "--", "true"], "--env 'NOEQUALS' is not NAME=VALUE"),
+    (["--config", "/nonexistent.toml", "run", "--", "true"], "config file /nonexistent.toml does not exist"),
+])
+def test_bad_input_is_one_clear_line(argv: list[str], expected: str, capsys: pytest.CaptureFixture[str],
+                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEMVISOR_RUNTIME_DIR", str(tmp_path / "run"))
+    monkeypatch.setenv("MEMVISOR_CONFIG", str(tmp_path / "none.toml"))
+    assert cli.main(argv) == cli.EXIT_FAILURE
+    err = capsys.readouterr().err
+    assert expected in err
+    assert "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.startswith("memvisor: error:")]) == 1
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_help_lists_every_policy_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--memory", "--cpus", "--timeout", "--root", "--swap-size", "--swap-mode", "--zram-pct", "--ksm",
+                 "--json", "--dry-run"):
+        assert flag in out
+
+
+def test_ps_with_nothing_running(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEMVISOR_RUNTIME_DIR", str(tmp_path / "run"))
+    assert cli.main(["ps", "--json"]) == 0
+    assert capsys.readouterr().out.strip() == "[]"

@@ -1,0 +1,76 @@
+"""The QEMU command line and the KVM/TCG decision."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from memvisor import proc
+from memvisor.errors import MemvisorError, MissingDependencyError
+from memvisor.host.vmm import qemu
+from memvisor.host.vmm.base import VMSpec
+
+
+def spec(**changes: object) -> VMSpec:
+    base: dict[str, object] = dict(name="memvisor-t", memory_mib=192, cpus=2, kernel=Path("/k/vmlinux"),
+                                   initrd=Path("/k/initramfs.cpio"), cmdline=("memvisor.root=0",),
+                                   console_log=Path("/r/console.log"), qmp_fd=7, channel_fd=9)
+    base.update(changes)
+    return VMSpec(**base)  # type: ignore[arg-type]
+
+
+def options(argv: list[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for opt, value in zip(argv[1::2], argv[2::2], strict=False):
+        out.setdefault(opt, []).append(value)
+    return out
+
+
+def test_command_line_tcg(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(qemu, "kvm_usable", lambda: False)
+    argv = qemu.QemuBackend().command(spec())
+    assert argv[0].endswith("qemu-system-x86_64")
+    flags = [a for a in argv if a.startswith("-")]
+    assert {"-nodefaults", "-no-user-config", "-no-reboot"} <= set(flags)
+    value_argv = [a for a in argv[1:] if a not in ("-nodefaults", "-no-user-config", "-no-reboot")]
+    opts = options([argv[0], *value_argv])
+    assert opts["-accel"] == ["tcg"] and opts["-cpu"] == ["max"]
+    assert opts["-m"] == ["192M"] and opts["-smp"] == ["2"]
+    assert opts["-machine"] == ["q35,mem-merge=off"]
+    assert opts["-append"][0].endswith("memvisor.root=0") and "console=ttyS0" in opts["-append"][0]
+    assert "socket,id=qmp,fd=7,server=on,wait=off" in opts["-chardev"]
+    assert "socket,id=ctl,fd=9" in opts["-chardev"]
+    assert any("name=org.memvisor.ctl" in d for d in opts["-device"])
+    assert qemu.QemuBackend().notice() is not None
+
+
+def test_command_line_kvm_and_ksm(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(qemu, "kvm_usable", lambda: True)
+    argv = qemu.QemuBackend().command(spec(ksm=True))
+    assert argv[argv.index("-accel") + 1] == "kvm" and argv[argv.index("-cpu") + 1] == "host"
+    assert argv[argv.index("-machine") + 1] == "q35,mem-merge=on"
+    assert qemu.QemuBackend().notice() is None
+
+
+def test_kernel_command_line_length_is_guarded(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(MemvisorError, match="over the 2048-byte limit"):
+        qemu.QemuBackend().command(spec(cmdline=("memvisor.x=" + "y" * 2100,)))
+
+
+def test_missing_qemu_names_the_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(MissingDependencyError, match="qemu-system-x86_64 is not installed") as info:
+        qemu.QemuBackend().command(spec())
+    assert info.value.hint == "apt-get install qemu-system-x86"
+    with pytest.raises(MissingDependencyError, match="apt-get install dpkg"):
+        proc.which("dpkg-deb")
+
+
+def test_kvm_needs_vmx_or_svm() -> None:
+    # On this host /dev/kvm exists but the CPU has neither flag (FACTS.md); elsewhere the answer must agree
+    # with /proc/cpuinfo.
+    qemu.kvm_usable.cache_clear()
+    flags = Path("/proc/cpuinfo").read_text()
+    has_virt = " vmx" in flags or " svm" in flags
+    assert qemu.kvm_usable() == (has_virt and Path("/dev/kvm").exists())
