@@ -45,6 +45,10 @@ class Console:
         if not self.quiet:
             print(f"memvisor: {message}", file=sys.stderr, flush=True)
 
+    def warning(self, message: str) -> None:
+        """Printed even with --quiet: something the user asked for is not what they get."""
+        print(f"memvisor: warning: {message}", file=sys.stderr, flush=True)
+
     def error(self, message: str, hint: str | None = None) -> None:
         print(f"memvisor: error: {message}", file=sys.stderr, flush=True)
         if hint:
@@ -127,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_policy_flags(run)
     run.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE",
                      help="set an environment variable for CMD (repeatable)")
+    run.add_argument("--kernel-arg", action="append", default=[], metavar="ARG",
+                     help="extra guest kernel command-line word, e.g. module_blacklist=dm_integrity (repeatable)")
     run.add_argument("--json", action="store_true", help="print a JSON report as the last line of stdout")
     run.add_argument("--dry-run", action="store_true", help="print the exact VMM command line and exit")
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
@@ -169,7 +175,7 @@ def cmd_run(args: argparse.Namespace, con: Console) -> int:
     pol = policy_from_args(args)
     with con.progress("building guest image") as progress:
         image = build.ensure(progress)
-    vm = Instance(pol, image)
+    vm = Instance(pol, image, kernel_args=tuple(args.kernel_arg), on_warning=con.warning)
     if args.dry_run:
         try:
             print(shlex.join(vm.plan()))

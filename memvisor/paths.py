@@ -19,14 +19,18 @@ def cache_dir() -> Path:
 
 
 def runtime_root() -> Path:
-    """Per-sandbox runtime directories: $MEMVISOR_RUNTIME_DIR, else /run/memvisor (root) or
-    $XDG_RUNTIME_DIR/memvisor."""
+    """Per-sandbox runtime directories: $MEMVISOR_RUNTIME_DIR, else /var/lib/memvisor/run (root) or
+    $XDG_STATE_HOME/memvisor/run (~/.local/state/memvisor/run).
+
+    On disk, not in /run: a sandbox's swap file lives here, and on tmpfs the guest's swapped-out pages would
+    land back in host RAM.
+    """
     if "MEMVISOR_RUNTIME_DIR" in os.environ:
         return Path(os.environ["MEMVISOR_RUNTIME_DIR"])
     if os.geteuid() == 0:
-        return Path("/run/memvisor")
-    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/memvisor-{os.geteuid()}"
-    return Path(base) / "memvisor"
+        return Path("/var/lib/memvisor/run")
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "memvisor" / "run"
 
 
 def default_config() -> Path:

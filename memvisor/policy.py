@@ -32,6 +32,7 @@ class SwapMode(enum.StrEnum):
 
 
 ZRAM_ALGORITHMS = ("lzo-rle", "lzo", "lz4", "zstd")
+MIN_SWAP_MIB = 16
 
 
 @dataclass(frozen=True)
@@ -83,12 +84,13 @@ class Policy:
             return self.swap_mode
         return SwapMode.AUTHENTICATED if self.swap_size_mib > 0 else SwapMode.OFF
 
-    def summary(self) -> str:
-        """One short human line, for `memvisor ps`."""
+    def summary(self, swap_in_effect: str | None = None) -> str:
+        """One short human line, for `memvisor ps`; `swap_in_effect` is the mode the guest really set up."""
         parts = [f"{self.memory_mib}MiB", f"{self.cpus}cpu"]
         mode = self.effective_swap_mode
         if mode is not SwapMode.OFF:
-            parts.append(f"swap={self.swap_size_mib}MiB/{mode}")
+            shown = swap_in_effect or f"{mode}(asked)"
+            parts.append(f"swap={self.swap_size_mib}MiB/{shown}")
         if self.zram_percent:
             parts.append(f"zram={self.zram_percent}%/{self.zram_algorithm}")
         if self.ksm:
@@ -108,17 +110,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("root", "run", "root", "--root", bool, "run the command as root in the guest (default: unprivileged)",
             cmdline="root"),
     Setting("swap_size_mib", "swap", "size_mib", "--swap-size", int, "size of the guest's disk swap in MiB",
-            cmdline="swap_size_mib", minimum=0, maximum=1 << 26, pending_issue=3),
+            cmdline="swap_size_mib", minimum=0, maximum=1 << 26),
     Setting("swap_mode", "swap", "mode", "--swap-mode", SwapMode,
             "swap mode (default: authenticated when a size is given)", cmdline="swap_mode",
-            choices=tuple(m.value for m in SwapMode), optional=True, pending_issue=3),
+            choices=tuple(m.value for m in SwapMode), optional=True),
     Setting("allow_weaker_swap", "swap", "allow_weaker", "--allow-weaker-swap", bool,
             "step down authenticated -> encrypted -> plain if the guest kernel lacks the mode",
-            cmdline="allow_weaker_swap", pending_issue=3),
+            cmdline="allow_weaker_swap"),
     Setting("zram_percent", "zram", "percent", "--zram-pct", int, "zram device size as a percent of guest RAM",
-            cmdline="zram_percent", minimum=0, maximum=400, pending_issue=3),
+            cmdline="zram_percent", minimum=0, maximum=400),
     Setting("zram_algorithm", "zram", "algorithm", "--zram-algorithm", str, "zram compression algorithm",
-            cmdline="zram_algorithm", choices=ZRAM_ALGORITHMS, pending_issue=3),
+            cmdline="zram_algorithm", choices=ZRAM_ALGORITHMS),
     Setting("ksm", "ksm", "enable", "--ksm", bool, "let the host merge identical guest pages (side channel!)",
             pending_issue=4),
     Setting("balloon", "balloon", "enable", "--balloon", bool,
@@ -215,6 +217,9 @@ def validate(policy: Policy) -> None:
             )
     if policy.swap_mode not in (None, SwapMode.OFF) and policy.swap_size_mib == 0:
         raise PolicyError(f"--swap-mode {policy.swap_mode} needs a swap size", hint="add --swap-size MiB")
+    if 0 < policy.swap_size_mib < MIN_SWAP_MIB:
+        raise PolicyError(f"--swap-size {policy.swap_size_mib} MiB is too small",
+                          hint=f"use at least {MIN_SWAP_MIB} MiB, or 0 for no disk swap")
 
 
 def to_json(policy: Policy) -> dict[str, dict[str, object]]:

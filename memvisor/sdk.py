@@ -51,11 +51,29 @@ class Sandbox:
         """A copy with some policy fields changed."""
         return self._with(**changes)
 
+    def with_swap(self, size_mib: int, mode: policy.SwapMode | str | None = None,
+                  allow_weaker: bool | None = None) -> Sandbox:
+        """A copy with guest disk swap of `size_mib` MiB (mode: default authenticated)."""
+        changes: dict[str, object] = {"swap_size_mib": size_mib}
+        if mode is not None:
+            changes["swap_mode"] = mode
+        if allow_weaker is not None:
+            changes["allow_weaker_swap"] = allow_weaker
+        return self._with(**changes)
+
+    def with_zram(self, percent: int, algorithm: str | None = None) -> Sandbox:
+        """A copy with a zram swap device of `percent`% of guest RAM in front of the disk swap."""
+        changes: dict[str, object] = {"zram_percent": percent}
+        if algorithm is not None:
+            changes["zram_algorithm"] = algorithm
+        return self._with(**changes)
+
     def run(self, argv: list[str], *, env: Mapping[str, str] | None = None, stdout: OutputFn | None = None,
-            stderr: OutputFn | None = None) -> RunResult:
-        """Boot, run `argv`, tear down. Output goes to the callbacks if given, else into the result."""
+            stderr: OutputFn | None = None, kernel_args: tuple[str, ...] = ()) -> RunResult:
+        """Boot, run `argv`, tear down. Output goes to the callbacks if given, else into the result.
+        Warnings (e.g. a swap step-down) are logged to the "memvisor" logger and listed in result.report."""
         image = build.ensure()
-        with Instance(self.policy, image) as vm:
+        with Instance(self.policy, image, kernel_args=kernel_args) as vm:
             return vm.run(list(argv), env=dict(env or {}), on_stdout=stdout, on_stderr=stderr)
 
     def __repr__(self) -> str:

@@ -13,11 +13,12 @@ import sys
 import time
 
 from memvisor import cmdline, proto
-from memvisor.guest import agent, linux
+from memvisor.guest import agent, linux, swapstack
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import Any
 
 MODULES_JSON = "/etc/memvisor/modules.json"
 UNPRIVILEGED_UID = 1000
@@ -32,6 +33,7 @@ class Context:
         self.kernel_version = ""
         self.channel: agent.Channel | None = None
         self.steps: list[tuple[str, float]] = []
+        self.swap: dict[str, Any] = {}
 
     def flag(self, key: str) -> bool:
         """A boolean setting from the command line (absent = off)."""
@@ -64,17 +66,29 @@ def read_settings(ctx: Context) -> None:
     ctx.kernel_version = info["kernel"]
 
 
-def load_modules(ctx: Context, groups: tuple[str, ...]) -> None:
-    """Load each group's modules in dependency order (already-loaded ones are skipped)."""
+def load_group(ctx: Context, group: str) -> list[str]:
+    """Load a group's modules in dependency order (loaded ones are skipped); return the names that failed
+    (e.g. refused by the module_blacklist= kernel parameter). A module whose dependency failed is not tried."""
     base = f"/lib/modules/{ctx.kernel_version}"
-    for group in groups:
-        for relpath in ctx.modules[group]:
+    failed: list[str] = []
+    for relpath in ctx.modules[group]:
+        name = relpath.rsplit("/", 1)[-1].removesuffix(".ko").replace("-", "_")
+        if failed:
+            failed.append(name)
+            continue
+        try:
             linux.finit_module(f"{base}/{relpath}")
+        except OSError as exc:
+            log(f"module {name}: {exc.strerror}")
+            failed.append(name)
+    return failed
 
 
 def load_base_modules(ctx: Context) -> None:
     """virtio-pci and virtio-console: what the control channel needs."""
-    load_modules(ctx, ("base",))
+    failed = load_group(ctx, "base")
+    if failed:
+        raise OSError(f"cannot load the kernel modules the control channel needs: {', '.join(failed)}")
 
 
 def open_channel(ctx: Context) -> None:
@@ -82,11 +96,24 @@ def open_channel(ctx: Context) -> None:
     ctx.channel = agent.Channel.open(ctx.settings.get("port", proto.PORT_NAME), time.monotonic() + 10, log)
 
 
+def setup_swap(ctx: Context) -> None:
+    """zram and the disk swap stack, as the settings ask (nothing when they ask for none)."""
+    stack = swapstack.SwapStack(ctx.settings, lambda group: load_group(ctx, group), log)
+    if stack.asked == "off" and not stack.zram_percent:
+        return
+    # PID 1 must never fault on a swapped page: a tampered page would kill init, and with it the VM.
+    linux.mlockall()
+    ctx.swap = stack.build(meminfo()["MemTotal"])
+    for device in ctx.swap["devices"]:
+        log(f"swap on {device['device']} ({device.get('mode', device['kind'])}, priority {device['priority']})")
+
+
 STEPS: list[tuple[str, Callable[[Context], None]]] = [
     ("mount_filesystems", mount_filesystems),
     ("read_settings", read_settings),
     ("load_base_modules", load_base_modules),
     ("open_channel", open_channel),
+    ("setup_swap", setup_swap),
 ]
 
 
@@ -122,6 +149,15 @@ def shutdown() -> None:
     # Returning would make the kernel panic ("Attempted to kill init"), which stops the VM too.
 
 
+def report_fatal(ctx: Context, message: str) -> None:
+    """Tell the host why the guest is giving up (if the channel is open)."""
+    if ctx.channel is not None:
+        try:
+            ctx.channel.send(proto.Kind.ERROR, {"message": message, "fatal": True})
+        except OSError:
+            pass
+
+
 def main() -> None:
     """The whole life of the guest."""
     ctx = Context()
@@ -134,18 +170,18 @@ def main() -> None:
             "memtotal_kib": meminfo()["MemTotal"],
             "steps": [[name, round(t, 6)] for name, t in ctx.steps],
             "kernel": os.uname().release,
+            "swap": ctx.swap,
         })
         agent.serve(ctx.channel, uid=0 if ctx.flag("root") else UNPRIVILEGED_UID,
-                    report=lambda: {"meminfo": meminfo()})
+                    report=lambda: {"meminfo": meminfo(), **swapstack.exit_stats()})
+    except swapstack.SetupError as exc:  # a clear, expected failure: no traceback
+        log(f"FATAL: {exc}")
+        report_fatal(ctx, str(exc))
     except BaseException as exc:  # PID 1 must never die with an exception: report it and power off
         import traceback  # only on this path: it is slow to import at boot
 
         log("FATAL: " + "".join(traceback.format_exception(exc)).replace("\n", "\n    "))
-        if ctx.channel is not None:
-            try:
-                ctx.channel.send(proto.Kind.ERROR, {"message": f"guest init failed: {exc!r}", "fatal": True})
-            except OSError:
-                pass
+        report_fatal(ctx, f"guest init failed: {exc!r}")
     finally:
         log("powering off")
         sys.stdout.flush()

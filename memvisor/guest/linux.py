@@ -48,6 +48,11 @@ def finit_module(path: str) -> bool:
         os.close(fd)
 
 
+def mlockall() -> None:
+    """mlockall(MCL_CURRENT | MCL_FUTURE) (include/uapi/asm-generic/mman-common.h)."""
+    _check(_libc.mlockall(ctypes.c_int(1 | 2)), "mlockall")
+
+
 def reboot(cmd: int) -> None:
     """reboot(2); only returns on failure."""
     _check(_libc.reboot(ctypes.c_int(cmd)), "reboot")

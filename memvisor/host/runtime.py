@@ -73,7 +73,7 @@ def new_id() -> str:
 def create(sandbox_id: str) -> Path:
     """Make the sandbox's runtime directory (mode 0700)."""
     root = paths.runtime_root()
-    root.mkdir(parents=True, exist_ok=True, mode=0o755)
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = root / sandbox_id
     path.mkdir(mode=0o700)
     return path

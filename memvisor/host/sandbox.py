@@ -25,9 +25,9 @@ from typing import Any
 from memvisor import policy as pol
 from memvisor import proto
 from memvisor.errors import GuestError, MemvisorError
-from memvisor.host import launch, runtime
+from memvisor.host import launch, runtime, swapfile
 from memvisor.host.channel import HostChannel
-from memvisor.host.vmm import VMMBackend, VMSpec, backend
+from memvisor.host.vmm import Disk, VMMBackend, VMSpec, backend
 from memvisor.host.vmm.qmp import QMP
 from memvisor.image.build import Image
 
@@ -63,7 +63,15 @@ class Instance:
     """A running sandbox VM. Use as a context manager; `run()` runs one command in it."""
 
     def __init__(self, policy: pol.Policy, image: Image, vmm: VMMBackend | None = None,
-                 sandbox_id: str | None = None) -> None:
+                 sandbox_id: str | None = None, kernel_args: tuple[str, ...] = (),
+                 on_warning: Callable[[str], None] | None = None) -> None:
+        """`kernel_args`: extra guest kernel command-line words (debugging, tests: e.g. module_blacklist=...).
+        `on_warning`: called with each warning the sandbox raises (default: logged)."""
+        for arg in kernel_args:
+            if not arg or any(c.isspace() for c in arg):
+                raise MemvisorError(f"kernel argument {arg!r} must be one word without spaces")
+        self.kernel_args = kernel_args
+        self.warn = on_warning or log.warning
         self.policy = policy
         self.image = image
         self.vmm = vmm or backend()
@@ -94,6 +102,16 @@ class Instance:
                    "vmm_log": str(self.dir / "vmm.log"), "qmp": str(self.qmp_path)})
         runtime.write_state(self.state)
 
+        disks: tuple[Disk, ...] = ()
+        if self.policy.effective_swap_mode is not pol.SwapMode.OFF:
+            swapfile.create(self.swap_path, self.policy.swap_size_mib)
+            direct = swapfile.supports_direct_io(self.swap_path)
+            if not direct:
+                self.warn(f"{self.dir} does not support O_DIRECT (tmpfs?): swapped guest pages will stay in the "
+                          "host page cache; set MEMVISOR_RUNTIME_DIR to a disk-backed directory")
+            disks = (Disk(self.swap_path, "memvisor-swap", direct),)
+            self.state.files["swap"] = str(self.swap_path)
+            runtime.write_state(self.state)
         qmp_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._stack.callback(qmp_sock.close)
         qmp_sock.bind(str(self.qmp_path))
@@ -105,9 +123,9 @@ class Instance:
         spec = VMSpec(
             name=self.name, memory_mib=self.policy.memory_mib, cpus=self.policy.cpus,
             kernel=self.image.vmlinux, initrd=self.image.initramfs,
-            cmdline=(f"memvisor.id={self.id}", *pol.to_cmdline(self.policy)),
+            cmdline=(f"memvisor.id={self.id}", *pol.to_cmdline(self.policy), *self.kernel_args),
             console_log=self.console_log, qmp_fd=qmp_sock.fileno(), channel_fd=theirs.fileno(),
-            ksm=self.policy.ksm)
+            ksm=self.policy.ksm, disks=disks)
         self.argv = self.vmm.command(spec)
         return self.argv
 
@@ -115,6 +133,11 @@ class Instance:
     def console_log(self) -> Path:
         assert self.dir is not None
         return self.dir / "console.log"
+
+    @property
+    def swap_path(self) -> Path:
+        assert self.dir is not None
+        return self.dir / "swap.img"
 
     @property
     def qmp_path(self) -> Path:
@@ -191,6 +214,7 @@ class Instance:
                             raise GuestError(f"the guest speaks protocol {frame.body['version']}, "
                                              f"the host {proto.VERSION}", hint="rebuild the image")
                         hello, marks["hello"] = frame.body, time.monotonic()
+                        self._swap_ready(hello.get("swap") or {})
                         self.channel.send(proto.Kind.RUN, {"argv": argv, "env": env or {}})
                         phase("running")
                     elif frame.kind is proto.Kind.STARTED and hello is not None:
@@ -205,8 +229,10 @@ class Instance:
                         assert frame.body is not None
                         log.warning("guest reports: %s", frame.body["message"])
                         if frame.body.get("fatal"):
-                            raise GuestError(f"the guest failed: {frame.body['message']}",
-                                             console_tail=self.console_tail())
+                            # Set-up errors are already one clear line; an init crash shows the console too.
+                            crash = frame.body["message"].startswith("guest init failed")
+                            raise GuestError(f"the sandbox failed to start: {frame.body['message']}",
+                                             console_tail=self.console_tail() if crash else "")
                     else:
                         self.channel.reject(f"unexpected {frame.kind.name} from the guest")
                 if exit_body is None and (vmm_gone or self.channel.closed):
@@ -218,6 +244,17 @@ class Instance:
         phase("stopping")
         self._wait_poweroff()
         return self._result(exit_body, bytes(out), bytes(err), marks, hello, started)
+
+    def _swap_ready(self, swap: dict[str, Any]) -> None:
+        """The guest reported its swap stack: pass on step-down warnings, show the mode in `memvisor ps`."""
+        for warning in swap.get("warnings", []):
+            self.warn(warning)
+        assert self.state is not None
+        effective = swap.get("effective")
+        if effective and effective != swap.get("asked"):
+            self.warn(f"swap runs in mode {effective}, not {swap.get('asked')} as asked")
+        self.state.summary = self.policy.summary(swap_in_effect=effective)
+        runtime.write_state(self.state)
 
     def _death_message(self) -> str:
         assert self.process is not None
@@ -266,6 +303,7 @@ class Instance:
             guest["command_started_uptime"] = round(started["uptime"], 3)
         if exit_body is not None and "meminfo" in exit_body:
             guest["meminfo_at_exit_kib"] = {k: exit_body["meminfo"].get(k) for k in MEMINFO_KEYS}
+        swap = swap_report(self.policy, hello, exit_body)
         assert self.process is not None and self.channel is not None
         return {
             "id": self.id,
@@ -280,6 +318,7 @@ class Instance:
             "vmm": {"backend": self.vmm.name, "accel": self.vmm.accel(), "pid": self.process.pid},
             "image": self.image.manifest.get("key"),
             "policy": pol.to_json(self.policy),
+            "swap": swap,
             "protocol_errors": self.channel.errors,
         }
 
@@ -312,6 +351,35 @@ class Instance:
 
     def vmm_log_tail(self, lines: int = 3) -> str:
         return _tail(self.dir / "vmm.log", lines).replace("\n", "; ") if self.dir else ""
+
+
+def swap_report(policy: pol.Policy, hello: dict[str, Any] | None,
+                exit_body: dict[str, Any] | None) -> dict[str, Any]:
+    """The report's swap section: what was asked, what the guest set up, and how much was used."""
+    setup = (hello or {}).get("swap") or {}
+    out: dict[str, Any] = {
+        "asked": str(policy.effective_swap_mode),
+        "effective": setup.get("effective", "off"),
+        "setup_seconds": setup.get("setup_seconds"),
+        "cipher": setup.get("cipher"),
+        "warnings": setup.get("warnings", []),
+        "devices": setup.get("devices", []),
+    }
+    if exit_body is not None:
+        usage = {s["device"]: s for s in exit_body.get("swaps", [])}
+        for device in out["devices"]:
+            active = usage.get(device["device"], {})
+            device["active"] = bool(active)
+            device["used_kib"] = active.get("used_kib")
+            device["size_kib"] = active.get("size_kib")
+            if active:
+                device["priority"] = active.get("priority")
+        out.update(exit_body.get("vmstat", {}))
+        zram = exit_body.get("zram") or {}
+        if zram:
+            orig, compr = zram.get("orig_data_size", 0), zram.get("compr_data_size", 0)
+            out["zram"] = {**zram, "ratio": round(orig / compr, 2) if compr else None}
+    return out
 
 
 def _tail(path: Path, lines: int) -> str:

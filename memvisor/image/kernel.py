@@ -26,7 +26,9 @@ MODULE_GROUPS: dict[str, tuple[str, ...]] = {
     "balloon": ("virtio_balloon",),
     "dm": ("dm_mod",),
     "crypt": ("dm_crypt", "xts", "aesni_intel"),
-    "integrity": ("dm_integrity", "aegis128", "aegis128_aesni", "gcm", "ghash_clmulni_intel", "authenc"),
+    "integrity": ("dm_integrity",),
+    "aegis": ("aegis128", "aegis128_aesni"),
+    "gcm": ("gcm", "ghash_clmulni_intel"),
     "zram": ("zram", "lz4", "lzo_rle", "zstd"),
 }
 

@@ -12,7 +12,11 @@ from memvisor import cli
 @pytest.mark.parametrize(("argv", "expected"), [
     (["run", "--memory", "lots", "--", "true"], "error: flag: --memory has invalid value 'lots'"),
     (["run", "--cpus", "0", "--", "true"], "--cpus is 0, below the minimum 1"),
-    (["run", "--swap-size", "512", "--", "true"], "--swap-size (swap.size_mib) is not implemented yet"),
+    (["run", "--ksm", "--", "true"], "--ksm (ksm.enable) is not implemented yet"),
+    (["run", "--swap-size", "8", "--", "true"], "--swap-size 8 MiB is too small"),
+    (["run", "--swap-mode", "plain", "--", "true"], "--swap-mode plain needs a swap size"),
+    (["run", "--swap-mode", "secure", "--", "true"], "choose one of off, plain, encrypted, authenticated"),
+    (["run", "--kernel-arg", "a b", "--", "true"], "kernel argument 'a b' must be one word"),
     (["run"], "no command given"),
     (["run", "--env", "NOEQUALS", "--", "true"], "--env 'NOEQUALS' is not NAME=VALUE"),
     (["--config", "/nonexistent.toml", "run", "--", "true"], "config file /nonexistent.toml does not exist"),

@@ -40,5 +40,14 @@ def test_sdk_overrides_file(tmp_path: Path) -> None:
 def test_sdk_rejects_unknown_and_unimplemented() -> None:
     with pytest.raises(TypeError, match="memroy"):
         Sandbox(memroy=1, config_file=False)
-    with pytest.raises(PolicyError, match="issue #3"):
-        Sandbox(swap_size_mib=64, config_file=False)
+    with pytest.raises(PolicyError, match="issue #4"):
+        Sandbox(ksm=True, config_file=False)
+    with pytest.raises(PolicyError, match="too small"):
+        Sandbox(config_file=False).with_swap(8)
+
+
+def test_sdk_with_swap_and_zram() -> None:
+    sb = Sandbox(memory_mib=192, config_file=False).with_swap(1024, mode="encrypted").with_zram(50, "zstd")
+    p = sb.policy
+    assert (p.swap_size_mib, p.swap_mode, p.zram_percent, p.zram_algorithm) == (1024, "encrypted", 50, "zstd")
+    assert Sandbox(config_file=False).with_swap(64).policy.effective_swap_mode == "authenticated"

@@ -95,7 +95,10 @@ def test_each_implemented_field_survives_every_layer_order(setting: policy.Setti
     value = SAMPLE[setting.field]
     for position in range(3):
         layers: list[tuple[str, dict[str, object]]] = [("file", {}), ("flags", {}), ("sdk", {})]
-        layers[position] = (layers[position][0], {setting.field: value})
+        layer: dict[str, object] = {setting.field: value}
+        if setting.field == "swap_mode":
+            layer["swap_size_mib"] = 64  # a mode needs a size
+        layers[position] = (layers[position][0], layer)
         p = policy.merge(*layers)
         assert getattr(p, setting.field) == value
         assert dict(p.sources)[setting.field] == layers[position][0]

@@ -9,6 +9,15 @@ from typing import ClassVar
 
 
 @dataclass(frozen=True)
+class Disk:
+    """A raw disk image for the guest, found there by its virtio serial."""
+
+    path: Path
+    serial: str
+    direct_io: bool = True  # bypass the host page cache (O_DIRECT)
+
+
+@dataclass(frozen=True)
 class VMSpec:
     """One VM to start: everything the backend needs, already decided by the sandbox."""
 
@@ -22,6 +31,7 @@ class VMSpec:
     qmp_fd: int  # a bound, listening unix socket the VMM serves its monitor on
     channel_fd: int  # one end of a connected socketpair: the guest control channel
     ksm: bool = False
+    disks: tuple[Disk, ...] = ()
 
 
 class VMMBackend(abc.ABC):

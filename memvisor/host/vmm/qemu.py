@@ -51,6 +51,13 @@ class QemuBackend(VMMBackend):
             raise MemvisorError(f"the kernel command line is {len(kernel_cmdline)} bytes, over the "
                                 f"{cmdline.COMMAND_LINE_MAX}-byte limit")
         accel = self.accel()
+        disks: list[str] = []
+        for i, disk in enumerate(spec.disks):
+            disks += [
+                "-drive", f"file={disk.path},if=none,id=disk{i},format=raw,"
+                          f"cache={'none' if disk.direct_io else 'writeback'},discard=ignore",
+                "-device", f"virtio-blk-pci,drive=disk{i},serial={disk.serial}",
+            ]
         return [
             proc.which(QEMU),
             "-name", f"guest={spec.name},process={spec.name},debug-threads=on",
@@ -73,4 +80,5 @@ class QemuBackend(VMMBackend):
             "-device", "virtio-serial-pci,id=vser0",
             "-chardev", f"socket,id=ctl,fd={spec.channel_fd}",
             "-device", f"virtserialport,bus=vser0.0,chardev=ctl,name={proto.PORT_NAME}",
+            *disks,
         ]

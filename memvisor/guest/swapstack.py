@@ -1,0 +1,263 @@
+"""Build the guest's swap stack from its settings: disk swap in one of three modes, zram in front.
+
+    plain:          /dev/vdX                                    swap header, swapon prio 10
+    encrypted:      /dev/vdX -> crypt aes-xts-plain64 (512-bit)  swap header, swapon prio 10
+    authenticated:  /dev/vdX -> integrity (D, no journal) -> crypt capi:aegis128-random (AEAD, 32-byte tags;
+                    capi:gcm(aes)-random if aegis128 is missing)  swap header, swapon prio 10
+    zram:           /dev/zram0, N% of guest RAM                 swapon prio 100 (used first)
+
+Both crypt tables carry `no_read_workqueue no_write_workqueue`: with the default workqueues, authenticated swap
+livelocked under memory pressure (kcryptd spinning in direct reclaim while kswapd waits on it; FACTS.md); doing
+the crypto in the submitting context removed the hang.
+
+Keys: getrandom(2) straight into a bytearray, hex-encoded into the (bytearray) table, sent with
+DM_SECURE_DATA_FLAG, then both are zeroed. A key is never logged, never in a str, never sent to the host.
+
+If the kernel lacks what the asked mode needs, setup fails with a SetupError naming the missing feature, unless
+allow_weaker_swap: then it steps down authenticated -> encrypted -> plain and records a warning.
+Guest only, stdlib only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+
+from memvisor.guest import dm, integrity, swap, zram
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+MODES = ("authenticated", "encrypted", "plain")
+DISK_SERIAL = "memvisor-swap"
+DISK_PRIORITY = 10
+ZRAM_PRIORITY = 100
+SECTOR_ALIGN = 8  # 4 KiB sectors
+CRYPT_FLAGS = ("no_read_workqueue", "no_write_workqueue")
+# (dm-crypt cipher, /proc/crypto name, key bytes, integrity tag bytes = stored random IV + auth tag)
+AEADS = (("capi:aegis128-random", "aegis128", 16, 32), ("capi:gcm(aes)-random", "gcm(aes)", 32, 28))
+XTS = ("aes-xts-plain64", 64)
+INTEGRITY_NAME = "memvisor-swap-integrity"
+CRYPT_NAME = "memvisor-swap-crypt"
+
+# Which module groups (memvisor/image/kernel.py) each part needs.
+NEEDS = {"plain": ("block",), "encrypted": ("block", "dm", "crypt"),
+         "authenticated": ("block", "dm", "crypt", "integrity")}
+
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
+
+
+class SetupError(Exception):
+    """The swap stack cannot be built as asked; the message names the missing feature and the fix."""
+
+
+class Missing(Exception):
+    """A kernel feature a mode needs is absent (internal: drives the step-down)."""
+
+
+def random_key(size: int) -> bytearray:
+    """`size` bytes from getrandom(2), written straight into a bytearray we can wipe."""
+    key = bytearray(size)
+    view = (ctypes.c_char * size).from_buffer(key)
+    got = _libc.getrandom(view, ctypes.c_size_t(size), 0)
+    del view
+    if got != size:
+        key[:] = bytes(size)
+        raise OSError(ctypes.get_errno(), "getrandom failed")
+    return key
+
+
+def crypt_params(cipher: str, key: bytearray, device: str, options: tuple[str, ...]) -> bytearray:
+    """`<cipher> <hex key> 0 <device> 0 <#opts> <opts...>` with the key hex-encoded in place (no str copy)."""
+    hexdigits = b"0123456789abcdef"
+    params = bytearray(cipher.encode() + b" ")
+    for byte in key:
+        params.append(hexdigits[byte >> 4])
+        params.append(hexdigits[byte & 15])
+    params += f" 0 {device} 0 {len(options)} {' '.join(options)}".encode()
+    return params
+
+
+def find_disk(serial: str = DISK_SERIAL, timeout: float = 5.0) -> tuple[str, tuple[int, int], int]:
+    """The virtio-blk disk the host attached for swap: (/dev path, (major, minor), size in 512-byte sectors)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for name in sorted(os.listdir("/sys/block")):
+            try:
+                with open(f"/sys/block/{name}/serial") as f:
+                    if f.read().strip() != serial:
+                        continue
+                with open(f"/sys/block/{name}/dev") as f:
+                    major, minor = (int(x) for x in f.read().split(":"))
+                with open(f"/sys/block/{name}/size") as f:
+                    sectors = int(f.read())
+            except OSError:
+                continue
+            if os.path.exists(f"/dev/{name}"):
+                return f"/dev/{name}", (major, minor), sectors
+        if time.monotonic() > deadline:
+            raise SetupError(f"the swap disk (virtio-blk serial {serial}) did not appear in the guest")
+        time.sleep(0.01)
+
+
+def crypto_available(name: str) -> bool:
+    """Whether /proc/crypto lists an algorithm of that name (after its modules are loaded)."""
+    with open("/proc/crypto") as f:
+        return any(line.split(":", 1)[1].strip() == name for line in f if line.startswith("name"))
+
+
+class SwapStack:
+    """Builds the stack; `report` describes it for the host (no keys in it)."""
+
+    def __init__(self, settings: dict[str, str], load_group: Callable[[str], list[str]],
+                 log: Callable[[str], None]) -> None:
+        self.size_mib = int(settings.get("swap_size_mib", "0"))
+        mode = settings.get("swap_mode", "")
+        self.asked = mode if mode else ("authenticated" if self.size_mib else "off")
+        self.allow_weaker = settings.get("allow_weaker_swap", "0") in ("1", "true")
+        self.zram_percent = int(settings.get("zram_percent", "0"))
+        self.zram_algorithm = settings.get("zram_algorithm", "lz4")
+        self.load_group = load_group
+        self.log = log
+        self.report: dict[str, Any] = {"asked": self.asked, "effective": "off", "warnings": [], "devices": []}
+        self.aead = AEADS[0]
+
+    def build(self, memtotal_kib: int) -> dict[str, Any]:
+        """Set everything up; returns the report."""
+        start = time.monotonic()
+        if self.zram_percent:
+            self._zram(memtotal_kib)
+        if self.asked != "off":
+            self._disk()
+        self.report["setup_seconds"] = round(time.monotonic() - start, 4)
+        return self.report
+
+    def _zram(self, memtotal_kib: int) -> None:
+        failed = self.load_group("zram")
+        if "zram" in failed:
+            raise SetupError("zram needs the kernel module zram, which could not be loaded; remove --zram-pct")
+        try:
+            device = zram.setup(self.zram_algorithm, memtotal_kib * 1024 * self.zram_percent // 100)
+            swap.write_header(device, memtotal_kib * 1024 * self.zram_percent // 100, os.urandom(16))
+            swap.swapon(device, ZRAM_PRIORITY)
+        except OSError as exc:
+            raise SetupError(f"zram setup failed: {exc.strerror or exc}; choose another --zram-algorithm") from None
+        self.report["devices"].append({"device": device, "kind": "zram", "priority": ZRAM_PRIORITY,
+                                       "algorithm": self.zram_algorithm})
+
+    def _disk(self) -> None:
+        candidates = list(MODES[MODES.index(self.asked):]) if self.allow_weaker else [self.asked]
+        for mode in candidates:
+            try:
+                self._require(mode)
+            except Missing as exc:
+                if mode == candidates[-1]:
+                    hint = "" if self.allow_weaker or mode == "plain" else \
+                        "; pass --allow-weaker-swap to step down to a weaker mode"
+                    raise SetupError(f"swap mode {mode} is not available: {exc}{hint}") from None
+                weaker = candidates[candidates.index(mode) + 1]
+                warning = f"swap mode {mode} is not available ({exc}); stepping down to {weaker}"
+                self.report["warnings"].append(warning)
+                self.log(warning)
+                continue
+            self._build(mode)
+            self.report["effective"] = mode
+            return
+
+    def _require(self, mode: str) -> None:
+        """Raise Missing naming the first kernel feature `mode` lacks (loading what it needs)."""
+        for group in NEEDS[mode]:
+            failed = self.load_group(group)
+            if failed:
+                raise Missing(f"kernel module {failed[0]} could not be loaded")
+        if mode == "plain":
+            return
+        ctl = dm.DeviceMapper()
+        try:
+            targets = ctl.target_versions()
+        finally:
+            ctl.close()
+        for target in ("crypt", "integrity") if mode == "authenticated" else ("crypt",):
+            if target not in targets:
+                raise Missing(f"device-mapper target {target} is not registered")
+        if mode == "authenticated":
+            self.load_group("aegis")  # aegis128_aesni may fail without AES-NI; the generic aegis128 still works
+            if crypto_available("aegis128"):
+                self.aead = AEADS[0]
+            elif not self.load_group("gcm"):  # gcm(aes) is a template: listed in /proc/crypto only once used
+                self.aead = AEADS[1]
+            else:
+                raise Missing("no AEAD cipher: neither aegis128 nor gcm(aes) can be loaded")
+
+    def _build(self, mode: str) -> None:
+        device, major_minor, sectors = find_disk()
+        top, table = device, list[str]()
+        usable = sectors - sectors % SECTOR_ALIGN
+        if mode != "plain":
+            ctl = dm.DeviceMapper()
+            try:
+                top, usable, table = self._crypt_stack(ctl, mode, device, major_minor, usable)
+            except OSError as exc:
+                for name in (CRYPT_NAME, INTEGRITY_NAME):
+                    try:
+                        ctl.remove(name)
+                    except OSError:
+                        pass
+                raise SetupError(f"swap mode {mode} setup failed: {exc.strerror or exc}") from None
+            finally:
+                ctl.close()
+        swap.write_header(top, usable * 512, os.urandom(16))
+        swap.swapon(top, DISK_PRIORITY)
+        self.report["devices"].append({"device": top, "kind": "disk", "priority": DISK_PRIORITY, "mode": mode,
+                                       "backing": device, "size_bytes": usable * 512, "table": table})
+
+    def _crypt_stack(self, ctl: dm.DeviceMapper, mode: str, device: str, disk: tuple[int, int],
+                     sectors: int) -> tuple[str, int, list[str]]:
+        """integrity (authenticated only) and crypt over the disk; returns (top node, sectors, tables)."""
+        lower = f"{disk[0]}:{disk[1]}"
+        table: list[str] = []
+        if mode == "authenticated":
+            cipher, _name, key_size, tag_size = self.aead
+            provided = integrity.format_device(ctl, device, disk, tag_size, "memvisor-swap-format")
+            sectors = provided - provided % SECTOR_ALIGN
+            integ = ctl.create(INTEGRITY_NAME)
+            ctl.load(INTEGRITY_NAME, [dm.Target(0, sectors, "integrity", integrity.target_params(lower, tag_size))])
+            ctl.resume(INTEGRITY_NAME)
+            table.append(describe(ctl, INTEGRITY_NAME))
+            lower = f"{integ[0]}:{integ[1]}"
+            options: tuple[str, ...] = (f"integrity:{tag_size}:aead", "sector_size:4096", *CRYPT_FLAGS)
+        else:
+            cipher, key_size = XTS
+            options = ("sector_size:4096", *CRYPT_FLAGS)
+        key = random_key(key_size)
+        params = crypt_params(cipher, key, lower, options)
+        try:
+            crypt = ctl.create(CRYPT_NAME)
+            ctl.load(CRYPT_NAME, [dm.Target(0, sectors, "crypt", params)], secret=True)
+        finally:
+            key[:] = bytes(len(key))
+            params[:] = bytes(len(params))
+        ctl.resume(CRYPT_NAME)
+        self.report["cipher"] = cipher
+        table.append(describe(ctl, CRYPT_NAME))
+        return ctl.node(crypt), sectors, table
+
+
+def describe(ctl: dm.DeviceMapper, name: str) -> str:
+    """`name: start length type params` of a live device (dm.table masks crypt keys)."""
+    start, length, type_, params = ctl.table(name)[0]
+    return f"{name}: {start} {length} {type_} {params}"
+
+
+def exit_stats() -> dict[str, Any]:
+    """Swap figures for the EXIT report: /proc/swaps, pswpin/pswpout, zram mm_stat."""
+    vmstat = {}
+    with open("/proc/vmstat") as f:
+        for line in f:
+            key, value = line.split()
+            if key in ("pswpin", "pswpout"):
+                vmstat[key] = int(value)
+    return {"swaps": swap.active(), "vmstat": vmstat, "zram": zram.stats()}
