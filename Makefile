@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test deps image lint typecheck unit vm bench clean
+.PHONY: run test deps image lint typecheck unit vm bench bench-boot bench-swap clean
 
 deps: $(STAMP)
 
@@ -37,8 +37,13 @@ vm: image
 test: lint typecheck image
 	$(BIN)/pytest -q
 
-bench: image
+bench: bench-boot bench-swap
+
+bench-boot: image
 	$(BIN)/python bench/boot.py
+
+bench-swap: image
+	$(BIN)/python bench/swap.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

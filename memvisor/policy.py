@@ -33,6 +33,10 @@ class SwapMode(enum.StrEnum):
 
 ZRAM_ALGORITHMS = ("lzo-rle", "lzo", "lz4", "zstd")
 MIN_SWAP_MIB = 16
+# swapon(2) allocates swap_map (1 byte) and swap_cgroup (2 bytes) per 4 KiB slot in guest RAM. Past ~4.7% of
+# the guest's memory (64 MiB of swap per MiB of RAM) that bookkeeping can exhaust it during boot: a 32 GiB swap
+# (24 MiB of bookkeeping) in a 192 MiB guest panicked with "System is deadlocked on memory".
+MAX_SWAP_PER_MIB_RAM = 64
 
 
 @dataclass(frozen=True)
@@ -217,6 +221,11 @@ def validate(policy: Policy) -> None:
             )
     if policy.swap_mode not in (None, SwapMode.OFF) and policy.swap_size_mib == 0:
         raise PolicyError(f"--swap-mode {policy.swap_mode} needs a swap size", hint="add --swap-size MiB")
+    if policy.swap_size_mib > MAX_SWAP_PER_MIB_RAM * policy.memory_mib:
+        raise PolicyError(
+            f"--swap-size {policy.swap_size_mib} MiB needs ~{policy.swap_size_mib * 3 // 4096} MiB of the guest's "
+            f"{policy.memory_mib} MiB for the kernel's swap bookkeeping (3 bytes per 4 KiB)",
+            hint=f"use at most {MAX_SWAP_PER_MIB_RAM * policy.memory_mib} MiB of swap, or more --memory")
     if 0 < policy.swap_size_mib < MIN_SWAP_MIB:
         raise PolicyError(f"--swap-size {policy.swap_size_mib} MiB is too small",
                           hint=f"use at least {MIN_SWAP_MIB} MiB, or 0 for no disk swap")

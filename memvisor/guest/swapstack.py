@@ -124,10 +124,19 @@ class SwapStack:
         self.log = log
         self.report: dict[str, Any] = {"asked": self.asked, "effective": "off", "warnings": [], "devices": []}
         self.aead = AEADS[0]
+        self.timings: dict[str, float] = {}
+        self.report["timings"] = self.timings
+        self._mark = time.monotonic()
+
+    def _lap(self, name: str) -> None:
+        """Record the seconds since the previous lap under `name` (setup time per sub-step, for the report)."""
+        now = time.monotonic()
+        self.timings[name] = round(self.timings.get(name, 0.0) + now - self._mark, 4)
+        self._mark = now
 
     def build(self, memtotal_kib: int) -> dict[str, Any]:
         """Set everything up; returns the report."""
-        start = time.monotonic()
+        start = self._mark = time.monotonic()
         if self.zram_percent:
             self._zram(memtotal_kib)
         if self.asked != "off":
@@ -143,6 +152,7 @@ class SwapStack:
             device = zram.setup(self.zram_algorithm, memtotal_kib * 1024 * self.zram_percent // 100)
             swap.write_header(device, memtotal_kib * 1024 * self.zram_percent // 100, os.urandom(16))
             swap.swapon(device, ZRAM_PRIORITY)
+            self._lap("zram")
         except OSError as exc:
             raise SetupError(f"zram setup failed: {exc.strerror or exc}; choose another --zram-algorithm") from None
         self.report["devices"].append({"device": device, "kind": "zram", "priority": ZRAM_PRIORITY,
@@ -153,6 +163,7 @@ class SwapStack:
         for mode in candidates:
             try:
                 self._require(mode)
+                self._lap("modules")
             except Missing as exc:
                 if mode == candidates[-1]:
                     hint = "" if self.allow_weaker or mode == "plain" else \
@@ -210,7 +221,9 @@ class SwapStack:
             finally:
                 ctl.close()
         swap.write_header(top, usable * 512, os.urandom(16))
+        self._lap("swap_header")
         swap.swapon(top, DISK_PRIORITY)
+        self._lap("swapon")
         self.report["devices"].append({"device": top, "kind": "disk", "priority": DISK_PRIORITY, "mode": mode,
                                        "backing": device, "size_bytes": usable * 512, "table": table})
 
@@ -222,10 +235,12 @@ class SwapStack:
         if mode == "authenticated":
             cipher, _name, key_size, tag_size = self.aead
             provided = integrity.format_device(ctl, device, disk, tag_size, "memvisor-swap-format")
+            self._lap("integrity_format")
             sectors = provided - provided % SECTOR_ALIGN
             integ = ctl.create(INTEGRITY_NAME)
             ctl.load(INTEGRITY_NAME, [dm.Target(0, sectors, "integrity", integrity.target_params(lower, tag_size))])
             ctl.resume(INTEGRITY_NAME)
+            self._lap("integrity_device")
             table.append(describe(ctl, INTEGRITY_NAME))
             lower = f"{integ[0]}:{integ[1]}"
             options: tuple[str, ...] = (f"integrity:{tag_size}:aead", "sector_size:4096", *CRYPT_FLAGS)
@@ -241,6 +256,7 @@ class SwapStack:
             key[:] = bytes(len(key))
             params[:] = bytes(len(params))
         ctl.resume(CRYPT_NAME)
+        self._lap("crypt_device")
         self.report["cipher"] = cipher
         table.append(describe(ctl, CRYPT_NAME))
         return ctl.node(crypt), sectors, table

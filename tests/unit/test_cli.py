@@ -14,6 +14,7 @@ from memvisor import cli
     (["run", "--cpus", "0", "--", "true"], "--cpus is 0, below the minimum 1"),
     (["run", "--ksm", "--", "true"], "--ksm (ksm.enable) is not implemented yet"),
     (["run", "--swap-size", "8", "--", "true"], "--swap-size 8 MiB is too small"),
+    (["run", "--memory", "192", "--swap-size", "32768", "--", "true"], "use at most 12288 MiB of swap"),
     (["run", "--swap-mode", "plain", "--", "true"], "--swap-mode plain needs a swap size"),
     (["run", "--swap-mode", "secure", "--", "true"], "choose one of off, plain, encrypted, authenticated"),
     (["run", "--kernel-arg", "a b", "--", "true"], "kernel argument 'a b' must be one word"),
