@@ -104,8 +104,7 @@ def add_policy_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per policy setting, straight from policy.SETTINGS."""
     group = parser.add_argument_group("sandbox policy (also settable in the config file)")
     for s in policy.SETTINGS:
-        note = f" [config: {s.toml_key}]" + (f" (not implemented yet: issue #{s.pending_issue})"
-                                               if s.pending_issue else "")
+        note = f" [config: {s.toml_key}]"
         if s.kind is bool:
             group.add_argument(s.flag, dest=s.field, action=argparse.BooleanOptionalAction, default=None,
                                help=s.help + note)
@@ -147,6 +146,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     ps = sub.add_parser("ps", help="list running sandboxes")
     ps.add_argument("--json", action="store_true", help="print JSON")
+
+    st = sub.add_parser("stats", help="where each sandbox's memory went (host RSS, KSM, guest, swap, balloon)")
+    st.add_argument("id", nargs="?", help="one sandbox (default: all)")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    st.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
+    st.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
+    st.add_argument("--serve", metavar="ADDR:PORT", help="serve the figures as Prometheus metrics at /metrics")
+
+    k = sub.add_parser("ksm", help="ksmd state and counters; start or stop it (never done implicitly)")
+    k_sub = k.add_subparsers(dest="ksm_command", required=True, metavar="ACTION")
+    k_status = k_sub.add_parser("status", help="ksmd's state and counters")
+    k_status.add_argument("--json", action="store_true", help="print JSON")
+    k_start = k_sub.add_parser("start", help="start ksmd (echo 1 > /sys/kernel/mm/ksm/run)")
+    k_start.add_argument("--pages-to-scan", type=int, help="pages ksmd scans per wake-up")
+    k_start.add_argument("--sleep-ms", type=int, help="milliseconds ksmd sleeps between scans")
+    k_sub.add_parser("stop", help="stop ksmd (echo 0 > /sys/kernel/mm/ksm/run; merged pages stay merged)")
     return parser
 
 
@@ -257,8 +272,77 @@ def cmd_ps(args: argparse.Namespace, con: Console) -> int:
     return 0
 
 
+def cmd_stats(args: argparse.Namespace, con: Console) -> int:
+    from rich.console import Console as RichConsole
+    from rich.live import Live
+
+    from memvisor import views
+    from memvisor.host import stats
+
+    if args.serve:
+        from memvisor.host import exporter
+
+        addr, sep, port = args.serve.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise MemvisorError(f"--serve {args.serve!r} is not ADDR:PORT", hint="e.g. --serve 127.0.0.1:9477")
+        con.notice(f"serving Prometheus metrics on http://{addr or '0.0.0.0'}:{port}/metrics")
+        try:
+            exporter.serve(addr or "0.0.0.0", int(port))
+        except OSError as exc:
+            raise MemvisorError(f"cannot listen on {args.serve}: {exc.strerror}") from None
+        return 0
+    if args.interval <= 0:
+        raise MemvisorError(f"--interval {args.interval} must be positive")
+    if args.json and not args.watch:
+        print(json.dumps(stats.collect(args.id), indent=2))
+        return 0
+    if not args.watch:
+        RichConsole(width=None if sys.stdout.isatty() else 200).print(views.stats_table(stats.collect(args.id)))
+        return 0
+    if args.json:
+        while True:  # one JSON document per line
+            print(json.dumps(stats.collect(args.id)), flush=True)
+            time.sleep(args.interval)
+    with Live(views.stats_table(stats.collect(args.id)), console=RichConsole(), auto_refresh=False) as live:
+        while True:
+            time.sleep(args.interval)
+            live.update(views.stats_table(stats.collect(args.id)), refresh=True)
+
+
+def cmd_ksm(args: argparse.Namespace, con: Console) -> int:
+    from rich.console import Console as RichConsole
+
+    from memvisor import views
+    from memvisor.host import ksm
+
+    if args.ksm_command == "start":
+        tunables = {"run": 1}
+        if args.pages_to_scan is not None:
+            tunables["pages_to_scan"] = args.pages_to_scan
+        if args.sleep_ms is not None:
+            tunables["sleep_millisecs"] = args.sleep_ms
+        ksm.set_tunables(**tunables)
+        con.notice("ksmd started: only sandboxes run with --ksm are mergeable")
+        return 0
+    if args.ksm_command == "stop":
+        ksm.set_tunables(run=0)
+        con.notice("ksmd stopped (pages already merged stay merged until written)")
+        return 0
+    st = ksm.state()
+    if not st.available:
+        raise MemvisorError("this kernel has no KSM (/sys/kernel/mm/ksm is missing)")
+    if args.json:
+        print(json.dumps({"running": st.running, "saved_bytes": st.saved_bytes(),
+                          "ksmd_cpu_seconds": st.cpu_seconds, **st.values}, indent=2))
+        return 0
+    RichConsole().print(views.ksm_table(st.values, st.running, st.cpu_seconds, st.saved_bytes()))
+    if not st.running:
+        con.notice("ksmd is stopped: `memvisor ksm start` to start it")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Console], int]] = {
-    "run": cmd_run, "image": cmd_image, "ps": cmd_ps,
+    "run": cmd_run, "image": cmd_image, "ps": cmd_ps, "stats": cmd_stats, "ksm": cmd_ksm,
 }
 
 

@@ -54,8 +54,6 @@ class Setting:
     maximum: float | None = None
     choices: tuple[str, ...] = ()
     optional: bool = False
-    # The issue that implements it; a non-default value of an unimplemented setting is rejected, not ignored.
-    pending_issue: int | None = None
 
     @property
     def toml_key(self) -> str:
@@ -76,7 +74,7 @@ class Policy:
     zram_percent: int = 0
     zram_algorithm: str = "lz4"
     ksm: bool = False
-    balloon: bool = False
+    balloon: bool = True
     deflate_on_oom: bool = False
     # Not a setting: filled in by merge() so reports can tell where each value came from.
     sources: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
@@ -125,12 +123,13 @@ SETTINGS: tuple[Setting, ...] = (
             cmdline="zram_percent", minimum=0, maximum=400),
     Setting("zram_algorithm", "zram", "algorithm", "--zram-algorithm", str, "zram compression algorithm",
             cmdline="zram_algorithm", choices=ZRAM_ALGORITHMS),
-    Setting("ksm", "ksm", "enable", "--ksm", bool, "let the host merge identical guest pages (side channel!)",
-            pending_issue=4),
+    Setting("ksm", "ksm", "enable", "--ksm", bool,
+            "let the host merge identical pages of this VMM's memory (a side channel between tenants: off by default)"),
     Setting("balloon", "balloon", "enable", "--balloon", bool,
-            "virtio-balloon with free-page reporting", cmdline="balloon", pending_issue=4),
+            "virtio-balloon with free-page reporting: memory the guest frees goes back to the host (default on)",
+            cmdline="balloon"),
     Setting("deflate_on_oom", "balloon", "deflate_on_oom", "--deflate-on-oom", bool,
-            "let the guest deflate the balloon when it would OOM", pending_issue=4),
+            "let the guest deflate the balloon when it would OOM"),
 )
 
 SETTINGS_BY_FIELD = {s.field: s for s in SETTINGS}
@@ -209,18 +208,11 @@ def merge(*layers: tuple[str, Mapping[str, object]]) -> Policy:
 
 
 def validate(policy: Policy) -> None:
-    """Reject values that make no sense together, and non-default values of settings not implemented yet."""
-    source = dict(policy.sources)
-    for setting in SETTINGS:
-        value = getattr(policy, setting.field)
-        if setting.pending_issue is not None and value != getattr(DEFAULT, setting.field):
-            raise PolicyError(
-                f"{setting.flag} ({setting.toml_key}) is not implemented yet in this memvisor "
-                f"(value {value!r} from {source.get(setting.field, 'default')})",
-                hint=f"remove it; it arrives with issue #{setting.pending_issue}",
-            )
+    """Reject values that make no sense together."""
     if policy.swap_mode not in (None, SwapMode.OFF) and policy.swap_size_mib == 0:
         raise PolicyError(f"--swap-mode {policy.swap_mode} needs a swap size", hint="add --swap-size MiB")
+    if policy.deflate_on_oom and not policy.balloon:
+        raise PolicyError("--deflate-on-oom needs the balloon", hint="drop --no-balloon or --deflate-on-oom")
     if policy.swap_size_mib > MAX_SWAP_PER_MIB_RAM * policy.memory_mib:
         raise PolicyError(
             f"--swap-size {policy.swap_size_mib} MiB needs ~{policy.swap_size_mib * 3 // 4096} MiB of the guest's "

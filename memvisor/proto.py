@@ -68,6 +68,7 @@ class Kind:
     STDERR = MessageKind(5, "STDERR")  # guest -> host: raw bytes
     EXIT = MessageKind(6, "EXIT")  # guest -> host: how the command ended, plus guest memory facts
     ERROR = MessageKind(7, "ERROR")  # either way: the peer sent something wrong, or the guest failed
+    STATS = MessageKind(8, "STATS")  # guest -> host, every few seconds while the command runs: memory figures
 
     @staticmethod
     def from_wire(value: int) -> MessageKind:
@@ -107,6 +108,13 @@ SCHEMAS: dict[MessageKind, _Schema] = {
         "zram": ((dict,), False),
     },
     Kind.ERROR: {"message": ((str,), True), "fatal": ((bool,), False)},
+    Kind.STATS: {
+        "uptime": ((float, int), True),
+        "meminfo": ((dict,), True),
+        "vmstat": ((dict,), False),
+        "swaps": ((list,), False),
+        "zram": ((dict,), False),
+    },
 }
 
 

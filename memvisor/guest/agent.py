@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 PORTS = "/sys/class/virtio-ports"
 DRAIN_GRACE = 1.0  # seconds to keep reading output held open by the workload's orphans after it exits
+STATS_INTERVAL = 2.0  # seconds between STATS frames while the command runs
 BASE_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "LANG": "C.UTF-8",
@@ -112,21 +113,26 @@ def serve(channel: Channel, uid: int, report: Callable[[], dict[str, Any]]) -> N
         channel.send(proto.Kind.EXIT, {"code": code, "signal": None, "uptime": uptime(), **report()})
         return
     channel.send(proto.Kind.STARTED, {"pid": child.pid, "uptime": uptime()})
-    status = pump(channel, child)
+    status = pump(channel, child, lambda: {"uptime": uptime(), **report()})
     sig = -status if status < 0 else None
     channel.send(proto.Kind.EXIT, {"code": None if sig else status, "signal": sig, "uptime": uptime(), **report()})
     channel.log(f"command ended: {f'signal {sig}' if sig else f'exit {status}'}")
 
 
-def pump(channel: Channel, child: spawn.Child) -> int:
-    """Forward the child's stdout/stderr until they close (or DRAIN_GRACE after it exits); return its status."""
+def pump(channel: Channel, child: spawn.Child, stats: Callable[[], dict[str, Any]]) -> int:
+    """Forward the child's stdout/stderr until they close (or DRAIN_GRACE after it exits), sending STATS every
+    STATS_INTERVAL; return the child's status."""
     kinds = {child.stdout: proto.Kind.STDOUT, child.stderr: proto.Kind.STDERR}
     poller = select.poll()
     for fd in (*kinds, child.pidfd, channel.fd):
         poller.register(fd, select.POLLIN)
     exited_at: float | None = None
+    next_stats = time.monotonic()
     try:
         while kinds and (exited_at is None or time.monotonic() - exited_at < DRAIN_GRACE):
+            if time.monotonic() >= next_stats:
+                channel.send(proto.Kind.STATS, stats())
+                next_stats = time.monotonic() + STATS_INTERVAL
             for fd, _ in poller.poll(200):
                 if fd == child.pidfd:
                     poller.unregister(fd)

@@ -85,10 +85,13 @@ def load_group(ctx: Context, group: str) -> list[str]:
 
 
 def load_base_modules(ctx: Context) -> None:
-    """virtio-pci and virtio-console: what the control channel needs."""
+    """virtio-pci and virtio-console (the control channel), and virtio-balloon when the policy has one: with
+    free-page reporting, pages the guest frees go back to the host."""
     failed = load_group(ctx, "base")
     if failed:
         raise OSError(f"cannot load the kernel modules the control channel needs: {', '.join(failed)}")
+    if ctx.flag("balloon") and load_group(ctx, "balloon"):
+        log("warning: virtio_balloon could not be loaded: freed memory will not return to the host")
 
 
 def open_channel(ctx: Context) -> None:

@@ -1,8 +1,10 @@
 """Spawn the VMM process: the only long-lived child memvisor starts.
 
-In the child, before exec: PR_SET_PDEATHSIG so the VMM dies with memvisor (even on SIGKILL), and the KSM prctl
-when the policy asks for it (issue #4). stdin is /dev/null, stdout/stderr go to a log file, the environment is
-clean, and only the listed fds are inherited.
+In the child, before exec: PR_SET_PDEATHSIG so the VMM dies with memvisor (even on SIGKILL), and, when the policy
+asks for KSM, PR_SET_MEMORY_MERGE: set before exec, it survives execve and makes every anonymous mapping of the
+VMM mergeable, so it works for any VMM, including ones whose seccomp filter would forbid the prctl later.
+stdin is /dev/null, stdout/stderr go to a log file, the environment is clean, and only the listed fds are
+inherited.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 from memvisor import proc
 from memvisor.errors import MemvisorError
+from memvisor.host import ksm as ksm_
 
 # include/uapi/linux/prctl.h
 PR_SET_PDEATHSIG = 1
@@ -29,14 +32,17 @@ def _prctl(option: int, arg: int) -> None:
         raise OSError(err, f"prctl({option}): {os.strerror(err)}")
 
 
-def spawn_vmm(argv: list[str], *, pass_fds: tuple[int, ...], log: Path) -> subprocess.Popen[bytes]:
-    """Start the VMM; raise MemvisorError with the command line if it cannot be started."""
+def spawn_vmm(argv: list[str], *, pass_fds: tuple[int, ...], log: Path, ksm: bool = False) -> subprocess.Popen[bytes]:
+    """Start the VMM; raise MemvisorError with the command line if it cannot be started.
+    `ksm`: make its memory mergeable (the caller checked ksm.merge_supported() first)."""
     parent = os.getpid()
 
     def in_child() -> None:
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:  # the parent died before the prctl took effect
             os._exit(1)
+        if ksm:
+            ksm_.prctl(ksm_.PR_SET_MEMORY_MERGE, 1)
 
     with log.open("wb") as out:
         try:

@@ -9,6 +9,7 @@ directory is then swept by the next memvisor command (runtime.py).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import selectors
@@ -25,7 +26,7 @@ from typing import Any
 from memvisor import policy as pol
 from memvisor import proto
 from memvisor.errors import GuestError, MemvisorError
-from memvisor.host import launch, runtime, swapfile
+from memvisor.host import ksm, launch, runtime, stats, swapfile
 from memvisor.host.channel import HostChannel
 from memvisor.host.vmm import Disk, VMMBackend, VMSpec, backend
 from memvisor.host.vmm.qmp import QMP
@@ -84,6 +85,7 @@ class Instance:
         self.state: runtime.SandboxState | None = None
         self._stack = contextlib.ExitStack()
         self._vmm_socks: list[socket.socket] = []
+        self._ksm: bool | None = None
         self.spawned_at = 0.0
 
     # -- setting up ----------------------------------------------------------------------------------------
@@ -125,9 +127,24 @@ class Instance:
             kernel=self.image.vmlinux, initrd=self.image.initramfs,
             cmdline=(f"memvisor.id={self.id}", *pol.to_cmdline(self.policy), *self.kernel_args),
             console_log=self.console_log, qmp_fd=qmp_sock.fileno(), channel_fd=theirs.fileno(),
-            ksm=self.policy.ksm, disks=disks)
+            ksm=self.ksm_in_effect(), disks=disks, balloon=self.policy.balloon,
+            deflate_on_oom=self.policy.deflate_on_oom)
         self.argv = self.vmm.command(spec)
         return self.argv
+
+    def ksm_in_effect(self) -> bool:
+        """Whether this VMM's memory will be mergeable: asked for, and possible here (warns once if not)."""
+        if not self.policy.ksm:
+            return False
+        if self._ksm is None:
+            reason = ksm.merge_supported()
+            if reason:
+                self.warn(f"KSM asked for but not available: {reason}; the sandbox runs without KSM")
+            elif not ksm.state().running:
+                self.warn("KSM is on for this sandbox but ksmd is not running, so nothing will be merged: "
+                          "run `memvisor ksm start` (or echo 1 > /sys/kernel/mm/ksm/run)")
+            self._ksm = reason is None
+        return self._ksm
 
     @property
     def console_log(self) -> Path:
@@ -151,7 +168,7 @@ class Instance:
         assert self.dir is not None and self.state is not None
         self.spawned_at = time.monotonic()
         self.process = launch.spawn_vmm(self.argv, pass_fds=tuple(s.fileno() for s in self._vmm_socks),
-                                        log=self.dir / "vmm.log")
+                                        log=self.dir / "vmm.log", ksm=self.ksm_in_effect())
         self._stack.callback(self._stop_vmm)
         for sock in self._vmm_socks:  # the VMM has its copies now
             sock.close()
@@ -223,6 +240,9 @@ class Instance:
                         emit_out(frame.data)
                     elif frame.kind is proto.Kind.STDERR:
                         emit_err(frame.data)
+                    elif frame.kind is proto.Kind.STATS:
+                        assert frame.body is not None
+                        self._store_guest_stats(frame.body)
                     elif frame.kind is proto.Kind.EXIT and hello is not None:
                         exit_body, marks["exit"] = frame.body, time.monotonic()
                     elif frame.kind is proto.Kind.ERROR:
@@ -244,6 +264,14 @@ class Instance:
         phase("stopping")
         self._wait_poweroff()
         return self._result(exit_body, bytes(out), bytes(err), marks, hello, started)
+
+    def _store_guest_stats(self, body: dict[str, Any]) -> None:
+        """Keep the guest's latest memory figures where `memvisor stats` (another process) can read them."""
+        assert self.dir is not None
+        path = self.dir / stats.GUEST_STATS
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(body))
+        tmp.replace(path)
 
     def _swap_ready(self, swap: dict[str, Any]) -> None:
         """The guest reported its swap stack: pass on step-down warnings, show the mode in `memvisor ps`."""
@@ -315,7 +343,8 @@ class Instance:
             "time_to_command_seconds": since_spawn("started"),
             "total_seconds": round(time.monotonic() - self.spawned_at, 3),
             "guest": guest,
-            "vmm": {"backend": self.vmm.name, "accel": self.vmm.accel(), "pid": self.process.pid},
+            "vmm": {"backend": self.vmm.name, "accel": self.vmm.accel(), "pid": self.process.pid,
+                    "ksm": self.ksm_in_effect(), "balloon": self.policy.balloon},
             "image": self.image.manifest.get("key"),
             "policy": pol.to_json(self.policy),
             "swap": swap,

@@ -12,7 +12,7 @@ from memvisor import cli
 @pytest.mark.parametrize(("argv", "expected"), [
     (["run", "--memory", "lots", "--", "true"], "error: flag: --memory has invalid value 'lots'"),
     (["run", "--cpus", "0", "--", "true"], "--cpus is 0, below the minimum 1"),
-    (["run", "--ksm", "--", "true"], "--ksm (ksm.enable) is not implemented yet"),
+    (["run", "--no-balloon", "--deflate-on-oom", "--", "true"], "--deflate-on-oom needs the balloon"),
     (["run", "--swap-size", "8", "--", "true"], "--swap-size 8 MiB is too small"),
     (["run", "--memory", "192", "--swap-size", "32768", "--", "true"], "use at most 12288 MiB of swap"),
     (["run", "--swap-mode", "plain", "--", "true"], "--swap-mode plain needs a swap size"),

@@ -40,8 +40,8 @@ def test_sdk_overrides_file(tmp_path: Path) -> None:
 def test_sdk_rejects_unknown_and_unimplemented() -> None:
     with pytest.raises(TypeError, match="memroy"):
         Sandbox(memroy=1, config_file=False)
-    with pytest.raises(PolicyError, match="issue #4"):
-        Sandbox(ksm=True, config_file=False)
+    with pytest.raises(PolicyError, match="needs the balloon"):
+        Sandbox(balloon=False, deflate_on_oom=True, config_file=False)
     with pytest.raises(PolicyError, match="too small"):
         Sandbox(config_file=False).with_swap(8)
 

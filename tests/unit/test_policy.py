@@ -16,9 +16,9 @@ from memvisor.policy import SETTINGS, Policy, SwapMode
 SAMPLE: dict[str, object] = {
     "memory_mib": 192, "cpus": 2, "timeout": 12.5, "root": True, "swap_size_mib": 1024,
     "swap_mode": SwapMode.ENCRYPTED, "allow_weaker_swap": True, "zram_percent": 50, "zram_algorithm": "zstd",
-    "ksm": True, "balloon": True, "deflate_on_oom": True,
+    "ksm": True, "balloon": False, "deflate_on_oom": True,
 }
-IMPLEMENTED = [s for s in SETTINGS if s.pending_issue is None]
+IMPLEMENTED = list(SETTINGS)
 
 
 def test_sample_covers_every_setting() -> None:
@@ -29,7 +29,7 @@ def test_sample_covers_every_setting() -> None:
 
 
 def full_policy() -> Policy:
-    """Every field non-default, bypassing the not-implemented check (the shape is what is tested here)."""
+    """Every field non-default."""
     return Policy(**SAMPLE)  # type: ignore[arg-type]
 
 
@@ -112,13 +112,11 @@ def test_toml_file_then_flags(tmp_path: Path) -> None:
     assert (p.memory_mib, p.cpus, p.root) == (160, 1, True)
 
 
-@pytest.mark.parametrize("setting", [s for s in SETTINGS if s.pending_issue], ids=lambda s: s.field)
-def test_unimplemented_settings_are_rejected_not_ignored(setting: policy.Setting) -> None:
-    with pytest.raises(PolicyError, match=f"issue #{setting.pending_issue}"):
-        layer: dict[str, object] = {setting.field: SAMPLE[setting.field]}
-        if setting.field == "swap_mode":
-            layer["swap_size_mib"] = 64
-        policy.merge(("flags", layer))
+def test_settings_that_conflict() -> None:
+    with pytest.raises(PolicyError, match="--deflate-on-oom needs the balloon"):
+        policy.merge(("flags", {"balloon": False, "deflate_on_oom": True}))
+    with pytest.raises(PolicyError, match="needs a swap size"):
+        policy.merge(("flags", {"swap_mode": SwapMode.PLAIN}))
 
 
 @pytest.mark.parametrize(("field", "raw", "match"), [

@@ -32,6 +32,8 @@ class VMSpec:
     channel_fd: int  # one end of a connected socketpair: the guest control channel
     ksm: bool = False
     disks: tuple[Disk, ...] = ()
+    balloon: bool = False
+    deflate_on_oom: bool = False
 
 
 class VMMBackend(abc.ABC):

@@ -81,4 +81,6 @@ class QemuBackend(VMMBackend):
             "-chardev", f"socket,id=ctl,fd={spec.channel_fd}",
             "-device", f"virtserialport,bus=vser0.0,chardev=ctl,name={proto.PORT_NAME}",
             *disks,
+            *(["-device", f"virtio-balloon-pci,id=balloon0,free-page-reporting=on,"
+                          f"deflate-on-oom={'on' if spec.deflate_on_oom else 'off'}"] if spec.balloon else []),
         ]

@@ -1,0 +1,81 @@
+"""A Prometheus exporter for `memvisor stats`: the same figures, collected fresh on every scrape.
+
+Served with prometheus-client's own HTTP server (`memvisor stats --serve ADDR:PORT`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from prometheus_client import start_http_server
+from prometheus_client.core import REGISTRY, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from memvisor.host import stats
+
+# (metric name, help, path into a sandbox's stats dict)
+SANDBOX_GAUGES = (
+    ("memvisor_vmm_rss_bytes", "Resident memory of the VMM process", ("vmm_rss_bytes",)),
+    ("memvisor_guest_ram_rss_bytes", "Resident part of the VMM's guest-RAM mapping", ("guest_ram_rss_bytes",)),
+    ("memvisor_guest_memory_bytes", "Guest RAM size given to the sandbox", ("memory_bytes",)),
+    ("memvisor_ksm_merging_pages", "Pages of this VMM merged by KSM", ("ksm", "merging_pages")),
+    ("memvisor_ksm_profit_bytes", "KSM profit of this VMM (ksm_process_profit)", ("ksm", "profit_bytes")),
+    ("memvisor_balloon_actual_bytes", "Guest RAM not taken by the balloon (QMP query-balloon)",
+     ("balloon_actual_bytes",)),
+    ("memvisor_guest_memtotal_bytes", "Guest MemTotal", ("guest", "memtotal_bytes")),
+    ("memvisor_guest_memavailable_bytes", "Guest MemAvailable", ("guest", "memavailable_bytes")),
+    ("memvisor_guest_pswpin_pages", "Guest pages swapped in (vmstat pswpin)", ("guest", "pswpin")),
+    ("memvisor_guest_pswpout_pages", "Guest pages swapped out (vmstat pswpout)", ("guest", "pswpout")),
+    ("memvisor_guest_zram_ratio", "Guest zram compression ratio", ("guest", "zram_ratio")),
+)
+HOST_GAUGES = (
+    ("memvisor_host_memtotal_bytes", "Host MemTotal", ("memtotal_bytes",)),
+    ("memvisor_host_memavailable_bytes", "Host MemAvailable", ("memavailable_bytes",)),
+    ("memvisor_host_ksm_saved_bytes", "Host memory saved by KSM (pages_sharing x page size)", ("ksm", "saved_bytes")),
+    ("memvisor_host_ksm_running", "1 if ksmd is running", ("ksm", "run")),
+    ("memvisor_host_ksmd_cpu_seconds", "CPU time ksmd has used", ("ksm", "ksmd_cpu_seconds")),
+)
+
+
+def _get(doc: dict[str, object], path: tuple[str, ...]) -> float | None:
+    value: object = doc
+    for key in path:
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+class StatsCollector(Collector):
+    """Collects memvisor stats on each scrape."""
+
+    def collect(self) -> Iterator[Metric]:
+        snapshot = stats.collect()
+        for name, help_, path in SANDBOX_GAUGES:
+            family = GaugeMetricFamily(name, help_, labels=["sandbox"])
+            for sb in snapshot["sandboxes"]:
+                sb = {**sb, "memory_bytes": sb.get("memory_mib", 0) * stats.MIB}
+                value = _get(sb, path)
+                if value is not None:
+                    family.add_metric([sb["id"]], value)
+            yield family
+        swap = GaugeMetricFamily("memvisor_guest_swap_used_bytes", "Guest swap in use per device",
+                                 labels=["sandbox", "device", "priority"])
+        for sb in snapshot["sandboxes"]:
+            for dev in (sb.get("guest") or {}).get("swap", []):
+                swap.add_metric([sb["id"], dev["device"], str(dev["priority"])], dev["used_bytes"])
+        yield swap
+        for name, help_, path in HOST_GAUGES:
+            value = _get(snapshot["host"], path)
+            if value is not None:
+                yield GaugeMetricFamily(name, help_, value=value)
+        yield GaugeMetricFamily("memvisor_sandboxes", "Running sandboxes", value=len(snapshot["sandboxes"]))
+
+
+def serve(address: str, port: int) -> None:
+    """Serve /metrics until interrupted."""
+    REGISTRY.register(StatsCollector())
+    start_http_server(port, addr=address)
+    while True:
+        time.sleep(3600)

@@ -1,0 +1,118 @@
+"""Where every MiB of each sandbox went: host RSS of the VMM and of its guest RAM, KSM merging and profit, the
+guest's own view (pushed by the guest agent, stored by `memvisor run` in the runtime directory), swap and zram,
+and the balloon's size from QMP. Read-only: collecting stats changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from memvisor.errors import MemvisorError
+from memvisor.host import ksm, runtime
+from memvisor.host.vmm.qmp import QMP
+
+GUEST_STATS = "guest-stats.json"
+MIB = 2**20
+
+
+def guest_ram_rss(pid: int, memory_mib: int) -> int | None:
+    """Resident bytes of the VMM's guest-RAM mapping, from /proc/PID/smaps: the mapping of exactly the guest's
+    size (QEMU maps guest RAM as one anonymous block), else the largest one at least that big."""
+    try:
+        text = Path(f"/proc/{pid}/smaps").read_text()
+    except OSError:
+        return None
+    mappings: list[tuple[int, int]] = []  # (size KiB, rss KiB)
+    size = 0
+    for line in text.splitlines():
+        if line.startswith("Size:"):
+            size = int(line.split()[1])
+        elif line.startswith("Rss:"):
+            mappings.append((size, int(line.split()[1])))
+    want = memory_mib * 1024
+    exact = [rss for size, rss in mappings if size == want]
+    bigger = sorted((m for m in mappings if m[0] > want), reverse=True)
+    if exact:
+        return max(exact) * 1024
+    return bigger[0][1] * 1024 if bigger else None
+
+
+def balloon_bytes(qmp_path: Path) -> int | None:
+    """The balloon's `actual` (guest RAM not taken by the balloon), from QMP query-balloon; None without one."""
+    try:
+        with QMP(qmp_path, "memvisor-stats") as qmp:
+            reply = qmp.execute("query-balloon", timeout=2.0)
+    except MemvisorError:
+        return None
+    return int(reply["actual"]) if isinstance(reply, dict) else None
+
+
+def sandbox(state: runtime.SandboxState) -> dict[str, Any]:
+    """One sandbox's figures (bytes unless the name says otherwise)."""
+    memory_mib = int(state.policy.get("vm", {}).get("memory_mib", 0))
+    out: dict[str, Any] = {"id": state.id, "vmm_pid": state.vmm_pid, "memory_mib": memory_mib,
+                           "summary": state.summary}
+    pid = state.vmm_pid
+    if pid is not None and runtime.same_process(pid, state.vmm_started):
+        try:
+            proc = psutil.Process(pid)
+            out["vmm_rss_bytes"] = proc.memory_info().rss
+        except psutil.Error:
+            pass
+        out["guest_ram_rss_bytes"] = guest_ram_rss(pid, memory_mib)
+        k = ksm.process_stats(pid)
+        merging = k.get("ksm_merging_pages", 0)
+        merging_pages = merging if isinstance(merging, int) else 0
+        out["ksm"] = {
+            "merge_any": k.get("ksm_merge_any"),
+            "merging_pages": merging_pages,
+            "profit_bytes": k.get("ksm_process_profit", 0),
+            "share_of_guest_ram": round(merging_pages * ksm.PAGE_SIZE / (memory_mib * MIB), 4) if memory_mib else None,
+        }
+    if state.policy.get("balloon", {}).get("enable"):
+        out["balloon_actual_bytes"] = balloon_bytes(Path(state.files.get("qmp", "")))
+    guest_file = Path(state.runtime_dir) / GUEST_STATS
+    try:
+        guest = json.loads(guest_file.read_text())
+    except (OSError, ValueError):
+        guest = {}
+    if guest:
+        mem = guest.get("meminfo", {})
+        out["guest"] = {
+            "age_seconds": round(time.time() - guest_file.stat().st_mtime, 1),
+            "memtotal_bytes": mem.get("MemTotal", 0) * 1024,
+            "memavailable_bytes": mem.get("MemAvailable", 0) * 1024,
+            "memfree_bytes": mem.get("MemFree", 0) * 1024,
+            "swap": [{"device": s["device"], "used_bytes": s["used_kib"] * 1024, "size_bytes": s["size_kib"] * 1024,
+                      "priority": s["priority"]} for s in guest.get("swaps", [])],
+            "pswpin": guest.get("vmstat", {}).get("pswpin"),
+            "pswpout": guest.get("vmstat", {}).get("pswpout"),
+        }
+        zram = guest.get("zram") or {}
+        if zram.get("compr_data_size"):
+            out["guest"]["zram_ratio"] = round(zram["orig_data_size"] / zram["compr_data_size"], 2)
+    return out
+
+
+def host() -> dict[str, Any]:
+    """Host-wide figures: memory and ksmd."""
+    vm = psutil.virtual_memory()
+    k = ksm.state()
+    return {"memtotal_bytes": vm.total, "memavailable_bytes": vm.available,
+            "ksm": {"available": k.available, "running": k.running, "saved_bytes": k.saved_bytes(),
+                    "ksmd_cpu_seconds": k.cpu_seconds, **k.values}}
+
+
+def collect(sandbox_id: str | None = None) -> dict[str, Any]:
+    """Every live sandbox (or one), plus host totals."""
+    states = runtime.live()
+    if sandbox_id is not None:
+        states = [s for s in states if s.id == sandbox_id]
+        if not states:
+            raise MemvisorError(f"no running sandbox with id {sandbox_id!r}", hint="see `memvisor ps`")
+    return {"time": time.time(), "sandboxes": [sandbox(s) for s in states], "host": host()}

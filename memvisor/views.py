@@ -1,0 +1,48 @@
+"""Human-readable renderings of stats and ksmd state, as rich tables (the CLI prints them; --json skips them)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+MIB = 2**20
+
+
+def mib(value: object) -> str:
+    return f"{value / MIB:.1f}" if isinstance(value, int | float) and not isinstance(value, bool) else "-"
+
+
+def stats_table(snapshot: dict[str, Any]) -> Table:
+    """One row per sandbox, then host totals in the caption."""
+    table = Table(title="memvisor stats (MiB)", title_justify="left")
+    for col in ("ID", "VMM PID", "guest RAM", "VMM RSS", "guest RAM RSS", "KSM merged", "KSM profit",
+                "balloon", "guest avail", "swap used", "zram x", "policy"):
+        table.add_column(col, justify="left" if col in ("ID", "policy") else "right")
+    for sb in snapshot["sandboxes"]:
+        k = sb.get("ksm") or {}
+        g = sb.get("guest") or {}
+        swap_used = sum(d["used_bytes"] for d in g.get("swap", []))
+        table.add_row(
+            sb["id"], str(sb.get("vmm_pid") or "-"), str(sb.get("memory_mib", "-")), mib(sb.get("vmm_rss_bytes")),
+            mib(sb.get("guest_ram_rss_bytes")), mib(k.get("merging_pages", 0) * 4096 if k else None),
+            mib(k.get("profit_bytes")), mib(sb.get("balloon_actual_bytes")), mib(g.get("memavailable_bytes")),
+            mib(swap_used if g else None), str(g.get("zram_ratio", "-")), sb.get("summary", ""))
+    host = snapshot["host"]
+    ksm = host["ksm"]
+    ksm_text = (f"ksmd {'running' if ksm.get('running') else 'stopped'}, saved {mib(ksm.get('saved_bytes'))} MiB"
+                if ksm.get("available") else "no KSM")
+    table.caption = (f"host: {mib(host['memavailable_bytes'])} of {mib(host['memtotal_bytes'])} MiB available; "
+                     f"{ksm_text}")
+    return table
+
+
+def ksm_table(values: dict[str, int], running: bool, cpu_seconds: float | None, saved_bytes: int) -> Table:
+    table = Table(title=f"ksmd: {'running' if running else 'stopped'}", title_justify="left", show_header=False)
+    table.add_column("key")
+    table.add_column("value", justify="right")
+    for key, value in values.items():
+        table.add_row(key, str(value))
+    table.add_row("saved (MiB)", mib(saved_bytes))
+    table.add_row("ksmd cpu seconds", f"{cpu_seconds:.2f}" if cpu_seconds is not None else "-")
+    return table
