@@ -9,11 +9,9 @@ reads a slot it did not write. Guest only, stdlib only.
 
 from __future__ import annotations
 
-import mmap
-import os
 import struct
 
-from memvisor.guest import dm
+from memvisor.guest import blockio, dm
 
 # drivers/md/dm-integrity.c: struct superblock { __u8 magic[8]; __u8 version; __u8 log2_interleave_sectors;
 #     __le16 integrity_tag_size; __le32 journal_sections; __le64 provided_data_sectors; __le32 flags; ... }
@@ -36,28 +34,19 @@ def target_params(device: str, tag_size: int) -> bytearray:
 
 
 def zero_first_block(device: str) -> None:
-    """Overwrite the first 4 KiB with zeros (O_DIRECT, one aligned write; nothing is read)."""
-    page = mmap.mmap(-1, BLOCK_SIZE)  # page-aligned, as O_DIRECT requires
-    fd = os.open(device, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+    """Overwrite the first 4 KiB with zeros (one O_DIRECT write; nothing is read)."""
+    page = blockio.new_page()
     try:
-        if os.pwritev(fd, [page], 0) != BLOCK_SIZE:
-            raise OSError(5, "short write zeroing the superblock", device)
+        blockio.write_page(device, page)
     finally:
-        os.close(fd)
         page.close()
 
 
 def read_superblock(device: str) -> tuple[int, int]:
     """(integrity_tag_size, provided_data_sectors) from the superblock, read with O_DIRECT: a buffered read
     can return a stale page cache copy (FACTS.md)."""
-    page = mmap.mmap(-1, BLOCK_SIZE)
-    fd = os.open(device, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
-    try:
-        os.preadv(fd, [page], 0)
-        magic, _version, _log2_interleave, tag_size, _journal, provided, _flags = SUPERBLOCK.unpack_from(page, 0)
-    finally:
-        os.close(fd)
-        page.close()
+    page = blockio.read_page(device)
+    magic, _version, _log2_interleave, tag_size, _journal, provided, _flags = SUPERBLOCK.unpack_from(page, 0)
     if magic != SB_MAGIC:
         raise OSError(22, "no dm-integrity superblock after formatting", device)
     return tag_size, provided

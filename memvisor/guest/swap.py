@@ -12,6 +12,8 @@ import mmap
 import os
 import struct
 
+from memvisor.guest import blockio
+
 PAGE_SIZE = 4096
 SWAP_MAGIC = b"SWAPSPACE2"
 # include/linux/swap.h: union swap_header { struct { char reserved[PAGE_SIZE - 10]; char magic[10]; } magic;
@@ -32,7 +34,7 @@ def header(size_bytes: int, uuid: bytes, label: str = "memvisor") -> mmap.mmap:
     pages = size_bytes // PAGE_SIZE
     if pages < 10:
         raise OSError(22, f"a swap area of {size_bytes} bytes is too small")
-    page = mmap.mmap(-1, PAGE_SIZE)
+    page = blockio.new_page()
     SWAP_INFO.pack_into(page, SWAP_INFO_OFFSET, 1, pages - 1, 0, uuid, label.encode()[:16])
     page[PAGE_SIZE - len(SWAP_MAGIC):] = SWAP_MAGIC
     return page
@@ -41,12 +43,9 @@ def header(size_bytes: int, uuid: bytes, label: str = "memvisor") -> mmap.mmap:
 def write_header(device: str, size_bytes: int, uuid: bytes) -> None:
     """Write the header page at offset 0 with one O_DIRECT write."""
     page = header(size_bytes, uuid)
-    fd = os.open(device, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
     try:
-        if os.pwritev(fd, [page], 0) != PAGE_SIZE:
-            raise OSError(5, "short write of the swap header", device)
+        blockio.write_page(device, page)
     finally:
-        os.close(fd)
         page.close()
 
 

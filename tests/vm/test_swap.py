@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -52,19 +52,26 @@ def run_hog(image: Image, pol: policy.Policy, mib: int, marker: str, hold: float
     return result, console, bytes(out)
 
 
+def data_extents(fd: int, start: int = 0) -> Iterator[tuple[int, int]]:
+    """(start, end) of each written extent of a sparse file from `start` on (SEEK_DATA/SEEK_HOLE)."""
+    size = os.fstat(fd).st_size
+    pos = start
+    while pos < size:
+        try:
+            pos = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data after pos
+            return
+        end = os.lseek(fd, pos, os.SEEK_HOLE)
+        yield pos, end
+        pos = end
+
+
 def count_in_file(path: Path, needle: bytes) -> int:
     """Occurrences of needle in a (sparse) file, reading only its data extents."""
     count = 0
     fd = os.open(path, os.O_RDONLY)
     try:
-        size = os.fstat(fd).st_size
-        pos = 0
-        while pos < size:
-            try:
-                pos = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            end = os.lseek(fd, pos, os.SEEK_HOLE)
+        for pos, end in data_extents(fd):
             tail = b""
             while pos < end:
                 chunk = os.pread(fd, min(1 << 22, end - pos), pos)
@@ -159,19 +166,12 @@ def test_tampered_page_is_never_returned(image: Image) -> None:
         flipped = 0
         fd = os.open(vm.swap_path, os.O_RDWR)
         try:
-            size = os.fstat(fd).st_size
-            pos = 1 << 20  # leave the dm-integrity superblock alone: we attack data, not the format
-            while pos < size:
-                try:
-                    pos = os.lseek(fd, pos, os.SEEK_DATA)
-                except OSError:
-                    break
-                end = os.lseek(fd, pos, os.SEEK_HOLE)
+            # From 1 MiB on: leave the dm-integrity superblock alone, we attack data, not the format.
+            for pos, end in data_extents(fd, 1 << 20):
                 for block in range(pos, end, 4096):
                     byte = os.pread(fd, 1, block + 100)
                     os.pwrite(fd, bytes([byte[0] ^ 0xFF]), block + 100)
                     flipped += 1
-                pos = end
             os.fsync(fd)
         finally:
             os.close(fd)
