@@ -56,9 +56,12 @@ def mount_filesystems(ctx: Context) -> None:
 
 
 def read_settings(ctx: Context) -> None:
-    """memvisor.* keys from the kernel command line; the module load order from the image."""
+    """memvisor.* keys from the kernel command line (and the hostname from the sandbox id); the module load
+    order from the image."""
     with open("/proc/cmdline") as f:
         ctx.settings = cmdline.parse(f.read())
+    sandbox_id = ctx.settings.get("id", "")
+    linux.sethostname(f"memvisor-{sandbox_id}" if sandbox_id.isalnum() else "memvisor")
     with open(MODULES_JSON) as f:
         info = proto.json_loads(f.read())
     assert isinstance(info, dict)

@@ -48,6 +48,12 @@ def finit_module(path: str) -> bool:
         os.close(fd)
 
 
+def sethostname(name: str) -> None:
+    """sethostname(2) (socket.sethostname would import enum at boot)."""
+    data = name.encode()
+    _check(_libc.sethostname(data, ctypes.c_size_t(len(data))), "sethostname")
+
+
 def mlockall() -> None:
     """mlockall(MCL_CURRENT | MCL_FUTURE) (include/uapi/asm-generic/mman-common.h)."""
     _check(_libc.mlockall(ctypes.c_int(1 | 2)), "mlockall")

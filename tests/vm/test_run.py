@@ -66,6 +66,11 @@ def test_missing_command_is_127(memvisor: Runner) -> None:
     assert "no-such-program" in r.stderr
 
 
+def test_hostname_is_the_sandbox_id(memvisor: Runner) -> None:
+    r = memvisor("run", "--json", "--", "hostname")
+    assert r.stdout.splitlines()[0] == f"memvisor-{report(r.stdout)['id']}"
+
+
 def test_unprivileged_by_default_and_root_on_request(memvisor: Runner) -> None:
     r = memvisor("run", "--", "sh", "-c", "id -u; id -G; echo $HOME")
     assert r.stdout.split() == ["1000", "1000", "/home/sandbox"]
