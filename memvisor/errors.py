@@ -47,5 +47,10 @@ class TimeoutExpired(MemvisorError):
     """The sandbox ran longer than its --timeout and was killed."""
 
 
+class SetupError(MemvisorError):
+    """Raised in the guest: the sandbox cannot be set up as asked (e.g. the swap mode's kernel feature is
+    missing); the message names the feature and the fix, and travels to the host as a fatal ERROR."""
+
+
 class ProtocolError(MemvisorError):
     """A host<->guest frame was malformed, unknown or too large."""

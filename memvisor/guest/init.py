@@ -13,7 +13,8 @@ import sys
 import time
 
 from memvisor import cmdline, proto
-from memvisor.guest import agent, linux, swapstack
+from memvisor.errors import SetupError
+from memvisor.guest import agent, linux, memstats
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -104,12 +105,15 @@ def open_channel(ctx: Context) -> None:
 
 def setup_swap(ctx: Context) -> None:
     """zram and the disk swap stack, as the settings ask (nothing when they ask for none)."""
-    stack = swapstack.SwapStack(ctx.settings, lambda group: load_group(ctx, group), log)
-    if stack.asked == "off" and not stack.zram_percent:
+    if ctx.settings.get("swap_size_mib", "0") == "0" and ctx.settings.get("zram_percent", "0") == "0":
         return
+    # Imported here, not at boot: a sandbox without swap should not pay for it (image/python.py ships it).
+    from memvisor.guest import swapstack
+
+    stack = swapstack.SwapStack(ctx.settings, lambda group: load_group(ctx, group), log)
     # PID 1 must never fault on a swapped page: a tampered page would kill init, and with it the VM.
     linux.mlockall()
-    ctx.swap = stack.build(meminfo()["MemTotal"])
+    ctx.swap = stack.build(memstats.meminfo()["MemTotal"])
     for device in ctx.swap["devices"]:
         log(f"swap on {device['device']} ({device.get('mode', device['kind'])}, priority {device['priority']})")
 
@@ -132,16 +136,6 @@ def run_steps(ctx: Context) -> None:
         elapsed = time.monotonic() - start
         ctx.steps.append((name, elapsed))
         log(f"step {name} done in {elapsed * 1000:.0f} ms")
-
-
-def meminfo() -> dict[str, int]:
-    """/proc/meminfo in KiB."""
-    out = {}
-    with open("/proc/meminfo") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            out[key] = int(rest.split()[0])
-    return out
 
 
 def shutdown() -> None:
@@ -173,14 +167,14 @@ def main() -> None:
         ctx.channel.send(proto.Kind.HELLO, {
             "version": proto.VERSION,
             "uptime": agent.uptime(),
-            "memtotal_kib": meminfo()["MemTotal"],
+            "memtotal_kib": memstats.meminfo()["MemTotal"],
             "steps": [[name, round(t, 6)] for name, t in ctx.steps],
             "kernel": os.uname().release,
             "swap": ctx.swap,
         })
         agent.serve(ctx.channel, uid=0 if ctx.flag("root") else UNPRIVILEGED_UID,
-                    report=lambda: {"meminfo": meminfo(), **swapstack.exit_stats()})
-    except swapstack.SetupError as exc:  # a clear, expected failure: no traceback
+                    report=memstats.report)
+    except SetupError as exc:  # a clear, expected failure: no traceback
         log(f"FATAL: {exc}")
         report_fatal(ctx, str(exc))
     except BaseException as exc:  # PID 1 must never die with an exception: report it and power off

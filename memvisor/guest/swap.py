@@ -62,15 +62,3 @@ def swapoff(device: str) -> None:
     if _libc.swapoff(device.encode()) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"swapoff: {os.strerror(err)}", device)
-
-
-def active() -> list[dict[str, object]]:
-    """/proc/swaps as dicts: device, type, size_kib, used_kib, priority."""
-    rows = []
-    with open("/proc/swaps") as f:
-        next(f)
-        for line in f:
-            name, kind, size, used, prio = line.split()
-            rows.append({"device": name, "type": kind, "size_kib": int(size), "used_kib": int(used),
-                         "priority": int(prio)})
-    return rows

@@ -24,6 +24,7 @@ import ctypes
 import os
 import time
 
+from memvisor.errors import SetupError
 from memvisor.guest import dm, integrity, swap, zram
 
 TYPE_CHECKING = False
@@ -48,10 +49,6 @@ NEEDS = {"plain": ("block",), "encrypted": ("block", "dm", "crypt"),
          "authenticated": ("block", "dm", "crypt", "integrity")}
 
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
-
-
-class SetupError(Exception):
-    """The swap stack cannot be built as asked; the message names the missing feature and the fix."""
 
 
 class Missing(Exception):
@@ -266,14 +263,3 @@ def describe(ctl: dm.DeviceMapper, name: str) -> str:
     """`name: start length type params` of a live device (dm.table masks crypt keys)."""
     start, length, type_, params = ctl.table(name)[0]
     return f"{name}: {start} {length} {type_} {params}"
-
-
-def exit_stats() -> dict[str, Any]:
-    """Swap figures for the EXIT report: /proc/swaps, pswpin/pswpout, zram mm_stat."""
-    vmstat = {}
-    with open("/proc/vmstat") as f:
-        for line in f:
-            key, value = line.split()
-            if key in ("pswpin", "pswpout"):
-                vmstat[key] = int(value)
-    return {"swaps": swap.active(), "vmstat": vmstat, "zram": zram.stats()}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 SYS = "/sys/block/zram0"
 
 
@@ -18,12 +16,3 @@ def setup(algorithm: str, size_bytes: int) -> str:
     with open(f"{SYS}/disksize", "w") as f:
         f.write(str(size_bytes))
     return "/dev/zram0"
-
-
-def stats() -> dict[str, int]:
-    """mm_stat: orig_data_size, compr_data_size, mem_used_total (bytes) — Documentation/admin-guide/blockdev/zram."""
-    if not os.path.exists(f"{SYS}/mm_stat"):
-        return {}
-    with open(f"{SYS}/mm_stat") as f:
-        fields = [int(x) for x in f.read().split()]
-    return {"orig_data_size": fields[0], "compr_data_size": fields[1], "mem_used_total": fields[2]}

@@ -28,7 +28,8 @@ PKG_DIR = Path(memvisor.__file__).parent
 # The guest's share of the memvisor package (stdlib-only modules), shipped into the image's stdlib directory.
 GUEST_SOURCES = ("__init__.py", "errors.py", "cmdline.py", "proto.py", "guest/__init__.py", "guest/init.py",
                  "guest/agent.py", "guest/linux.py", "guest/spawn.py", "guest/dm.py", "guest/blockio.py",
-                 "guest/integrity.py", "guest/swap.py", "guest/swapstack.py", "guest/zram.py")
+                 "guest/integrity.py", "guest/swap.py", "guest/swapstack.py", "guest/zram.py",
+                 "guest/memstats.py")
 BUILDER_SOURCES = ("image/__init__.py", "image/build.py", "image/cpio.py", "image/debs.py", "image/kernel.py",
                    "image/python.py")
 UNPRIVILEGED = 1000
