@@ -242,7 +242,7 @@ def test_prometheus_exporter(image: Image) -> None:
 
 def test_ksm_cli_start_stop_status() -> None:
     if not ksm.SYSFS.is_dir():
-        pytest.skip("no KSM in this host kernel")
+        pytest.skip("no KSM in this host kernel")  # CONFIG_KSM off: no ksmd to start or stop
     before = {k: v for k, v in ksm.state().values.items() if k in ("run", "pages_to_scan", "sleep_millisecs")}
     try:
         subprocess.run(memvisor_argv("ksm", "start", "--pages-to-scan", "1234"), check=True)
