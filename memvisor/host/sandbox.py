@@ -26,7 +26,7 @@ from typing import Any
 from memvisor import policy as pol
 from memvisor import proto
 from memvisor.errors import GuestError, MemvisorError
-from memvisor.host import ksm, launch, runtime, stats, swapfile
+from memvisor.host import ksm, launch, report, runtime, stats, swapfile
 from memvisor.host.channel import HostChannel
 from memvisor.host.vmm import Disk, VMMBackend, VMSpec, backend
 from memvisor.host.vmm.qmp import QMP
@@ -37,7 +37,6 @@ BOOT_TIMEOUT_S = 120.0  # from VMM start to the guest's HELLO; TCG boots take ~4
 POWEROFF_TIMEOUT_S = 10.0
 CONSOLE_TAIL_LINES = 25
 TIMEOUT_EXIT = 124  # like timeout(1)
-MEMINFO_KEYS = ("MemTotal", "MemFree", "MemAvailable", "SwapTotal", "SwapFree", "Shmem", "AnonPages")
 
 OutputFn = Callable[[bytes], None]
 
@@ -321,17 +320,6 @@ class Instance:
         def since_spawn(mark: str) -> float | None:
             return round(marks[mark] - self.spawned_at, 3) if mark in marks else None
 
-        guest: dict[str, Any] = {}
-        if hello is not None:
-            steps = {name: seconds for name, seconds in hello["steps"]}
-            guest = {"kernel": hello.get("kernel"), "memtotal_kib": hello["memtotal_kib"],
-                     "init_started_uptime": round(hello["uptime"] - sum(steps.values()), 3),
-                     "ready_uptime": round(hello["uptime"], 3), "init_steps": steps}
-        if started is not None:
-            guest["command_started_uptime"] = round(started["uptime"], 3)
-        if exit_body is not None and "meminfo" in exit_body:
-            guest["meminfo_at_exit_kib"] = {k: exit_body["meminfo"].get(k) for k in MEMINFO_KEYS}
-        swap = swap_report(self.policy, hello, exit_body)
         assert self.process is not None and self.channel is not None
         return {
             "id": self.id,
@@ -342,12 +330,12 @@ class Instance:
             "boot_seconds": since_spawn("hello"),
             "time_to_command_seconds": since_spawn("started"),
             "total_seconds": round(time.monotonic() - self.spawned_at, 3),
-            "guest": guest,
+            "guest": report.guest_section(hello, started, exit_body),
             "vmm": {"backend": self.vmm.name, "accel": self.vmm.accel(), "pid": self.process.pid,
                     "ksm": self.ksm_in_effect(), "balloon": self.policy.balloon},
             "image": self.image.manifest.get("key"),
             "policy": pol.to_json(self.policy),
-            "swap": swap,
+            "swap": report.swap_section(self.policy, hello, exit_body),
             "protocol_errors": self.channel.errors,
         }
 
@@ -380,36 +368,6 @@ class Instance:
 
     def vmm_log_tail(self, lines: int = 3) -> str:
         return _tail(self.dir / "vmm.log", lines).replace("\n", "; ") if self.dir else ""
-
-
-def swap_report(policy: pol.Policy, hello: dict[str, Any] | None,
-                exit_body: dict[str, Any] | None) -> dict[str, Any]:
-    """The report's swap section: what was asked, what the guest set up, and how much was used."""
-    setup = (hello or {}).get("swap") or {}
-    out: dict[str, Any] = {
-        "asked": str(policy.effective_swap_mode),
-        "effective": setup.get("effective", "off"),
-        "setup_seconds": setup.get("setup_seconds"),
-        "setup_timings": setup.get("timings", {}),
-        "cipher": setup.get("cipher"),
-        "warnings": setup.get("warnings", []),
-        "devices": setup.get("devices", []),
-    }
-    if exit_body is not None:
-        usage = {s["device"]: s for s in exit_body.get("swaps", [])}
-        for device in out["devices"]:
-            active = usage.get(device["device"], {})
-            device["active"] = bool(active)
-            device["used_kib"] = active.get("used_kib")
-            device["size_kib"] = active.get("size_kib")
-            if active:
-                device["priority"] = active.get("priority")
-        out.update(exit_body.get("vmstat", {}))
-        zram = exit_body.get("zram") or {}
-        if zram:
-            orig, compr = zram.get("orig_data_size", 0), zram.get("compr_data_size", 0)
-            out["zram"] = {**zram, "ratio": round(orig / compr, 2) if compr else None}
-    return out
 
 
 def _tail(path: Path, lines: int) -> str:
