@@ -11,10 +11,9 @@ sockets) does not belong here.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -251,11 +250,6 @@ def layer_from_mapping(doc: Mapping[str, object], source: str) -> dict[str, obje
     return layer
 
 
-def from_json(doc: Mapping[str, object]) -> Policy:
-    """Inverse of `to_json` (None values are the defaults of optional settings)."""
-    return merge(("json", layer_from_mapping(doc, "json")))
-
-
 def to_toml(policy: Policy) -> str:
     """The policy as a TOML document that `layer_from_mapping(tomllib.loads(...))` reads back."""
     lines: list[str] = []
@@ -278,17 +272,3 @@ def parse_cmdline(text: str) -> dict[str, object]:
     raw = cmdline.parse(text)
     return {s.field: coerce(s, raw[s.cmdline], "kernel command line") for s in SETTINGS
             if s.cmdline is not None and s.cmdline in raw}
-
-
-def replace(policy: Policy, source: str, **changes: object) -> Policy:
-    """A copy of `policy` with `changes` (field names) applied as one more layer, re-validated."""
-    base = {s.field: getattr(policy, s.field) for s in SETTINGS}
-    coerced = {k: coerce(SETTINGS_BY_FIELD[k], v, source) for k, v in changes.items()}
-    merged = merge(("base", base), (source, coerced))
-    sources = dict(policy.sources) | {k: source for k in coerced}
-    return dataclasses.replace(merged, sources=tuple(sorted(sources.items())))
-
-
-def explicit_fields(policy: Policy) -> Iterable[str]:
-    """The fields some layer set explicitly (not defaults)."""
-    return (name for name, _ in policy.sources)

@@ -3,6 +3,7 @@ full command line in every failure message. Long-lived children (the VMM) are sp
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shlex
 import shutil
@@ -55,3 +56,15 @@ def run(argv: Sequence[str], *, cwd: str | None = None, env: Mapping[str, str] |
         tail = "; ".join(err[-3:]) if err else "no error output"
         raise MemvisorError(f"`{shlex.join(argv)}` failed with exit status {proc.returncode}: {tail}")
     return proc
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def prctl(option: int, arg: int) -> int:
+    """prctl(2) with one argument (include/uapi/linux/prctl.h); raises OSError. Safe in a pre-exec child."""
+    result = int(_libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0))
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl({option}): {os.strerror(err)}")
+    return result

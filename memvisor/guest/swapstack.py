@@ -185,6 +185,9 @@ class SwapStack:
             return
         ctl = dm.DeviceMapper()
         try:
+            major = ctl.version()[0]
+            if major != dm.DM_VERSION_MAJOR:
+                raise Missing(f"device-mapper speaks ioctl interface {major}, memvisor needs {dm.DM_VERSION_MAJOR}")
             targets = ctl.target_versions()
         finally:
             ctl.close()

@@ -8,13 +8,13 @@ asks for it, and then only the VMMs that asked are mergeable (PR_SET_MEMORY_MERG
 
 from __future__ import annotations
 
-import ctypes
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
+from memvisor import proc
 from memvisor.errors import MemvisorError
 
 SYSFS = Path("/sys/kernel/mm/ksm")
@@ -26,16 +26,8 @@ COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
 TUNABLES = ("run", "pages_to_scan", "sleep_millisecs", "merge_across_nodes", "use_zero_pages")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def prctl(option: int, arg: int) -> int:
-    """prctl(2); raises OSError. A module-level name so tests can simulate a kernel that rejects it."""
-    result = int(_libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0))
-    if result < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"prctl({option}): {os.strerror(err)}")
-    return result
+# Bound here so tests can simulate a kernel that rejects the KSM prctls (monkeypatch ksm.prctl).
+prctl = proc.prctl
 
 
 def merge_supported() -> str | None:
@@ -75,9 +67,9 @@ class KsmdState:
 
 
 def ksmd_pid() -> int | None:
-    for proc in psutil.process_iter(["name", "ppid"]):
-        if proc.info["name"] == "ksmd" and proc.info["ppid"] == 2:
-            return int(proc.pid)
+    for candidate in psutil.process_iter(["name", "ppid"]):
+        if candidate.info["name"] == "ksmd" and candidate.info["ppid"] == 2:
+            return int(candidate.pid)
     return None
 
 

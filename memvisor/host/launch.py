@@ -9,7 +9,6 @@ inherited.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shlex
 import signal
@@ -23,14 +22,6 @@ from memvisor.host import ksm as ksm_
 # include/uapi/linux/prctl.h
 PR_SET_PDEATHSIG = 1
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _prctl(option: int, arg: int) -> None:
-    if _libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"prctl({option}): {os.strerror(err)}")
-
 
 def spawn_vmm(argv: list[str], *, pass_fds: tuple[int, ...], log: Path, ksm: bool = False) -> subprocess.Popen[bytes]:
     """Start the VMM; raise MemvisorError with the command line if it cannot be started.
@@ -38,7 +29,7 @@ def spawn_vmm(argv: list[str], *, pass_fds: tuple[int, ...], log: Path, ksm: boo
     parent = os.getpid()
 
     def in_child() -> None:
-        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        proc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:  # the parent died before the prctl took effect
             os._exit(1)
         if ksm:

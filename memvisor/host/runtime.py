@@ -94,11 +94,6 @@ def read_state(path: Path) -> SandboxState | None:
         return None
 
 
-def owner_state(sandbox_id: str) -> SandboxState | None:
-    """The state of a live sandbox by id, or None."""
-    return read_state(paths.runtime_root() / sandbox_id)
-
-
 def sweep() -> list[str]:
     """Remove runtime directories whose owner is gone, killing a VMM left behind; return the ids removed."""
     root = paths.runtime_root()

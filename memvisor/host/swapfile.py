@@ -40,8 +40,3 @@ def supports_direct_io(path: Path) -> bool:
         raise
     os.close(fd)
     return True
-
-
-def allocated_bytes(path: Path) -> int:
-    """Bytes the sparse file really occupies on disk."""
-    return os.stat(path).st_blocks * 512
