@@ -86,12 +86,18 @@ def test_ksm_merges_identical_sandboxes_that_opted_in(ksmd: None) -> None:
             snap = stats.collect()["sandboxes"]
             return snap if len(snap) == 2 and all(s["ksm"]["share_of_guest_ram"] >= 0.30 for s in snap) else None
         snap = wait_for(merged, 90, "30% of each guest's RAM to be merged")
+        merging = 0
         for s in states:
             raw = proc_ksm_stat(s["vmm_pid"])
             assert raw["ksm_merge_any"] == "yes"
             mine = next(x for x in snap if x["id"] == s["id"])
             assert int(raw["ksm_merging_pages"]) >= mine["ksm"]["merging_pages"] * 0.9  # still merging, or more
-        assert stats.host()["ksm"]["saved_bytes"] > 2 * 0.30 * 256 * 2**20 * 0.9
+            merging += int(raw["ksm_merging_pages"])
+        # What the host saves follows from the per-VMM counts only as a lower bound: a KSM page mapped by both
+        # guests counts in each VMM's ksm_merging_pages but saves one page (pages_sharing = mappings - KSM
+        # pages). Every KSM page has at least two mappings, so saved >= merging / 2 whatever the mix. (Read after
+        # the per-VMM counts: ksmd only adds merges while the guests sit idle.)
+        assert stats.host()["ksm"]["saved_bytes"] >= merging * ksm.PAGE_SIZE // 2
     finally:
         stop(procs)
 
