@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="extra guest kernel command-line word, e.g. module_blacklist=dm_integrity (repeatable)")
     run.add_argument("--json", action="store_true", help="print a JSON report as the last line of stdout")
     run.add_argument("--dry-run", action="store_true", help="print the exact VMM command line and exit")
+    run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                     help="also boot the guest with kernel messages on its console and hung-task reports after "
+                     "10 s (same as `memvisor --debug run`)")
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
     image = sub.add_parser("image", help="build or inspect the guest image")
@@ -190,7 +193,7 @@ def cmd_run(args: argparse.Namespace, con: Console) -> int:
     pol = policy_from_args(args)
     with con.progress("building guest image") as progress:
         image = build.ensure(progress)
-    vm = Instance(pol, image, kernel_args=tuple(args.kernel_arg), on_warning=con.warning)
+    vm = Instance(pol, image, kernel_args=tuple(args.kernel_arg), on_warning=con.warning, debug=args.debug)
     if args.dry_run:
         try:
             print(shlex.join(vm.plan()))
@@ -216,11 +219,19 @@ def cmd_run(args: argparse.Namespace, con: Console) -> int:
         with con.status() as phase, vm:
             result = vm.run(argv, env=env, on_stdout=out, on_stderr=err, on_phase=phase)
     except GuestError as exc:
+        kept = str(vm.kept_log) if vm.kept_log else None
         if args.json:
-            print(json.dumps({"id": vm.id, "error": exc.message, "console_tail": exc.console_tail}))
+            print(json.dumps({"id": vm.id, "error": exc.message, "console_tail": exc.console_tail,
+                              "console_log": kept}))
+        if kept:
+            exc.console_tail += f"\n(the whole console log is kept at {kept})"
         raise
     if result.timed_out:
         con.error(f"the sandbox ran past its --timeout of {pol.timeout:g} s and was killed")
+        if result.stall is not None:
+            from memvisor import views
+
+            print(views.stall_text(result.stall.to_json(), result.stall.console_tail), file=sys.stderr)
     if args.json:
         if last != b"\n":
             stdout.write(b"\n")

@@ -18,19 +18,32 @@ def cache_dir() -> Path:
     return Path(base) / "memvisor"
 
 
+def state_home() -> Path:
+    """memvisor's state on disk: /var/lib/memvisor (root), else $XDG_STATE_HOME/memvisor
+    (~/.local/state/memvisor)."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/memvisor")
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "memvisor"
+
+
 def runtime_root() -> Path:
-    """Per-sandbox runtime directories: $MEMVISOR_RUNTIME_DIR, else /var/lib/memvisor/run (root) or
-    $XDG_STATE_HOME/memvisor/run (~/.local/state/memvisor/run).
+    """Per-sandbox runtime directories: $MEMVISOR_RUNTIME_DIR, else <state home>/run.
 
     On disk, not in /run: a sandbox's swap file lives here, and on tmpfs the guest's swapped-out pages would
     land back in host RAM.
     """
     if "MEMVISOR_RUNTIME_DIR" in os.environ:
         return Path(os.environ["MEMVISOR_RUNTIME_DIR"])
-    if os.geteuid() == 0:
-        return Path("/var/lib/memvisor/run")
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "memvisor" / "run"
+    return state_home() / "run"
+
+
+def log_dir() -> Path:
+    """Console logs of sandboxes that failed or timed out, kept after teardown: $MEMVISOR_LOG_DIR, else
+    <state home>/logs (/var/lib/memvisor/logs for root)."""
+    if "MEMVISOR_LOG_DIR" in os.environ:
+        return Path(os.environ["MEMVISOR_LOG_DIR"])
+    return state_home() / "logs"
 
 
 def default_config() -> Path:
@@ -40,3 +53,4 @@ def default_config() -> Path:
         return Path(os.environ["MEMVISOR_CONFIG"])
     base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     return Path(base) / "memvisor" / "config.toml"
+

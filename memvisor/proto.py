@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 MAGIC = b"MVSR"
-VERSION = 1
+VERSION = 2  # 2: DUMP/DUMPED
 HEADER = struct.Struct(">4sBBHI")
 MAX_PAYLOAD = 256 * 1024
 CHUNK = 64 * 1024  # output is sent in chunks no larger than this
@@ -69,6 +69,8 @@ class Kind:
     EXIT = MessageKind(6, "EXIT")  # guest -> host: how the command ended, plus guest memory facts
     ERROR = MessageKind(7, "ERROR")  # either way: the peer sent something wrong, or the guest failed
     STATS = MessageKind(8, "STATS")  # guest -> host, every few seconds while the command runs: memory figures
+    DUMP = MessageKind(9, "DUMP")  # host -> guest: write a diagnostic dump (blocked tasks, memory, I/O) to the console
+    DUMPED = MessageKind(10, "DUMPED")  # guest -> host: the dump is on the console; a summary of blocked tasks
 
     @staticmethod
     def from_wire(value: int) -> MessageKind:
@@ -115,7 +117,14 @@ SCHEMAS: dict[MessageKind, _Schema] = {
         "swaps": ((list,), False),
         "zram": ((dict,), False),
     },
+    Kind.DUMP: {"reason": ((str,), True)},
+    Kind.DUMPED: {
+        "uptime": ((float, int), True),
+        "blocked": ((list,), True),  # [[pid, comm, state, wchan], ...], at most MAX_BLOCKED
+        "bytes": ((int,), True),  # how much the dump wrote to the console
+    },
 }
+MAX_BLOCKED = 32
 
 
 class Frame:
@@ -225,6 +234,17 @@ def check(kind: MessageKind, body: dict[str, Any]) -> None:
             raise ProtocolError("RUN: env must map NAME to value strings (UTF-8, no '=' in NAME, no NUL)")
         if not _is_text(body.get("cwd", "/")):
             raise ProtocolError("RUN: cwd must be a UTF-8 string without NUL")
+    elif kind is Kind.DUMPED:
+        blocked = body["blocked"]
+        if len(blocked) > MAX_BLOCKED or not all(_is_task(t) for t in blocked):
+            raise ProtocolError(f"DUMPED: blocked must be at most {MAX_BLOCKED} [pid, comm, state, wchan] rows "
+                                "of an int and three strings of at most 64 characters")
+
+
+def _is_task(row: object) -> bool:
+    """One DUMPED row: [pid, comm, state, wchan]."""
+    return (isinstance(row, list) and len(row) == 4 and isinstance(row[0], int) and not isinstance(row[0], bool)
+            and all(isinstance(x, str) and len(x) <= 64 for x in row[1:]))
 
 
 def _is_text(value: object) -> bool:

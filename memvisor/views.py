@@ -46,3 +46,40 @@ def ksm_table(values: dict[str, int], running: bool, cpu_seconds: float | None, 
     table.add_row("saved (MiB)", mib(saved_bytes))
     table.add_row("ksmd cpu seconds", f"{cpu_seconds:.2f}" if cpu_seconds is not None else "-")
     return table
+
+
+def printable(text: str) -> str:
+    """Guest text made safe for a terminal: control characters (escape sequences included) become '?'."""
+    return "".join(c if c.isprintable() or c in "\n\t" else "?" for c in text)
+
+
+def stall_text(stall: dict[str, Any], console_tail: str) -> str:
+    """What a timed-out sandbox looked like: the guest's last memory figures, its blocked tasks, where the
+    console log with the full dump is, and the console's last lines."""
+    mem = stall.get("meminfo") or {}
+    vm = stall.get("vmstat") or {}
+    lines = []
+    if mem:
+        swap = stall.get("swaps") or []
+        used = sum(s.get("used_kib", 0) for s in swap) / 1024
+        size = sum(s.get("size_kib", 0) for s in swap) / 1024
+        lines.append(f"guest memory at the last report: MemFree {mem.get('MemFree', 0) / 1024:.1f} MiB, "
+                     f"MemAvailable {mem.get('MemAvailable', 0) / 1024:.1f} MiB, Writeback {mem.get('Writeback', 0)}"
+                     f" KiB, swap used {used:.1f} of {size:.1f} MiB, pswpout {vm.get('pswpout', '-')}, "
+                     f"pswpin {vm.get('pswpin', '-')}")
+    else:
+        lines.append("the guest sent no memory figures")
+    if not stall.get("dumped"):
+        lines.append("the guest did not answer the request for a diagnostic dump")
+    elif stall.get("blocked"):
+        tasks = ", ".join(f"{pid} {comm} ({wchan or '?'})" for pid, comm, _state, wchan in stall["blocked"])
+        lines.append(f"tasks in uninterruptible sleep (D): {tasks}")
+    else:
+        lines.append("no guest task was in uninterruptible sleep")
+    if stall.get("console_log"):
+        lines.append(f"console log with the guest's diagnostic dump kept at {stall['console_log']}")
+    out = "\n".join(f"memvisor: {printable(line)}" for line in lines)
+    if console_tail:
+        out += "\nmemvisor: last guest console lines:\n" + "\n".join(
+            f"  | {printable(line)}" for line in console_tail.splitlines())
+    return out

@@ -94,8 +94,20 @@ def wait_for_run(channel: Channel) -> dict[str, Any]:
         for frame in frames:
             if frame.kind is proto.Kind.RUN and frame.body is not None:
                 return frame.body
-            channel.log(f"unexpected {frame.kind.name} from host while waiting for RUN")
-            channel.send(proto.Kind.ERROR, {"message": f"unexpected {frame.kind.name}; expected RUN"})
+            if not answer(channel, frame):
+                channel.log(f"unexpected {frame.kind.name} from host while waiting for RUN")
+                channel.send(proto.Kind.ERROR, {"message": f"unexpected {frame.kind.name}; expected RUN"})
+
+
+def answer(channel: Channel, frame: proto.Frame) -> bool:
+    """Answer the requests the host may make at any time (DUMP); False if `frame` is not one of them."""
+    if frame.kind is not proto.Kind.DUMP or frame.body is None:
+        return False
+    from memvisor.guest import diag  # only when asked: never at boot
+
+    channel.log(f"diagnostic dump asked for: {frame.body['reason'][:200]}")
+    channel.send(proto.Kind.DUMPED, diag.dump(frame.body["reason"], uptime()))
+    return True
 
 
 def serve(channel: Channel, uid: int, report: Callable[[], dict[str, Any]]) -> None:
@@ -139,7 +151,9 @@ def pump(channel: Channel, child: spawn.Child, stats: Callable[[], dict[str, Any
                     exited_at = time.monotonic()
                 elif fd == channel.fd:
                     for frame in channel.read_frames():
-                        channel.send(proto.Kind.ERROR, {"message": f"unexpected {frame.kind.name} while running"})
+                        if not answer(channel, frame):
+                            channel.send(proto.Kind.ERROR,
+                                         {"message": f"unexpected {frame.kind.name} while running"})
                     if channel.eof:
                         poller.unregister(fd)
                 elif fd in kinds:

@@ -27,6 +27,7 @@ from memvisor import paths
 log = logging.getLogger("memvisor")
 STATE = "state.json"
 ORPHAN_GRACE_S = 60  # a directory with no state file yet may be one being created right now
+LOGS_KEPT = 50  # console logs of failed sandboxes kept in paths.log_dir(); older ones are removed
 
 
 @dataclass
@@ -133,3 +134,20 @@ def live() -> list[SandboxState]:
 def remove(path: Path) -> None:
     """Delete a runtime directory at teardown."""
     shutil.rmtree(path, ignore_errors=True)
+
+
+def keep_log(source: Path, name: str) -> Path:
+    """Copy `source` into the log directory as `name` (mode 0600; the directory 0700) and prune the oldest
+    logs beyond LOGS_KEPT; return the copy's path."""
+    folder = paths.log_dir()
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    target = folder / name
+    tmp = target.with_suffix(".tmp")
+    with source.open("rb") as src, open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    tmp.replace(target)
+    logs = sorted(folder.glob("*.log"), key=lambda p: p.stat().st_mtime)
+    for old in logs[:-LOGS_KEPT]:
+        with contextlib.suppress(OSError):
+            old.unlink()
+    return target

@@ -35,7 +35,10 @@ from memvisor.image.build import Image
 log = logging.getLogger("memvisor")
 BOOT_TIMEOUT_S = 120.0  # from VMM start to the guest's HELLO; TCG boots take ~4 s
 POWEROFF_TIMEOUT_S = 10.0
+DUMP_TIMEOUT_S = 30.0  # for the guest's diagnostic dump after a timeout (a stalled TCG guest is slow)
 CONSOLE_TAIL_LINES = 25
+# A --debug guest: kernel messages on the console, and hung-task reports after 10 s instead of 120 s.
+DEBUG_KERNEL_ARGS = ("loglevel=7", "sysctl.kernel.hung_task_timeout_secs=10")
 TIMEOUT_EXIT = 124  # like timeout(1)
 
 OutputFn = Callable[[bytes], None]
@@ -53,10 +56,28 @@ class RunResult:
     stdout: bytes = b""
     stderr: bytes = b""
     report: dict[str, Any] = field(default_factory=dict)
+    stall: Stall | None = None  # what the guest looked like when the timeout hit
 
     @property
     def ok(self) -> bool:
         return self.exit_code == 0
+
+
+@dataclass
+class Stall:
+    """A timed-out sandbox's last state: the guest's dump summary, its last memory figures, and where its
+    console log (with the full dump) was kept."""
+
+    blocked: list[list[Any]]  # [pid, comm, state, wchan] of the guest's D-state tasks ([] if no dump came)
+    dumped: bool  # the guest answered DUMP (its dump is in the console log)
+    last_stats: dict[str, Any]  # the guest's last STATS body ({} if none arrived)
+    console_log: str | None  # the kept console log (None if it could not be kept)
+    console_tail: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dumped": self.dumped, "blocked": self.blocked, "console_log": self.console_log,
+                "meminfo": self.last_stats.get("meminfo", {}), "vmstat": self.last_stats.get("vmstat", {}),
+                "swaps": self.last_stats.get("swaps", [])}
 
 
 class Instance:
@@ -64,13 +85,14 @@ class Instance:
 
     def __init__(self, policy: pol.Policy, image: Image, vmm: VMMBackend | None = None,
                  sandbox_id: str | None = None, kernel_args: tuple[str, ...] = (),
-                 on_warning: Callable[[str], None] | None = None) -> None:
+                 on_warning: Callable[[str], None] | None = None, debug: bool = False) -> None:
         """`kernel_args`: extra guest kernel command-line words (debugging, tests: e.g. module_blacklist=...).
-        `on_warning`: called with each warning the sandbox raises (default: logged)."""
+        `on_warning`: called with each warning the sandbox raises (default: logged).
+        `debug`: boot the guest with kernel messages on its console and a 10 s hung-task timeout."""
         for arg in kernel_args:
             if not arg or any(c.isspace() for c in arg):
                 raise MemvisorError(f"kernel argument {arg!r} must be one word without spaces")
-        self.kernel_args = kernel_args
+        self.kernel_args = (*DEBUG_KERNEL_ARGS, *kernel_args) if debug else kernel_args
         self.warn = on_warning or log.warning
         self.policy = policy
         self.image = image
@@ -86,6 +108,9 @@ class Instance:
         self._vmm_socks: list[socket.socket] = []
         self._ksm: bool | None = None
         self.spawned_at = 0.0
+        self.last_stats: dict[str, Any] = {}
+        self.failed = False  # keep the console log at teardown
+        self.kept_log: Path | None = None  # where that log was kept
 
     # -- setting up ----------------------------------------------------------------------------------------
     def plan(self) -> list[str]:
@@ -93,7 +118,7 @@ class Instance:
         runtime.sweep()
         self.dir = runtime.create(self.id)
         self._stack.callback(runtime.remove, self.dir)
-        self._stack.callback(self._keep_console)
+        self._stack.callback(self.keep_console)
         me = os.getpid()
         self.state = runtime.SandboxState(
             id=self.id, owner_pid=me, owner_started=runtime.process_start_time(me) or 0.0, created=time.time(),
@@ -218,7 +243,10 @@ class Instance:
                 limit = min(deadline, boot_deadline if hello is None else float("inf"))
                 if now >= limit:
                     if now >= deadline:
-                        return self._timed_out(bytes(out), bytes(err), marks, hello, started)
+                        stall = self._diagnose(f"--timeout of {timeout:g} s passed", sel, emit_out, emit_err,
+                                               ready=hello is not None)
+                        return self._timed_out(bytes(out), bytes(err), marks, hello, started, stall)
+                    self.failed = True
                     raise GuestError(f"the guest did not report ready within {BOOT_TIMEOUT_S:.0f} s",
                                      console_tail=self.console_tail())
                 events = sel.select(timeout=min(limit - now, 1.0))
@@ -248,6 +276,7 @@ class Instance:
                         assert frame.body is not None
                         log.warning("guest reports: %s", frame.body["message"])
                         if frame.body.get("fatal"):
+                            self.failed = True
                             # Set-up errors are already one clear line; an init crash shows the console too.
                             crash = frame.body["message"].startswith("guest init failed")
                             raise GuestError(f"the sandbox failed to start: {frame.body['message']}",
@@ -256,6 +285,7 @@ class Instance:
                         self.channel.reject(f"unexpected {frame.kind.name} from the guest")
                 if exit_body is None and (vmm_gone or self.channel.closed):
                     self.process.wait(timeout=POWEROFF_TIMEOUT_S)
+                    self.failed = True
                     raise GuestError(self._death_message(), console_tail=self.console_tail())
         finally:
             sel.close()
@@ -264,9 +294,37 @@ class Instance:
         self._wait_poweroff()
         return self._result(exit_body, bytes(out), bytes(err), marks, hello, started)
 
+    def _diagnose(self, reason: str, sel: selectors.BaseSelector, emit_out: OutputFn, emit_err: OutputFn,
+                  ready: bool) -> Stall:
+        """Ask PID 1 for its diagnostic dump (if the agent is up) and wait up to DUMP_TIMEOUT_S for it, still
+        forwarding output and figures; then keep the console log. Never raises on what the guest does."""
+        assert self.channel is not None
+        self.failed = True
+        summary: dict[str, Any] | None = None
+        if ready and not self.channel.closed:
+            self.channel.send(proto.Kind.DUMP, {"reason": reason})
+            deadline = time.monotonic() + DUMP_TIMEOUT_S
+            while summary is None and not self.channel.closed and time.monotonic() < deadline:
+                sel.select(timeout=min(deadline - time.monotonic(), 1.0))
+                for frame in self.channel.receive():
+                    if frame.kind is proto.Kind.DUMPED:
+                        summary = frame.body
+                    elif frame.kind is proto.Kind.STDOUT:
+                        emit_out(frame.data)
+                    elif frame.kind is proto.Kind.STDERR:
+                        emit_err(frame.data)
+                    elif frame.kind is proto.Kind.STATS:
+                        assert frame.body is not None
+                        self._store_guest_stats(frame.body)
+        kept = self.keep_console()
+        return Stall(blocked=(summary or {}).get("blocked", []), dumped=summary is not None,
+                     last_stats=self.last_stats, console_log=str(kept) if kept else None,
+                     console_tail=self.console_tail())
+
     def _store_guest_stats(self, body: dict[str, Any]) -> None:
         """Keep the guest's latest memory figures where `memvisor stats` (another process) can read them."""
         assert self.dir is not None
+        self.last_stats = body
         path = self.dir / stats.GUEST_STATS
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(body))
@@ -301,9 +359,10 @@ class Instance:
             self.process.wait(timeout=POWEROFF_TIMEOUT_S)
 
     def _timed_out(self, out: bytes, err: bytes, marks: dict[str, float], hello: dict[str, Any] | None,
-                   started: dict[str, Any] | None) -> RunResult:
-        result = RunResult(TIMEOUT_EXIT, None, None, True, out, err)
+                   started: dict[str, Any] | None, stall: Stall) -> RunResult:
+        result = RunResult(TIMEOUT_EXIT, None, None, True, out, err, stall=stall)
         result.report = self._report(result, marks, hello, started, None)
+        result.report["stall"] = stall.to_json()
         return result
 
     def _result(self, body: dict[str, Any], out: bytes, err: bytes, marks: dict[str, float],
@@ -355,12 +414,24 @@ class Instance:
             proc.kill()
             proc.wait()
 
-    def _keep_console(self) -> None:
-        """Copy the console log to $MEMVISOR_KEEP_CONSOLE/<id>.log before teardown (tests and debugging)."""
+    def keep_console(self) -> Path | None:
+        """Copy the console log out of the runtime directory before teardown: for a sandbox that failed or
+        timed out into the log directory (paths.log_dir(), the newest LOGS_KEPT kept), and for every sandbox
+        into $MEMVISOR_KEEP_CONSOLE if set (tests). Returns where a failed sandbox's log now is."""
+        if self.dir is None or not self.console_log.exists():
+            return None
         keep = os.environ.get("MEMVISOR_KEEP_CONSOLE")
-        if keep and self.dir is not None and self.console_log.exists():
+        if keep:
             Path(keep).mkdir(parents=True, exist_ok=True)
             shutil.copyfile(self.console_log, Path(keep) / f"{self.id}.log")
+        if not self.failed:
+            return None
+        try:
+            self.kept_log = runtime.keep_log(self.console_log, f"{self.id}.console.log")
+            return self.kept_log
+        except OSError as exc:
+            log.warning("could not keep the console log of sandbox %s: %s", self.id, exc)
+            return None
 
     def console_tail(self, lines: int = CONSOLE_TAIL_LINES) -> str:
         """The last lines the guest wrote on its serial console."""

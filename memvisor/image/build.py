@@ -29,7 +29,7 @@ PKG_DIR = Path(memvisor.__file__).parent
 GUEST_SOURCES = ("__init__.py", "errors.py", "cmdline.py", "proto.py", "guest/__init__.py", "guest/init.py",
                  "guest/agent.py", "guest/linux.py", "guest/spawn.py", "guest/dm.py", "guest/blockio.py",
                  "guest/integrity.py", "guest/swap.py", "guest/swapstack.py", "guest/zram.py",
-                 "guest/memstats.py")
+                 "guest/memstats.py", "guest/diag.py")
 BUILDER_SOURCES = ("image/__init__.py", "image/build.py", "image/cpio.py", "image/debs.py", "image/kernel.py",
                    "image/python.py")
 UNPRIVILEGED = 1000

@@ -16,7 +16,8 @@ from memvisor.errors import ImageError
 from memvisor.image.kernel import elf_section
 
 PY_VERSION = "3.11"
-GUEST_ENTRY_MODULES = ("memvisor.guest.init", "memvisor.guest.swapstack")  # swapstack: imported only with swap
+# swapstack: imported only with swap; diag: only when the host asks for a dump
+GUEST_ENTRY_MODULES = ("memvisor.guest.init", "memvisor.guest.swapstack", "memvisor.guest.diag")
 # Imported lazily, on paths the guest can take: encoding lookups, error paths.
 EXTRA_MODULES = ("encodings.latin_1", "encodings.ascii", "encodings.utf_8",
                  "json.decoder",  # _json raises json.decoder.JSONDecodeError, importing it on that path
