@@ -70,6 +70,7 @@ class Policy:
     swap_size_mib: int = 0
     swap_mode: SwapMode | None = None
     allow_weaker_swap: bool = False
+    swap_discard: bool = False
     zram_percent: int = 0
     zram_algorithm: str = "lz4"
     ksm: bool = False
@@ -118,6 +119,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("allow_weaker_swap", "swap", "allow_weaker", "--allow-weaker-swap", bool,
             "step down authenticated -> encrypted -> plain if the guest kernel lacks the mode",
             cmdline="allow_weaker_swap"),
+    Setting("swap_discard", "swap", "discard", "--swap-discard", bool,
+            "give freed swap back: the guest discards freed swap clusters and the host file shrinks (plain and "
+            "encrypted only; tells the host which slots are free)", cmdline="swap_discard"),
     Setting("zram_percent", "zram", "percent", "--zram-pct", int, "zram device size as a percent of guest RAM",
             cmdline="zram_percent", minimum=0, maximum=400),
     Setting("zram_algorithm", "zram", "algorithm", "--zram-algorithm", str, "zram compression algorithm",
@@ -210,6 +214,13 @@ def validate(policy: Policy) -> None:
     """Reject values that make no sense together."""
     if policy.swap_mode not in (None, SwapMode.OFF) and policy.swap_size_mib == 0:
         raise PolicyError(f"--swap-mode {policy.swap_mode} needs a swap size", hint="add --swap-size MiB")
+    if policy.swap_discard and policy.effective_swap_mode is SwapMode.OFF:
+        raise PolicyError("--swap-discard needs disk swap", hint="add --swap-size MiB or drop --swap-discard")
+    if policy.swap_discard and policy.effective_swap_mode is SwapMode.AUTHENTICATED:
+        raise PolicyError(
+            "--swap-discard cannot be used with authenticated swap: dm-integrity passes discards only with its own "
+            "internal hash, and it serves a block whose tag reads all 0xf6 (its discard marker) as authentic, so "
+            "a host could forge one", hint="use --swap-mode encrypted or plain with --swap-discard, or drop it")
     if policy.deflate_on_oom and not policy.balloon:
         raise PolicyError("--deflate-on-oom needs the balloon", hint="drop --no-balloon or --deflate-on-oom")
     if policy.swap_size_mib > MAX_SWAP_PER_MIB_RAM * policy.memory_mib:

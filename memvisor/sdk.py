@@ -52,13 +52,16 @@ class Sandbox:
         return self._with(**changes)
 
     def with_swap(self, size_mib: int, mode: policy.SwapMode | str | None = None,
-                  allow_weaker: bool | None = None) -> Sandbox:
-        """A copy with guest disk swap of `size_mib` MiB (mode: default authenticated)."""
+                  allow_weaker: bool | None = None, discard: bool | None = None) -> Sandbox:
+        """A copy with guest disk swap of `size_mib` MiB (mode: default authenticated; `discard`: give freed swap
+        back to the host, plain and encrypted only)."""
         changes: dict[str, object] = {"swap_size_mib": size_mib}
         if mode is not None:
             changes["swap_mode"] = mode
         if allow_weaker is not None:
             changes["allow_weaker_swap"] = allow_weaker
+        if discard is not None:
+            changes["swap_discard"] = discard
         return self._with(**changes)
 
     def with_zram(self, percent: int, algorithm: str | None = None) -> Sandbox:

@@ -25,6 +25,7 @@ SWAP_INFO_OFFSET = 1024
 SWAP_FLAG_PREFER = 0x8000
 SWAP_FLAG_PRIO_MASK = 0x7FFF
 SWAP_FLAG_DISCARD = 0x10000
+SWAP_FLAG_DISCARD_PAGES = 0x40000  # discard freed clusters only, never the whole area at swapon
 
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 
@@ -49,12 +50,24 @@ def write_header(device: str, size_bytes: int, uuid: bytes) -> None:
         page.close()
 
 
-def swapon(device: str, priority: int) -> None:
-    """swapon(2) with an explicit priority (0..32767)."""
+def swapon(device: str, priority: int, discard: bool = False) -> None:
+    """swapon(2) with an explicit priority (0..32767). With `discard`, the kernel discards each swap cluster
+    that becomes free (SWAP_FLAG_DISCARD_PAGES; no whole-area discard at swapon, which would take time in
+    proportion to the size). It does so only on a non-rotational device (mm/swapfile.c keeps per-cluster state
+    only for those): see mark_nonrotational()."""
     flags = SWAP_FLAG_PREFER | (priority & SWAP_FLAG_PRIO_MASK)
+    if discard:
+        flags |= SWAP_FLAG_DISCARD | SWAP_FLAG_DISCARD_PAGES
     if _libc.swapon(device.encode(), ctypes.c_int(flags)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"swapon: {os.strerror(err)}", device)
+
+
+def mark_nonrotational(disk: str) -> None:
+    """Tell the kernel the disk (`vdb`, no /dev) is not rotational: virtio-blk says it is, and swap then keeps
+    no per-cluster state and never discards. Device-mapper devices made on top inherit the flag."""
+    with open(f"/sys/block/{disk}/queue/rotational", "w") as f:
+        f.write("0")
 
 
 def swapoff(device: str) -> None:

@@ -41,6 +41,7 @@ CRYPT_FLAGS = ("no_read_workqueue", "no_write_workqueue")
 # (dm-crypt cipher, /proc/crypto name, key bytes, integrity tag bytes = stored random IV + auth tag)
 AEADS = (("capi:aegis128-random", "aegis128", 16, 32), ("capi:gcm(aes)-random", "gcm(aes)", 32, 28))
 XTS = ("aes-xts-plain64", 64)
+DISCARD_MODES = ("plain", "encrypted")  # where freed swap may be discarded down to the host file
 INTEGRITY_NAME = "memvisor-swap-integrity"
 CRYPT_NAME = "memvisor-swap-crypt"
 
@@ -115,6 +116,7 @@ class SwapStack:
         mode = settings.get("swap_mode", "")
         self.asked = mode if mode else ("authenticated" if self.size_mib else "off")
         self.allow_weaker = settings.get("allow_weaker_swap", "0") in ("1", "true")
+        self.discard = settings.get("swap_discard", "0") in ("1", "true")
         self.zram_percent = int(settings.get("zram_percent", "0"))
         self.zram_algorithm = settings.get("zram_algorithm", "lz4")
         self.load_group = load_group
@@ -206,11 +208,15 @@ class SwapStack:
     def _build(self, mode: str) -> None:
         device, major_minor, sectors = find_disk()
         top, table = device, list[str]()
+        # Never under authenticated: dm-integrity takes discards only with an internal hash (policy.validate).
+        discard = self.discard and mode in DISCARD_MODES
+        if discard:
+            swap.mark_nonrotational(device.removeprefix("/dev/"))
         usable = sectors - sectors % SECTOR_ALIGN
         if mode != "plain":
             ctl = dm.DeviceMapper()
             try:
-                top, usable, table = self._crypt_stack(ctl, mode, device, major_minor, usable)
+                top, usable, table = self._crypt_stack(ctl, mode, device, major_minor, usable, discard)
             except OSError as exc:
                 for name in (CRYPT_NAME, INTEGRITY_NAME):
                     try:
@@ -222,13 +228,14 @@ class SwapStack:
                 ctl.close()
         swap.write_header(top, usable * 512, os.urandom(16))
         self._lap("swap_header")
-        swap.swapon(top, DISK_PRIORITY)
+        swap.swapon(top, DISK_PRIORITY, discard)
         self._lap("swapon")
         self.report["devices"].append({"device": top, "kind": "disk", "priority": DISK_PRIORITY, "mode": mode,
-                                       "backing": device, "size_bytes": usable * 512, "table": table})
+                                       "backing": device, "size_bytes": usable * 512, "table": table,
+                                       "discard": discard})
 
     def _crypt_stack(self, ctl: dm.DeviceMapper, mode: str, device: str, disk: tuple[int, int],
-                     sectors: int) -> tuple[str, int, list[str]]:
+                     sectors: int, discard: bool) -> tuple[str, int, list[str]]:
         """integrity (authenticated only) and crypt over the disk; returns (top node, sectors, tables)."""
         lower = f"{disk[0]}:{disk[1]}"
         table: list[str] = []
@@ -246,7 +253,7 @@ class SwapStack:
             options: tuple[str, ...] = (f"integrity:{tag_size}:aead", "sector_size:4096", *CRYPT_FLAGS)
         else:
             cipher, key_size = XTS
-            options = ("sector_size:4096", *CRYPT_FLAGS)
+            options = ("sector_size:4096", *CRYPT_FLAGS, *(("allow_discards",) if discard else ()))
         key = random_key(key_size)
         params = crypt_params(cipher, key, lower, options)
         try:

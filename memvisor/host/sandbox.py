@@ -135,7 +135,7 @@ class Instance:
             if not direct:
                 self.warn(f"{self.dir} does not support O_DIRECT (tmpfs?): swapped guest pages will stay in the "
                           "host page cache; set MEMVISOR_RUNTIME_DIR to a disk-backed directory")
-            disks = (Disk(self.swap_path, "memvisor-swap", direct),)
+            disks = (Disk(self.swap_path, "memvisor-swap", direct, discard=self.policy.swap_discard),)
             self.state.files["swap"] = str(self.swap_path)
             runtime.write_state(self.state)
         qmp_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

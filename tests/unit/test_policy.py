@@ -15,7 +15,8 @@ from memvisor.policy import SETTINGS, Policy, SwapMode
 # A non-default value for every setting, as its Python value.
 SAMPLE: dict[str, object] = {
     "memory_mib": 192, "cpus": 2, "timeout": 12.5, "root": True, "swap_size_mib": 1024,
-    "swap_mode": SwapMode.ENCRYPTED, "allow_weaker_swap": True, "zram_percent": 50, "zram_algorithm": "zstd",
+    "swap_mode": SwapMode.ENCRYPTED, "allow_weaker_swap": True, "swap_discard": True, "zram_percent": 50,
+    "zram_algorithm": "zstd",
     "ksm": True, "balloon": False, "deflate_on_oom": True,
 }
 IMPLEMENTED = list(SETTINGS)
@@ -98,6 +99,8 @@ def test_each_implemented_field_survives_every_layer_order(setting: policy.Setti
         layer: dict[str, object] = {setting.field: value}
         if setting.field == "swap_mode":
             layer["swap_size_mib"] = 64  # a mode needs a size
+        if setting.field == "swap_discard":
+            layer.update(swap_size_mib=64, swap_mode=SwapMode.ENCRYPTED)  # discard needs a mode that passes it
         layers[position] = (layers[position][0], layer)
         p = policy.merge(*layers)
         assert getattr(p, setting.field) == value
@@ -159,3 +162,11 @@ def test_cmdline_values_cannot_inject_words() -> None:
     with pytest.raises(ValueError):
         cmdline.encode_value("a b")
     assert cmdline.parse("x memvisor.a=1 memvisor.a=2 memvisor.b") == {"a": "2"}
+
+
+def test_swap_discard_is_refused_with_authenticated_swap_or_without_swap() -> None:
+    with pytest.raises(PolicyError, match="authenticated"):
+        policy.merge(("test", {"swap_size_mib": 64, "swap_discard": True}))
+    with pytest.raises(PolicyError, match="needs disk swap"):
+        policy.merge(("test", {"swap_discard": True}))
+    assert policy.merge(("test", {"swap_size_mib": 64, "swap_mode": "encrypted", "swap_discard": True})).swap_discard

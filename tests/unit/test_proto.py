@@ -91,7 +91,8 @@ def test_bad_json_payload(payload: bytes) -> None:
 
 
 def test_unknown_kind_and_reserved() -> None:
-    items = decode_all(proto.HEADER.pack(proto.MAGIC, 1, 200, 0, 0) + proto.HEADER.pack(proto.MAGIC, 1, 4, 7, 0))
+    v = proto.VERSION
+    items = decode_all(proto.HEADER.pack(proto.MAGIC, v, 200, 0, 0) + proto.HEADER.pack(proto.MAGIC, v, 4, 7, 0))
     assert [str(i) for i in items] == ["unknown message kind 200", "reserved header field is 7, not 0"]
 
 

@@ -15,6 +15,7 @@ class Disk:
     path: Path
     serial: str
     direct_io: bool = True  # bypass the host page cache (O_DIRECT)
+    discard: bool = False  # the guest's discards punch holes in the file (else they are ignored)
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,8 @@ class QemuBackend(VMMBackend):
         for i, disk in enumerate(spec.disks):
             disks += [
                 "-drive", f"file={disk.path},if=none,id=disk{i},format=raw,"
-                          f"cache={'none' if disk.direct_io else 'writeback'},discard=ignore",
+                          f"cache={'none' if disk.direct_io else 'writeback'},"
+                          f"discard={'unmap' if disk.discard else 'ignore'}",
                 "-device", f"virtio-blk-pci,drive=disk{i},serial={disk.serial}",
             ]
         return [
