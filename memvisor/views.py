@@ -69,13 +69,14 @@ def stall_text(stall: dict[str, Any], console_tail: str) -> str:
                      f"pswpin {vm.get('pswpin', '-')}")
     else:
         lines.append("the guest sent no memory figures")
-    if not stall.get("dumped"):
-        lines.append("the guest did not answer the request for a diagnostic dump")
-    elif stall.get("blocked"):
-        tasks = ", ".join(f"{pid} {comm} ({wchan or '?'})" for pid, comm, _state, wchan in stall["blocked"])
+    if stall.get("blocked"):
+        tasks = ", ".join(f"{pid} {comm} ({where or '?'})" for pid, comm, _state, where in stall["blocked"])
         lines.append(f"tasks in uninterruptible sleep (D): {tasks}")
     else:
         lines.append("no guest task was in uninterruptible sleep")
+    if not stall.get("dumped"):
+        lines.append("the guest's PID 1 did not answer the request for its dump (it may be waiting for memory "
+                     "itself); the kernel's own report is in the console log")
     if stall.get("console_log"):
         lines.append(f"console log with the guest's diagnostic dump kept at {stall['console_log']}")
     out = "\n".join(f"memvisor: {printable(line)}" for line in lines)

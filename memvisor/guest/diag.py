@@ -1,10 +1,10 @@
 """The stall dump: what PID 1 writes to the console when the host asks (DUMP), so a wedged guest can be read.
 
-It has the kernel print its blocked tasks and memory state (sysrq `w` and `m`, through /proc/sysrq-trigger,
-which root may always write whatever kernel.sysrq says: that sysctl gates the keyboard only), then adds what
-the kernel does not print by itself: the stack and wait channel of every task in uninterruptible sleep (and of
-kswapd, which loops in S/R), pressure stall figures, each block device's in-flight requests and, where debugfs
-has them, its blk-mq queues, the device-mapper targets' status, and the memory and reclaim counters.
+The host has already had the kernel print its blocked tasks and memory state (SysRq w and m, pressed on the
+guest's keyboard through QMP: that needs no guest process). PID 1 adds what the kernel does not print by itself:
+the stack and wait channel of every task in uninterruptible sleep (and of kswapd, which loops in S/R), pressure
+stall figures, each block device's in-flight requests and, where debugfs has them, its blk-mq queues, the
+device-mapper targets' status, and the memory and reclaim counters.
 
 It must work in a guest that is out of memory: it streams each file through one small read straight to the
 console instead of building the dump in memory, and it never waits on anything but reads of /proc and /sys.
@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from typing import Any
 
 CONSOLE_FD = 1  # PID 1's stdout is the console
-PRINTK = "/proc/sys/kernel/printk"
 DEBUGFS = "/sys/kernel/debug"
 VMSTAT_KEYS = ("nr_free_pages", "nr_writeback", "nr_dirty", "nr_isolated_anon", "nr_anon_pages", "pswpin",
                "pswpout", "pgscan_kswapd", "pgscan_direct", "pgsteal_kswapd", "pgsteal_direct", "allocstall_normal",
@@ -53,20 +52,6 @@ def _read(path: str) -> str:
         os.close(fd)
 
 
-def _write(path: str, value: str) -> bool:
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        os.write(fd, value.encode())
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-
-
 def _section(title: str) -> int:
     return _out(f"--- {title} ---\n")
 
@@ -91,20 +76,6 @@ def _thread_ids(pid: int) -> list[int]:
         return [int(t) for t in os.listdir(f"/proc/{pid}/task") if t.isdigit()]
     except OSError:
         return []
-
-
-def _sysrq(key: str, title: str) -> int:
-    """Have the kernel print `key`'s report to the console at a log level the console shows."""
-    written = _section(f"sysrq {key}: {title} (kernel messages)")
-    saved = _read(PRINTK).split()
-    _write(PRINTK, "7")  # the first field alone: the console log level (quiet boots run at 4)
-    try:
-        if not _write("/proc/sysrq-trigger", key):
-            written += _out("<sysrq-trigger not writable>\n")
-    finally:
-        if saved and saved[0].isdigit():
-            _write(PRINTK, saved[0])
-    return written
 
 
 def _stacks(rows: list[tuple[int, str, str]]) -> tuple[int, list[list[Any]]]:
@@ -146,7 +117,7 @@ def _block_queues() -> int:
         for hctx in sorted(os.listdir(base)) if os.path.isdir(base) else []:
             if not hctx.startswith("hctx"):
                 continue
-            for leaf in ("state", "busy", "dispatch", "tags"):
+            for leaf in ("state", "busy", "dispatch"):
                 text = _read(f"{base}/{hctx}/{leaf}").strip()
                 if text:
                     written += _out(f"{disk}/{hctx}/{leaf}: {text}\n")
@@ -192,8 +163,6 @@ def _counters() -> int:
 def dump(reason: str, uptime: float) -> dict[str, Any]:
     """Write the whole dump to the console; return the DUMPED body (a bounded summary for the host)."""
     written = _out(f"=== memvisor diagnostic dump at {uptime:.3f} s: {reason[:200]} ===\n")
-    written += _sysrq("w", "blocked tasks")
-    written += _sysrq("m", "memory")
     more, blocked = _stacks(tasks())
     written += more
     written += _files("pressure stall information", [f"/proc/pressure/{r}" for r in ("cpu", "memory", "io")])

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 MODULES_JSON = "/etc/memvisor/modules.json"
 UNPRIVILEGED_UID = 1000
+SYSRQ_KEYBOARD = 2 | 8  # Documentation/admin-guide/sysrq.rst: console log level, debugging dumps
 
 
 class Context:
@@ -54,6 +55,11 @@ def mount_filesystems(ctx: Context) -> None:
         ("devtmpfs", "/dev", "devtmpfs", linux.MS_NOSUID),
     ):
         linux.mount(source, target, fstype, flags)
+    # The host's stall dump presses Alt+SysRq+9/w/m/4 (host/sandbox.py): allow console log level changes (2)
+    # and debugging dumps (8), nothing else (no reboot, sync, remount, kill or nice from the keyboard).
+    # /proc/sysrq-trigger, root's own way in, is not gated by this value.
+    with open("/proc/sys/kernel/sysrq", "w") as f:
+        f.write(str(SYSRQ_KEYBOARD))
 
 
 def read_settings(ctx: Context) -> None:

@@ -26,8 +26,9 @@ from typing import Any
 from memvisor import policy as pol
 from memvisor import proto
 from memvisor.errors import GuestError, MemvisorError
-from memvisor.host import ksm, launch, report, runtime, stats, swapfile
+from memvisor.host import ksm, launch, report, runtime, stall, stats, swapfile
 from memvisor.host.channel import HostChannel
+from memvisor.host.stall import Stall
 from memvisor.host.vmm import Disk, VMMBackend, VMSpec, backend
 from memvisor.host.vmm.qmp import QMP
 from memvisor.image.build import Image
@@ -35,7 +36,6 @@ from memvisor.image.build import Image
 log = logging.getLogger("memvisor")
 BOOT_TIMEOUT_S = 120.0  # from VMM start to the guest's HELLO; TCG boots take ~4 s
 POWEROFF_TIMEOUT_S = 10.0
-DUMP_TIMEOUT_S = 30.0  # for the guest's diagnostic dump after a timeout (a stalled TCG guest is slow)
 CONSOLE_TAIL_LINES = 25
 # A --debug guest: kernel messages on the console, and hung-task reports after 10 s instead of 120 s.
 DEBUG_KERNEL_ARGS = ("loglevel=7", "sysctl.kernel.hung_task_timeout_secs=10")
@@ -63,23 +63,6 @@ class RunResult:
         return self.exit_code == 0
 
 
-@dataclass
-class Stall:
-    """A timed-out sandbox's last state: the guest's dump summary, its last memory figures, and where its
-    console log (with the full dump) was kept."""
-
-    blocked: list[list[Any]]  # [pid, comm, state, wchan] of the guest's D-state tasks ([] if no dump came)
-    dumped: bool  # the guest answered DUMP (its dump is in the console log)
-    last_stats: dict[str, Any]  # the guest's last STATS body ({} if none arrived)
-    console_log: str | None  # the kept console log (None if it could not be kept)
-    console_tail: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"dumped": self.dumped, "blocked": self.blocked, "console_log": self.console_log,
-                "meminfo": self.last_stats.get("meminfo", {}), "vmstat": self.last_stats.get("vmstat", {}),
-                "swaps": self.last_stats.get("swaps", [])}
-
-
 class Instance:
     """A running sandbox VM. Use as a context manager; `run()` runs one command in it."""
 
@@ -92,6 +75,7 @@ class Instance:
         for arg in kernel_args:
             if not arg or any(c.isspace() for c in arg):
                 raise MemvisorError(f"kernel argument {arg!r} must be one word without spaces")
+        self.debug = debug
         self.kernel_args = (*DEBUG_KERNEL_ARGS, *kernel_args) if debug else kernel_args
         self.warn = on_warning or log.warning
         self.policy = policy
@@ -243,9 +227,9 @@ class Instance:
                 limit = min(deadline, boot_deadline if hello is None else float("inf"))
                 if now >= limit:
                     if now >= deadline:
-                        stall = self._diagnose(f"--timeout of {timeout:g} s passed", sel, emit_out, emit_err,
+                        diagnosis = self._diagnose(f"--timeout of {timeout:g} s passed", sel, emit_out, emit_err,
                                                ready=hello is not None)
-                        return self._timed_out(bytes(out), bytes(err), marks, hello, started, stall)
+                        return self._timed_out(bytes(out), bytes(err), marks, hello, started, diagnosis)
                     self.failed = True
                     raise GuestError(f"the guest did not report ready within {BOOT_TIMEOUT_S:.0f} s",
                                      console_tail=self.console_tail())
@@ -300,10 +284,11 @@ class Instance:
         forwarding output and figures; then keep the console log. Never raises on what the guest does."""
         assert self.channel is not None
         self.failed = True
+        kernel = stall.kernel_dump(self.qmp_path, self.console_log, restore_level=7 if self.debug else 4)
         summary: dict[str, Any] | None = None
         if ready and not self.channel.closed:
             self.channel.send(proto.Kind.DUMP, {"reason": reason})
-            deadline = time.monotonic() + DUMP_TIMEOUT_S
+            deadline = time.monotonic() + stall.DUMP_TIMEOUT_S
             while summary is None and not self.channel.closed and time.monotonic() < deadline:
                 sel.select(timeout=min(deadline - time.monotonic(), 1.0))
                 for frame in self.channel.receive():
@@ -317,7 +302,8 @@ class Instance:
                         assert frame.body is not None
                         self._store_guest_stats(frame.body)
         kept = self.keep_console()
-        return Stall(blocked=(summary or {}).get("blocked", []), dumped=summary is not None,
+        blocked = stall.parse_blocked(stall.read_end(self.console_log)) if kernel else []
+        return Stall(blocked=blocked or (summary or {}).get("blocked", []), dumped=summary is not None,
                      last_stats=self.last_stats, console_log=str(kept) if kept else None,
                      console_tail=self.console_tail())
 
@@ -359,10 +345,10 @@ class Instance:
             self.process.wait(timeout=POWEROFF_TIMEOUT_S)
 
     def _timed_out(self, out: bytes, err: bytes, marks: dict[str, float], hello: dict[str, Any] | None,
-                   started: dict[str, Any] | None, stall: Stall) -> RunResult:
-        result = RunResult(TIMEOUT_EXIT, None, None, True, out, err, stall=stall)
+                   started: dict[str, Any] | None, diagnosis: Stall) -> RunResult:
+        result = RunResult(TIMEOUT_EXIT, None, None, True, out, err, stall=diagnosis)
         result.report = self._report(result, marks, hello, started, None)
-        result.report["stall"] = stall.to_json()
+        result.report["stall"] = diagnosis.to_json()
         return result
 
     def _result(self, body: dict[str, Any], out: bytes, err: bytes, marks: dict[str, float],

@@ -101,10 +101,10 @@ HOSTILE = [
     b"\x00" * 40,  # no magic
     b"MVS",  # a torn magic
     proto.HEADER.pack(proto.MAGIC, 9, 2, 0, 0),  # unknown version
-    proto.HEADER.pack(proto.MAGIC, 1, 99, 0, 3) + b"abc",  # unknown kind
-    proto.HEADER.pack(proto.MAGIC, 1, 2, 0, 8) + b"not json",  # RUN that is not JSON
-    proto.HEADER.pack(proto.MAGIC, 1, 2, 0, 11) + b'{"argv": 5}',  # RUN with a bad argv
-    proto.HEADER.pack(proto.MAGIC, 1, 2, 0, proto.MAX_PAYLOAD + 1),  # oversize
+    proto.HEADER.pack(proto.MAGIC, proto.VERSION, 99, 0, 3) + b"abc",  # unknown kind
+    proto.HEADER.pack(proto.MAGIC, proto.VERSION, 2, 0, 8) + b"not json",  # RUN that is not JSON
+    proto.HEADER.pack(proto.MAGIC, proto.VERSION, 2, 0, 11) + b'{"argv": 5}',  # RUN with a bad argv
+    proto.HEADER.pack(proto.MAGIC, proto.VERSION, 2, 0, proto.MAX_PAYLOAD + 1),  # oversize
     proto.encode(proto.Kind.EXIT, {"code": 0, "signal": None, "uptime": 1}),  # valid, but host->guest nonsense
     b"\xff" * 1000,
 ]

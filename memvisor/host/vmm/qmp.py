@@ -31,6 +31,14 @@ class QMP:
         """Run one QMP command and return its "return" value."""
         return self._run(self._client.execute(command, arguments), timeout, command)
 
+    def sysrq(self, keys: str, timeout: float = 5.0) -> None:
+        """Press Alt+SysRq+<key> on the guest's keyboard for each key in `keys`: the guest kernel handles them in
+        its keyboard interrupt, so they work even when no guest process can run (the guest must allow them:
+        kernel.sysrq, see guest/init.py)."""
+        for key in keys:
+            self.execute("send-key", {"keys": [{"type": "qcode", "data": "alt"}, {"type": "qcode", "data": "sysrq"},
+                                               {"type": "qcode", "data": key}]}, timeout)
+
     def close(self) -> None:
         """Disconnect and drop the event loop."""
         try:
