@@ -67,3 +67,10 @@ def test_small_soak_authenticated_never_stalls() -> None:
     runs = soak.soak({"authenticated": 6}, parallel=2, memory=128, hog_mib=192, swap_mib=512, timeout=300)
     print("\n" + soak.table(runs))
     assert [r.outcome for r in runs] == ["completed"] * 6, json.dumps([vars(r) for r in runs], indent=1)
+
+
+def test_debug_boots_with_kernel_messages_and_a_short_hung_task_timeout(memvisor: Runner) -> None:
+    for args in (("run", "--debug"), ("--debug", "run")):
+        out = memvisor(*args, "--dry-run", "--", "true").stdout
+        assert "loglevel=7" in out and "sysctl.kernel.hung_task_timeout_secs=10" in out, out
+    assert "loglevel=7" not in memvisor("run", "--dry-run", "--", "true").stdout
