@@ -25,12 +25,20 @@ BLOCK_SIZE = 4096
 # all when formatting: setup time and guest memory then grow with the swap size (measured: 0.72 s and ~70 MiB
 # of guest RAM more for 32 GiB than for 512 MiB). The kernel rounds this up to its one-section minimum.
 JOURNAL_SECTORS = 8
+# dm-integrity reads and writes tags through a dm-bufio cache of 64 KiB buffers by default: order-4 allocations,
+# made with GFP_NOIO|__GFP_NORETRY, which fail at once when memory is short and fragmented, i.e. exactly when
+# swap runs. Measured under a 192 MiB hog in a 128 MiB guest: the cache sat at 4-6 such buffers (the shrinker's
+# 256 KiB floor), so every tag miss became a synchronous 64 KiB read, plus a write-back of the evicted buffer,
+# under the cache's mutex. 8 sectors gives 4 KiB buffers: order-0 allocations, 64 buffers at the same floor, 4 KiB
+# tag I/O. It only sizes the in-memory cache (not stored on disk). docs/swap.md, "Swap that never stalls".
+BUFFER_SECTORS = 8
 
 
 def target_params(device: str, tag_size: int) -> bytearray:
-    """`<dev> <offset> <tag size> D <#opts> block_size:4096 journal_sectors:8`: mode D, 4 KiB blocks, and the
-    smallest journal (unused in mode D)."""
-    return bytearray(f"{device} 0 {tag_size} D 2 block_size:{BLOCK_SIZE} journal_sectors:{JOURNAL_SECTORS}".encode())
+    """`<dev> <offset> <tag size> D <#opts> block_size:4096 journal_sectors:8 buffer_sectors:8`: mode D, 4 KiB
+    blocks, the smallest journal (unused in mode D) and 4 KiB metadata buffers."""
+    return bytearray(f"{device} 0 {tag_size} D 3 block_size:{BLOCK_SIZE} journal_sectors:{JOURNAL_SECTORS} "
+                     f"buffer_sectors:{BUFFER_SECTORS}".encode())
 
 
 def zero_first_block(device: str) -> None:

@@ -111,6 +111,9 @@ def test_each_mode_device_priority_and_table(memvisor: Runner, mode: str, tables
     assert len(dev["table"]) == len(tables)
     for row, expected in zip(dev["table"], tables, strict=True):
         assert expected in row
+    if mode == "authenticated":
+        # 4 KiB metadata buffers (order-0 allocations) instead of dm-integrity's 64 KiB: docs/swap.md, the stall.
+        assert "buffer_sectors:8" in dev["table"][0]
     if mode != "plain":
         crypt = dev["table"][-1]
         assert "no_read_workqueue" in crypt and "no_write_workqueue" in crypt and "sector_size:4096" in crypt
