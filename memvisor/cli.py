@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from memvisor import __version__, config, policy
+from memvisor import __version__, cli_daemon, config, policy
 from memvisor.errors import GuestError, MemvisorError
 
 EXIT_FAILURE = 125
@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
     st.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
     st.add_argument("--serve", metavar="ADDR:PORT", help="serve the figures as Prometheus metrics at /metrics")
+
+    cli_daemon.add_parsers(sub, add_policy_flags)
 
     k = sub.add_parser("ksm", help="ksmd state and counters; start or stop it (never done implicitly)")
     k_sub = k.add_subparsers(dest="ksm_command", required=True, metavar="ACTION")
@@ -354,6 +356,8 @@ def cmd_ksm(args: argparse.Namespace, con: Console) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Console], int]] = {
     "run": cmd_run, "image": cmd_image, "ps": cmd_ps, "stats": cmd_stats, "ksm": cmd_ksm,
+    "serve": cli_daemon.cmd_serve, "exec": cli_daemon.cmd_exec, "stop": cli_daemon.cmd_stop,
+    "create": lambda args, con: cli_daemon.cmd_create(args, con, policy_from_args),
 }
 
 

@@ -54,3 +54,14 @@ def default_config() -> Path:
     base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     return Path(base) / "memvisor" / "config.toml"
 
+
+
+def service_socket() -> Path:
+    """The daemon's unix socket: $MEMVISOR_SOCKET, else /run/memvisor/serve.sock (root) or
+    $XDG_RUNTIME_DIR/memvisor/serve.sock."""
+    if "MEMVISOR_SOCKET" in os.environ:
+        return Path(os.environ["MEMVISOR_SOCKET"])
+    if os.geteuid() == 0:
+        return Path("/run/memvisor/serve.sock")
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/memvisor-{os.geteuid()}"
+    return Path(base) / "memvisor" / "serve.sock"

@@ -6,13 +6,14 @@ A frame is a 12-byte header followed by a payload:
         char     magic[4];       /* "MVSR" */
         uint8_t  version;        /* VERSION */
         uint8_t  kind;           /* Kind */
-        uint16_t reserved;       /* 0 */
+        uint16_t stream;         /* raw kinds: the exec id the bytes belong to; JSON kinds: 0 */
         uint32_t length;         /* payload bytes, <= MAX_PAYLOAD */
     };
 
-STDOUT/STDERR payloads are raw bytes; every other kind carries a UTF-8 JSON object whose fields are checked
-against SCHEMAS. A stream that loses sync (bad magic, bad version, oversize length) is resynchronised at the next
-magic; the bytes skipped are reported as a ProtocolError value, never raised, so neither side can be crashed or
+STDOUT/STDERR/STDIN payloads are raw bytes of one command (its exec id in `stream`); every other kind carries a
+UTF-8 JSON object whose fields are checked against SCHEMAS (commands are named by an `id` field there). A
+stream that loses sync (bad magic, bad version, oversize length) is resynchronised at the next magic; the bytes
+skipped are reported as a ProtocolError value, never raised, so neither side can be crashed or
 hung by its peer.
 
 Stdlib only: the guest imports this module at boot, so it also avoids `json` (whose decoder compiles regexes
@@ -35,7 +36,9 @@ if TYPE_CHECKING:
     from typing import Any
 
 MAGIC = b"MVSR"
-VERSION = 2  # 2: DUMP/DUMPED
+VERSION = 3  # 2: DUMP/DUMPED; 3: many commands per boot (EXEC, STDIN, KILL, SHUTDOWN; exec ids)
+MAX_EXEC_ID = 0xFFFF  # exec ids are 1..MAX_EXEC_ID (they travel in the header's 16-bit stream field)
+MAX_EXECS = 64  # commands running at once in one guest
 HEADER = struct.Struct(">4sBBHI")
 MAX_PAYLOAD = 256 * 1024
 CHUNK = 64 * 1024  # output is sent in chunks no larger than this
@@ -62,15 +65,18 @@ class Kind:
     """Message kinds (what an IntEnum would be, without importing enum at boot); the direction is in the comment."""
 
     HELLO = MessageKind(1, "HELLO")  # guest -> host: init is ready; boot facts and step timings
-    RUN = MessageKind(2, "RUN")  # host -> guest: the command to run
+    EXEC = MessageKind(2, "EXEC")  # host -> guest: start a command, named by its exec id
     STARTED = MessageKind(3, "STARTED")  # guest -> host: the command was spawned
-    STDOUT = MessageKind(4, "STDOUT")  # guest -> host: raw bytes
-    STDERR = MessageKind(5, "STDERR")  # guest -> host: raw bytes
-    EXIT = MessageKind(6, "EXIT")  # guest -> host: how the command ended, plus guest memory facts
+    STDOUT = MessageKind(4, "STDOUT")  # guest -> host: raw bytes of command `stream`
+    STDERR = MessageKind(5, "STDERR")  # guest -> host: raw bytes of command `stream`
+    EXIT = MessageKind(6, "EXIT")  # guest -> host: how a command ended, plus guest memory facts
     ERROR = MessageKind(7, "ERROR")  # either way: the peer sent something wrong, or the guest failed
-    STATS = MessageKind(8, "STATS")  # guest -> host, every few seconds while the command runs: memory figures
+    STATS = MessageKind(8, "STATS")  # guest -> host, every few seconds: memory figures
     DUMP = MessageKind(9, "DUMP")  # host -> guest: write a diagnostic dump (blocked tasks, memory, I/O) to the console
     DUMPED = MessageKind(10, "DUMPED")  # guest -> host: the dump is on the console; a summary of blocked tasks
+    STDIN = MessageKind(11, "STDIN")  # host -> guest: raw bytes for command `stream`'s stdin; empty = end of input
+    KILL = MessageKind(12, "KILL")  # host -> guest: send a signal to a command's process group
+    SHUTDOWN = MessageKind(13, "SHUTDOWN")  # host -> guest: kill every command and power off
 
     @staticmethod
     def from_wire(value: int) -> MessageKind:
@@ -81,7 +87,7 @@ class Kind:
             raise ValueError(f"unknown message kind {value}") from None
 
 
-RAW_KINDS = frozenset({Kind.STDOUT, Kind.STDERR})
+RAW_KINDS = frozenset({Kind.STDOUT, Kind.STDERR, Kind.STDIN})
 
 # field -> (allowed types, required). Unknown fields are rejected so typos cannot hide.
 _Schema = dict[str, tuple[tuple[type, ...], bool]]
@@ -94,13 +100,19 @@ SCHEMAS: dict[MessageKind, _Schema] = {
         "kernel": ((str,), False),
         "swap": ((dict,), False),
     },
-    Kind.RUN: {
+    Kind.EXEC: {
+        "id": ((int,), True),
         "argv": ((list,), True),
         "env": ((dict,), False),
         "cwd": ((str,), False),
+        "uid": ((int,), False),  # default: the sandbox's workload user (root with the `root` policy)
+        "stdin": ((bool,), False),  # true: STDIN frames follow (else stdin is /dev/null)
+        "timeout": ((float, int), False),  # seconds; the guest kills the command's process group after it
     },
-    Kind.STARTED: {"pid": ((int,), True), "uptime": ((float, int), True)},
+    Kind.STARTED: {"id": ((int,), True), "pid": ((int,), True), "uptime": ((float, int), True)},
     Kind.EXIT: {
+        "id": ((int,), True),
+        "timed_out": ((bool,), False),
         "code": ((int, type(None)), True),
         "signal": ((int, type(None)), True),
         "uptime": ((float, int), True),
@@ -109,7 +121,7 @@ SCHEMAS: dict[MessageKind, _Schema] = {
         "swaps": ((list,), False),
         "zram": ((dict,), False),
     },
-    Kind.ERROR: {"message": ((str,), True), "fatal": ((bool,), False)},
+    Kind.ERROR: {"message": ((str,), True), "fatal": ((bool,), False), "id": ((int,), False)},
     Kind.STATS: {
         "uptime": ((float, int), True),
         "meminfo": ((dict,), True),
@@ -118,6 +130,8 @@ SCHEMAS: dict[MessageKind, _Schema] = {
         "zram": ((dict,), False),
     },
     Kind.DUMP: {"reason": ((str,), True)},
+    Kind.KILL: {"id": ((int,), True), "signal": ((int,), True)},
+    Kind.SHUTDOWN: {},
     Kind.DUMPED: {
         "uptime": ((float, int), True),
         "blocked": ((list,), True),  # [[pid, comm, state, wchan], ...], at most MAX_BLOCKED
@@ -128,17 +142,19 @@ MAX_BLOCKED = 32
 
 
 class Frame:
-    """One decoded frame: `body` is the validated JSON object, or None for raw kinds (see `data`)."""
+    """One decoded frame: `body` is the validated JSON object, or None for raw kinds (see `data`, and `stream`:
+    the exec id the bytes belong to)."""
 
-    __slots__ = ("kind", "data", "body")
+    __slots__ = ("kind", "data", "body", "stream")
 
-    def __init__(self, kind: MessageKind, data: bytes, body: dict[str, Any] | None = None) -> None:
+    def __init__(self, kind: MessageKind, data: bytes, body: dict[str, Any] | None = None, stream: int = 0) -> None:
         self.kind = kind
         self.data = data
         self.body = body
+        self.stream = stream
 
     def __repr__(self) -> str:
-        return f"Frame({self.kind.name}, {self.body if self.body is not None else self.data!r})"
+        return f"Frame({self.kind.name}, {self.body if self.body is not None else (self.stream, self.data)!r})"
 
 
 class _ScanContext:
@@ -186,26 +202,30 @@ def json_dumps(value: object) -> str:
     return "".join(_encode(value, 0))
 
 
-def encode(kind: MessageKind, body: dict[str, Any] | bytes) -> bytes:
-    """Serialise one message; raises ProtocolError if it would exceed MAX_PAYLOAD or break its schema."""
+def encode(kind: MessageKind, body: dict[str, Any] | bytes, stream: int = 0) -> bytes:
+    """Serialise one message (raw kinds: of exec `stream`); raises ProtocolError if it would exceed MAX_PAYLOAD
+    or break its schema."""
     if kind in RAW_KINDS:
         if not isinstance(body, bytes | bytearray):
             raise ProtocolError(f"{kind.name} carries raw bytes, not {type(body).__name__}")
+        if not 1 <= stream <= MAX_EXEC_ID:
+            raise ProtocolError(f"{kind.name}: exec id {stream} is not in 1..{MAX_EXEC_ID}")
         payload = bytes(body)
     else:
+        stream = 0
         if not isinstance(body, dict):
             raise ProtocolError(f"{kind.name} carries a JSON object, not {type(body).__name__}")
         check(kind, body)
         payload = json_dumps(body).encode()
     if len(payload) > MAX_PAYLOAD:
         raise ProtocolError(f"{kind.name} payload is {len(payload)} bytes, over the {MAX_PAYLOAD}-byte limit")
-    return HEADER.pack(MAGIC, VERSION, kind, 0, len(payload)) + payload
+    return HEADER.pack(MAGIC, VERSION, kind, stream, len(payload)) + payload
 
 
-def encode_output(kind: MessageKind, data: bytes) -> Iterator[bytes]:
-    """STDOUT/STDERR data split into frames of at most CHUNK bytes."""
+def encode_output(kind: MessageKind, data: bytes, stream: int) -> Iterator[bytes]:
+    """STDOUT/STDERR/STDIN data of exec `stream` split into frames of at most CHUNK bytes."""
     for start in range(0, len(data), CHUNK):
-        yield encode(kind, data[start:start + CHUNK])
+        yield encode(kind, data[start:start + CHUNK], stream)
 
 
 def check(kind: MessageKind, body: dict[str, Any]) -> None:
@@ -225,15 +245,23 @@ def check(kind: MessageKind, body: dict[str, Any]) -> None:
     unknown = set(body) - set(schema)
     if unknown:
         raise ProtocolError(f"{kind.name}: unknown field(s) {', '.join(sorted(unknown))}")
-    if kind is Kind.RUN:
+    if "id" in schema and "id" in body and not 1 <= body["id"] <= MAX_EXEC_ID:
+        raise ProtocolError(f"{kind.name}: exec id {body['id']} is not in 1..{MAX_EXEC_ID}")
+    if kind is Kind.EXEC:
         argv = body["argv"]
         if not argv or not all(_is_text(a) for a in argv):
-            raise ProtocolError("RUN: argv must be a non-empty list of UTF-8 strings without NUL")
+            raise ProtocolError("EXEC: argv must be a non-empty list of UTF-8 strings without NUL")
         env = body.get("env", {})
         if not all(_is_text(k) and _is_text(v) and k and "=" not in k for k, v in env.items()):
-            raise ProtocolError("RUN: env must map NAME to value strings (UTF-8, no '=' in NAME, no NUL)")
+            raise ProtocolError("EXEC: env must map NAME to value strings (UTF-8, no '=' in NAME, no NUL)")
         if not _is_text(body.get("cwd", "/")):
-            raise ProtocolError("RUN: cwd must be a UTF-8 string without NUL")
+            raise ProtocolError("EXEC: cwd must be a UTF-8 string without NUL")
+        if not 0 <= body.get("uid", 0) < 1 << 31:
+            raise ProtocolError("EXEC: uid must be in 0..2^31-1")
+        if not 0 < body.get("timeout", 1) < 1e9:
+            raise ProtocolError("EXEC: timeout must be a positive number of seconds")
+    elif kind is Kind.KILL and not 1 <= body["signal"] <= 64:
+        raise ProtocolError("KILL: signal must be in 1..64")
     elif kind is Kind.DUMPED:
         blocked = body["blocked"]
         if len(blocked) > MAX_BLOCKED or not all(_is_task(t) for t in blocked):
@@ -290,7 +318,7 @@ class Decoder:
             if buf and not MAGIC.startswith(bytes(buf[:len(MAGIC)])):
                 return self._resync("bad magic")
             return None
-        magic, version, kind, reserved, length = HEADER.unpack_from(buf)
+        magic, version, kind, stream, length = HEADER.unpack_from(buf)
         if magic != MAGIC:
             return self._resync("bad magic")
         if version != VERSION:
@@ -301,14 +329,16 @@ class Decoder:
             return None
         payload = bytes(buf[HEADER.size:HEADER.size + length])
         del buf[:HEADER.size + length]
-        if reserved != 0:
-            return ProtocolError(f"reserved header field is {reserved}, not 0")
         try:
             kind_ = Kind.from_wire(kind)
         except ValueError:
             return ProtocolError(f"unknown message kind {kind}")
         if kind_ in RAW_KINDS:
-            return Frame(kind_, payload)
+            if stream == 0:
+                return ProtocolError(f"{kind_.name} without an exec id")
+            return Frame(kind_, payload, stream=stream)
+        if stream != 0:
+            return ProtocolError(f"{kind_.name} carries stream {stream}; JSON frames carry 0")
         try:
             body = json_loads(payload.decode())
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:

@@ -1,7 +1,12 @@
-"""The Python SDK: `Sandbox(memory_mib=256).run(["echo", "hi"])`.
+"""The Python SDK: `Sandbox(memory_mib=256).run(["echo", "hi"])`, or a sandbox that stays up:
+
+    with Sandbox(memory_mib=256).start() as live:
+        live.exec(["echo", "hi"])
+        live.exec(["cat"], stdin=b"data")
 
 Layers merge like the CLI's: the config file < the SDK's arguments and `with_*` calls. A Sandbox is an
-immutable description; every `run()` boots a fresh VM and tears it down.
+immutable description; every `run()` boots a fresh VM and tears it down; `start()` boots one and returns a
+LiveSandbox handle whose `exec()` may be called many times, from several threads at once.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from memvisor import config, policy
 from memvisor.host.sandbox import Instance, OutputFn, RunResult
 from memvisor.image import build
 
-__all__ = ["RunResult", "Sandbox"]
+__all__ = ["LiveSandbox", "RunResult", "Sandbox"]
 
 
 class Sandbox:
@@ -79,7 +84,50 @@ class Sandbox:
         with Instance(self.policy, image, kernel_args=kernel_args) as vm:
             return vm.run(list(argv), env=dict(env or {}), on_stdout=stdout, on_stderr=stderr)
 
+    def start(self, kernel_args: tuple[str, ...] = ()) -> LiveSandbox:
+        """Boot the sandbox and wait for its agent; the handle runs commands until `stop()` (or the end of a
+        `with` block). Raises MemvisorError if it cannot start."""
+        vm = Instance(self.policy, build.ensure(), kernel_args=kernel_args)
+        try:
+            vm.start()
+            vm.wait_ready()
+        except BaseException:
+            vm.close()
+            raise
+        return LiveSandbox(vm)
+
     def __repr__(self) -> str:
         fields = {f.name: getattr(self.policy, f.name) for f in dataclasses.fields(self.policy)
                   if f.name != "sources" and getattr(self.policy, f.name) != getattr(policy.DEFAULT, f.name)}
         return f"Sandbox({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
+
+
+class LiveSandbox:
+    """A running sandbox (from `Sandbox.start()`): run commands in it, then stop it."""
+
+    def __init__(self, vm: Instance) -> None:
+        self._vm = vm
+        self.id = vm.id
+
+    def exec(self, argv: list[str], *, env: Mapping[str, str] | None = None, cwd: str | None = None,
+             root: bool = False, stdin: bytes | None = None, timeout: float | None = None,
+             stdout: OutputFn | None = None, stderr: OutputFn | None = None) -> RunResult:
+        """Run one command and wait for it; its output goes to the callbacks if given, else into the result.
+        `timeout`: kill it after that many seconds (exit 124, `timed_out`)."""
+        return self._vm.exec(list(argv), env=dict(env or {}), cwd=cwd, uid=0 if root else None, stdin=stdin,
+                             timeout=timeout, on_stdout=stdout, on_stderr=stderr)
+
+    def stop(self) -> None:
+        """Power the guest off and release everything (safe to call twice)."""
+        if self._vm.process is not None and self._vm.process.poll() is None:
+            self._vm.shutdown()
+        self._vm.close()
+
+    def __enter__(self) -> LiveSandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"LiveSandbox({self.id})"

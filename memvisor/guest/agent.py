@@ -1,4 +1,10 @@
-"""The guest agent: waits for the host's RUN, runs the workload, streams its output, reports how it ended.
+"""The guest agent: serves the host's commands for the life of the sandbox, many at once.
+
+Each EXEC names its command by an exec id; the agent spawns it (argv, env, cwd, uid, stdin pipe or /dev/null,
+its own session), streams its stdout/stderr under that id, feeds it the STDIN frames the host sends, kills its
+process group on KILL or when its timeout passes, and reports EXIT with how it ended. One poll loop, no threads:
+while nothing runs it sleeps in poll(2) and wakes only for the host or the periodic STATS, so an idle sandbox
+costs the host next to nothing. SHUTDOWN kills what still runs and returns (PID 1 then powers off).
 
 Every frame from the host is validated; a bad one gets an ERROR reply and a console line, never a crash. Guest
 only, stdlib only, and cheap to import (see proto.py on why no selectors/subprocess/pathlib).
@@ -21,7 +27,9 @@ if TYPE_CHECKING:
 
 PORTS = "/sys/class/virtio-ports"
 DRAIN_GRACE = 1.0  # seconds to keep reading output held open by the workload's orphans after it exits
-STATS_INTERVAL = 2.0  # seconds between STATS frames while the command runs
+STATS_INTERVAL = 2.0  # seconds between STATS frames while a command runs
+IDLE_STATS_INTERVAL = 10.0  # ... and while none runs (the host's supervisor still wants figures)
+STDIN_BUFFER = 1 << 20  # bytes of a command's stdin held in the guest before the host is told to wait
 BASE_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "LANG": "C.UTF-8",
@@ -58,12 +66,12 @@ class Channel:
                 raise OSError(f"virtio-serial port {name!r} did not appear")
             time.sleep(0.01)
 
-    def send(self, kind: proto.MessageKind, body: dict[str, Any] | bytes) -> None:
+    def send(self, kind: proto.MessageKind, body: dict[str, Any]) -> None:
         """Send one frame (blocking until the host has room)."""
         self._write(proto.encode(kind, body))
 
-    def send_output(self, kind: proto.MessageKind, data: bytes) -> None:
-        for frame in proto.encode_output(kind, data):
+    def send_output(self, kind: proto.MessageKind, data: bytes, exec_id: int) -> None:
+        for frame in proto.encode_output(kind, data, exec_id):
             self._write(frame)
 
     def _write(self, data: bytes) -> None:
@@ -85,20 +93,6 @@ class Channel:
         return frames
 
 
-def wait_for_run(channel: Channel) -> dict[str, Any]:
-    """Block until a valid RUN arrives; anything else gets an ERROR reply."""
-    while True:
-        frames = channel.read_frames()
-        if channel.eof:
-            time.sleep(0.05)  # nobody on the host end yet: poll gently
-        for frame in frames:
-            if frame.kind is proto.Kind.RUN and frame.body is not None:
-                return frame.body
-            if not answer(channel, frame):
-                channel.log(f"unexpected {frame.kind.name} from host while waiting for RUN")
-                channel.send(proto.Kind.ERROR, {"message": f"unexpected {frame.kind.name}; expected RUN"})
-
-
 def answer(channel: Channel, frame: proto.Frame) -> bool:
     """Answer the requests the host may make at any time (DUMP); False if `frame` is not one of them."""
     if frame.kind is not proto.Kind.DUMP or frame.body is None:
@@ -110,61 +104,217 @@ def answer(channel: Channel, frame: proto.Frame) -> bool:
     return True
 
 
+class Command:
+    """One running command: its child, the output streams still open, its stdin backlog and its deadline."""
+
+    def __init__(self, exec_id: int, child: spawn.Child, timeout: float | None) -> None:
+        self.id = exec_id
+        self.child = child
+        self.streams = {child.stdout: proto.Kind.STDOUT, child.stderr: proto.Kind.STDERR}
+        self.stdin = bytearray()
+        self.stdin_eof = False  # the host ended its input: close the pipe once the backlog is written
+        self.deadline = time.monotonic() + timeout if timeout else None
+        self.timed_out = False
+        self.exited_at: float | None = None
+
+    def done(self, now: float) -> bool:
+        """Exited, and its output drained (or DRAIN_GRACE passed: orphans may hold the pipes open)."""
+        return self.exited_at is not None and (not self.streams or now - self.exited_at >= DRAIN_GRACE)
+
+
+class Agent:
+    """The command server: one poll loop over the channel and every command's pipes and pidfd."""
+
+    def __init__(self, channel: Channel, uid: int, report: Callable[[], dict[str, Any]]) -> None:
+        self.channel = channel
+        self.uid = uid
+        self.report = report
+        self.commands: dict[int, Command] = {}
+        self.fds: dict[int, tuple[str, Command | None]] = {channel.fd: ("channel", None)}
+        self.poller = select.poll()
+        self.poller.register(channel.fd, select.POLLIN)
+        self.stopping = False
+
+    # -- the loop --------------------------------------------------------------------------------------------
+    def serve(self) -> None:
+        """Serve until SHUTDOWN."""
+        next_stats = time.monotonic()
+        while not self.stopping:
+            now = time.monotonic()
+            if now >= next_stats:
+                self.channel.send(proto.Kind.STATS, {"uptime": uptime(), **self.report()})
+                next_stats = now + (STATS_INTERVAL if self.commands else IDLE_STATS_INTERVAL)
+            wake = min([next_stats, *self._deadlines()])
+            for fd, events in self.poller.poll(max(0, int((wake - time.monotonic()) * 1000)) + 1):
+                self._event(fd, events)
+            self._reap(time.monotonic())
+        for command in list(self.commands.values()):
+            self._signal(command, 9)
+            self._close(command)
+            command.child.wait()
+
+    def _deadlines(self) -> list[float]:
+        out = []
+        for c in self.commands.values():
+            if c.deadline is not None and not c.timed_out:
+                out.append(c.deadline)
+            if c.exited_at is not None:
+                out.append(c.exited_at + DRAIN_GRACE)
+        return out
+
+    def _event(self, fd: int, events: int) -> None:
+        role, command = self.fds.get(fd, ("", None))
+        if role == "channel":
+            frames = self.channel.read_frames()
+            for frame in frames:
+                self._frame(frame)
+            if self.channel.eof:
+                time.sleep(0.05)  # nobody on the host end yet: poll gently
+        elif command is None:
+            return
+        elif role == "out":
+            data = os.read(fd, proto.CHUNK)
+            if data:
+                self.channel.send_output(command.streams[fd], data, command.id)
+            else:
+                self._forget(fd)
+                del command.streams[fd]
+                os.close(fd)
+        elif role == "pidfd":
+            self._forget(fd)
+            command.exited_at = time.monotonic()
+        elif role == "stdin":
+            self._write_stdin(command)
+
+    def _reap(self, now: float) -> None:
+        for command in list(self.commands.values()):
+            if command.deadline is not None and not command.timed_out and now >= command.deadline:
+                command.timed_out = True
+                self.channel.log(f"command {command.id} ran past its timeout: killing it")
+                self._signal(command, 9)
+            if command.done(now):
+                self._close(command)
+                status = command.child.wait()
+                sig = -status if status < 0 else None
+                self.channel.send(proto.Kind.EXIT, {"id": command.id, "code": None if sig else status,
+                                                    "signal": sig, "timed_out": command.timed_out,
+                                                    "uptime": uptime(), **self.report()})
+
+    # -- frames from the host --------------------------------------------------------------------------------
+    def _frame(self, frame: proto.Frame) -> None:
+        body = frame.body
+        if frame.kind is proto.Kind.EXEC and body is not None:
+            self._exec(body)
+        elif frame.kind is proto.Kind.STDIN:
+            command = self.commands.get(frame.stream)
+            if command is None or command.child.stdin is None or command.stdin_eof:
+                self._error(f"STDIN for exec {frame.stream}, which takes no more input", frame.stream)
+            elif not frame.data:
+                command.stdin_eof = True
+                self._write_stdin(command)
+            elif len(command.stdin) + len(frame.data) > STDIN_BUFFER:
+                self._error(f"exec {frame.stream}: stdin backlog over {STDIN_BUFFER} bytes; data dropped",
+                            frame.stream)
+            else:
+                command.stdin += frame.data
+                self._write_stdin(command)
+        elif frame.kind is proto.Kind.KILL and body is not None:
+            command = self.commands.get(body["id"])
+            if command is None:
+                self._error(f"KILL for exec {body['id']}, which is not running", body["id"])
+            else:
+                self._signal(command, body["signal"])
+        elif frame.kind is proto.Kind.SHUTDOWN:
+            self.channel.log("shutdown asked for")
+            self.stopping = True
+        elif not answer(self.channel, frame):
+            self.channel.log(f"unexpected {frame.kind.name} from host")
+            self._error(f"unexpected {frame.kind.name}", 0)
+
+    def _exec(self, body: dict[str, Any]) -> None:
+        exec_id = body["id"]
+        if exec_id in self.commands:
+            self._error(f"exec {exec_id} is already running", exec_id)
+            return
+        if len(self.commands) >= proto.MAX_EXECS:
+            self._error(f"{proto.MAX_EXECS} commands already run; exec {exec_id} refused", exec_id, exited=True)
+            return
+        uid = body.get("uid", self.uid)
+        home, user = ("/root", "root") if uid == 0 else ("/home/sandbox", "sandbox")
+        env = {**BASE_ENV, "HOME": home, "USER": user, "LOGNAME": user, "SHELL": "/bin/sh", **body.get("env", {})}
+        try:
+            child = spawn.spawn(body["argv"], env, body.get("cwd", home), uid, stdin=body.get("stdin", False))
+        except OSError as exc:
+            # The shell's conventions: 127 not found, 126 found but not runnable.
+            code = 127 if exc.errno == 2 else 126
+            self.channel.send_output(proto.Kind.STDERR, f"memvisor: {body['argv'][0]}: {exc.strerror}\n".encode(),
+                                     exec_id)
+            self.channel.send(proto.Kind.EXIT, {"id": exec_id, "code": code, "signal": None, "uptime": uptime(),
+                                                **self.report()})
+            return
+        command = Command(exec_id, child, body.get("timeout"))
+        self.commands[exec_id] = command
+        for fd in command.streams:
+            self._watch(fd, "out", command, select.POLLIN)
+        self._watch(child.pidfd, "pidfd", command, select.POLLIN)
+        self.channel.log(f"exec {exec_id}: a {len(body['argv'])}-word command as uid {uid}")
+        self.channel.send(proto.Kind.STARTED, {"id": exec_id, "pid": child.pid, "uptime": uptime()})
+
+    def _error(self, message: str, exec_id: int, exited: bool = False) -> None:
+        body: dict[str, Any] = {"message": message}
+        if exec_id:
+            body["id"] = exec_id
+        self.channel.send(proto.Kind.ERROR, body)
+        if exited:  # the command never started: end it for the host
+            self.channel.send(proto.Kind.EXIT, {"id": exec_id, "code": 125, "signal": None, "uptime": uptime()})
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+    def _watch(self, fd: int, role: str, command: Command, events: int) -> None:
+        self.fds[fd] = (role, command)
+        self.poller.register(fd, events)
+
+    def _forget(self, fd: int) -> None:
+        if self.fds.pop(fd, None) is not None:
+            self.poller.unregister(fd)
+
+    def _write_stdin(self, command: Command) -> None:
+        fd = command.child.stdin
+        if fd is None:
+            return
+        try:
+            while command.stdin:
+                del command.stdin[:os.write(fd, command.stdin)]
+        except BlockingIOError:
+            pass
+        except OSError:  # the command closed its stdin: drop the rest
+            command.stdin.clear()
+            command.stdin_eof = True
+        if command.stdin and fd not in self.fds:
+            self._watch(fd, "stdin", command, select.POLLOUT)
+        elif not command.stdin:
+            self._forget(fd)
+            if command.stdin_eof:
+                os.close(fd)
+                command.child.stdin = None
+
+    def _signal(self, command: Command, signo: int) -> None:
+        """Signal the command's whole process group (it runs in its own session)."""
+        try:
+            os.killpg(command.child.pid, signo)
+        except ProcessLookupError:
+            pass
+
+    def _close(self, command: Command) -> None:
+        """Stop watching a command and close its pipes (its pidfd is closed by Child.wait)."""
+        for fd in (*command.streams, command.child.stdin):
+            if fd is not None:
+                self._forget(fd)
+                os.close(fd)
+        command.streams.clear()
+        self._forget(command.child.pidfd)
+        del self.commands[command.id]
+
+
 def serve(channel: Channel, uid: int, report: Callable[[], dict[str, Any]]) -> None:
-    """Run one command for the host and report its end."""
-    run = wait_for_run(channel)
-    home, user = ("/root", "root") if uid == 0 else ("/home/sandbox", "sandbox")
-    env = {**BASE_ENV, "HOME": home, "USER": user, "LOGNAME": user, "SHELL": "/bin/sh", **run.get("env", {})}
-    channel.log(f"running a {len(run['argv'])}-word command as uid {uid}")
-    try:
-        child = spawn.spawn(run["argv"], env, run.get("cwd", home), uid)
-    except OSError as exc:
-        # The shell's conventions: 127 not found, 126 found but not runnable.
-        code = 127 if exc.errno == 2 else 126
-        channel.send(proto.Kind.STDERR, f"memvisor: {run['argv'][0]}: {exc.strerror}\n".encode())
-        channel.send(proto.Kind.EXIT, {"code": code, "signal": None, "uptime": uptime(), **report()})
-        return
-    channel.send(proto.Kind.STARTED, {"pid": child.pid, "uptime": uptime()})
-    status = pump(channel, child, lambda: {"uptime": uptime(), **report()})
-    sig = -status if status < 0 else None
-    channel.send(proto.Kind.EXIT, {"code": None if sig else status, "signal": sig, "uptime": uptime(), **report()})
-    channel.log(f"command ended: {f'signal {sig}' if sig else f'exit {status}'}")
-
-
-def pump(channel: Channel, child: spawn.Child, stats: Callable[[], dict[str, Any]]) -> int:
-    """Forward the child's stdout/stderr until they close (or DRAIN_GRACE after it exits), sending STATS every
-    STATS_INTERVAL; return the child's status."""
-    kinds = {child.stdout: proto.Kind.STDOUT, child.stderr: proto.Kind.STDERR}
-    poller = select.poll()
-    for fd in (*kinds, child.pidfd, channel.fd):
-        poller.register(fd, select.POLLIN)
-    exited_at: float | None = None
-    next_stats = time.monotonic()
-    try:
-        while kinds and (exited_at is None or time.monotonic() - exited_at < DRAIN_GRACE):
-            if time.monotonic() >= next_stats:
-                channel.send(proto.Kind.STATS, stats())
-                next_stats = time.monotonic() + STATS_INTERVAL
-            for fd, _ in poller.poll(200):
-                if fd == child.pidfd:
-                    poller.unregister(fd)
-                    exited_at = time.monotonic()
-                elif fd == channel.fd:
-                    for frame in channel.read_frames():
-                        if not answer(channel, frame):
-                            channel.send(proto.Kind.ERROR,
-                                         {"message": f"unexpected {frame.kind.name} while running"})
-                    if channel.eof:
-                        poller.unregister(fd)
-                elif fd in kinds:
-                    data = os.read(fd, proto.CHUNK)
-                    if data:
-                        channel.send_output(kinds[fd], data)
-                    else:
-                        poller.unregister(fd)
-                        os.close(fd)
-                        del kinds[fd]
-    finally:
-        for fd in kinds:
-            os.close(fd)
-    return child.wait()
+    """Serve the host's commands until it asks for a shutdown."""
+    Agent(channel, uid, report).serve()

@@ -16,11 +16,12 @@ import os
 class Child:
     """A started workload: its pid, a pidfd that polls readable when it exits, and its output pipes."""
 
-    def __init__(self, pid: int, stdout: int, stderr: int) -> None:
+    def __init__(self, pid: int, stdout: int, stderr: int, stdin: int | None = None) -> None:
         self.pid = pid
         self.pidfd = os.pidfd_open(pid)
         self.stdout = stdout
         self.stderr = stderr
+        self.stdin = stdin  # the write end of its stdin pipe, or None (stdin is /dev/null)
 
     def wait(self) -> int:
         """Reap it: its exit code, or -signo if a signal killed it (subprocess's convention)."""
@@ -45,11 +46,13 @@ def _exec_path(argv: list[str], env: dict[str, str]) -> None:
     raise first or FileNotFoundError(2, "command not found", argv[0])
 
 
-def spawn(argv: list[str], env: dict[str, str], cwd: str, uid: int) -> Child:
-    """fork + exec `argv` as `uid` (gid = uid, no supplementary groups) in a new session, stdin /dev/null.
+def spawn(argv: list[str], env: dict[str, str], cwd: str, uid: int, stdin: bool = False) -> Child:
+    """fork + exec `argv` as `uid` (gid = uid, no supplementary groups) in a new session; stdin a pipe (`stdin`)
+    or /dev/null.
 
     Raises OSError (with the errno exec or chdir failed with) if the program cannot be started.
     """
+    in_r, in_w = os.pipe2(os.O_CLOEXEC) if stdin else (-1, -1)
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
@@ -57,8 +60,7 @@ def spawn(argv: list[str], env: dict[str, str], cwd: str, uid: int) -> Child:
     if pid == 0:  # child: only async-signal-safe-ish work, and never return into the init
         try:
             os.setsid()
-            null = os.open("/dev/null", os.O_RDONLY)
-            os.dup2(null, 0)
+            os.dup2(in_r if stdin else os.open("/dev/null", os.O_RDONLY), 0)
             os.dup2(out_w, 1)
             os.dup2(err_w, 2)
             # PID 1's Python ignores SIGPIPE; a workload expects the default.
@@ -77,15 +79,17 @@ def spawn(argv: list[str], env: dict[str, str], cwd: str, uid: int) -> Child:
             os.write(status_w, f"{errno}:{exc!r}".encode(errors="replace")[:512])
         finally:
             os._exit(127)
-    for fd in (out_w, err_w, status_w):
+    for fd in (out_w, err_w, status_w, *((in_r,) if stdin else ())):
         os.close(fd)
     failure = os.read(status_r, 512)
     os.close(status_r)
     if failure:
         os.waitpid(pid, 0)
-        os.close(out_r)
-        os.close(err_r)
+        for fd in (out_r, err_r, *((in_w,) if stdin else ())):
+            os.close(fd)
         errno_text, _, detail = failure.decode(errors="replace").partition(":")
         errno = int(errno_text) if errno_text.isdigit() else 0
         raise OSError(errno, os.strerror(errno) if errno else f"cannot start the program: {detail}", argv[0])
-    return Child(pid, out_r, err_r)
+    if stdin:
+        os.set_blocking(in_w, False)
+    return Child(pid, out_r, err_r, in_w if stdin else None)

@@ -15,6 +15,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -95,8 +96,30 @@ def read_state(path: Path) -> SandboxState | None:
         return None
 
 
+def sweep_socket() -> bool:
+    """Remove the daemon's unix socket if no daemon answers on it (a SIGKILLed `memvisor serve` leaves it);
+    True if it was removed."""
+    path = paths.service_socket()
+    if not path.is_socket():
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+        return False
+    except ConnectionRefusedError:
+        path.unlink(missing_ok=True)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
 def sweep() -> list[str]:
-    """Remove runtime directories whose owner is gone, killing a VMM left behind; return the ids removed."""
+    """Remove runtime directories whose owner is gone, killing a VMM left behind, and a dead daemon's socket;
+    return the ids removed."""
+    if sweep_socket():
+        log.warning("removed the socket of a memvisor daemon that is gone: %s", paths.service_socket())
     root = paths.runtime_root()
     removed: list[str] = []
     if not root.is_dir():

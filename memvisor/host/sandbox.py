@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import os
-import selectors
 import shutil
 import signal
 import socket
@@ -21,13 +20,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from memvisor import policy as pol
 from memvisor import proto
 from memvisor.errors import GuestError, MemvisorError
 from memvisor.host import ksm, launch, report, runtime, stall, stats, swapfile
 from memvisor.host.channel import HostChannel
+from memvisor.host.session import Session
 from memvisor.host.stall import Stall
 from memvisor.host.vmm import Disk, VMMBackend, VMSpec, backend
 from memvisor.host.vmm.qmp import QMP
@@ -39,6 +39,7 @@ POWEROFF_TIMEOUT_S = 10.0
 CONSOLE_TAIL_LINES = 25
 # A --debug guest: kernel messages on the console, and hung-task reports after 10 s instead of 120 s.
 DEBUG_KERNEL_ARGS = ("loglevel=7", "sysctl.kernel.hung_task_timeout_secs=10")
+EXEC_GRACE_S = 10.0  # past an exec's timeout, how long the host waits for the guest's own report
 TIMEOUT_EXIT = 124  # like timeout(1)
 
 OutputFn = Callable[[bytes], None]
@@ -93,6 +94,8 @@ class Instance:
         self._ksm: bool | None = None
         self.spawned_at = 0.0
         self.last_stats: dict[str, Any] = {}
+        self.session: Session | None = None
+        self._hello_seen = False
         self.failed = False  # keep the console log at teardown
         self.kept_log: Path | None = None  # where that log was kept
 
@@ -178,6 +181,10 @@ class Instance:
         self.process = launch.spawn_vmm(self.argv, pass_fds=tuple(s.fileno() for s in self._vmm_socks),
                                         log=self.dir / "vmm.log", ksm=self.ksm_in_effect())
         self._stack.callback(self._stop_vmm)
+        assert self.channel is not None
+        self.session = Session(self.channel, self.process.pid, on_stats=self._store_guest_stats,
+                               on_fatal=lambda _message: None)
+        self._stack.callback(self.session.close)
         for sock in self._vmm_socks:  # the VMM has its copies now
             sock.close()
         self.state.vmm_pid = self.process.pid
@@ -200,107 +207,135 @@ class Instance:
         self._stack.close()
 
     # -- running a command ---------------------------------------------------------------------------------
+    def wait_ready(self, deadline: float = float("inf")) -> dict[str, Any] | None:
+        """Wait until the guest's agent is up (its HELLO); return the HELLO, or None if `deadline` (monotonic)
+        passed first. Raises GuestError if the guest failed to set up, died, or took BOOT_TIMEOUT_S."""
+        assert self.session is not None
+        limit = min(deadline, self.spawned_at + BOOT_TIMEOUT_S)
+        self.session.ready.wait(max(0.0, limit - time.monotonic()))
+        if self.session.fatal is not None:
+            self.failed = True
+            # Set-up errors are already one clear line; an init crash shows the console too.
+            crash = self.session.fatal.startswith("guest init failed")
+            raise GuestError(f"the sandbox failed to start: {self.session.fatal}",
+                             console_tail=self.console_tail() if crash else "")
+        if self.session.hello is None:
+            if self.session.gone.is_set():
+                self._raise_death()
+            if time.monotonic() >= deadline:
+                return None
+            self.failed = True
+            raise GuestError(f"the guest did not report ready within {BOOT_TIMEOUT_S:.0f} s",
+                             console_tail=self.console_tail())
+        if not self._hello_seen:
+            self._hello_seen = True
+            hello = self.session.hello
+            if hello["version"] != proto.VERSION:
+                raise GuestError(f"the guest speaks protocol {hello['version']}, the host {proto.VERSION}",
+                                 hint="rebuild the image")
+            self._swap_ready(hello.get("swap") or {})
+        return self.session.hello
+
+    def exec(self, argv: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
+             uid: int | None = None, stdin: bytes | None = None, timeout: float | None = None,
+             on_stdout: OutputFn | None = None, on_stderr: OutputFn | None = None) -> RunResult:
+        """Run one command in the running sandbox and wait for its end; other commands may run at the same
+        time (from other threads). `stdin`: bytes fed to it, then end of input (None: /dev/null). `timeout`:
+        the guest kills the command's process group after that many seconds (exit 124, `timed_out`); the host
+        gives up EXEC_GRACE_S later if the guest never reports. Output goes to the callbacks, or is collected
+        in the result."""
+        assert self.session is not None
+        self.wait_ready()
+        out, err = bytearray(), bytearray()
+        command = self.session.begin(argv, env=env, cwd=cwd, uid=uid, stdin=stdin is not None, timeout=timeout,
+                                     on_stdout=on_stdout or out.extend, on_stderr=on_stderr or err.extend)
+        try:
+            if stdin is not None:
+                self.session.write_stdin(command, stdin)
+                if stdin:
+                    self.session.write_stdin(command, b"")
+            limit = time.monotonic() + timeout + EXEC_GRACE_S if timeout else float("inf")
+            while not command.done.wait(min(1.0, max(0.0, limit - time.monotonic()))):
+                if time.monotonic() >= limit:
+                    self.session.kill(command)
+                    return RunResult(TIMEOUT_EXIT, None, None, True, bytes(out), bytes(err))
+            if command.exit is None:
+                self._raise_death()
+            return self._exit_result(command.exit, bytes(out), bytes(err))
+        finally:
+            self.session.finish(command)
+
+    def shutdown(self) -> None:
+        """Ask the guest to power off (killing what still runs) and wait for the VMM to exit; teardown kills
+        it if it does not."""
+        assert self.session is not None and self.process is not None
+        with contextlib.suppress(OSError):
+            self.session.send(proto.Kind.SHUTDOWN, {})
+        self._wait_poweroff()
+
     def run(self, argv: list[str], *, env: dict[str, str] | None = None, on_stdout: OutputFn | None = None,
             on_stderr: OutputFn | None = None, on_phase: Callable[[str], None] | None = None) -> RunResult:
-        """Run `argv` in the guest, streaming its output to the callbacks (or collecting it in the result)."""
-        assert self.process is not None and self.channel is not None
+        """The one-shot life of `memvisor run`: wait for the guest, run `argv`, power off. The policy's timeout
+        counts from the VMM's start, boot included; when it passes, the guest is asked for a diagnostic dump
+        and the result says `timed_out` (exit 124)."""
+        assert self.process is not None and self.session is not None
         out, err = bytearray(), bytearray()
         emit_out = on_stdout or out.extend
         emit_err = on_stderr or err.extend
         phase = on_phase or (lambda _p: None)
         timeout = self.policy.timeout
         deadline = self.spawned_at + timeout if timeout else float("inf")
-        boot_deadline = self.spawned_at + BOOT_TIMEOUT_S
-        hello: dict[str, Any] | None = None
-        started: dict[str, Any] | None = None
-        exit_body: dict[str, Any] | None = None
         marks: dict[str, float] = {}
-
-        sel = selectors.DefaultSelector()
-        pidfd = os.pidfd_open(self.process.pid)
-        sel.register(self.channel.sock, selectors.EVENT_READ, "channel")
-        sel.register(pidfd, selectors.EVENT_READ, "vmm")
         phase("booting")
+        hello = self.wait_ready(deadline)
+        if hello is None:
+            diagnosis = self._diagnose(f"--timeout of {timeout:g} s passed", ready=False)
+            return self._timed_out(bytes(out), bytes(err), marks, None, None, diagnosis)
+        marks["hello"] = self.session.hello_at
+        phase("running")
+        command = self.session.begin(argv, env=env, on_stdout=emit_out, on_stderr=emit_err)
         try:
-            while exit_body is None:
-                now = time.monotonic()
-                limit = min(deadline, boot_deadline if hello is None else float("inf"))
-                if now >= limit:
-                    if now >= deadline:
-                        diagnosis = self._diagnose(f"--timeout of {timeout:g} s passed", sel, emit_out, emit_err,
-                                               ready=hello is not None)
-                        return self._timed_out(bytes(out), bytes(err), marks, hello, started, diagnosis)
-                    self.failed = True
-                    raise GuestError(f"the guest did not report ready within {BOOT_TIMEOUT_S:.0f} s",
-                                     console_tail=self.console_tail())
-                events = sel.select(timeout=min(limit - now, 1.0))
-                vmm_gone = any(key.data == "vmm" for key, _ in events)
-                for frame in self.channel.receive():
-                    if frame.kind is proto.Kind.HELLO and hello is None:
-                        assert frame.body is not None
-                        if frame.body["version"] != proto.VERSION:
-                            raise GuestError(f"the guest speaks protocol {frame.body['version']}, "
-                                             f"the host {proto.VERSION}", hint="rebuild the image")
-                        hello, marks["hello"] = frame.body, time.monotonic()
-                        self._swap_ready(hello.get("swap") or {})
-                        self.channel.send(proto.Kind.RUN, {"argv": argv, "env": env or {}})
-                        phase("running")
-                    elif frame.kind is proto.Kind.STARTED and hello is not None:
-                        started, marks["started"] = frame.body, time.monotonic()
-                    elif frame.kind is proto.Kind.STDOUT:
-                        emit_out(frame.data)
-                    elif frame.kind is proto.Kind.STDERR:
-                        emit_err(frame.data)
-                    elif frame.kind is proto.Kind.STATS:
-                        assert frame.body is not None
-                        self._store_guest_stats(frame.body)
-                    elif frame.kind is proto.Kind.EXIT and hello is not None:
-                        exit_body, marks["exit"] = frame.body, time.monotonic()
-                    elif frame.kind is proto.Kind.ERROR:
-                        assert frame.body is not None
-                        log.warning("guest reports: %s", frame.body["message"])
-                        if frame.body.get("fatal"):
-                            self.failed = True
-                            # Set-up errors are already one clear line; an init crash shows the console too.
-                            crash = frame.body["message"].startswith("guest init failed")
-                            raise GuestError(f"the sandbox failed to start: {frame.body['message']}",
-                                             console_tail=self.console_tail() if crash else "")
-                    else:
-                        self.channel.reject(f"unexpected {frame.kind.name} from the guest")
-                if exit_body is None and (vmm_gone or self.channel.closed):
-                    self.process.wait(timeout=POWEROFF_TIMEOUT_S)
-                    self.failed = True
-                    raise GuestError(self._death_message(), console_tail=self.console_tail())
+            while not command.done.wait(min(1.0, max(0.0, deadline - time.monotonic()))):
+                if time.monotonic() >= deadline:
+                    diagnosis = self._diagnose(f"--timeout of {timeout:g} s passed", ready=True)
+                    if command.started is not None:
+                        marks["started"] = command.started_at
+                    return self._timed_out(bytes(out), bytes(err), marks, hello, command.started, diagnosis)
+            if command.exit is None:
+                self._raise_death()
         finally:
-            sel.close()
-            os.close(pidfd)
+            self.session.finish(command)
+        if command.started is not None:
+            marks["started"] = command.started_at
+        marks["exit"] = command.ended_at
+        assert command.exit is not None
         phase("stopping")
-        self._wait_poweroff()
-        return self._result(exit_body, bytes(out), bytes(err), marks, hello, started)
+        self.shutdown()
+        result = self._exit_result(command.exit, bytes(out), bytes(err))
+        result.report = self._report(result, marks, hello, command.started, command.exit)
+        return result
 
-    def _diagnose(self, reason: str, sel: selectors.BaseSelector, emit_out: OutputFn, emit_err: OutputFn,
-                  ready: bool) -> Stall:
-        """Ask PID 1 for its diagnostic dump (if the agent is up) and wait up to DUMP_TIMEOUT_S for it, still
-        forwarding output and figures; then keep the console log. Never raises on what the guest does."""
-        assert self.channel is not None
+    def _raise_death(self) -> NoReturn:
+        """The VMM exited (or the channel closed) with work outstanding: say why, with the console."""
+        assert self.process is not None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=POWEROFF_TIMEOUT_S)
+        self.failed = True
+        raise GuestError(self._death_message(), console_tail=self.console_tail())
+
+    def _diagnose(self, reason: str, ready: bool) -> Stall:
+        """Have the guest kernel report its blocked tasks, ask PID 1 for its dump (if the agent is up) and wait
+        up to DUMP_TIMEOUT_S for it; then keep the console log. Never raises on what the guest does."""
+        assert self.session is not None
         self.failed = True
         kernel = stall.kernel_dump(self.qmp_path, self.console_log, restore_level=7 if self.debug else 4)
-        summary: dict[str, Any] | None = None
-        if ready and not self.channel.closed:
-            self.channel.send(proto.Kind.DUMP, {"reason": reason})
-            deadline = time.monotonic() + stall.DUMP_TIMEOUT_S
-            while summary is None and not self.channel.closed and time.monotonic() < deadline:
-                sel.select(timeout=min(deadline - time.monotonic(), 1.0))
-                for frame in self.channel.receive():
-                    if frame.kind is proto.Kind.DUMPED:
-                        summary = frame.body
-                    elif frame.kind is proto.Kind.STDOUT:
-                        emit_out(frame.data)
-                    elif frame.kind is proto.Kind.STDERR:
-                        emit_err(frame.data)
-                    elif frame.kind is proto.Kind.STATS:
-                        assert frame.body is not None
-                        self._store_guest_stats(frame.body)
+        if ready and not self.session.gone.is_set():
+            try:
+                self.session.send(proto.Kind.DUMP, {"reason": reason})
+                self.session.dump_done.wait(stall.DUMP_TIMEOUT_S)
+            except OSError as exc:
+                log.warning("could not ask the guest for its dump: %s", exc)
+        summary = self.session.dumped
         kept = self.keep_console()
         blocked = stall.parse_blocked(stall.read_end(self.console_log)) if kernel else []
         return Stall(blocked=blocked or (summary or {}).get("blocked", []), dumped=summary is not None,
@@ -351,13 +386,11 @@ class Instance:
         result.report["stall"] = diagnosis.to_json()
         return result
 
-    def _result(self, body: dict[str, Any], out: bytes, err: bytes, marks: dict[str, float],
-                hello: dict[str, Any] | None, started: dict[str, Any] | None) -> RunResult:
+    def _exit_result(self, body: dict[str, Any], out: bytes, err: bytes) -> RunResult:
         code, sig = body["code"], body["signal"]
-        exit_code = 128 + sig if sig else (code if code is not None else 255)
-        result = RunResult(exit_code, code, sig, False, out, err)
-        result.report = self._report(result, marks, hello, started, body)
-        return result
+        timed_out = bool(body.get("timed_out"))
+        exit_code = TIMEOUT_EXIT if timed_out else 128 + sig if sig else (code if code is not None else 255)
+        return RunResult(exit_code, code, sig, timed_out, out, err)
 
     def _report(self, result: RunResult, marks: dict[str, float], hello: dict[str, Any] | None,
                 started: dict[str, Any] | None, exit_body: dict[str, Any] | None) -> dict[str, Any]:

@@ -23,7 +23,7 @@ def receive_all(chan: HostChannel) -> list[proto.Frame]:
 def test_garbage_from_guest(garbage: bytes) -> None:
     host, guest = HostChannel.pair()
     try:
-        guest.sendall(garbage + proto.encode(proto.Kind.STDOUT, b"still-works"))
+        guest.sendall(garbage + proto.encode(proto.Kind.STDOUT, b"still-works", 1))
         frames = receive_all(host)
         assert any(f.kind is proto.Kind.STDOUT and f.data == b"still-works" for f in frames)
         if host.errors:
@@ -38,7 +38,7 @@ def test_garbage_from_guest(garbage: bytes) -> None:
 
 def test_peer_hangup_is_seen() -> None:
     host, guest = HostChannel.pair()
-    guest.sendall(proto.encode(proto.Kind.STDERR, b"bye"))
+    guest.sendall(proto.encode(proto.Kind.STDERR, b"bye", 1))
     guest.shutdown(socket.SHUT_RDWR)
     guest.close()
     frames = receive_all(host)

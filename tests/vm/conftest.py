@@ -40,6 +40,7 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("MEMVISOR_CONFIG", str(tmp_path / "no-config.toml"))
     monkeypatch.setenv("MEMVISOR_KEEP_CONSOLE", str(tmp_path / "consoles"))
     monkeypatch.setenv("MEMVISOR_LOG_DIR", str(tmp_path / "logs"))  # consoles of failed sandboxes
+    monkeypatch.setenv("MEMVISOR_SOCKET", str(tmp_path / "serve.sock"))  # a private daemon socket
     before = {p.pid for p in qemu_processes()}
     yield run_dir
     leftover = [p for p in qemu_processes() if p.pid not in before and str(run_dir) in " ".join(_cmdline(p))]

@@ -102,10 +102,10 @@ HOSTILE = [
     b"MVS",  # a torn magic
     proto.HEADER.pack(proto.MAGIC, 9, 2, 0, 0),  # unknown version
     proto.HEADER.pack(proto.MAGIC, proto.VERSION, 99, 0, 3) + b"abc",  # unknown kind
-    proto.HEADER.pack(proto.MAGIC, proto.VERSION, 2, 0, 8) + b"not json",  # RUN that is not JSON
-    proto.HEADER.pack(proto.MAGIC, proto.VERSION, 2, 0, 11) + b'{"argv": 5}',  # RUN with a bad argv
+    proto.HEADER.pack(proto.MAGIC, proto.VERSION, 2, 0, 8) + b"not json",  # EXEC that is not JSON
+    proto.HEADER.pack(proto.MAGIC, proto.VERSION, 2, 0, 11) + b'{"argv": 5}',  # EXEC with a bad argv
     proto.HEADER.pack(proto.MAGIC, proto.VERSION, 2, 0, proto.MAX_PAYLOAD + 1),  # oversize
-    proto.encode(proto.Kind.EXIT, {"code": 0, "signal": None, "uptime": 1}),  # valid, but host->guest nonsense
+    proto.encode(proto.Kind.EXIT, {"id": 1, "code": 0, "signal": None, "uptime": 1}),  # host->guest nonsense
     b"\xff" * 1000,
 ]
 
@@ -113,7 +113,7 @@ HOSTILE = [
 def test_malformed_frames_to_the_guest(image: Image, isolated: Path) -> None:
     with Instance(policy.merge(), image) as vm:
         assert vm.channel is not None
-        vm.channel.sendraw(b"".join(HOSTILE))  # buffered until the guest opens its port, read before RUN
+        vm.channel.sendraw(b"".join(HOSTILE))  # read by the agent before the EXEC
         result = vm.run(["echo", "still-alive"])
         console = vm.console_log.read_text()
     assert result.exit_code == 0 and result.stdout == b"still-alive\n"

@@ -1,0 +1,113 @@
+"""The daemon's commands: `memvisor serve`, and its clients `create`, `exec`, `stop` (thin: parse, call the
+service layer). `memvisor ps` lists the daemon's sandboxes with the others (they share the runtime root)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from memvisor import paths, policy
+
+Add = Callable[[argparse.ArgumentParser], None]
+
+
+def add_parsers(sub: Any, add_policy_flags: Add) -> None:
+    """The subcommands, on the top-level parser's subparsers."""
+    socket_help = f"the daemon's unix socket (default: $MEMVISOR_SOCKET or {paths.service_socket()})"
+    serve = sub.add_parser("serve", help="run the daemon that owns long-lived sandboxes (HTTP/JSON API)",
+                           description="Serve the API on a unix socket (mode 0660) and, with --listen, on a "
+                           "loopback TCP port that requires a bearer token. SIGTERM stops every sandbox.")
+    serve.add_argument("--socket", type=Path, help=socket_help)
+    serve.add_argument("--listen", metavar="127.0.0.1:PORT", help="also serve on this loopback address")
+    serve.add_argument("--openapi", action="store_true", help="print the API's OpenAPI document and exit")
+    serve.add_argument("--token-file", type=Path, help="bearer token for --listen (created, mode 0600, if missing;"
+                       " default: a random token printed nowhere: pass a file to use TCP)")
+
+    create = sub.add_parser("create", help="boot a long-lived sandbox in the daemon; prints its id")
+    add_policy_flags(create)
+    create.add_argument("--name", help="a name to address it by (a-z 0-9 _ . -)")
+    create.add_argument("--socket", type=Path, help=socket_help)
+    create.add_argument("--json", action="store_true", help="print the sandbox as JSON")
+
+    ex = sub.add_parser("exec", help="run a command in a daemon sandbox; exits with its exit code (as `run`)")
+    ex.add_argument("sandbox", help="id or name")
+    ex.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE")
+    ex.add_argument("--cwd", help="working directory in the guest")
+    ex.add_argument("--root", action="store_true", help="run as root in the guest")
+    ex.add_argument("--timeout", type=float, help="kill the command after this many seconds (exit 124)")
+    ex.add_argument("-i", "--stdin", action="store_true", help="feed this process's stdin to the command")
+    ex.add_argument("--socket", type=Path, help=socket_help)
+    ex.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+
+    stop = sub.add_parser("stop", help="stop a daemon sandbox and release its resources")
+    stop.add_argument("sandbox", help="id or name")
+    stop.add_argument("--socket", type=Path, help=socket_help)
+
+
+def cmd_serve(args: argparse.Namespace, _con: Any) -> int:
+    from memvisor.service import server
+
+    if args.openapi:
+        from memvisor.service.api import create_app
+
+        print(json.dumps(create_app(None).openapi(), indent=1, sort_keys=True))
+        return 0
+    server.serve(args.socket or paths.service_socket(), args.listen, args.token_file)
+    return 0
+
+
+def cmd_create(args: argparse.Namespace, _con: Any, policy_from_args: Callable[[argparse.Namespace], Any]) -> int:
+    from memvisor.service.client import Client
+
+    pol = policy_from_args(args)
+    with Client(args.socket or paths.service_socket()) as client:
+        info = client.create(policy.to_json(pol), args.name)
+    print(json.dumps(info) if args.json else info["id"])
+    return 0
+
+
+def cmd_exec(args: argparse.Namespace, _con: Any) -> int:
+    from memvisor.errors import MemvisorError
+    from memvisor.service.client import Client
+
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        raise MemvisorError("no command given", hint="usage: memvisor exec SANDBOX -- CMD [ARGS...]")
+    env = {}
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise MemvisorError(f"--env {item!r} is not NAME=VALUE")
+        env[name] = value
+    request: dict[str, Any] = {"argv": argv, "env": env, "cwd": args.cwd, "root": args.root, "timeout": args.timeout}
+    if args.stdin:
+        import base64
+
+        request["stdin"] = base64.b64encode(sys.stdin.buffer.read()).decode()
+    out, err = sys.stdout.buffer, sys.stderr.buffer
+
+    def write(stream: Any) -> Callable[[bytes], None]:
+        def emit(data: bytes) -> None:
+            stream.write(data)
+            stream.flush()
+        return emit
+
+    with Client(args.socket or paths.service_socket()) as client:
+        result = client.exec(args.sandbox, request, write(out), write(err))
+    if result.get("timed_out"):
+        print(f"memvisor: error: the command ran past its --timeout of {args.timeout:g} s and was killed",
+              file=sys.stderr)
+    return int(result["exit_code"])
+
+
+def cmd_stop(args: argparse.Namespace, _con: Any) -> int:
+    from memvisor.service.client import Client
+
+    with Client(args.socket or paths.service_socket()) as client:
+        info = client.stop(args.sandbox)
+    print(info["id"])
+    return 0

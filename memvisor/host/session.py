@@ -1,0 +1,182 @@
+"""The live conversation with one guest: a reader thread that dispatches the guest's frames, and commands.
+
+From the VMM's start to its end one thread reads the control channel (and watches the VMM's pidfd), so any
+number of callers can run commands in the sandbox at once, each waiting on its own Command. What the guest sends
+is checked by memvisor.proto first; a frame that names no running command, or arrives out of turn, is answered
+with an ERROR and counted, never trusted. Writes to the guest take a lock and a deadline; they never wait
+forever on a guest that does not read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import select
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from memvisor import proto
+from memvisor.host.channel import HostChannel
+
+log = logging.getLogger("memvisor")
+OutputFn = Callable[[bytes], None]
+TICK_S = 1.0
+
+
+@dataclass
+class Command:
+    """One command in the guest, as the host sees it."""
+
+    id: int
+    argv: list[str]
+    on_stdout: OutputFn
+    on_stderr: OutputFn
+    started: dict[str, Any] | None = None
+    exit: dict[str, Any] | None = None
+    errors: list[str] = field(default_factory=list)
+    started_at: float = 0.0
+    ended_at: float = 0.0
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class Session:
+    """The channel's reader thread and the commands in flight."""
+
+    def __init__(self, channel: HostChannel, vmm_pid: int, on_stats: Callable[[dict[str, Any]], None],
+                 on_fatal: Callable[[str], None]) -> None:
+        self.channel = channel
+        self.vmm_pidfd = os.pidfd_open(vmm_pid)
+        self.on_stats = on_stats
+        self.on_fatal = on_fatal
+        self.hello: dict[str, Any] | None = None
+        self.hello_at = 0.0
+        self.ready = threading.Event()  # HELLO arrived
+        self.gone = threading.Event()  # the VMM exited or the channel closed
+        self.dumped: dict[str, Any] | None = None
+        self.dump_done = threading.Event()
+        self.fatal: str | None = None
+        self.commands: dict[int, Command] = {}
+        self._ids = itertools.cycle(range(1, proto.MAX_EXEC_ID + 1))
+        self._lock = threading.Lock()  # commands and ids
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read_loop, name="memvisor-channel", daemon=True)
+        self._thread.start()
+
+    # -- sending ---------------------------------------------------------------------------------------------
+    def send(self, kind: proto.MessageKind, body: dict[str, Any] | bytes, stream: int = 0) -> None:
+        """Send one frame; TimeoutError if the guest takes nothing for channel.SEND_TIMEOUT_S."""
+        self.channel.send(kind, body, stream)
+
+    def begin(self, argv: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
+              uid: int | None = None, stdin: bool = False, timeout: float | None = None,
+              on_stdout: OutputFn, on_stderr: OutputFn) -> Command:
+        """Start a command (EXEC); returns at once. Raises RuntimeError if the guest already runs
+        proto.MAX_EXECS of them."""
+        with self._lock:
+            if len(self.commands) >= proto.MAX_EXECS:
+                raise RuntimeError(f"{proto.MAX_EXECS} commands already run in this sandbox")
+            exec_id = next(i for i in self._ids if i not in self.commands)
+            command = Command(exec_id, argv, on_stdout, on_stderr, started_at=time.monotonic())
+            self.commands[exec_id] = command
+        body: dict[str, Any] = {"id": exec_id, "argv": argv, "env": env or {}}
+        if cwd is not None:
+            body["cwd"] = cwd
+        if uid is not None:
+            body["uid"] = uid
+        if stdin:
+            body["stdin"] = True
+        if timeout:
+            body["timeout"] = float(timeout)
+        self.send(proto.Kind.EXEC, body)
+        return command
+
+    def write_stdin(self, command: Command, data: bytes) -> None:
+        """Feed the command's stdin (in CHUNK-sized frames); empty `data` ends it."""
+        if not data:
+            self.send(proto.Kind.STDIN, b"", command.id)
+        for start in range(0, len(data), proto.CHUNK):
+            self.send(proto.Kind.STDIN, data[start:start + proto.CHUNK], command.id)
+
+    def kill(self, command: Command, signo: int = 9) -> None:
+        """Signal the command's process group."""
+        self.send(proto.Kind.KILL, {"id": command.id, "signal": signo})
+
+    def finish(self, command: Command) -> None:
+        """Forget a command that ended (or was given up on)."""
+        with self._lock:
+            self.commands.pop(command.id, None)
+
+    def close(self) -> None:
+        """Stop the reader thread (the channel itself is closed by its owner)."""
+        self._stop.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5)
+        with contextlib.suppress(OSError):
+            os.close(self.vmm_pidfd)
+
+    # -- receiving -------------------------------------------------------------------------------------------
+    def _read_loop(self) -> None:
+        sock = self.channel.sock
+        try:
+            while not self._stop.is_set() and not self.gone.is_set():
+                readable, _, _ = select.select([sock.fileno(), self.vmm_pidfd], [], [], TICK_S)
+                for frame in self.channel.receive():
+                    self._dispatch(frame)
+                if self.vmm_pidfd in readable or self.channel.closed:
+                    self.gone.set()
+        except Exception:  # a bug here must not leave callers waiting forever
+            log.exception("the control channel's reader failed")
+            self.gone.set()
+        finally:
+            for command in list(self.commands.values()):
+                command.done.set()
+            self.ready.set()
+            self.dump_done.set()
+
+    def _dispatch(self, frame: proto.Frame) -> None:
+        kind, body = frame.kind, frame.body
+        if kind is proto.Kind.HELLO and body is not None and self.hello is None:
+            self.hello, self.hello_at = body, time.monotonic()
+            self.ready.set()
+        elif kind is proto.Kind.STATS and body is not None:
+            self.on_stats(body)
+        elif kind in (proto.Kind.STDOUT, proto.Kind.STDERR):
+            command = self.commands.get(frame.stream)
+            if command is None:
+                self.channel.reject(f"{kind.name} for exec {frame.stream}, which is not running")
+            elif kind is proto.Kind.STDOUT:
+                command.on_stdout(frame.data)
+            else:
+                command.on_stderr(frame.data)
+        elif kind in (proto.Kind.STARTED, proto.Kind.EXIT) and body is not None:
+            command = self.commands.get(body["id"])
+            if command is None or (kind is proto.Kind.STARTED and command.started is not None):
+                self.channel.reject(f"{kind.name} for exec {body['id']}, which is not running")
+            elif kind is proto.Kind.STARTED:
+                command.started = body
+            else:
+                command.exit, command.ended_at = body, time.monotonic()
+                command.done.set()
+        elif kind is proto.Kind.DUMPED and body is not None:
+            self.dumped = body
+            self.dump_done.set()
+        elif kind is proto.Kind.ERROR and body is not None:
+            self._guest_error(body)
+        else:
+            self.channel.reject(f"unexpected {kind.name} from the guest")
+
+    def _guest_error(self, body: dict[str, Any]) -> None:
+        message = body["message"]
+        command = self.commands.get(body.get("id", 0))
+        if command is not None:
+            command.errors.append(message)
+        log.warning("guest reports: %s", message)
+        if body.get("fatal"):
+            self.fatal = message
+            self.on_fatal(message)
+            self.ready.set()

@@ -1,0 +1,201 @@
+"""The daemon's HTTP/JSON API (FastAPI): typed request and response models, from which the OpenAPI document
+(docs/openapi.json, checked by a test against the running server) is generated.
+
+Every field is validated (unknown fields, wrong types and out-of-range values are 422 with the field named;
+bodies over MAX_BODY are 413); a sandbox is addressed by its id or name and a request can only reach the
+sandbox it names. Errors are JSON: {"detail": "one line", "hint": "what to do"}.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import queue
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Annotated, Any
+
+import psutil
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+
+from memvisor import __version__, proto
+from memvisor import policy as pol
+from memvisor.errors import GuestError, MemvisorError
+from memvisor.host import exporter, stats
+from memvisor.service.registry import Conflict, Entry, NotFound, Registry
+
+MAX_BODY = 1 << 20  # bytes of a request body (stdin included)
+MAX_ARGS = 4096
+Text = Annotated[str, Field(max_length=65536)]
+
+
+class Unavailable(MemvisorError):
+    """The daemon cannot take this request now (HTTP 503)."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CreateRequest(Strict):
+    """A sandbox to boot: its policy in the TOML/JSON nesting of `memvisor run --json`'s "policy" (one source of
+    truth: memvisor.policy.SETTINGS), and an optional name."""
+
+    name: str | None = Field(default=None, max_length=63)
+    policy: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+class SandboxInfo(Strict):
+    id: str
+    name: str
+    state: str
+    created: float
+    vmm_pid: int | None
+    summary: str
+    policy: dict[str, dict[str, Any]]
+    execs: int
+
+
+class ExecRequest(Strict):
+    """A command to run in the sandbox. The response streams NDJSON lines: {"stdout": base64}, {"stderr": base64},
+    then one {"exit": {...}} (exit_code as `memvisor run` exits, code, signal, timed_out)."""
+
+    argv: list[Text] = Field(min_length=1, max_length=MAX_ARGS)
+    env: dict[Text, Text] = Field(default_factory=dict, max_length=MAX_ARGS)
+    cwd: Text | None = None
+    root: bool = False
+    stdin: str | None = Field(default=None, description="base64 of the bytes fed to the command's stdin")
+    timeout: float | None = Field(default=None, gt=0, le=7 * 86400)
+
+
+class HostStatus(Strict):
+    sandboxes: int
+    committed_mib: int  # sum of the sandboxes' memory_mib
+    resident_bytes: int  # sum of their VMMs' RSS
+    memtotal_bytes: int
+    memavailable_bytes: int
+
+
+def info(entry: Entry) -> SandboxInfo:
+    process = entry.vm.process
+    return SandboxInfo(id=entry.id, name=entry.name, state=entry.state, created=entry.created,
+                       vmm_pid=process.pid if process else None, summary=entry.policy.summary(),
+                       policy=pol.to_json(entry.policy), execs=entry.execs)
+
+
+def create_app(registry: Registry | None, token: str | None = None) -> FastAPI:
+    """The API over `registry`; with `token`, every request must carry `Authorization: Bearer <token>` (the TCP
+    listener; the unix socket is guarded by its file mode). Without a registry the app only describes itself
+    (`memvisor serve --openapi`): every endpoint answers 503."""
+
+    def sandboxes() -> Registry:
+        if registry is None:
+            raise Unavailable("this API object describes the API only; it serves no sandboxes")
+        return registry
+
+    app = FastAPI(title="memvisor", version=__version__,
+                  description="Long-lived sandbox microVMs with a memory policy (memvisor serve).")
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        if token is not None and request.headers.get("authorization") != f"Bearer {token}":
+            return JSONResponse({"detail": "missing or wrong bearer token",
+                                 "hint": "send Authorization: Bearer <the daemon's token>"}, status_code=401)
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+            return JSONResponse({"detail": f"request body of {length} bytes is over the {MAX_BODY}-byte limit"},
+                                status_code=413)
+        if length is None and request.method in ("POST", "PUT", "PATCH"):
+            return JSONResponse({"detail": "a request body needs a Content-Length"}, status_code=411)
+        return await call_next(request)
+
+    @app.exception_handler(MemvisorError)
+    async def memvisor_error(_request: Request, exc: MemvisorError) -> JSONResponse:
+        status = 404 if isinstance(exc, NotFound) else 409 if isinstance(exc, Conflict) else \
+            503 if isinstance(exc, Unavailable) else 502 if isinstance(exc, GuestError) else 400
+        body = {"detail": exc.message, "hint": exc.hint}
+        if isinstance(exc, GuestError) and exc.console_tail:
+            body["console_tail"] = exc.console_tail
+        return JSONResponse(body, status_code=status)
+
+    @app.post("/v1/sandboxes", status_code=201, response_model=SandboxInfo)
+    def create(request: CreateRequest) -> SandboxInfo:
+        layer = pol.layer_from_mapping(request.policy, "request")
+        return info(sandboxes().create(pol.merge(("request", layer)), request.name))
+
+    @app.get("/v1/sandboxes", response_model=list[SandboxInfo])
+    def list_sandboxes() -> list[SandboxInfo]:
+        return [info(e) for e in sandboxes().list()]
+
+    @app.get("/v1/sandboxes/{key}", response_model=SandboxInfo)
+    def inspect(key: str) -> SandboxInfo:
+        return info(sandboxes().get(key))
+
+    @app.delete("/v1/sandboxes/{key}", response_model=SandboxInfo)
+    def stop(key: str) -> SandboxInfo:
+        return info(sandboxes().stop(key))
+
+    @app.post("/v1/sandboxes/{key}/exec")
+    def exec_(key: str, request: ExecRequest) -> StreamingResponse:
+        entry = sandboxes().get(key)
+        try:
+            stdin = base64.b64decode(request.stdin, validate=True) if request.stdin is not None else None
+        except ValueError:
+            raise MemvisorError("stdin is not valid base64") from None
+        return StreamingResponse(_stream(entry, request, stdin), media_type="application/x-ndjson")
+
+    @app.get("/v1/host", response_model=HostStatus)
+    def host() -> HostStatus:
+        entries = sandboxes().list()
+        rss = 0
+        for e in entries:
+            try:
+                rss += psutil.Process(e.vm.process.pid).memory_info().rss if e.vm.process else 0
+            except psutil.Error:
+                pass
+        figures = stats.host()
+        return HostStatus(sandboxes=len(entries), committed_mib=sum(e.policy.memory_mib for e in entries),
+                          resident_bytes=rss, memtotal_bytes=figures["memtotal_bytes"],
+                          memavailable_bytes=figures["memavailable_bytes"])
+
+    @app.get("/metrics", response_class=Response)
+    def metrics() -> Response:
+        metrics_registry = CollectorRegistry()
+        metrics_registry.register(exporter.StatsCollector())
+        return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _stream(entry: Entry, request: ExecRequest, stdin: bytes | None) -> Iterator[bytes]:
+    """Run the command on a worker thread and yield its output as it comes, then its exit."""
+    lines: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=256)  # bounded: a slow client slows the pump
+
+    def out(data: bytes) -> None:
+        lines.put({"stdout": base64.b64encode(data).decode()})
+
+    def err(data: bytes) -> None:
+        lines.put({"stderr": base64.b64encode(data).decode()})
+
+    def work() -> None:
+        try:
+            result = entry.vm.exec(list(request.argv), env=dict(request.env), cwd=request.cwd,
+                                   uid=0 if request.root else None, stdin=stdin, timeout=request.timeout,
+                                   on_stdout=out, on_stderr=err)
+            entry.execs += 1
+            lines.put({"exit": {"exit_code": result.exit_code, "code": result.code, "signal": result.signal,
+                                "timed_out": result.timed_out}})
+        except (MemvisorError, OSError, RuntimeError) as exc:
+            lines.put({"error": str(exc)})
+        finally:
+            lines.put(None)
+
+    threading.Thread(target=work, name=f"exec-{entry.id}", daemon=True).start()
+    while (item := lines.get()) is not None:
+        yield (json.dumps(item) + "\n").encode()
+
+
+assert proto.CHUNK * 2 < MAX_BODY  # a stdin body of MAX_BODY is a handful of frames

@@ -1,0 +1,123 @@
+"""Run the daemon: the API on a unix socket (mode 0660, bound here before uvicorn gets it, so it is never
+reachable with looser permissions) and, only when asked, on a loopback TCP port that requires a bearer token.
+
+On SIGTERM/SIGINT uvicorn stops accepting requests; then every sandbox is stopped and logged, the socket is
+removed, and the process exits. A SIGKILLed daemon takes its VMMs with it (PR_SET_PDEATHSIG); the next start
+sweeps what they left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import secrets
+import signal
+import socket
+from collections.abc import Generator
+from pathlib import Path
+
+import uvicorn
+
+from memvisor.errors import MemvisorError
+from memvisor.image import build
+from memvisor.service.api import create_app
+from memvisor.service.registry import Registry
+
+log = logging.getLogger("memvisor")
+SOCKET_MODE = 0o660
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signals to serve() (several servers share one process)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def bind_unix(path: Path) -> socket.socket:
+    """A listening unix socket at `path`, mode 0660 from the moment it exists; a stale socket is replaced, a
+    live one (another daemon) is an error."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    if path.exists():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+            raise MemvisorError(f"another memvisor daemon is listening on {path}",
+                                hint="stop it first, or pass --socket PATH")
+        except (ConnectionRefusedError, FileNotFoundError):
+            path.unlink(missing_ok=True)
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o777 & ~SOCKET_MODE)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    sock.listen(128)
+    return sock
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """`127.0.0.1:PORT` (loopback only: the token travels in clear)."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    try:
+        if not sep or not ipaddress.ip_address(host).is_loopback or not 0 < int(port) < 65536:
+            raise ValueError
+    except ValueError:
+        raise MemvisorError(f"--listen {text!r} is not a loopback ADDRESS:PORT",
+                            hint="e.g. --listen 127.0.0.1:7373; the API has no TLS") from None
+    return host, int(port)
+
+
+def token_from(path: Path | None) -> str:
+    """The bearer token: read from `path` (created with a fresh random token, mode 0600, if missing)."""
+    if path is None:
+        return secrets.token_urlsafe(32)
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+    token = path.read_text().strip()
+    if len(token) < 16:
+        raise MemvisorError(f"the token in {path} is shorter than 16 characters")
+    return token
+
+
+def serve(socket_path: Path, listen: str | None = None, token_file: Path | None = None) -> None:
+    """Serve until SIGTERM/SIGINT; then stop every sandbox."""
+    tcp = parse_listen(listen) if listen else None
+    token = token_from(token_file) if tcp else None
+    registry = Registry(build.ensure)
+    unix_sock = bind_unix(socket_path)
+    servers = [_Server(uvicorn.Config(create_app(registry), fd=unix_sock.fileno(), log_level="warning",
+                                             lifespan="off"))]
+    if tcp is not None:
+        servers.append(_Server(uvicorn.Config(create_app(registry, token), host=tcp[0], port=tcp[1],
+                                                     log_level="warning", lifespan="off")))
+    log.warning("memvisor serve: listening on %s%s", socket_path,
+                f" and http://{tcp[0]}:{tcp[1]} (bearer token required)" if tcp else "")
+
+    def stop(signo: int, _frame: object) -> None:
+        log.warning("memvisor serve: %s received, stopping", signal.Signals(signo).name)
+        for server in servers:
+            server.should_exit = True
+
+    async def main() -> None:
+        await asyncio.gather(*(s.serve() for s in servers))
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        asyncio.run(main())
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        registry.close()
+        unix_sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            socket_path.unlink()
