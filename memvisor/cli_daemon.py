@@ -23,6 +23,9 @@ def add_parsers(sub: Any, add_policy_flags: Add) -> None:
                            "loopback TCP port that requires a bearer token. SIGTERM stops every sandbox.")
     serve.add_argument("--socket", type=Path, help=socket_help)
     serve.add_argument("--listen", metavar="127.0.0.1:PORT", help="also serve on this loopback address")
+    serve.add_argument("--budget", default="80%", help="host memory the sandboxes may use, in MiB or as a share "
+                       "of MemTotal (default 80%%): admission reserves each sandbox's floor, the supervisor keeps "
+                       "the balloon targets inside it")
     serve.add_argument("--openapi", action="store_true", help="print the API's OpenAPI document and exit")
     serve.add_argument("--token-file", type=Path, help="bearer token for --listen (created, mode 0600, if missing;"
                        " default: a random token printed nowhere: pass a file to use TCP)")
@@ -56,7 +59,7 @@ def cmd_serve(args: argparse.Namespace, _con: Any) -> int:
 
         print(json.dumps(create_app(None).openapi(), indent=1, sort_keys=True))
         return 0
-    server.serve(args.socket or paths.service_socket(), args.listen, args.token_file)
+    server.serve(args.socket or paths.service_socket(), args.listen, args.token_file, args.budget)
     return 0
 
 

@@ -64,6 +64,7 @@ class Policy:
     """What a sandbox gets: its size, how it runs, and its memory policy. Immutable; build with `merge()`."""
 
     memory_mib: int = 256
+    memory_floor_mib: int | None = None
     cpus: int = 1
     timeout: float | None = None
     root: bool = False
@@ -78,6 +79,14 @@ class Policy:
     deflate_on_oom: bool = False
     # Not a setting: filled in by merge() so reports can tell where each value came from.
     sources: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
+
+    @property
+    def floor_mib(self) -> int:
+        """The guaranteed floor: the explicit one, else a quarter of the memory, at least 64 MiB (and never
+        above the memory itself)."""
+        if self.memory_floor_mib is not None:
+            return self.memory_floor_mib
+        return min(self.memory_mib, max(64, self.memory_mib // 4))
 
     @property
     def effective_swap_mode(self) -> SwapMode:
@@ -106,6 +115,9 @@ class Policy:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("memory_mib", "vm", "memory_mib", "--memory", int, "guest RAM in MiB", minimum=64, maximum=1 << 20),
+    Setting("memory_floor_mib", "vm", "floor_mib", "--memory-floor", int,
+            "guest RAM in MiB the daemon's supervisor never takes back (default: a quarter of --memory, at least "
+            "64 MiB); admission control reserves it", minimum=16, maximum=1 << 20, optional=True),
     Setting("cpus", "vm", "cpus", "--cpus", int, "number of vCPUs", minimum=1, maximum=64),
     Setting("timeout", "run", "timeout", "--timeout", float, "kill the sandbox after this many seconds",
             minimum=0.001, optional=True),
@@ -214,6 +226,9 @@ def validate(policy: Policy) -> None:
     """Reject values that make no sense together."""
     if policy.swap_mode not in (None, SwapMode.OFF) and policy.swap_size_mib == 0:
         raise PolicyError(f"--swap-mode {policy.swap_mode} needs a swap size", hint="add --swap-size MiB")
+    if policy.memory_floor_mib is not None and policy.memory_floor_mib > policy.memory_mib:
+        raise PolicyError(f"--memory-floor {policy.memory_floor_mib} MiB is above --memory {policy.memory_mib} MiB",
+                          hint="the floor is the part of the guest's memory it always keeps")
     if policy.swap_discard and policy.effective_swap_mode is SwapMode.OFF:
         raise PolicyError("--swap-discard needs disk swap", hint="add --swap-size MiB or drop --swap-discard")
     if policy.swap_discard and policy.effective_swap_mode is SwapMode.AUTHENTICATED:

@@ -120,6 +120,7 @@ SCHEMAS: dict[MessageKind, _Schema] = {
         "vmstat": ((dict,), False),
         "swaps": ((list,), False),
         "zram": ((dict,), False),
+        "psi": ((dict,), False),
     },
     Kind.ERROR: {"message": ((str,), True), "fatal": ((bool,), False), "id": ((int,), False)},
     Kind.STATS: {
@@ -128,6 +129,7 @@ SCHEMAS: dict[MessageKind, _Schema] = {
         "vmstat": ((dict,), False),
         "swaps": ((list,), False),
         "zram": ((dict,), False),
+        "psi": ((dict,), False),
     },
     Kind.DUMP: {"reason": ((str,), True)},
     Kind.KILL: {"id": ((int,), True), "signal": ((int,), True)},

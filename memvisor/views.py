@@ -17,7 +17,7 @@ def stats_table(snapshot: dict[str, Any]) -> Table:
     """One row per sandbox, then host totals in the caption."""
     table = Table(title="memvisor stats (MiB)", title_justify="left")
     for col in ("ID", "VMM PID", "guest RAM", "VMM RSS", "guest RAM RSS", "KSM merged", "KSM profit",
-                "balloon", "guest avail", "swap used", "zram x", "policy"):
+                "balloon", "target", "guest avail", "swap used", "zram x", "policy"):
         table.add_column(col, justify="left" if col in ("ID", "policy") else "right")
     for sb in snapshot["sandboxes"]:
         k = sb.get("ksm") or {}
@@ -26,7 +26,8 @@ def stats_table(snapshot: dict[str, Any]) -> Table:
         table.add_row(
             sb["id"], str(sb.get("vmm_pid") or "-"), str(sb.get("memory_mib", "-")), mib(sb.get("vmm_rss_bytes")),
             mib(sb.get("guest_ram_rss_bytes")), mib(k.get("merging_pages", 0) * 4096 if k else None),
-            mib(k.get("profit_bytes")), mib(sb.get("balloon_actual_bytes")), mib(g.get("memavailable_bytes")),
+            mib(k.get("profit_bytes")), mib(sb.get("balloon_actual_bytes")),
+            mib((sb.get("supervisor") or {}).get("target_bytes")), mib(g.get("memavailable_bytes")),
             mib(swap_used if g else None), str(g.get("zram_ratio", "-")), sb.get("summary", ""))
     host = snapshot["host"]
     ksm = host["ksm"]
@@ -34,6 +35,9 @@ def stats_table(snapshot: dict[str, Any]) -> Table:
                 if ksm.get("available") else "no KSM")
     table.caption = (f"host: {mib(host['memavailable_bytes'])} of {mib(host['memtotal_bytes'])} MiB available; "
                      f"{ksm_text}")
+    decisions = [f"{sb['id']}: {sb['supervisor']['reason']}" for sb in snapshot["sandboxes"] if sb.get("supervisor")]
+    if decisions:
+        table.caption += "\nsupervisor: " + "; ".join(printable(d) for d in decisions)
     return table
 
 

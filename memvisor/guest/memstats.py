@@ -43,6 +43,19 @@ def zram() -> dict[str, int]:
     return {"orig_data_size": fields[0], "compr_data_size": fields[1], "mem_used_total": fields[2]}
 
 
+def pressure() -> dict[str, float]:
+    """/proc/pressure/memory: the share of the last 10 s in which some (or all) tasks waited for memory, in %."""
+    out = {}
+    try:
+        with open("/proc/pressure/memory") as f:
+            for line in f:
+                kind, _, rest = line.partition(" ")
+                out[f"{kind}_avg10"] = float(rest.split()[0].partition("=")[2])
+    except (OSError, ValueError, IndexError):
+        return {}
+    return out
+
+
 def report() -> dict[str, Any]:
     """Everything the host gets in STATS and EXIT."""
     vmstat = {}
@@ -51,4 +64,4 @@ def report() -> dict[str, Any]:
             key, value = line.split()
             if key in ("pswpin", "pswpout"):
                 vmstat[key] = int(value)
-    return {"meminfo": meminfo(), "swaps": swaps(), "vmstat": vmstat, "zram": zram()}
+    return {"meminfo": meminfo(), "swaps": swaps(), "vmstat": vmstat, "zram": zram(), "psi": pressure()}

@@ -28,6 +28,9 @@ SANDBOX_GAUGES = (
     ("memvisor_guest_pswpin_pages", "Guest pages swapped in (vmstat pswpin)", ("guest", "pswpin")),
     ("memvisor_guest_pswpout_pages", "Guest pages swapped out (vmstat pswpout)", ("guest", "pswpout")),
     ("memvisor_guest_zram_ratio", "Guest zram compression ratio", ("guest", "zram_ratio")),
+    ("memvisor_supervisor_target_bytes", "The supervisor's balloon target for the guest",
+     ("supervisor", "target_bytes")),
+    ("memvisor_supervisor_floor_bytes", "The guest RAM the supervisor never takes back", ("supervisor", "floor_bytes")),
 )
 HOST_GAUGES = (
     ("memvisor_host_memtotal_bytes", "Host MemTotal", ("memtotal_bytes",)),

@@ -17,6 +17,7 @@ from memvisor.host import ksm, runtime
 from memvisor.host.vmm.qmp import QMP
 
 GUEST_STATS = "guest-stats.json"
+SUPERVISOR = "supervisor.json"  # the daemon's supervisor's latest decision (memvisor/service/supervisor.py)
 MIB = 2**20
 
 
@@ -76,6 +77,12 @@ def sandbox(state: runtime.SandboxState) -> dict[str, Any]:
         }
     if state.policy.get("balloon", {}).get("enable"):
         out["balloon_actual_bytes"] = balloon_bytes(Path(state.files.get("qmp", "")))
+    try:
+        decision = json.loads((Path(state.runtime_dir) / SUPERVISOR).read_text())
+        out["supervisor"] = {k: decision[k] for k in ("target_bytes", "floor_bytes", "max_bytes", "reason")}
+        out["supervisor"]["history"] = decision.get("history", [])[-5:]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
     guest_file = Path(state.runtime_dir) / GUEST_STATS
     try:
         guest = json.loads(guest_file.read_text())

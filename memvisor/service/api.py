@@ -26,6 +26,7 @@ from memvisor import policy as pol
 from memvisor.errors import GuestError, MemvisorError
 from memvisor.host import exporter, stats
 from memvisor.service.registry import Conflict, Entry, NotFound, Registry
+from memvisor.service.supervisor import AdmissionRefused
 
 MAX_BODY = 1 << 20  # bytes of a request body (stdin included)
 MAX_ARGS = 4096
@@ -57,6 +58,7 @@ class SandboxInfo(Strict):
     summary: str
     policy: dict[str, dict[str, Any]]
     execs: int
+    supervisor: dict[str, Any] | None = None  # balloon target, floor, the last decision and its reason
 
 
 class ExecRequest(Strict):
@@ -72,6 +74,9 @@ class ExecRequest(Strict):
 
 
 class HostStatus(Strict):
+    budget_bytes: int | None  # the supervisor's budget (None: no supervisor)
+    reserved_bytes: int  # the floors of the running sandboxes
+    targets_bytes: int  # the sum of their balloon targets
     sandboxes: int
     committed_mib: int  # sum of the sandboxes' memory_mib
     resident_bytes: int  # sum of their VMMs' RSS
@@ -79,11 +84,13 @@ class HostStatus(Strict):
     memavailable_bytes: int
 
 
-def info(entry: Entry) -> SandboxInfo:
+def info(entry: Entry, registry: Registry | None = None) -> SandboxInfo:
     process = entry.vm.process
+    control = registry.supervisor.controls.get(entry.id) if registry and registry.supervisor else None
     return SandboxInfo(id=entry.id, name=entry.name, state=entry.state, created=entry.created,
                        vmm_pid=process.pid if process else None, summary=entry.policy.summary(),
-                       policy=pol.to_json(entry.policy), execs=entry.execs)
+                       policy=pol.to_json(entry.policy), execs=entry.execs,
+                       supervisor=control.to_json() if control else None)
 
 
 def create_app(registry: Registry | None, token: str | None = None) -> FastAPI:
@@ -115,7 +122,7 @@ def create_app(registry: Registry | None, token: str | None = None) -> FastAPI:
     @app.exception_handler(MemvisorError)
     async def memvisor_error(_request: Request, exc: MemvisorError) -> JSONResponse:
         status = 404 if isinstance(exc, NotFound) else 409 if isinstance(exc, Conflict) else \
-            503 if isinstance(exc, Unavailable) else 502 if isinstance(exc, GuestError) else 400
+            503 if isinstance(exc, Unavailable | AdmissionRefused) else 502 if isinstance(exc, GuestError) else 400
         body = {"detail": exc.message, "hint": exc.hint}
         if isinstance(exc, GuestError) and exc.console_tail:
             body["console_tail"] = exc.console_tail
@@ -124,15 +131,17 @@ def create_app(registry: Registry | None, token: str | None = None) -> FastAPI:
     @app.post("/v1/sandboxes", status_code=201, response_model=SandboxInfo)
     def create(request: CreateRequest) -> SandboxInfo:
         layer = pol.layer_from_mapping(request.policy, "request")
-        return info(sandboxes().create(pol.merge(("request", layer)), request.name))
+        # The balloon's deflate-on-oom stays on under the daemon: the guest's last resort if squeezed too far.
+        daemon = {"deflate_on_oom": True} if layer.get("balloon", True) else {}
+        return info(sandboxes().create(pol.merge(("daemon", daemon), ("request", layer)), request.name), registry)
 
     @app.get("/v1/sandboxes", response_model=list[SandboxInfo])
     def list_sandboxes() -> list[SandboxInfo]:
-        return [info(e) for e in sandboxes().list()]
+        return [info(e, registry) for e in sandboxes().list()]
 
     @app.get("/v1/sandboxes/{key}", response_model=SandboxInfo)
     def inspect(key: str) -> SandboxInfo:
-        return info(sandboxes().get(key))
+        return info(sandboxes().get(key), registry)
 
     @app.delete("/v1/sandboxes/{key}", response_model=SandboxInfo)
     def stop(key: str) -> SandboxInfo:
@@ -157,7 +166,9 @@ def create_app(registry: Registry | None, token: str | None = None) -> FastAPI:
             except psutil.Error:
                 pass
         figures = stats.host()
-        return HostStatus(sandboxes=len(entries), committed_mib=sum(e.policy.memory_mib for e in entries),
+        sup = sandboxes().supervisor
+        status = sup.status() if sup else {"budget_bytes": None, "reserved_bytes": 0, "targets_bytes": 0}
+        return HostStatus(**status, sandboxes=len(entries), committed_mib=sum(e.policy.memory_mib for e in entries),
                           resident_bytes=rss, memtotal_bytes=figures["memtotal_bytes"],
                           memavailable_bytes=figures["memavailable_bytes"])
 

@@ -20,6 +20,7 @@ from memvisor.errors import MemvisorError
 from memvisor.host import runtime
 from memvisor.host.sandbox import Instance
 from memvisor.image.build import Image
+from memvisor.service.supervisor import Supervisor
 
 log = logging.getLogger("memvisor")
 NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
@@ -50,8 +51,9 @@ class Entry:
 class Registry:
     """Every sandbox of this daemon, by id."""
 
-    def __init__(self, image: Callable[[], Image]) -> None:
+    def __init__(self, image: Callable[[], Image], supervisor: Supervisor | None = None) -> None:
         self._image = image
+        self.supervisor = supervisor
         self._entries: dict[str, Entry] = {}
         self._lock = threading.Lock()
         self._spawner = ThreadPoolExecutor(1, thread_name_prefix="memvisor-spawner")
@@ -72,6 +74,8 @@ class Registry:
                 raise Conflict(f"this daemon already runs {MAX_SANDBOXES} sandboxes")
             if any(e.name == entry.name for e in self._entries.values()):
                 raise Conflict(f"a sandbox named {entry.name!r} already exists")
+            if self.supervisor is not None:
+                self.supervisor.admit(entry.id, policy.memory_mib, policy.floor_mib)
             self._entries[entry.id] = entry
         try:
             self._spawner.submit(vm.start).result()
@@ -80,6 +84,8 @@ class Registry:
             self._drop(entry)
             raise
         entry.state = "running"
+        if self.supervisor is not None and policy.balloon:
+            self.supervisor.attach(entry.id, vm)
         log.info("sandbox %s (%s) is up: %s", entry.id, entry.name, policy.summary())
         return entry
 
@@ -114,11 +120,15 @@ class Registry:
                 self.stop(entry.id)
             except MemvisorError as exc:
                 log.warning("sandbox %s: %s", entry.id, exc)
+        if self.supervisor is not None:
+            self.supervisor.close()
         self._spawner.shutdown(wait=True)
 
     def _drop(self, entry: Entry) -> None:
         with self._lock:
             self._entries.pop(entry.id, None)
+        if self.supervisor is not None:
+            self.supervisor.release(entry.id)
         # Teardown (quit, kill, remove files) runs on the spawner thread too: never from a thread that may
         # have been the VMM's parent and be gone already.
         self._spawner.submit(entry.vm.close).result()

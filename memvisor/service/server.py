@@ -25,9 +25,11 @@ from memvisor.errors import MemvisorError
 from memvisor.image import build
 from memvisor.service.api import create_app
 from memvisor.service.registry import Registry
+from memvisor.service.supervisor import Supervisor, parse_budget
 
 log = logging.getLogger("memvisor")
 SOCKET_MODE = 0o660
+DEFAULT_BUDGET = "80%"
 
 
 class _Server(uvicorn.Server):
@@ -89,19 +91,22 @@ def token_from(path: Path | None) -> str:
     return token
 
 
-def serve(socket_path: Path, listen: str | None = None, token_file: Path | None = None) -> None:
+def serve(socket_path: Path, listen: str | None = None, token_file: Path | None = None,
+          budget: str = DEFAULT_BUDGET) -> None:
     """Serve until SIGTERM/SIGINT; then stop every sandbox."""
     tcp = parse_listen(listen) if listen else None
     token = token_from(token_file) if tcp else None
-    registry = Registry(build.ensure)
+    supervisor = Supervisor(parse_budget(budget))
+    registry = Registry(build.ensure, supervisor)
     unix_sock = bind_unix(socket_path)
     servers = [_Server(uvicorn.Config(create_app(registry), fd=unix_sock.fileno(), log_level="warning",
                                              lifespan="off"))]
     if tcp is not None:
         servers.append(_Server(uvicorn.Config(create_app(registry, token), host=tcp[0], port=tcp[1],
                                                      log_level="warning", lifespan="off")))
-    log.warning("memvisor serve: listening on %s%s", socket_path,
-                f" and http://{tcp[0]}:{tcp[1]} (bearer token required)" if tcp else "")
+    log.warning("memvisor serve: listening on %s%s; memory budget %d MiB", socket_path,
+                f" and http://{tcp[0]}:{tcp[1]} (bearer token required)" if tcp else "",
+                supervisor.budget_bytes >> 20)
 
     def stop(signo: int, _frame: object) -> None:
         log.warning("memvisor serve: %s received, stopping", signal.Signals(signo).name)

@@ -14,7 +14,7 @@ from memvisor.policy import SETTINGS, Policy, SwapMode
 
 # A non-default value for every setting, as its Python value.
 SAMPLE: dict[str, object] = {
-    "memory_mib": 192, "cpus": 2, "timeout": 12.5, "root": True, "swap_size_mib": 1024,
+    "memory_mib": 192, "memory_floor_mib": 96, "cpus": 2, "timeout": 12.5, "root": True, "swap_size_mib": 1024,
     "swap_mode": SwapMode.ENCRYPTED, "allow_weaker_swap": True, "swap_discard": True, "zram_percent": 50,
     "zram_algorithm": "zstd",
     "ksm": True, "balloon": False, "deflate_on_oom": True,
@@ -146,7 +146,7 @@ def test_toml_types_are_checked() -> None:
 
 
 def test_unknown_toml_keys_are_errors() -> None:
-    with pytest.raises(ConfigError, match=r"unknown key vm.memory .*keys in \[vm\]: cpus, memory_mib"):
+    with pytest.raises(ConfigError, match=r"unknown key vm.memory .*keys in \[vm\]: cpus, floor_mib, memory_mib"):
         policy.layer_from_mapping({"vm": {"memory": 1}}, "f.toml")
     with pytest.raises(ConfigError, match="unknown section"):
         policy.layer_from_mapping({"vmm": {}}, "f.toml")
@@ -170,3 +170,12 @@ def test_swap_discard_is_refused_with_authenticated_swap_or_without_swap() -> No
     with pytest.raises(PolicyError, match="needs disk swap"):
         policy.merge(("test", {"swap_discard": True}))
     assert policy.merge(("test", {"swap_size_mib": 64, "swap_mode": "encrypted", "swap_discard": True})).swap_discard
+
+
+def test_memory_floor_default_and_bounds() -> None:
+    assert policy.merge(("t", {"memory_mib": 1024})).floor_mib == 256
+    assert policy.merge(("t", {"memory_mib": 128})).floor_mib == 64
+    assert policy.merge(("t", {"memory_mib": 64})).floor_mib == 64
+    assert policy.merge(("t", {"memory_mib": 256, "memory_floor_mib": 200})).floor_mib == 200
+    with pytest.raises(PolicyError, match="above --memory"):
+        policy.merge(("t", {"memory_mib": 128, "memory_floor_mib": 200}))

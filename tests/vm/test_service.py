@@ -47,11 +47,12 @@ def free_port() -> int:
         return port
 
 
-def start_daemon(tmp_path: Path) -> Daemon:
+def start_daemon(tmp_path: Path, *extra: str) -> Daemon:
     sock = Path(os.environ["MEMVISOR_SOCKET"])
     token_file = tmp_path / "token"
     port = free_port()
-    proc = subprocess.Popen(memvisor_argv("serve", "--listen", f"127.0.0.1:{port}", "--token-file", str(token_file)),
+    proc = subprocess.Popen(memvisor_argv("serve", "--listen", f"127.0.0.1:{port}", "--token-file", str(token_file),
+                                          *extra),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     wait_for(lambda: proc.poll() is None and sock.is_socket() and token_file.exists(), 30, "the daemon's socket")
     return Daemon(proc, sock, port, token_file.read_text().strip())
@@ -174,3 +175,59 @@ def test_a_killed_daemon_leaves_no_vmm_socket_or_swap_file(image: Image, tmp_pat
     with second.unix() as api:
         assert api.get("/v1/sandboxes").json() == []
     stop_daemon(second)
+
+
+# Fill 64 MiB of the guest's tmpfs (resident shmem, swappable), then idle; later a second command needs memory.
+FILL = "mkdir -p /tmp && dd if=/dev/urandom of=/tmp/cold bs=1M count=64 2>/dev/null && echo FILLED"
+NEED = """
+import time
+chunks = [bytearray(b"n" * (1 << 20)) for _ in range(int(__import__("sys").argv[1]))]
+time.sleep(4)
+print("HELD", len(chunks))
+"""
+
+
+def balloon_mib(qmp_path: Path) -> float:
+    from memvisor.host.vmm.qmp import QMP
+
+    with QMP(qmp_path) as qmp:
+        return float(qmp.execute("query-balloon")["actual"]) / 2**20
+
+
+def test_supervisor_admits_by_floor_squeezes_idle_guests_and_gives_back(image: Image, tmp_path: Path) -> None:
+    from memvisor.host import stats
+
+    d = start_daemon(tmp_path, "--budget", "600")
+    try:
+        with d.unix() as api:
+            a = api.post("/v1/sandboxes", json={"name": "a", "policy": {
+                "vm": {"memory_mib": 256, "floor_mib": 96}, "swap": {"size_mib": 256, "mode": "encrypted"}}})
+            assert a.status_code == 201, a.text
+            b = api.post("/v1/sandboxes", json={"name": "b", "policy": {"vm": {"memory_mib": 384, "floor_mib": 384}}})
+            assert b.status_code == 201, b.text
+            refused = api.post("/v1/sandboxes", json={"policy": {"vm": {"memory_mib": 256, "floor_mib": 128}}})
+            assert refused.status_code == 503 and "reserve 480 MiB of the 600 MiB budget" in refused.text
+            assert api.delete("/v1/sandboxes/b").status_code == 200
+            qmp = Path(os.environ["MEMVISOR_RUNTIME_DIR"]) / a.json()["id"] / "qmp.sock"
+            out, err, end = exec_api(api, "a", {"argv": ["sh", "-c", FILL], "root": True})
+            assert out == b"FILLED\n", (err, end)
+            pid = a.json()["vmm_pid"]
+
+            def guest_rss() -> int:
+                value: int = stats.guest_ram_rss(pid, 256) or 0
+                return value
+
+            full_rss = guest_rss()
+            # Idle: the balloon squeezes the guest toward its 96 MiB floor; its swap takes the cold tmpfs pages.
+            wait_for(lambda: balloon_mib(qmp) <= 120, 120, "the idle guest to be squeezed")
+            info = api.get("/v1/sandboxes/a").json()["supervisor"]
+            assert info["floor_bytes"] == 96 * 2**20 and info["history"] and "idle" in info["history"][-1]["reason"]
+            wait_for(lambda: guest_rss() < full_rss - 32 * 2**20, 60, "the VMM's guest RAM to shrink")
+            # Pressure: a command that needs 150 MiB gets memory back and completes.
+            out, _, end = exec_api(api, "a", {"argv": ["python3", "-S", "-c", NEED, "150"]})
+            assert out == b"HELD 150\n" and end["exit_code"] == 0, end
+            grown = api.get("/v1/sandboxes/a").json()["supervisor"]["history"]
+            assert any("pressure" in h["reason"] and h["to_bytes"] > h["from_bytes"] for h in grown), grown
+            assert "memvisor_supervisor_target_bytes" in api.get("/metrics").text
+    finally:
+        stop_daemon(d)

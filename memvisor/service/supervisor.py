@@ -1,0 +1,198 @@
+"""The supervisor: keeps the daemon's sandboxes inside a host memory budget by moving guest RAM between them
+with their balloons, about once a second.
+
+Admission: a sandbox may start only if its floor still fits: the floors of the sandboxes already running plus
+its own must not exceed the budget (HTTP 503 with the figures otherwise).
+
+Control, per sandbox, from what the guest pushes (MemAvailable, memory PSI) and the host (MemAvailable, PSI):
+- a guest under memory pressure (PSI some avg10 >= PSI_HIGH %, or MemAvailable under LOW_AVAILABLE of its
+  memory) gets memory back first: its balloon target grows by GROW of its memory, up to its maximum;
+- a cold, idle guest (PSI under PSI_LOW, MemAvailable above IDLE_AVAILABLE) is squeezed toward its floor by
+  SHRINK of its memory a tick (twice that while the host itself is short), never below the floor. As in Meta's
+  Senpai, the squeeze goes on past the guest's free memory until the guest shows pressure: the balloon driver
+  then reclaims, and the guest's own encrypted/authenticated swap and zram absorb its cold pages, so the host
+  gets the memory back without ever seeing those pages;
+- if the targets still add up to more than the budget, the guests with the most spare memory give first.
+The balloon is best effort: `deflate-on-oom` stays on as the guest's last resort. Every change is logged, kept
+(target, reason, the last HISTORY decisions) and written to the sandbox's runtime directory for `memvisor
+stats` and /metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from memvisor.errors import MemvisorError
+from memvisor.host.vmm.qmp import QMP
+
+log = logging.getLogger("memvisor")
+MIB = 1 << 20
+INTERVAL_S = 1.0
+PSI_HIGH = 10.0  # % of the last 10 s some guest task waited for memory: give memory back
+PSI_LOW = 1.0  # below this (and with spare memory) a guest counts as idle
+LOW_AVAILABLE = 0.03  # of its memory: under this MemAvailable a guest counts as pressed
+IDLE_AVAILABLE = 0.05  # of its memory: above this MemAvailable an unpressed guest may give memory back
+GROW = 0.25  # of its memory, per tick, for a pressed guest
+SHRINK = 0.03  # of its memory, per tick, for an idle guest
+MIN_STEP = 4 * MIB  # smaller changes are not worth a QMP call
+HOST_SHORT = 0.10  # host MemAvailable under this share of MemTotal: squeeze idle guests twice as fast
+HISTORY = 20
+SUPERVISOR_FILE = "supervisor.json"  # in the sandbox's runtime directory, read by `memvisor stats`
+
+
+class AdmissionRefused(MemvisorError):
+    """The new sandbox's floor does not fit the host budget (HTTP 503)."""
+
+
+@dataclass
+class Control:
+    """The supervisor's state for one sandbox."""
+
+    id: str
+    max_bytes: int
+    floor_bytes: int
+    target_bytes: int
+    reason: str = "started at its maximum"
+    history: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=HISTORY))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"target_bytes": self.target_bytes, "floor_bytes": self.floor_bytes, "max_bytes": self.max_bytes,
+                "reason": self.reason, "history": list(self.history)}
+
+
+class Supervisor:
+    """One control loop for every sandbox of the daemon."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self.controls: dict[str, Control] = {}
+        self._sandboxes: dict[str, Any] = {}  # id -> Instance
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="memvisor-supervisor", daemon=True)
+        self._thread.start()
+
+    # -- admission -------------------------------------------------------------------------------------------
+    def admit(self, sandbox_id: str, max_mib: int, floor_mib: int) -> None:
+        """Reserve the floor of a sandbox about to boot, or raise AdmissionRefused."""
+        with self._lock:
+            reserved = sum(c.floor_bytes for c in self.controls.values())
+            if reserved + floor_mib * MIB > self.budget_bytes:
+                raise AdmissionRefused(
+                    f"no room for a sandbox with a {floor_mib} MiB floor: the {len(self.controls)} running "
+                    f"sandbox(es) reserve {reserved // MIB} MiB of the {self.budget_bytes // MIB} MiB budget",
+                    hint="stop a sandbox, lower --memory-floor, or raise memvisor serve --budget")
+            self.controls[sandbox_id] = Control(sandbox_id, max_mib * MIB, floor_mib * MIB, max_mib * MIB)
+
+    def attach(self, sandbox_id: str, vm: Any) -> None:
+        """Start steering a sandbox whose agent is up."""
+        with self._lock:
+            self._sandboxes[sandbox_id] = vm
+
+    def release(self, sandbox_id: str) -> None:
+        with self._lock:
+            self.controls.pop(sandbox_id, None)
+            self._sandboxes.pop(sandbox_id, None)
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return {"budget_bytes": self.budget_bytes,
+                    "reserved_bytes": sum(c.floor_bytes for c in self.controls.values()),
+                    "targets_bytes": sum(c.target_bytes for c in self.controls.values())}
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    # -- control ---------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.wait(INTERVAL_S):
+            try:
+                self.tick()
+            except Exception:  # the loop must outlive any one bad tick
+                log.exception("supervisor tick failed")
+
+    def tick(self) -> None:
+        """One round of decisions."""
+        with self._lock:
+            work = [(self.controls[i], vm) for i, vm in self._sandboxes.items() if i in self.controls]
+        host = psutil.virtual_memory()
+        host_short = host.available < HOST_SHORT * host.total
+        wanted = {c.id: self._want(c, vm.last_stats, host_short) for c, vm in work}
+        over = sum(t for t, _ in wanted.values()) - self.budget_bytes
+        if over > 0:  # the guests with the most spare memory give first
+            for c, _vm in sorted(work, key=lambda w: -_available(w[1].last_stats)):
+                target, _ = wanted[c.id]
+                give = min(over, target - c.floor_bytes)
+                if give > 0:
+                    wanted[c.id] = (target - give, f"over the {self.budget_bytes // MIB} MiB budget")
+                    over -= give
+        for c, vm in work:
+            target, reason = wanted[c.id]
+            if abs(target - c.target_bytes) >= MIN_STEP:
+                self._apply(c, vm, target, reason)
+
+    def _want(self, c: Control, stats: dict[str, Any], host_short: bool) -> tuple[int, str]:
+        if not stats:
+            return c.target_bytes, c.reason
+        available = _available(stats)
+        raw_psi = (stats.get("psi") or {}).get("some_avg10", 0.0)
+        psi = float(raw_psi) if isinstance(raw_psi, int | float) and 0 <= raw_psi <= 100 else 0.0
+        if psi >= PSI_HIGH or available < LOW_AVAILABLE * c.max_bytes:
+            grown = min(c.max_bytes, c.target_bytes + int(GROW * c.max_bytes))
+            return grown, f"guest memory pressure (PSI some {psi:.1f}%, MemAvailable {available // MIB} MiB)"
+        if psi < PSI_LOW and available > IDLE_AVAILABLE * c.max_bytes:
+            step = SHRINK * c.max_bytes * (2 if host_short else 1)
+            shrunk = max(c.floor_bytes, c.target_bytes - int(step))
+            why = "idle" + (", host short of memory" if host_short else "")
+            return shrunk, f"{why} (PSI some {psi:.1f}%, MemAvailable {available // MIB} MiB)"
+        return c.target_bytes, c.reason
+
+    def _apply(self, c: Control, vm: Any, target: int, reason: str) -> None:
+        try:
+            with QMP(vm.qmp_path) as qmp:
+                qmp.execute("balloon", {"value": target}, timeout=2.0)
+        except MemvisorError as exc:
+            log.warning("sandbox %s: balloon to %d MiB failed: %s", c.id, target // MIB, exc)
+            return
+        log.info("sandbox %s: balloon target %d -> %d MiB: %s", c.id, c.target_bytes // MIB, target // MIB, reason)
+        c.history.append({"time": round(time.time(), 1), "from_bytes": c.target_bytes, "to_bytes": target,
+                          "reason": reason})
+        c.target_bytes, c.reason = target, reason
+        if vm.dir is not None:
+            path = Path(vm.dir) / SUPERVISOR_FILE
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(c.to_json()))
+            tmp.replace(path)
+
+
+def _available(stats: dict[str, Any]) -> int:
+    value = (stats.get("meminfo") or {}).get("MemAvailable", 0)
+    return int(value) * 1024 if isinstance(value, int) and value >= 0 else 0
+
+
+def parse_budget(text: str) -> int:
+    """`--budget 4096` (MiB) or `--budget 60%` (of host MemTotal), in bytes."""
+    total = psutil.virtual_memory().total
+    try:
+        if text.endswith("%"):
+            share = float(text[:-1])
+            if not 0 < share <= 100:
+                raise ValueError
+            return int(total * share / 100)
+        mib = int(text)
+        if mib <= 0:
+            raise ValueError
+        return mib * MIB
+    except ValueError:
+        raise MemvisorError(f"--budget {text!r} is not a size", hint="give MiB (e.g. 4096) or a share of host "
+                            f"memory (e.g. 60%); this host has {total // MIB} MiB") from None

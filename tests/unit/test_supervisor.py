@@ -1,0 +1,92 @@
+"""The supervisor's decisions and admission control, without guests (tests/vm/test_service.py drives real
+ones)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from memvisor.errors import MemvisorError
+from memvisor.service import supervisor as sup
+
+MIB = 1 << 20
+
+
+class FakeVM:
+    def __init__(self, available_mib: int, psi: float) -> None:
+        self.last_stats: dict[str, Any] = {"meminfo": {"MemAvailable": available_mib * 1024},
+                                           "psi": {"some_avg10": psi}}
+        self.qmp_path = Path("/nonexistent")
+        self.dir = None
+
+
+@pytest.fixture
+def s(monkeypatch: pytest.MonkeyPatch) -> Iterator[sup.Supervisor]:
+    applied: list[tuple[str, int]] = []
+    monkeypatch.setattr(sup.Supervisor, "_loop", lambda self: None)  # ticks by hand
+
+    def apply(self: sup.Supervisor, c: sup.Control, vm: Any, target: int, reason: str) -> None:
+        applied.append((c.id, target))
+        c.target_bytes, c.reason = target, reason
+
+    monkeypatch.setattr(sup.Supervisor, "_apply", apply)
+    supervisor = sup.Supervisor(1000 * MIB)
+    yield supervisor
+    supervisor.close()
+
+
+def test_admission_reserves_floors(s: sup.Supervisor) -> None:
+    s.admit("a", 512, 400)
+    s.admit("b", 512, 600)
+    with pytest.raises(sup.AdmissionRefused, match="reserve 1000 MiB of the 1000 MiB budget"):
+        s.admit("c", 256, 64)
+    s.release("b")
+    s.admit("c", 256, 64)
+
+
+def test_idle_guests_shrink_to_their_floor_and_pressed_ones_grow(s: sup.Supervisor) -> None:
+    s.admit("idle", 256, 96)
+    s.admit("busy", 256, 96)
+    idle, busy = FakeVM(150, 0.0), FakeVM(4, 30.0)
+    s.attach("idle", idle)
+    s.attach("busy", busy)
+    s.controls["busy"].target_bytes = 128 * MIB
+    for _ in range(60):
+        s.tick()
+    assert s.controls["idle"].target_bytes == 96 * MIB and "idle" in s.controls["idle"].reason
+    assert s.controls["busy"].target_bytes == 256 * MIB and "pressure" in s.controls["busy"].reason
+    busy.last_stats["psi"]["some_avg10"] = 5.0  # between the thresholds: hold
+    busy.last_stats["meminfo"]["MemAvailable"] = 40 * 1024
+    s.tick()
+    assert s.controls["busy"].target_bytes == 256 * MIB
+
+
+def test_the_budget_is_kept_by_the_guests_with_the_most_spare_memory(s: sup.Supervisor) -> None:
+    s.budget_bytes = 400 * MIB
+    s.admit("roomy", 256, 64)
+    s.admit("tight", 256, 64)
+    s.attach("roomy", FakeVM(200, 5.0))  # neither idle nor pressed: only the budget moves it
+    s.attach("tight", FakeVM(20, 5.0))
+    s.tick()
+    assert s.controls["roomy"].target_bytes == 144 * MIB and "budget" in s.controls["roomy"].reason
+    assert s.controls["tight"].target_bytes == 256 * MIB
+
+
+def test_garbage_figures_from_a_guest_change_nothing(s: sup.Supervisor) -> None:
+    s.admit("x", 256, 64)
+    vm = FakeVM(100, 0.0)
+    vm.last_stats = {"meminfo": {"MemAvailable": "lots"}, "psi": {"some_avg10": float("nan")}}
+    s.attach("x", vm)
+    s.tick()  # no exception; a guest that reports nothing usable is pressed at worst
+    assert s.controls["x"].target_bytes >= 64 * MIB
+
+
+def test_budget_parsing() -> None:
+    assert sup.parse_budget("512") == 512 * MIB
+    assert 0 < sup.parse_budget("50%") < sup.parse_budget("100%")
+    for bad in ("0", "-5", "150%", "lots"):
+        with pytest.raises(MemvisorError, match="is not a size"):
+            sup.parse_budget(bad)
