@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test deps image lint typecheck unit vm bench bench-boot bench-swap soak clean
+.PHONY: run test deps image lint typecheck unit vm bench bench-boot bench-swap bench-density soak clean
 
 deps: $(STAMP)
 
@@ -44,6 +44,10 @@ bench-boot: image
 
 bench-swap: image
 	$(BIN)/python bench/swap.py
+
+# How many idle-agent sandboxes fit in a 1.5 GiB memory cgroup: plain QEMU vs memvisor vs memvisor+KSM (root).
+bench-density: image
+	$(BIN)/python -m bench.density $(DENSITY_ARGS)
 
 # The swap soak (issue 8's goal: 0 stalls in 100 authenticated runs, 0 in 50 of each other mode), two sandboxes at
 # a time; about 1.5 hours under TCG. SOAK_ARGS passes options, e.g. SOAK_ARGS="--runs authenticated=20 --load 1".

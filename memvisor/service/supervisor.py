@@ -12,7 +12,8 @@ Control, per sandbox, from what the guest pushes (MemAvailable, memory PSI) and 
   Senpai, the squeeze goes on past the guest's free memory until the guest shows pressure: the balloon driver
   then reclaims, and the guest's own encrypted/authenticated swap and zram absorb its cold pages, so the host
   gets the memory back without ever seeing those pages;
-- if the targets still add up to more than the budget, the guests with the most spare memory give first.
+- if the targets add up to more than the budget, or the VMMs' resident memory (measured on the host: the guest
+  RAM they hold plus the VMM's own overhead) does, the guests with the most spare memory give first.
 The balloon is best effort: `deflate-on-oom` stays on as the guest's last resort. Every change is logged, kept
 (target, reason, the last HISTORY decisions) and written to the sandbox's runtime directory for `memvisor
 stats` and /metrics.
@@ -128,7 +129,7 @@ class Supervisor:
         host = psutil.virtual_memory()
         host_short = host.available < HOST_SHORT * host.total
         wanted = {c.id: self._want(c, vm.last_stats, host_short) for c, vm in work}
-        over = sum(t for t, _ in wanted.values()) - self.budget_bytes
+        over = max(sum(t for t, _ in wanted.values()), sum(_rss(vm) for _, vm in work)) - self.budget_bytes
         if over > 0:  # the guests with the most spare memory give first
             for c, _vm in sorted(work, key=lambda w: -_available(w[1].last_stats)):
                 target, _ = wanted[c.id]
@@ -173,6 +174,17 @@ class Supervisor:
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(c.to_json()))
             tmp.replace(path)
+
+
+def _rss(vm: Any) -> int:
+    """The VMM's resident memory, as the host measures it (0 if it cannot)."""
+    process = getattr(vm, "process", None)
+    if process is None:
+        return 0
+    try:
+        return int(psutil.Process(process.pid).memory_info().rss)
+    except psutil.Error:
+        return 0
 
 
 def _available(stats: dict[str, Any]) -> int:
