@@ -183,15 +183,7 @@ def cmd_run(args: argparse.Namespace, con: Console) -> int:
     from memvisor.host.sandbox import Instance
     from memvisor.image import build
 
-    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
-    if not argv:
-        raise MemvisorError("no command given", hint="usage: memvisor run [OPTIONS] -- CMD [ARGS...]")
-    env = {}
-    for item in args.env:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise MemvisorError(f"--env {item!r} is not NAME=VALUE")
-        env[name] = value
+    argv, env = cli_daemon.command_and_env(args, "memvisor run [OPTIONS] -- CMD [ARGS...]")
     pol = policy_from_args(args)
     with con.progress("building guest image") as progress:
         image = build.ensure(progress)

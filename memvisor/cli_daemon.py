@@ -51,6 +51,22 @@ def add_parsers(sub: Any, add_policy_flags: Add) -> None:
     stop.add_argument("--socket", type=Path, help=socket_help)
 
 
+def command_and_env(args: argparse.Namespace, usage: str) -> tuple[list[str], dict[str, str]]:
+    """The `-- CMD [ARGS...]` and the `-e NAME=VALUE` words of `run` and `exec`, checked."""
+    from memvisor.errors import MemvisorError
+
+    argv: list[str] = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        raise MemvisorError("no command given", hint=f"usage: {usage}")
+    env = {}
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise MemvisorError(f"--env {item!r} is not NAME=VALUE")
+        env[name] = value
+    return argv, env
+
+
 def cmd_serve(args: argparse.Namespace, _con: Any) -> int:
     from memvisor.service import server
 
@@ -74,18 +90,9 @@ def cmd_create(args: argparse.Namespace, _con: Any, policy_from_args: Callable[[
 
 
 def cmd_exec(args: argparse.Namespace, _con: Any) -> int:
-    from memvisor.errors import MemvisorError
     from memvisor.service.client import Client
 
-    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
-    if not argv:
-        raise MemvisorError("no command given", hint="usage: memvisor exec SANDBOX -- CMD [ARGS...]")
-    env = {}
-    for item in args.env:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise MemvisorError(f"--env {item!r} is not NAME=VALUE")
-        env[name] = value
+    argv, env = command_and_env(args, "memvisor exec SANDBOX -- CMD [ARGS...]")
     request: dict[str, Any] = {"argv": argv, "env": env, "cwd": args.cwd, "root": args.root, "timeout": args.timeout}
     if args.stdin:
         import base64
