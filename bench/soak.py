@@ -164,7 +164,12 @@ def main() -> None:
     parser.add_argument("--load", type=int, default=0, help="busy-looping host processes beside the sandboxes")
     parser.add_argument("--extra", action="append", default=[], help="extra `memvisor run` argument (repeatable)")
     parser.add_argument("--out", type=Path, default=Path("soak.json"), help="per-run results (default soak.json)")
+    parser.add_argument("--table", type=Path, nargs="+", metavar="JSON",
+                        help="print the table of earlier runs' result files (combined) instead of running")
     args = parser.parse_args()
+    if args.table:
+        print(table([Run(**r) for path in args.table for r in json.loads(path.read_text())]))
+        return
     counts = args.runs if isinstance(args.runs, dict) else parse_counts(args.runs)
     total = sum(counts.values())
     done: list[Run] = []
