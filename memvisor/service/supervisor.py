@@ -4,7 +4,8 @@ with their balloons, about once a second.
 Admission: a sandbox may start only if its floor still fits: the floors of the sandboxes already running plus
 its own must not exceed the budget (HTTP 503 with the figures otherwise).
 
-Control, per sandbox, from what the guest pushes (MemAvailable, memory PSI) and the host (MemAvailable, PSI):
+Control, per sandbox, from what the guest pushes (MemAvailable, memory PSI) and the host (MemAvailable, memory
+PSI, each VMM's RSS):
 - a guest under memory pressure (PSI some avg10 >= PSI_HIGH %, or MemAvailable under LOW_AVAILABLE of its
   memory) gets memory back first: its balloon target grows by GROW of its memory, up to its maximum;
 - a cold, idle guest (PSI under PSI_LOW, MemAvailable above IDLE_AVAILABLE) is squeezed toward its floor by
@@ -46,6 +47,7 @@ GROW = 0.25  # of its memory, per tick, for a pressed guest
 SHRINK = 0.03  # of its memory, per tick, for an idle guest
 MIN_STEP = 4 * MIB  # smaller changes are not worth a QMP call
 HOST_SHORT = 0.10  # host MemAvailable under this share of MemTotal: squeeze idle guests twice as fast
+HOST_PSI_HIGH = 5.0  # ... or host memory PSI some avg10 (%) at or above this
 HISTORY = 20
 SUPERVISOR_FILE = "supervisor.json"  # in the sandbox's runtime directory, read by `memvisor stats`
 
@@ -127,7 +129,7 @@ class Supervisor:
         with self._lock:
             work = [(self.controls[i], vm) for i, vm in self._sandboxes.items() if i in self.controls]
         host = psutil.virtual_memory()
-        host_short = host.available < HOST_SHORT * host.total
+        host_short = host.available < HOST_SHORT * host.total or host_pressure() >= HOST_PSI_HIGH
         wanted = {c.id: self._want(c, vm.last_stats, host_short) for c, vm in work}
         over = max(sum(t for t, _ in wanted.values()), sum(_rss(vm) for _, vm in work)) - self.budget_bytes
         if over > 0:  # the guests with the most spare memory give first
@@ -174,6 +176,15 @@ class Supervisor:
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(c.to_json()))
             tmp.replace(path)
+
+
+def host_pressure(path: str = "/proc/pressure/memory") -> float:
+    """The host's memory PSI: % of the last 10 s in which some task waited for memory (0 if unavailable)."""
+    try:
+        with open(path) as f:
+            return float(f.readline().split()[1].partition("=")[2])
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _rss(vm: Any) -> int:

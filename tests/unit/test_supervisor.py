@@ -90,3 +90,10 @@ def test_budget_parsing() -> None:
     for bad in ("0", "-5", "150%", "lots"):
         with pytest.raises(MemvisorError, match="is not a size"):
             sup.parse_budget(bad)
+
+
+def test_host_pressure_reads_psi(tmp_path: Path) -> None:
+    psi = tmp_path / "memory"
+    psi.write_text("some avg10=12.50 avg60=3.00 avg300=1.00 total=1\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
+    assert sup.host_pressure(str(psi)) == 12.5
+    assert sup.host_pressure(str(tmp_path / "missing")) == 0.0
