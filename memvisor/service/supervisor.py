@@ -13,8 +13,8 @@ PSI, each VMM's RSS):
   Senpai, the squeeze goes on past the guest's free memory until the guest shows pressure: the balloon driver
   then reclaims, and the guest's own encrypted/authenticated swap and zram absorb its cold pages, so the host
   gets the memory back without ever seeing those pages;
-- if the targets add up to more than the budget, or the VMMs' resident memory (measured on the host: the guest
-  RAM they hold plus the VMM's own overhead) does, the guests with the most spare memory give first.
+- if the targets add up to more than the budget, or the VMMs' resident anonymous memory (measured on the host:
+  the guest RAM they hold plus the VMM's own) does, the guests with the most spare memory give first.
 The balloon is best effort: `deflate-on-oom` stays on as the guest's last resort. Every change is logged, kept
 (target, reason, the last HISTORY decisions) and written to the sandbox's runtime directory for `memvisor
 stats` and /metrics.
@@ -49,6 +49,7 @@ MIN_STEP = 4 * MIB  # smaller changes are not worth a QMP call
 HOST_SHORT = 0.10  # host MemAvailable under this share of MemTotal: squeeze idle guests twice as fast
 HOST_PSI_HIGH = 5.0  # ... or host memory PSI some avg10 (%) at or above this
 HISTORY = 20
+DEFAULT_OVERHEAD = 32 * MIB  # a VMM's own memory before any was measured (QEMU under KVM; TCG adds ~70 MiB)
 SUPERVISOR_FILE = "supervisor.json"  # in the sandbox's runtime directory, read by `memvisor stats`
 
 
@@ -86,15 +87,27 @@ class Supervisor:
 
     # -- admission -------------------------------------------------------------------------------------------
     def admit(self, sandbox_id: str, max_mib: int, floor_mib: int) -> None:
-        """Reserve the floor of a sandbox about to boot, or raise AdmissionRefused."""
+        """Reserve the floor of a sandbox about to boot, plus what a VMM costs beyond its guest's RAM, or raise
+        AdmissionRefused. The balloon cannot take the VMM's own memory (QEMU, and under TCG its translation
+        cache, ~70 MiB): that cost is measured on the running VMMs (RSS minus the guest RAM they hold), so a
+        sandbox that would only fit by being squeezed below its floor is refused instead of OOM-killed later."""
         with self._lock:
             reserved = sum(c.floor_bytes for c in self.controls.values())
-            if reserved + floor_mib * MIB > self.budget_bytes:
+            overhead = self._overhead()
+            need = reserved + floor_mib * MIB + overhead * (len(self.controls) + 1)
+            if need > self.budget_bytes:
                 raise AdmissionRefused(
                     f"no room for a sandbox with a {floor_mib} MiB floor: the {len(self.controls)} running "
-                    f"sandbox(es) reserve {reserved // MIB} MiB of the {self.budget_bytes // MIB} MiB budget",
+                    f"sandbox(es) reserve {reserved // MIB} MiB of the {self.budget_bytes // MIB} MiB budget, and "
+                    f"each VMM costs ~{overhead // MIB} MiB beyond its guest's RAM",
                     hint="stop a sandbox, lower --memory-floor, or raise memvisor serve --budget")
             self.controls[sandbox_id] = Control(sandbox_id, max_mib * MIB, floor_mib * MIB, max_mib * MIB)
+
+    def _overhead(self) -> int:
+        """The largest measured VMM overhead (RSS minus guest-RAM RSS) among running sandboxes; the default
+        guess while none runs. Called with the lock held."""
+        measured = [_rss(vm) - (_guest_rss(vm) or 0) for vm in self._sandboxes.values()]
+        return max([DEFAULT_OVERHEAD, *[m for m in measured if m > 0]]) if measured else DEFAULT_OVERHEAD
 
     def attach(self, sandbox_id: str, vm: Any) -> None:
         """Start steering a sandbox whose agent is up."""
@@ -188,14 +201,27 @@ def host_pressure(path: str = "/proc/pressure/memory") -> float:
 
 
 def _rss(vm: Any) -> int:
-    """The VMM's resident memory, as the host measures it (0 if it cannot)."""
+    """The VMM's resident anonymous memory (guest RAM, QEMU's heap, TCG's translation cache), as the host
+    measures it (0 if it cannot). File pages (the kernel and initramfs images) are left out: every VMM maps the
+    same ones, and the host holds them once."""
     process = getattr(vm, "process", None)
     if process is None:
         return 0
     try:
-        return int(psutil.Process(process.pid).memory_info().rss)
-    except psutil.Error:
+        with open(f"/proc/{process.pid}/status") as f:
+            line = next((x for x in f if x.startswith("RssAnon:")), "RssAnon: 0 kB")
+        return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
         return 0
+
+
+def _guest_rss(vm: Any) -> int | None:
+    process = getattr(vm, "process", None)
+    if process is None:
+        return None
+    from memvisor.host import stats
+
+    return stats.guest_ram_rss(process.pid, vm.policy.memory_mib)
 
 
 def _available(stats: dict[str, Any]) -> int:

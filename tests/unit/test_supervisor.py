@@ -38,10 +38,10 @@ def s(monkeypatch: pytest.MonkeyPatch) -> Iterator[sup.Supervisor]:
     supervisor.close()
 
 
-def test_admission_reserves_floors(s: sup.Supervisor) -> None:
+def test_admission_reserves_floors_and_vmm_overhead(s: sup.Supervisor) -> None:
     s.admit("a", 512, 400)
-    s.admit("b", 512, 600)
-    with pytest.raises(sup.AdmissionRefused, match="reserve 1000 MiB of the 1000 MiB budget"):
+    s.admit("b", 512, 500)  # 900 + 2 x 32 MiB of VMM overhead (the default guess) fits 1000
+    with pytest.raises(sup.AdmissionRefused, match="reserve 900 MiB of the 1000 MiB budget, and each VMM costs"):
         s.admit("c", 256, 64)
     s.release("b")
     s.admit("c", 256, 64)

@@ -197,16 +197,16 @@ def balloon_mib(qmp_path: Path) -> float:
 def test_supervisor_admits_by_floor_squeezes_idle_guests_and_gives_back(image: Image, tmp_path: Path) -> None:
     from memvisor.host import stats
 
-    d = start_daemon(tmp_path, "--budget", "600")
+    d = start_daemon(tmp_path, "--budget", "700")
     try:
         with d.unix() as api:
             a = api.post("/v1/sandboxes", json={"name": "a", "policy": {
                 "vm": {"memory_mib": 256, "floor_mib": 96}, "swap": {"size_mib": 256, "mode": "encrypted"}}})
             assert a.status_code == 201, a.text
-            b = api.post("/v1/sandboxes", json={"name": "b", "policy": {"vm": {"memory_mib": 384, "floor_mib": 384}}})
-            assert b.status_code == 201, b.text
-            refused = api.post("/v1/sandboxes", json={"policy": {"vm": {"memory_mib": 256, "floor_mib": 128}}})
-            assert refused.status_code == 503 and "reserve 480 MiB of the 600 MiB budget" in refused.text
+            b = api.post("/v1/sandboxes", json={"name": "b", "policy": {"vm": {"memory_mib": 384, "floor_mib": 320}}})
+            assert b.status_code == 201, b.text  # 416 MiB of floors and two VMMs' own memory fit 700
+            refused = api.post("/v1/sandboxes", json={"policy": {"vm": {"memory_mib": 256, "floor_mib": 256}}})
+            assert refused.status_code == 503 and "reserve 416 MiB of the 700 MiB budget" in refused.text
             assert api.delete("/v1/sandboxes/b").status_code == 200
             qmp = Path(os.environ["MEMVISOR_RUNTIME_DIR"]) / a.json()["id"] / "qmp.sock"
             out, err, end = exec_api(api, "a", {"argv": ["sh", "-c", FILL], "root": True})
