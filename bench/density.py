@@ -43,11 +43,13 @@ import sys, time
 share, ws_share, every = float(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
 total = int(open("/proc/meminfo").readline().split()[1]) // 1024  # MemTotal, MiB
 mib, ws_mib = int(total * share), max(1, int(total * ws_share))
+salt = open("/dev/urandom", "rb").read(4096)  # differs per sandbox: no page of one heap equals another's
 chunks = []
 for i in range(mib):
     c = bytearray(1 << 20)
     for off in range(0, 1 << 20, 4096):
-        c[off] = (i + off) & 255  # distinct pages: a real heap does not merge
+        c[off:off + 8] = (i * 256 + off // 4096).to_bytes(8, "little")  # distinct within the heap...
+        c[off + 8:off + 4096] = salt[8:]  # ... and across sandboxes, as real heaps are
     chunks.append(c)
 print("READY", flush=True)
 n = 0
