@@ -182,8 +182,7 @@ class Instance:
                                         log=self.dir / "vmm.log", ksm=self.ksm_in_effect())
         self._stack.callback(self._stop_vmm)
         assert self.channel is not None
-        self.session = Session(self.channel, self.process.pid, on_stats=self._store_guest_stats,
-                               on_fatal=lambda _message: None)
+        self.session = Session(self.channel, self.process.pid, on_stats=self._store_guest_stats)
         self._stack.callback(self.session.close)
         for sock in self._vmm_socks:  # the VMM has its copies now
             sock.close()

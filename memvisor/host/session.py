@@ -47,12 +47,10 @@ class Command:
 class Session:
     """The channel's reader thread and the commands in flight."""
 
-    def __init__(self, channel: HostChannel, vmm_pid: int, on_stats: Callable[[dict[str, Any]], None],
-                 on_fatal: Callable[[str], None]) -> None:
+    def __init__(self, channel: HostChannel, vmm_pid: int, on_stats: Callable[[dict[str, Any]], None]) -> None:
         self.channel = channel
         self.vmm_pidfd = os.pidfd_open(vmm_pid)
         self.on_stats = on_stats
-        self.on_fatal = on_fatal
         self.hello: dict[str, Any] | None = None
         self.hello_at = 0.0
         self.ready = threading.Event()  # HELLO arrived
@@ -178,5 +176,4 @@ class Session:
         log.warning("guest reports: %s", message)
         if body.get("fatal"):
             self.fatal = message
-            self.on_fatal(message)
             self.ready.set()
