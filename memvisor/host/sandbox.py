@@ -1,4 +1,4 @@
-"""One sandbox's lifecycle on an ExitStack: runtime directory, sockets, VMM process, the command, teardown.
+"""One sandbox's lifecycle on an ExitStack: runtime directory, sockets, VMM process, its commands, teardown.
 
 Everything acquired is registered on the stack as it is acquired, so any failure, Ctrl-C or SIGTERM (the CLI
 turns it into an exception) unwinds it: the VMM is asked to quit over QMP, then killed, the sockets closed and
@@ -65,7 +65,8 @@ class RunResult:
 
 
 class Instance:
-    """A running sandbox VM. Use as a context manager; `run()` runs one command in it."""
+    """A running sandbox VM. Use as a context manager; `run()` is the one-shot life of `memvisor run`, and
+    `exec()` runs commands (many, at once) in a sandbox that stays up until `shutdown()` or `close()`."""
 
     def __init__(self, policy: pol.Policy, image: Image, vmm: VMMBackend | None = None,
                  sandbox_id: str | None = None, kernel_args: tuple[str, ...] = (),
