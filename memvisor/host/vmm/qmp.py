@@ -40,9 +40,9 @@ class QMP:
                                                {"type": "qcode", "data": key}]}, timeout)
 
     def close(self) -> None:
-        """Disconnect and drop the event loop."""
+        """Disconnect and drop the event loop, in at most 2 s whatever the VMM did."""
         try:
-            self._loop.run_until_complete(asyncio.wait_for(self._client.disconnect(), 2.0))
+            self._bounded(self._client.disconnect(), 2.0)
         except (QMPError, OSError, EOFError, TimeoutError):
             # disconnect() re-raises what ended the session: EOFError is the normal end after `quit`.
             pass
@@ -58,6 +58,20 @@ class QMP:
 
     def _run(self, coro: Any, timeout: float, what: str) -> Any:
         try:
-            return self._loop.run_until_complete(asyncio.wait_for(coro, timeout))
+            return self._bounded(coro, timeout)
         except (QMPError, OSError, EOFError, TimeoutError) as exc:
             raise MemvisorError(f"QMP {what} on {self.path} failed: {exc or type(exc).__name__}") from None
+
+    def _bounded(self, coro: Any, timeout: float) -> Any:
+        """Run `coro` for at most `timeout` seconds. Not asyncio.wait_for: on timeout it waits for the task's
+        cancellation to finish, and qemu.qmp's disconnect after the VMM has quit can take no notice of it,
+        which once held `memvisor run` past a SIGTERM for over a minute with its VMM already gone."""
+        task = self._loop.create_task(coro)
+        done, _ = self._loop.run_until_complete(asyncio.wait({task}, timeout=timeout))
+        if task not in done:
+            task.cancel()
+            self._loop.run_until_complete(asyncio.wait({task}, timeout=0.1))  # let it unwind if it will
+            if not task.done():
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            raise TimeoutError(f"no answer within {timeout:g} s")
+        return task.result()
