@@ -212,7 +212,10 @@ class Instance:
         passed first. Raises GuestError if the guest failed to set up, died, or took BOOT_TIMEOUT_S."""
         assert self.session is not None
         limit = min(deadline, self.spawned_at + BOOT_TIMEOUT_S)
-        self.session.ready.wait(max(0.0, limit - time.monotonic()))
+        # Short waits: the main thread stays responsive to signals whatever thread the kernel handed them to.
+        while not self.session.ready.wait(min(1.0, max(0.0, limit - time.monotonic()))):
+            if time.monotonic() >= limit:
+                break
         if self.session.fatal is not None:
             self.failed = True
             # Set-up errors are already one clear line; an init crash shows the console too.

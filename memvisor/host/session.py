@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import select
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -119,6 +120,10 @@ class Session:
 
     # -- receiving -------------------------------------------------------------------------------------------
     def _read_loop(self) -> None:
+        # Process-directed signals (SIGTERM, SIGINT, SIGHUP) must reach the main thread: CPython runs handlers
+        # there only, and a main thread asleep in a lock wait learns of a signal the kernel gave this thread
+        # only when the wait ends (seen: `memvisor run` outliving a SIGTERM by over a minute in the suite).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
         sock = self.channel.sock
         try:
             while not self._stop.is_set() and not self.gone.is_set():
