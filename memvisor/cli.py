@@ -353,18 +353,26 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Console], int]] = {
 }
 
 
+def catch_signals() -> None:
+    """SIGTERM and SIGHUP raise Terminated (SIGINT raises KeyboardInterrupt, Python's own), so every context
+    manager unwinds and the VMM is stopped. A signal the parent set to be ignored stays ignored, as POSIX
+    programs do: `nohup` ignores SIGHUP, and a non-interactive shell starts `cmd &` with SIGINT and SIGQUIT
+    ignored (Python then installs no SIGINT handler either)."""
+    def terminate(signo: int, _frame: Any) -> None:
+        raise Terminated(signo)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, terminate)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="memvisor: %(levelname)s: %(message)s")
     con = Console(args.quiet)
-
-    def terminate(signo: int, _frame: Any) -> None:
-        raise Terminated(signo)
-
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, terminate)
+    catch_signals()
     try:
         return COMMANDS[args.command](args, con)
     except GuestError as exc:

@@ -122,7 +122,7 @@ class Session:
     def _read_loop(self) -> None:
         # Process-directed signals (SIGTERM, SIGINT, SIGHUP) must reach the main thread: CPython runs handlers
         # there only, and a main thread asleep in a lock wait learns of a signal the kernel gave this thread
-        # only when the wait ends (seen: `memvisor run` outliving a SIGTERM by over a minute in the suite).
+        # only when the wait ends.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
         sock = self.channel.sock
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,21 @@ def test_ps_with_nothing_running(capsys: pytest.CaptureFixture[str], tmp_path: P
     monkeypatch.setenv("MEMVISOR_RUNTIME_DIR", str(tmp_path / "run"))
     assert cli.main(["ps", "--json"]) == 0
     assert capsys.readouterr().out.strip() == "[]"
+
+
+def test_signals_the_parent_ignored_stay_ignored() -> None:
+    """nohup ignores SIGHUP, a background job of a script starts with SIGINT ignored: memvisor keeps that."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        cli.catch_signals()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        handler = signal.getsignal(signal.SIGTERM)
+        assert callable(handler)
+        with pytest.raises(cli.Terminated) as caught:
+            handler(signal.SIGTERM, None)
+        assert caught.value.signo == signal.SIGTERM
+    finally:
+        for sig, old in saved.items():
+            signal.signal(sig, old)

@@ -16,8 +16,15 @@ from tests.vm.conftest import Runner, alive, memvisor_argv, ps, report, wait_for
 
 
 def start_background(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(memvisor_argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL)
+    """Start memvisor as from an interactive shell, with SIGINT at its default whatever the suite inherited: a
+    script's `make test &` runs with SIGINT ignored, which memvisor (rightly) keeps, and an ignored disposition
+    survives exec while a handler does not."""
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(memvisor_argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                stdin=subprocess.DEVNULL)
+    finally:
+        signal.signal(signal.SIGINT, saved)
 
 
 def running_sandbox(proc: subprocess.Popen[str]) -> dict[str, Any]:

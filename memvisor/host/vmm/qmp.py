@@ -64,8 +64,7 @@ class QMP:
 
     def _bounded(self, coro: Any, timeout: float) -> Any:
         """Run `coro` for at most `timeout` seconds. Not asyncio.wait_for: on timeout it waits for the task's
-        cancellation to finish, and qemu.qmp's disconnect after the VMM has quit can take no notice of it,
-        which once held `memvisor run` past a SIGTERM for over a minute with its VMM already gone."""
+        cancellation to finish, however long that takes, so its bound is not a bound."""
         task = self._loop.create_task(coro)
         done, _ = self._loop.run_until_complete(asyncio.wait({task}, timeout=timeout))
         if task not in done:
