@@ -2,7 +2,9 @@
 with their balloons, about once a second.
 
 Admission: a sandbox may start only if its floor still fits: the floors of the sandboxes already running plus
-its own must not exceed the budget (HTTP 503 with the figures otherwise).
+its own, and what each VMM costs beyond its guest's RAM, must not exceed the budget (HTTP 503 with the figures
+otherwise). A newcomer starts at its maximum if the budget has room for it, otherwise at the room that is left
+(never under its floor): it grows from there when it shows pressure, and the others give way.
 
 Control, per sandbox, from what the guest pushes (MemAvailable, memory PSI) and the host (MemAvailable, memory
 PSI, each VMM's RSS):
@@ -49,7 +51,7 @@ MIN_STEP = 4 * MIB  # smaller changes are not worth a QMP call
 HOST_SHORT = 0.10  # host MemAvailable under this share of MemTotal: squeeze idle guests twice as fast
 HOST_PSI_HIGH = 5.0  # ... or host memory PSI some avg10 (%) at or above this
 HISTORY = 20
-DEFAULT_OVERHEAD = 32 * MIB  # a VMM's own memory before any was measured (QEMU under KVM; TCG adds ~70 MiB)
+DEFAULT_OVERHEAD = 32 * MIB  # a VMM's own memory before any was measured (QEMU under KVM; TCG adds its cache)
 SUPERVISOR_FILE = "supervisor.json"  # in the sandbox's runtime directory, read by `memvisor stats`
 
 
@@ -89,8 +91,9 @@ class Supervisor:
     def admit(self, sandbox_id: str, max_mib: int, floor_mib: int) -> None:
         """Reserve the floor of a sandbox about to boot, plus what a VMM costs beyond its guest's RAM, or raise
         AdmissionRefused. The balloon cannot take the VMM's own memory (QEMU, and under TCG its translation
-        cache, ~70 MiB): that cost is measured on the running VMMs (RSS minus the guest RAM they hold), so a
-        sandbox that would only fit by being squeezed below its floor is refused instead of OOM-killed later."""
+        cache, up to qemu.TCG_TB_MIB): that cost is measured on the running VMMs (RSS minus the guest RAM they
+        hold), so a sandbox that would only fit by being squeezed below its floor is refused instead of OOM-killed
+        later."""
         with self._lock:
             reserved = sum(c.floor_bytes for c in self.controls.values())
             overhead = self._overhead()
@@ -101,7 +104,12 @@ class Supervisor:
                     f"sandbox(es) reserve {reserved // MIB} MiB of the {self.budget_bytes // MIB} MiB budget, and "
                     f"each VMM costs ~{overhead // MIB} MiB beyond its guest's RAM",
                     hint="stop a sandbox, lower --memory-floor, or raise memvisor serve --budget")
-            self.controls[sandbox_id] = Control(sandbox_id, max_mib * MIB, floor_mib * MIB, max_mib * MIB)
+            room = self.budget_bytes - sum(c.target_bytes for c in self.controls.values()) \
+                - overhead * (len(self.controls) + 1)
+            start = max(floor_mib * MIB, min(max_mib * MIB, room))
+            reason = "started at its maximum" if start == max_mib * MIB else \
+                f"started at the {start // MIB} MiB left in the budget"
+            self.controls[sandbox_id] = Control(sandbox_id, max_mib * MIB, floor_mib * MIB, start, reason)
 
     def _overhead(self) -> int:
         """The largest measured VMM overhead (RSS minus guest-RAM RSS) among running sandboxes; the default
@@ -110,9 +118,15 @@ class Supervisor:
         return max([DEFAULT_OVERHEAD, *[m for m in measured if m > 0]]) if measured else DEFAULT_OVERHEAD
 
     def attach(self, sandbox_id: str, vm: Any) -> None:
-        """Start steering a sandbox whose agent is up."""
+        """Start steering a sandbox whose agent is up (its balloon driver is loaded): a sandbox admitted below
+        its maximum gets that target now."""
         with self._lock:
             self._sandboxes[sandbox_id] = vm
+            control = self.controls.get(sandbox_id)
+        if control is not None and control.target_bytes < control.max_bytes:
+            start = control.target_bytes
+            control.target_bytes = control.max_bytes  # what the guest has until the balloon takes the rest
+            self._apply(control, vm, start, control.reason)
 
     def release(self, sandbox_id: str) -> None:
         with self._lock:
@@ -144,7 +158,11 @@ class Supervisor:
         host = psutil.virtual_memory()
         host_short = host.available < HOST_SHORT * host.total or host_pressure() >= HOST_PSI_HIGH
         wanted = {c.id: self._want(c, vm.last_stats, host_short) for c, vm in work}
-        over = max(sum(t for t, _ in wanted.values()), sum(_rss(vm) for _, vm in work)) - self.budget_bytes
+        with self._lock:
+            overhead = self._overhead()
+        # Both must fit: the targets with each VMM's own cost on top, and what the VMMs hold now.
+        committed = sum(t for t, _ in wanted.values()) + overhead * len(work)
+        over = max(committed, sum(_rss(vm) for _, vm in work)) - self.budget_bytes
         if over > 0:  # the guests with the most spare memory give first
             for c, _vm in sorted(work, key=lambda w: -_available(w[1].last_stats)):
                 target, _ = wanted[c.id]

@@ -35,7 +35,7 @@ def test_command_line_tcg(monkeypatch: pytest.MonkeyPatch) -> None:
     assert {"-nodefaults", "-no-user-config", "-no-reboot"} <= set(flags)
     value_argv = [a for a in argv[1:] if a not in ("-nodefaults", "-no-user-config", "-no-reboot")]
     opts = options([argv[0], *value_argv])
-    assert opts["-accel"] == ["tcg"] and opts["-cpu"] == ["max"]
+    assert opts["-accel"] == [f"tcg,tb-size={qemu.TCG_TB_MIB}"] and opts["-cpu"] == ["max"]
     assert opts["-m"] == ["192M"] and opts["-smp"] == ["2"]
     assert opts["-machine"] == ["q35,mem-merge=off"]
     assert opts["-append"][0].endswith("memvisor.root=0") and "console=ttyS0" in opts["-append"][0]
