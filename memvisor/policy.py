@@ -77,6 +77,7 @@ class Policy:
     ksm: bool = False
     balloon: bool = True
     deflate_on_oom: bool = False
+    memctl: bool = False
     # Not a setting: filled in by merge() so reports can tell where each value came from.
     sources: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
 
@@ -106,6 +107,8 @@ class Policy:
             parts.append(f"zram={self.zram_percent}%/{self.zram_algorithm}")
         if self.ksm:
             parts.append("ksm")
+        if self.memctl:
+            parts.append("memctl")
         if self.balloon:
             parts.append("balloon")
         if self.root:
@@ -145,6 +148,9 @@ SETTINGS: tuple[Setting, ...] = (
             cmdline="balloon"),
     Setting("deflate_on_oom", "balloon", "deflate_on_oom", "--deflate-on-oom", bool,
             "let the guest deflate the balloon when it would OOM"),
+    Setting("memctl", "memctl", "enable", "--memctl", bool,
+            "let the sandbox's workload tell the host how to back its memory (free, lock, ...; docs/memctl.md): "
+            "guest RAM becomes a shared memfd", cmdline="memctl"),
 )
 
 SETTINGS_BY_FIELD = {s.field: s for s in SETTINGS}
@@ -236,6 +242,10 @@ def validate(policy: Policy) -> None:
             "--swap-discard cannot be used with authenticated swap: dm-integrity passes discards only with its own "
             "internal hash, and it serves a block whose tag reads all 0xf6 (its discard marker) as authentic, so "
             "a host could forge one", hint="use --swap-mode encrypted or plain with --swap-discard, or drop it")
+    if policy.memctl and policy.ksm:
+        raise PolicyError("--memctl and --ksm cannot be used together: memctl backs guest RAM with shared memory "
+                          "(a memfd memvisor also maps), and KSM merges only private memory",
+                          hint="drop --ksm or --memctl")
     if policy.deflate_on_oom and not policy.balloon:
         raise PolicyError("--deflate-on-oom needs the balloon", hint="drop --no-balloon or --deflate-on-oom")
     if policy.swap_size_mib > MAX_SWAP_PER_MIB_RAM * policy.memory_mib:

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 MAGIC = b"MVSR"
-VERSION = 3  # 2: DUMP/DUMPED; 3: many commands per boot (EXEC, STDIN, KILL, SHUTDOWN; exec ids)
+VERSION = 4  # 2: DUMP/DUMPED; 3: many commands per boot (EXEC, STDIN, KILL, SHUTDOWN; exec ids); 4: MEMCTL
 MAX_EXEC_ID = 0xFFFF  # exec ids are 1..MAX_EXEC_ID (they travel in the header's 16-bit stream field)
 MAX_EXECS = 64  # commands running at once in one guest
 HEADER = struct.Struct(">4sBBHI")
@@ -77,6 +77,8 @@ class Kind:
     STDIN = MessageKind(11, "STDIN")  # host -> guest: raw bytes for command `stream`'s stdin; empty = end of input
     KILL = MessageKind(12, "KILL")  # host -> guest: send a signal to a command's process group
     SHUTDOWN = MessageKind(13, "SHUTDOWN")  # host -> guest: kill every command and power off
+    MEMCTL = MessageKind(14, "MEMCTL")  # guest -> host: apply a memctl function code to guest-physical ranges
+    MEMCTL_ACK = MessageKind(15, "MEMCTL_ACK")  # host -> guest: what was done with MEMCTL `seq`
 
     @staticmethod
     def from_wire(value: int) -> MessageKind:
@@ -134,6 +136,20 @@ SCHEMAS: dict[MessageKind, _Schema] = {
     Kind.DUMP: {"reason": ((str,), True)},
     Kind.KILL: {"id": ((int,), True), "signal": ((int,), True)},
     Kind.SHUTDOWN: {},
+    Kind.MEMCTL: {
+        "seq": ((int,), True),  # 1..MAX_MEMCTL_SEQ, echoed in the MEMCTL_ACK
+        "code": ((str,), True),  # one of MEMCTL_CODES
+        "ranges": ((list,), True),  # [[gpa, length], ...]: page-aligned, non-empty, at most MAX_MEMCTL_RANGES
+        "name": ((str,), False),  # SET_VMA_ANON_NAME's name
+    },
+    Kind.MEMCTL_ACK: {
+        "seq": ((int,), True),
+        "ok": ((bool,), True),
+        "errno": ((int,), True),  # 0, or why not (EOPNOTSUPP, EINVAL, EAGAIN, ...)
+        "reason": ((str,), True),  # what was done, or why not
+        "bytes": ((int,), True),  # how much memory the code was applied to
+        "info": ((dict,), False),  # INFO: code -> "supported" or "unsupported: why"
+    },
     Kind.DUMPED: {
         "uptime": ((float, int), True),
         "blocked": ((list,), True),  # [[pid, comm, state, wchan], ...], at most MAX_BLOCKED
@@ -141,6 +157,14 @@ SCHEMAS: dict[MessageKind, _Schema] = {
     },
 }
 MAX_BLOCKED = 32
+# memctl function codes (docs/memctl.md): the Cloud Hypervisor RFC's, named on the wire.
+MEMCTL_CODES = ("INFO", "FREE", "REMOVE", "DONTNEED", "PAGEOUT", "MERGEABLE", "UNMERGEABLE", "DONTDUMP", "MLOCK",
+                "MUNLOCK", "MPROTECT_NONE", "MPROTECT_R", "MPROTECT_W", "MPROTECT_RW", "SET_VMA_ANON_NAME")
+MAX_MEMCTL_RANGES = 4096  # [guest-physical address, length] pairs in one MEMCTL
+MAX_GPA = 1 << 52  # x86-64's physical address width at most
+PAGE = 4096
+MAX_MEMCTL_SEQ = (1 << 31) - 1
+MAX_ANON_NAME = 80  # the kernel's limit for PR_SET_VMA_ANON_NAME
 
 
 class Frame:
@@ -264,11 +288,39 @@ def check(kind: MessageKind, body: dict[str, Any]) -> None:
             raise ProtocolError("EXEC: timeout must be a positive number of seconds")
     elif kind is Kind.KILL and not 1 <= body["signal"] <= 64:
         raise ProtocolError("KILL: signal must be in 1..64")
+    elif kind is Kind.MEMCTL:
+        check_memctl(body)
+    elif kind is Kind.MEMCTL_ACK and not 1 <= body["seq"] <= MAX_MEMCTL_SEQ:
+        raise ProtocolError(f"MEMCTL_ACK: seq {body['seq']} is not in 1..{MAX_MEMCTL_SEQ}")
     elif kind is Kind.DUMPED:
         blocked = body["blocked"]
         if len(blocked) > MAX_BLOCKED or not all(_is_task(t) for t in blocked):
             raise ProtocolError(f"DUMPED: blocked must be at most {MAX_BLOCKED} [pid, comm, state, wchan] rows "
                                 "of an int and three strings of at most 64 characters")
+
+
+def check_memctl(body: dict[str, Any]) -> None:
+    """A MEMCTL's fields beyond their types: a known code, a sequence number in range, and ranges that are
+    [address, length] pairs of non-negative, page-aligned integers, each non-empty and under MAX_GPA. Whether
+    they lie in the guest's RAM is the host's check (memvisor.host.memctl), which knows the RAM layout."""
+    if body["code"] not in MEMCTL_CODES:
+        raise ProtocolError(f"MEMCTL: unknown code {body['code'][:40]!r}")
+    if not 1 <= body["seq"] <= MAX_MEMCTL_SEQ:
+        raise ProtocolError(f"MEMCTL: seq {body['seq']} is not in 1..{MAX_MEMCTL_SEQ}")
+    ranges = body["ranges"]
+    if len(ranges) > MAX_MEMCTL_RANGES:
+        raise ProtocolError(f"MEMCTL: {len(ranges)} ranges, over the limit of {MAX_MEMCTL_RANGES}")
+    for pair in ranges:
+        if not (isinstance(pair, list) and len(pair) == 2
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in pair)):
+            raise ProtocolError("MEMCTL: each range must be an [address, length] pair of integers")
+        start, length = pair
+        if start < 0 or length <= 0 or start % PAGE or length % PAGE or start + length > MAX_GPA:
+            raise ProtocolError(f"MEMCTL: range [{start:#x}, {length:#x}] is not page-aligned, non-empty and "
+                                "under 2^52")
+    name = body.get("name")
+    if name is not None and (not _is_text(name) or len(name) > MAX_ANON_NAME):
+        raise ProtocolError(f"MEMCTL: name must be text of at most {MAX_ANON_NAME} characters")
 
 
 def _is_task(row: object) -> bool:

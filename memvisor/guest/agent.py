@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
+    from memvisor.guest.memctld import Memctld
+
 PORTS = "/sys/class/virtio-ports"
 DRAIN_GRACE = 1.0  # seconds to keep reading output held open by the workload's orphans after it exits
 STATS_INTERVAL = 2.0  # seconds between STATS frames while a command runs
@@ -107,9 +109,10 @@ def answer(channel: Channel, frame: proto.Frame) -> bool:
 class Command:
     """One running command: its child, the output streams still open, its stdin backlog and its deadline."""
 
-    def __init__(self, exec_id: int, child: spawn.Child, timeout: float | None) -> None:
+    def __init__(self, exec_id: int, child: spawn.Child, timeout: float | None, cgroup: str | None = None) -> None:
         self.id = exec_id
         self.child = child
+        self.cgroup = cgroup  # memctl: the cgroup it runs in (removed when it ends)
         self.streams = {child.stdout: proto.Kind.STDOUT, child.stderr: proto.Kind.STDERR}
         self.stdin = bytearray()
         self.stdin_eof = False  # the host ended its input: close the pipe once the backlog is written
@@ -125,7 +128,8 @@ class Command:
 class Agent:
     """The command server: one poll loop over the channel and every command's pipes and pidfd."""
 
-    def __init__(self, channel: Channel, uid: int, report: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, channel: Channel, uid: int, report: Callable[[], dict[str, Any]],
+                 memctl: Memctld | None = None) -> None:
         self.channel = channel
         self.uid = uid
         self.report = report
@@ -134,6 +138,10 @@ class Agent:
         self.poller = select.poll()
         self.poller.register(channel.fd, select.POLLIN)
         self.stopping = False
+        self.memctl = memctl  # memctl's socket server (memctld), when the policy enables it
+        if memctl is not None:
+            self.fds[memctl.listener.fileno()] = ("memctl-listen", None)
+            self.poller.register(memctl.listener.fileno(), select.POLLIN)
 
     # -- the loop --------------------------------------------------------------------------------------------
     def serve(self) -> None:
@@ -170,6 +178,8 @@ class Agent:
                 self._frame(frame)
             if self.channel.eof:
                 time.sleep(0.05)  # nobody on the host end yet: poll gently
+        elif role.startswith("memctl"):
+            self._memctl_event(role, fd)
         elif command is None:
             return
         elif role == "out":
@@ -186,6 +196,17 @@ class Agent:
         elif role == "stdin":
             self._write_stdin(command)
 
+    def _memctl_event(self, role: str, fd: int) -> None:
+        assert self.memctl is not None
+        if role == "memctl-listen":
+            conn = self.memctl.accept()
+            if conn is not None:
+                self.fds[conn.fileno()] = ("memctl-client", None)
+                self.poller.register(conn.fileno(), select.POLLIN)
+        elif not self.memctl.readable(fd):
+            self._forget(fd)
+            self.memctl.close_client(fd)
+
     def _reap(self, now: float) -> None:
         for command in list(self.commands.values()):
             if command.deadline is not None and not command.timed_out and now >= command.deadline:
@@ -195,6 +216,8 @@ class Agent:
             if command.done(now):
                 self._close(command)
                 status = command.child.wait()
+                if command.cgroup is not None and self.memctl is not None:
+                    self.memctl.drop_cgroup(command.cgroup)
                 sig = -status if status < 0 else None
                 self.channel.send(proto.Kind.EXIT, {"id": command.id, "code": None if sig else status,
                                                     "signal": sig, "timed_out": command.timed_out,
@@ -224,6 +247,8 @@ class Agent:
                 self._error(f"KILL for exec {body['id']}, which is not running", body["id"])
             else:
                 self._signal(command, body["signal"])
+        elif frame.kind is proto.Kind.MEMCTL_ACK and body is not None and self.memctl is not None:
+            self.memctl.ack(body)
         elif frame.kind is proto.Kind.SHUTDOWN:
             self.channel.log("shutdown asked for")
             self.stopping = True
@@ -242,9 +267,13 @@ class Agent:
         uid = body.get("uid", self.uid)
         home, user = ("/root", "root") if uid == 0 else ("/home/sandbox", "sandbox")
         env = {**BASE_ENV, "HOME": home, "USER": user, "LOGNAME": user, "SHELL": "/bin/sh", **body.get("env", {})}
+        cgroup = self.memctl.cgroup_for(exec_id) if self.memctl is not None else None
         try:
-            child = spawn.spawn(body["argv"], env, body.get("cwd", home), uid, stdin=body.get("stdin", False))
+            child = spawn.spawn(body["argv"], env, body.get("cwd", home), uid, stdin=body.get("stdin", False),
+                                cgroup=cgroup)
         except OSError as exc:
+            if cgroup is not None and self.memctl is not None:
+                self.memctl.drop_cgroup(cgroup)
             # The shell's conventions: 127 not found, 126 found but not runnable.
             code = 127 if exc.errno == 2 else 126
             self.channel.send_output(proto.Kind.STDERR, f"memvisor: {body['argv'][0]}: {exc.strerror}\n".encode(),
@@ -252,7 +281,7 @@ class Agent:
             self.channel.send(proto.Kind.EXIT, {"id": exec_id, "code": code, "signal": None, "uptime": uptime(),
                                                 **self.report()})
             return
-        command = Command(exec_id, child, body.get("timeout"))
+        command = Command(exec_id, child, body.get("timeout"), cgroup)
         self.commands[exec_id] = command
         for fd in command.streams:
             self._watch(fd, "out", command, select.POLLIN)
@@ -315,6 +344,11 @@ class Agent:
         del self.commands[command.id]
 
 
-def serve(channel: Channel, uid: int, report: Callable[[], dict[str, Any]]) -> None:
-    """Serve the host's commands until it asks for a shutdown."""
-    Agent(channel, uid, report).serve()
+def serve(channel: Channel, uid: int, report: Callable[[], dict[str, Any]], memctl: bool = False) -> None:
+    """Serve the host's commands until it asks for a shutdown; with `memctl`, workloads' memctl requests too."""
+    server = None
+    if memctl:  # imported only then: a sandbox without memctl does not pay for `socket` at boot
+        from memvisor.guest import memctld
+
+        server = memctld.Memctld(memctld.setup(), lambda body: channel.send(proto.Kind.MEMCTL, body), channel.log)
+    Agent(channel, uid, report, server).serve()

@@ -179,7 +179,7 @@ def main() -> None:
             "swap": ctx.swap,
         })
         agent.serve(ctx.channel, uid=0 if ctx.flag("root") else UNPRIVILEGED_UID,
-                    report=memstats.report)
+                    report=memstats.report, memctl=ctx.flag("memctl"))
     except SetupError as exc:  # a clear, expected failure: no traceback
         log(f"FATAL: {exc}")
         report_fatal(ctx, str(exc))

@@ -46,9 +46,11 @@ def _exec_path(argv: list[str], env: dict[str, str]) -> None:
     raise first or FileNotFoundError(2, "command not found", argv[0])
 
 
-def spawn(argv: list[str], env: dict[str, str], cwd: str, uid: int, stdin: bool = False) -> Child:
+def spawn(argv: list[str], env: dict[str, str], cwd: str, uid: int, stdin: bool = False,
+          cgroup: str | None = None) -> Child:
     """fork + exec `argv` as `uid` (gid = uid, no supplementary groups) in a new session; stdin a pipe (`stdin`)
-    or /dev/null.
+    or /dev/null; in `cgroup` (a cgroup v2 directory) if given: the child moves itself there before it drops
+    root, so nothing it runs ever lives outside it.
 
     Raises OSError (with the errno exec or chdir failed with) if the program cannot be started.
     """
@@ -66,6 +68,10 @@ def spawn(argv: list[str], env: dict[str, str], cwd: str, uid: int, stdin: bool 
             # PID 1's Python ignores SIGPIPE; a workload expects the default.
             for sig in (_signal.SIGPIPE, _signal.SIGXFSZ):
                 _signal.signal(sig, _signal.SIG_DFL)
+            if cgroup is not None:
+                procs = os.open(f"{cgroup}/cgroup.procs", os.O_WRONLY)
+                os.write(procs, b"0")
+                os.close(procs)
             if uid != 0:
                 os.setgroups([])
                 os.setgid(uid)

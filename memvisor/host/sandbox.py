@@ -25,7 +25,7 @@ from typing import Any, NoReturn
 from memvisor import policy as pol
 from memvisor import proto
 from memvisor.errors import GuestError, MemvisorError
-from memvisor.host import ksm, launch, report, runtime, stall, stats, swapfile
+from memvisor.host import ksm, launch, memctl, report, runtime, stall, stats, swapfile
 from memvisor.host.channel import HostChannel
 from memvisor.host.session import Session
 from memvisor.host.stall import Stall
@@ -96,6 +96,7 @@ class Instance:
         self.spawned_at = 0.0
         self.last_stats: dict[str, Any] = {}
         self.session: Session | None = None
+        self.memctl: memctl.Backing | None = None  # guest RAM as a memfd (policy setting memctl)
         self._hello_seen = False
         self.failed = False  # keep the console log at teardown
         self.kept_log: Path | None = None  # where that log was kept
@@ -134,13 +135,16 @@ class Instance:
         self._stack.callback(self.channel.close)
         self._stack.callback(theirs.close)
         self._vmm_socks = [qmp_sock, theirs]
+        if self.policy.memctl:
+            self.memctl = memctl.Backing(self.policy.memory_mib)
+            self._stack.callback(self.memctl.close)
         spec = VMSpec(
             name=self.name, memory_mib=self.policy.memory_mib, cpus=self.policy.cpus,
             kernel=self.image.vmlinux, initrd=self.image.initramfs,
             cmdline=(f"memvisor.id={self.id}", *pol.to_cmdline(self.policy), *self.kernel_args),
             console_log=self.console_log, qmp_fd=qmp_sock.fileno(), channel_fd=theirs.fileno(),
             ksm=self.ksm_in_effect(), disks=disks, balloon=self.policy.balloon,
-            deflate_on_oom=self.policy.deflate_on_oom)
+            deflate_on_oom=self.policy.deflate_on_oom, ram_fd=self.memctl.fd if self.memctl else None)
         self.argv = self.vmm.command(spec)
         return self.argv
 
@@ -179,11 +183,13 @@ class Instance:
             self.plan()
         assert self.dir is not None and self.state is not None
         self.spawned_at = time.monotonic()
-        self.process = launch.spawn_vmm(self.argv, pass_fds=tuple(s.fileno() for s in self._vmm_socks),
+        fds = [s.fileno() for s in self._vmm_socks] + ([self.memctl.fd] if self.memctl else [])
+        self.process = launch.spawn_vmm(self.argv, pass_fds=tuple(fds),
                                         log=self.dir / "vmm.log", ksm=self.ksm_in_effect())
         self._stack.callback(self._stop_vmm)
         assert self.channel is not None
-        self.session = Session(self.channel, self.process.pid, on_stats=self._store_guest_stats)
+        self.session = Session(self.channel, self.process.pid, on_stats=self._store_guest_stats,
+                               on_memctl=self.memctl.handle if self.memctl else None)
         self._stack.callback(self.session.close)
         for sock in self._vmm_socks:  # the VMM has its copies now
             sock.close()
@@ -349,7 +355,13 @@ class Instance:
         """Keep the guest's latest memory figures where `memvisor stats` (another process) can read them."""
         assert self.dir is not None
         self.last_stats = body
-        path = self.dir / stats.GUEST_STATS
+        self._write(stats.GUEST_STATS, body)
+        if self.memctl is not None:  # the host's own memctl counters, at the guest's STATS pace
+            self._write(stats.MEMCTL, self.memctl.counters.to_json())
+
+    def _write(self, name: str, body: dict[str, Any]) -> None:
+        assert self.dir is not None
+        path = self.dir / name
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(body))
         tmp.replace(path)
@@ -418,6 +430,7 @@ class Instance:
             "policy": pol.to_json(self.policy),
             "swap": report.swap_section(self.policy, hello, exit_body),
             "protocol_errors": self.channel.errors,
+            "memctl": self.memctl.counters.to_json() if self.memctl else None,
         }
 
     # -- tearing down --------------------------------------------------------------------------------------

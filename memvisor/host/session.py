@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from memvisor import proto
+from memvisor.host import memctl
 from memvisor.host.channel import HostChannel
 
 log = logging.getLogger("memvisor")
@@ -48,10 +49,14 @@ class Command:
 class Session:
     """The channel's reader thread and the commands in flight."""
 
-    def __init__(self, channel: HostChannel, vmm_pid: int, on_stats: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(self, channel: HostChannel, vmm_pid: int, on_stats: Callable[[dict[str, Any]], None],
+                 on_memctl: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+        """`on_memctl`: answers a MEMCTL with its MEMCTL_ACK body (None: memctl is off, every MEMCTL refused)."""
         self.channel = channel
         self.vmm_pidfd = os.pidfd_open(vmm_pid)
         self.on_stats = on_stats
+        self.on_memctl = on_memctl
+        self.memctl_refused = 0
         self.hello: dict[str, Any] | None = None
         self.hello_at = 0.0
         self.ready = threading.Event()  # HELLO arrived
@@ -170,6 +175,16 @@ class Session:
             self.dump_done.set()
         elif kind is proto.Kind.ERROR and body is not None:
             self._guest_error(body)
+        elif kind is proto.Kind.MEMCTL and body is not None:
+            if self.on_memctl is not None:
+                ack = self.on_memctl(body)
+            else:
+                self.memctl_refused += 1
+                ack = memctl.refuse(body)
+            try:
+                self.send(proto.Kind.MEMCTL_ACK, ack)
+            except OSError as exc:  # TimeoutError included: a guest that does not read loses its answer
+                log.warning("could not answer the guest's MEMCTL %d: %s", body["seq"], exc)
         else:
             self.channel.reject(f"unexpected {kind.name} from the guest")
 

@@ -17,6 +17,7 @@ from memvisor.host import ksm, runtime
 from memvisor.host.vmm.qmp import QMP
 
 GUEST_STATS = "guest-stats.json"
+MEMCTL = "memctl.json"  # the host's memctl counters (memvisor/host/memctl.py), written by the sandbox's owner
 SUPERVISOR = "supervisor.json"  # the daemon's supervisor's latest decision (memvisor/service/supervisor.py)
 MIB = 2**20
 
@@ -82,6 +83,10 @@ def sandbox(state: runtime.SandboxState) -> dict[str, Any]:
         out["supervisor"] = {k: decision[k] for k in ("target_bytes", "floor_bytes", "max_bytes", "reason")}
         out["supervisor"]["history"] = decision.get("history", [])[-5:]
     except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        out["memctl"] = json.loads((Path(state.runtime_dir) / MEMCTL).read_text())
+    except (OSError, ValueError):
         pass
     guest_file = Path(state.runtime_dir) / GUEST_STATS
     try:

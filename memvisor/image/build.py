@@ -29,7 +29,7 @@ PKG_DIR = Path(memvisor.__file__).parent
 GUEST_SOURCES = ("__init__.py", "errors.py", "cmdline.py", "proto.py", "guest/__init__.py", "guest/init.py",
                  "guest/agent.py", "guest/linux.py", "guest/spawn.py", "guest/dm.py", "guest/blockio.py",
                  "guest/integrity.py", "guest/swap.py", "guest/swapstack.py", "guest/zram.py",
-                 "guest/memstats.py", "guest/diag.py")
+                 "guest/memstats.py", "guest/diag.py", "guest/memctld.py", "guest/memctl.py")
 BUILDER_SOURCES = ("image/__init__.py", "image/build.py", "image/cpio.py", "image/debs.py", "image/kernel.py",
                    "image/python.py")
 UNPRIVILEGED = 1000
@@ -215,4 +215,9 @@ def _write_initramfs(cpio: CpioWriter, root: Path, modules: kernel.ModuleSet, py
     add("etc/group", b"root:x:0:\nsandbox:x:1000:\n")
     add("etc/hostname", b"memvisor\n")
     add("init", b"#!/usr/bin/python3 -SI\nfrom memvisor.guest.init import main\nmain()\n", 0o755)
+    # memctl for workloads (docs/memctl.md): `import memctl`, and the `memctl` command
+    add(f"usr/lib/python{python.PY_VERSION}/memctl.py", b"from memvisor.guest.memctl import *  # noqa\n"
+        b"from memvisor.guest.memctl import MemctlError, advise, info, main  # noqa\n")
+    add("usr/bin/memctl", b"#!/usr/bin/python3 -S\nimport sys\nfrom memvisor.guest.memctl import main\n"
+        b"sys.exit(main())\n", 0o755)
     return count

@@ -16,8 +16,9 @@ from memvisor.errors import ImageError
 from memvisor.image.kernel import elf_section
 
 PY_VERSION = "3.11"
-# swapstack: imported only with swap; diag: only when the host asks for a dump
-GUEST_ENTRY_MODULES = ("memvisor.guest.init", "memvisor.guest.swapstack", "memvisor.guest.diag")
+# swapstack: imported only with swap; diag: only when the host asks for a dump; memctld: only with memctl
+GUEST_ENTRY_MODULES = ("memvisor.guest.init", "memvisor.guest.swapstack", "memvisor.guest.diag",
+                       "memvisor.guest.memctld", "memvisor.guest.memctl")  # memctl: PID 1's side, the workload's
 # Imported lazily, on paths the guest can take: encoding lookups, error paths.
 EXTRA_MODULES = ("encodings.latin_1", "encodings.ascii", "encodings.utf_8",
                  "json.decoder",  # _json raises json.decoder.JSONDecodeError, importing it on that path

@@ -97,7 +97,10 @@ def serve(socket_path: Path, listen: str | None = None, token_file: Path | None 
     tcp = parse_listen(listen) if listen else None
     token = token_from(token_file) if tcp else None
     supervisor = Supervisor(parse_budget(budget))
-    registry = Registry(build.ensure, supervisor)
+    # The image is fixed when the daemon starts: its guest code must be the daemon's own (an upgrade of
+    # memvisor on disk would otherwise boot new guests that speak a protocol the running daemon does not).
+    image = build.ensure()
+    registry = Registry(lambda: image, supervisor)
     unix_sock = bind_unix(socket_path)
     servers = [_Server(uvicorn.Config(create_app(registry), fd=unix_sock.fileno(), log_level="warning",
                                              lifespan="off"))]

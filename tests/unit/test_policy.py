@@ -17,7 +17,7 @@ SAMPLE: dict[str, object] = {
     "memory_mib": 192, "memory_floor_mib": 96, "cpus": 2, "timeout": 12.5, "root": True, "swap_size_mib": 1024,
     "swap_mode": SwapMode.ENCRYPTED, "allow_weaker_swap": True, "swap_discard": True, "zram_percent": 50,
     "zram_algorithm": "zstd",
-    "ksm": True, "balloon": False, "deflate_on_oom": True,
+    "ksm": True, "balloon": False, "deflate_on_oom": True, "memctl": True,
 }
 IMPLEMENTED = list(SETTINGS)
 
@@ -179,3 +179,8 @@ def test_memory_floor_default_and_bounds() -> None:
     assert policy.merge(("t", {"memory_mib": 256, "memory_floor_mib": 200})).floor_mib == 200
     with pytest.raises(PolicyError, match="above --memory"):
         policy.merge(("t", {"memory_mib": 128, "memory_floor_mib": 200}))
+
+
+def test_memctl_and_ksm_are_refused_together() -> None:
+    with pytest.raises(PolicyError, match="--memctl and --ksm cannot be used together"):
+        policy.merge(("flags", {"ksm": True, "memctl": True}))

@@ -35,6 +35,7 @@ class VMSpec:
     disks: tuple[Disk, ...] = ()
     balloon: bool = False
     deflate_on_oom: bool = False
+    ram_fd: int | None = None  # memctl: guest RAM is this memfd (passed to the VMM at this number), mapped shared
 
 
 class VMMBackend(abc.ABC):

@@ -67,7 +67,10 @@ class QemuBackend(VMMBackend):
         return [
             proc.which(QEMU),
             "-name", f"guest={spec.name},process={spec.name},debug-threads=on",
-            "-machine", f"q35,mem-merge={'on' if spec.ksm else 'off'}",
+            "-machine", f"q35,mem-merge={'on' if spec.ksm else 'off'}"
+                        + (",memory-backend=ram0,dump-guest-core=off" if spec.ram_fd is not None else ""),
+            *(["-object", f"memory-backend-file,id=ram0,size={spec.memory_mib}M,"
+                          f"mem-path=/proc/self/fd/{spec.ram_fd},share=on"] if spec.ram_fd is not None else []),
             "-accel", accel if accel == "kvm" else f"tcg,tb-size={TCG_TB_MIB}",
             "-cpu", "host" if accel == "kvm" else "max",
             "-smp", str(spec.cpus),
