@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test deps image lint typecheck unit vm bench bench-boot bench-swap bench-density soak clean
+.PHONY: run test deps image lint typecheck unit vm bench bench-boot bench-swap bench-density bench-memctl soak serve-soak clean
 
 deps: $(STAMP)
 
@@ -48,6 +48,14 @@ bench-swap: image
 # How many idle-agent sandboxes fit in a 1.5 GiB memory cgroup: plain QEMU vs memvisor vs memvisor+KSM (root).
 bench-density: image
 	$(BIN)/python -m bench.density $(DENSITY_ARGS)
+
+# memctl: host ranges applied per second, end-to-end request latency in a guest (issue 10).
+bench-memctl: image
+	$(BIN)/python -m bench.memctl $(MEMCTL_ARGS)
+
+# The daemon soak: `memvisor serve`, ten sandboxes, commands into any of them for an hour (issue 9).
+serve-soak: image
+	$(BIN)/python -m bench.serve_soak $(SERVE_SOAK_ARGS)
 
 # The swap soak (issue 8's goal: 0 stalls in 100 authenticated runs, 0 in 50 of each other mode), two sandboxes at
 # a time; about 1.5 hours under TCG. SOAK_ARGS passes options, e.g. SOAK_ARGS="--runs authenticated=20 --load 1".

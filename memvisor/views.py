@@ -38,7 +38,22 @@ def stats_table(snapshot: dict[str, Any]) -> Table:
     decisions = [f"{sb['id']}: {sb['supervisor']['reason']}" for sb in snapshot["sandboxes"] if sb.get("supervisor")]
     if decisions:
         table.caption += "\nsupervisor: " + "; ".join(printable(d) for d in decisions)
+    memctl = [f"{sb['id']}: " + memctl_text(sb["memctl"]) for sb in snapshot["sandboxes"] if sb.get("memctl")]
+    if memctl:
+        table.caption += "\nmemctl: " + "; ".join(memctl)
     return table
+
+
+def memctl_text(counters: dict[str, Any]) -> str:
+    """"FREE 16 (64.0 MiB), MLOCK 1 (2.0 MiB); locked 2.0 MiB; refused: unsupported 1"."""
+    requests, sizes = counters.get("requests") or {}, counters.get("bytes") or {}
+    parts = [f"{code} {n} ({mib(sizes.get(code, 0))} MiB)" for code, n in requests.items() if code != "INFO"]
+    text = ", ".join(parts) or "no requests"
+    text += f"; locked {mib(counters.get('locked_bytes', 0))} MiB"
+    rejects = counters.get("rejects") or {}
+    if rejects:
+        text += "; refused: " + ", ".join(f"{why} {n}" for why, n in rejects.items())
+    return text
 
 
 def ksm_table(values: dict[str, int], running: bool, cpu_seconds: float | None, saved_bytes: int) -> Table:

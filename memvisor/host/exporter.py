@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import start_http_server
-from prometheus_client.core import REGISTRY, GaugeMetricFamily, Metric
+from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from memvisor.host import stats
@@ -69,11 +70,35 @@ class StatsCollector(Collector):
             for dev in (sb.get("guest") or {}).get("swap", []):
                 swap.add_metric([sb["id"], dev["device"], str(dev["priority"])], dev["used_bytes"])
         yield swap
+        yield from _memctl_families(snapshot["sandboxes"])
         for name, help_, path in HOST_GAUGES:
             value = _get(snapshot["host"], path)
             if value is not None:
                 yield GaugeMetricFamily(name, help_, value=value)
         yield GaugeMetricFamily("memvisor_sandboxes", "Running sandboxes", value=len(snapshot["sandboxes"]))
+
+
+def _memctl_families(sandboxes: list[dict[str, Any]]) -> Iterator[Metric]:
+    """memctl counters (docs/memctl.md), per sandbox and function code; rejects per reason."""
+    families = {key: CounterMetricFamily(f"memvisor_memctl_{key}", help_, labels=["sandbox", "code"])
+                for key, help_ in (("requests", "memctl requests the host applied, per function code"),
+                                   ("ranges", "guest-physical ranges those requests named"),
+                                   ("bytes", "bytes of guest RAM those requests covered"))}
+    rejects = CounterMetricFamily("memvisor_memctl_rejects", "memctl requests refused, per reason",
+                                  labels=["sandbox", "reason"])
+    locked = GaugeMetricFamily("memvisor_memctl_locked_bytes", "guest RAM memctl holds locked in host memory",
+                               labels=["sandbox"])
+    for sb in sandboxes:
+        counters = sb.get("memctl")
+        if not isinstance(counters, dict):
+            continue
+        for key, family in families.items():
+            for code, value in (counters.get(key) or {}).items():
+                family.add_metric([sb["id"], code], value)
+        for reason, value in (counters.get("rejects") or {}).items():
+            rejects.add_metric([sb["id"], reason], value)
+        locked.add_metric([sb["id"]], counters.get("locked_bytes", 0))
+    yield from (*families.values(), rejects, locked)
 
 
 def serve(address: str, port: int) -> None:
