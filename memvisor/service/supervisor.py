@@ -219,16 +219,17 @@ def host_pressure(path: str = "/proc/pressure/memory") -> float:
 
 
 def _rss(vm: Any) -> int:
-    """The VMM's resident anonymous memory (guest RAM, QEMU's heap, TCG's translation cache), as the host
-    measures it (0 if it cannot). File pages (the kernel and initramfs images) are left out: every VMM maps the
-    same ones, and the host holds them once."""
+    """The VMM's resident memory that is its own: anonymous (guest RAM, QEMU's heap, TCG's translation cache)
+    plus shared memory (guest RAM when memctl backs it with a memfd), as the host measures it (0 if it
+    cannot). File pages (the kernel and initramfs images) are left out: every VMM maps the same ones, and the
+    host holds them once."""
     process = getattr(vm, "process", None)
     if process is None:
         return 0
     try:
         with open(f"/proc/{process.pid}/status") as f:
-            line = next((x for x in f if x.startswith("RssAnon:")), "RssAnon: 0 kB")
-        return int(line.split()[1]) * 1024
+            kib = sum(int(x.split()[1]) for x in f if x.startswith(("RssAnon:", "RssShmem:")))
+        return kib * 1024
     except (OSError, ValueError, IndexError):
         return 0
 
