@@ -29,7 +29,7 @@ from memvisor.host import ksm, launch, memctl, report, runtime, stall, stats, sw
 from memvisor.host.channel import HostChannel
 from memvisor.host.session import Session
 from memvisor.host.stall import Stall
-from memvisor.host.vmm import Disk, VMMBackend, VMSpec, backend
+from memvisor.host.vmm import Disk, VMMBackend, VMSpec, backend, qemu
 from memvisor.host.vmm.qmp import QMP
 from memvisor.image.build import Image
 
@@ -64,6 +64,22 @@ class RunResult:
         return self.exit_code == 0
 
 
+def reserved_kernel_arg(word: str) -> str | None:
+    """Why memvisor will not let `word` onto the guest's kernel command line (None: it may). memvisor owns its
+    `memvisor.*` settings, what starts the guest's init, the console, and every word it sets itself: a later
+    word would override them (the kernel and the guest's init take the last one), so an extra argument could
+    weaken the policy the host enforces, e.g. turn authenticated swap into plain."""
+    key = word.partition("=")[0]
+    if key.startswith("memvisor."):
+        return f"memvisor owns the memvisor.* settings ({key})"
+    if key in ("init", "rdinit", "console", "earlycon", "earlyprintk"):
+        return f"memvisor owns {key}="
+    own = {w.partition("=")[0] for w in (*qemu.KERNEL_ARGS, *DEBUG_KERNEL_ARGS)}
+    if key in own:
+        return f"memvisor sets {key} itself"
+    return None
+
+
 class Instance:
     """A running sandbox VM. Use as a context manager; `run()` is the one-shot life of `memvisor run`, and
     `exec()` runs commands (many, at once) in a sandbox that stays up until `shutdown()` or `close()`."""
@@ -77,6 +93,10 @@ class Instance:
         for arg in kernel_args:
             if not arg or any(c.isspace() for c in arg):
                 raise MemvisorError(f"kernel argument {arg!r} must be one word without spaces")
+            reserved = reserved_kernel_arg(arg)
+            if reserved:
+                raise MemvisorError(f"kernel argument {arg!r} is refused: {reserved}",
+                                    hint="set it through the policy (docs/policy.md), not --kernel-arg")
         self.debug = debug
         self.kernel_args = (*DEBUG_KERNEL_ARGS, *kernel_args) if debug else kernel_args
         self.warn = on_warning or log.warning
@@ -371,9 +391,18 @@ class Instance:
         for warning in swap.get("warnings", []):
             self.warn(warning)
         assert self.state is not None
-        effective = swap.get("effective")
-        if effective and effective != swap.get("asked"):
-            self.warn(f"swap runs in mode {effective}, not {swap.get('asked')} as asked")
+        effective = swap.get("effective") or pol.SwapMode.OFF.value
+        asked = self.policy.effective_swap_mode  # the host's own policy, not what the guest says it was asked
+        order = list(pol.SwapMode)  # weakest first
+        if effective not in order:
+            self.failed = True
+            raise GuestError(f"the guest reported swap mode {str(effective)[:40]!r}, which is not a mode")
+        if order.index(pol.SwapMode(effective)) < order.index(asked):
+            if not self.policy.allow_weaker_swap:
+                self.failed = True
+                raise GuestError(f"the guest set up swap mode {effective}, weaker than {asked} as the policy asks",
+                                 hint="allow it with --allow-weaker-swap, or use a guest kernel with the mode")
+            self.warn(f"swap runs in mode {effective}, not {asked} as asked")
         self.state.summary = self.policy.summary(swap_in_effect=effective)
         runtime.write_state(self.state)
 

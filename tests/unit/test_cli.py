@@ -67,3 +67,19 @@ def test_signals_the_parent_ignored_stay_ignored() -> None:
     finally:
         for sig, old in saved.items():
             signal.signal(sig, old)
+
+
+@pytest.mark.parametrize("word", ["memvisor.swap_mode=plain", "memvisor.root=1", "init=/bin/sh", "rdinit=/x",
+                                  "console=tty0", "quiet", "panic=0", "loglevel=0"])
+def test_kernel_arguments_that_would_override_memvisor_are_refused(word: str) -> None:
+    from memvisor.host.sandbox import reserved_kernel_arg
+
+    assert reserved_kernel_arg(word)
+    rc = cli.main(["run", "--kernel-arg", word, "--dry-run", "--", "true"])
+    assert rc == cli.EXIT_FAILURE
+
+
+def test_other_kernel_arguments_pass() -> None:
+    from memvisor.host.sandbox import reserved_kernel_arg
+
+    assert reserved_kernel_arg("module_blacklist=dm_integrity") is None

@@ -1,0 +1,40 @@
+"""The host enforces its own policy whatever the guest says (issue 12), without a guest: a guest that reports a
+weaker swap mode than the policy asks is refused unless the policy allows it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from memvisor import policy
+from memvisor.errors import GuestError
+from memvisor.host import runtime
+from memvisor.host.sandbox import Instance
+
+
+def instance(tmp_path: Path, **settings: Any) -> Instance:
+    vm = Instance(policy.merge(("test", settings)), image=None)  # type: ignore[arg-type]
+    vm.dir = tmp_path
+    vm.state = runtime.SandboxState(id=vm.id, owner_pid=1, owner_started=0.0, created=0.0,
+                                    runtime_dir=str(tmp_path), policy={}, summary="", vmm_name=vm.name)
+    return vm
+
+
+@pytest.mark.parametrize("effective", ["plain", "encrypted", "off"])
+def test_a_weaker_swap_mode_from_the_guest_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      effective: str) -> None:
+    monkeypatch.setenv("MEMVISOR_RUNTIME_DIR", str(tmp_path))
+    vm = instance(tmp_path, swap_size_mib=64)  # authenticated by default
+    with pytest.raises(GuestError, match=f"the guest set up swap mode {effective}, weaker than authenticated"):
+        vm._swap_ready({"asked": "plain", "effective": effective})  # what the guest says it was asked: ignored
+    allowed = instance(tmp_path, swap_size_mib=64, allow_weaker_swap=True)
+    allowed._swap_ready({"asked": "authenticated", "effective": effective})
+
+
+def test_a_swap_mode_that_is_not_one_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEMVISOR_RUNTIME_DIR", str(tmp_path))
+    with pytest.raises(GuestError, match="which is not a mode"):
+        instance(tmp_path, swap_size_mib=64)._swap_ready({"effective": "\x1b[31mquantum"})
+    instance(tmp_path, swap_size_mib=64)._swap_ready({"effective": "authenticated"})
