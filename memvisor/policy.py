@@ -68,6 +68,7 @@ class Policy:
     cpus: int = 1
     timeout: float | None = None
     root: bool = False
+    output_limit_mib: int = 16
     swap_size_mib: int = 0
     swap_mode: SwapMode | None = None
     allow_weaker_swap: bool = False
@@ -126,6 +127,9 @@ SETTINGS: tuple[Setting, ...] = (
             minimum=0.001, optional=True),
     Setting("root", "run", "root", "--root", bool, "run the command as root in the guest (default: unprivileged)",
             cmdline="root"),
+    Setting("output_limit_mib", "run", "output_limit_mib", "--output-limit", int,
+            "MiB of each output stream kept when it is collected in memory (SDK, report); past it the result "
+            "says truncated and the command keeps running; 0: no limit", minimum=0, maximum=1 << 20),
     Setting("swap_size_mib", "swap", "size_mib", "--swap-size", int, "size of the guest's disk swap in MiB",
             cmdline="swap_size_mib", minimum=0, maximum=1 << 26),
     Setting("swap_mode", "swap", "mode", "--swap-mode", SwapMode,

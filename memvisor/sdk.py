@@ -20,7 +20,10 @@ from memvisor import config, policy
 from memvisor.host.sandbox import Instance, OutputFn, RunResult
 from memvisor.image import build
 
-__all__ = ["LiveSandbox", "RunResult", "Sandbox"]
+__all__ = ["DEFAULT_TIMEOUT_S", "LiveSandbox", "RunResult", "Sandbox"]
+# The SDK's blocking calls end within this by default (exit 124, `timed_out`): a workload that never ends must
+# not hang its caller. Pass a larger number, or timeout=None to wait without limit.
+DEFAULT_TIMEOUT_S = 600.0
 
 
 class Sandbox:
@@ -77,11 +80,15 @@ class Sandbox:
         return self._with(**changes)
 
     def run(self, argv: list[str], *, env: Mapping[str, str] | None = None, stdout: OutputFn | None = None,
-            stderr: OutputFn | None = None, kernel_args: tuple[str, ...] = ()) -> RunResult:
-        """Boot, run `argv`, tear down. Output goes to the callbacks if given, else into the result.
-        Warnings (e.g. a swap step-down) are logged to the "memvisor" logger and listed in result.report."""
+            stderr: OutputFn | None = None, kernel_args: tuple[str, ...] = (),
+            timeout: float | None = DEFAULT_TIMEOUT_S) -> RunResult:
+        """Boot, run `argv`, tear down. Output goes to the callbacks if given, else into the result (at most
+        the policy's output_limit_mib per stream: `result.truncated`). `timeout` (seconds, boot included) applies
+        unless the policy sets one; None: no limit. Warnings (e.g. a swap step-down) are logged to the
+        "memvisor" logger and listed in result.report."""
         image = build.ensure()
-        with Instance(self.policy, image, kernel_args=kernel_args) as vm:
+        pol = self.policy if self.policy.timeout is not None else dataclasses.replace(self.policy, timeout=timeout)
+        with Instance(pol, image, kernel_args=kernel_args) as vm:
             return vm.run(list(argv), env=dict(env or {}), on_stdout=stdout, on_stderr=stderr)
 
     def start(self, kernel_args: tuple[str, ...] = ()) -> LiveSandbox:
@@ -110,10 +117,11 @@ class LiveSandbox:
         self.id = vm.id
 
     def exec(self, argv: list[str], *, env: Mapping[str, str] | None = None, cwd: str | None = None,
-             root: bool = False, stdin: bytes | None = None, timeout: float | None = None,
+             root: bool = False, stdin: bytes | None = None, timeout: float | None = DEFAULT_TIMEOUT_S,
              stdout: OutputFn | None = None, stderr: OutputFn | None = None) -> RunResult:
-        """Run one command and wait for it; its output goes to the callbacks if given, else into the result.
-        `timeout`: kill it after that many seconds (exit 124, `timed_out`)."""
+        """Run one command and wait for it; its output goes to the callbacks if given, else into the result
+        (at most the policy's output_limit_mib per stream: `result.truncated`). `timeout`: kill it after that
+        many seconds (exit 124, `timed_out`); None: no limit."""
         return self._vm.exec(list(argv), env=dict(env or {}), cwd=cwd, uid=0 if root else None, stdin=stdin,
                              timeout=timeout, on_stdout=stdout, on_stderr=stderr)
 

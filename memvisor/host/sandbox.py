@@ -45,6 +45,25 @@ TIMEOUT_EXIT = 124  # like timeout(1)
 OutputFn = Callable[[bytes], None]
 
 
+class Collected:
+    """A command's output stream kept in memory, up to `limit` bytes: past it the rest is dropped (the command
+    keeps running) and `truncated` says so."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.data = bytearray()
+        self.limit = limit
+        self.truncated = False
+
+    def extend(self, chunk: bytes) -> None:
+        if self.limit is not None and len(self.data) + len(chunk) > self.limit:
+            chunk = chunk[:max(0, self.limit - len(self.data))]
+            self.truncated = True
+        self.data += chunk
+
+    def __bytes__(self) -> bytes:
+        return bytes(self.data)
+
+
 @dataclass
 class RunResult:
     """How a command ended. `exit_code` is what `memvisor run` exits with: the command's code, 128+signo for a
@@ -58,6 +77,7 @@ class RunResult:
     stderr: bytes = b""
     report: dict[str, Any] = field(default_factory=dict)
     stall: Stall | None = None  # what the guest looked like when the timeout hit
+    truncated: bool = False  # collected output passed the policy's output_limit_mib and was cut there
 
     @property
     def ok(self) -> bool:
@@ -275,7 +295,7 @@ class Instance:
         in the result."""
         assert self.session is not None
         self.wait_ready()
-        out, err = bytearray(), bytearray()
+        out, err = self._collectors()
         command = self.session.begin(argv, env=env, cwd=cwd, uid=uid, stdin=stdin is not None, timeout=timeout,
                                      on_stdout=on_stdout or out.extend, on_stderr=on_stderr or err.extend)
         try:
@@ -287,10 +307,11 @@ class Instance:
             while not command.done.wait(min(1.0, max(0.0, limit - time.monotonic()))):
                 if time.monotonic() >= limit:
                     self.session.kill(command)
-                    return RunResult(TIMEOUT_EXIT, None, None, True, bytes(out), bytes(err))
+                    return RunResult(TIMEOUT_EXIT, None, None, True, bytes(out), bytes(err),
+                                     truncated=out.truncated or err.truncated)
             if command.exit is None:
                 self._raise_death()
-            return self._exit_result(command.exit, bytes(out), bytes(err))
+            return self._exit_result(command.exit, out, err)
         finally:
             self.session.finish(command)
 
@@ -308,7 +329,7 @@ class Instance:
         counts from the VMM's start, boot included; when it passes, the guest is asked for a diagnostic dump
         and the result says `timed_out` (exit 124)."""
         assert self.process is not None and self.session is not None
-        out, err = bytearray(), bytearray()
+        out, err = self._collectors()
         emit_out = on_stdout or out.extend
         emit_err = on_stderr or err.extend
         phase = on_phase or (lambda _p: None)
@@ -319,7 +340,7 @@ class Instance:
         hello = self.wait_ready(deadline)
         if hello is None:
             diagnosis = self._diagnose(f"--timeout of {timeout:g} s passed", ready=False)
-            return self._timed_out(bytes(out), bytes(err), marks, None, None, diagnosis)
+            return self._timed_out(out, err, marks, None, None, diagnosis)
         marks["hello"] = self.session.hello_at
         phase("running")
         command = self.session.begin(argv, env=env, on_stdout=emit_out, on_stderr=emit_err)
@@ -329,7 +350,7 @@ class Instance:
                     diagnosis = self._diagnose(f"--timeout of {timeout:g} s passed", ready=True)
                     if command.started is not None:
                         marks["started"] = command.started_at
-                    return self._timed_out(bytes(out), bytes(err), marks, hello, command.started, diagnosis)
+                    return self._timed_out(out, err, marks, hello, command.started, diagnosis)
             if command.exit is None:
                 self._raise_death()
         finally:
@@ -340,7 +361,7 @@ class Instance:
         assert command.exit is not None
         phase("stopping")
         self.shutdown()
-        result = self._exit_result(command.exit, bytes(out), bytes(err))
+        result = self._exit_result(command.exit, out, err)
         result.report = self._report(result, marks, hello, command.started, command.exit)
         return result
 
@@ -423,18 +444,24 @@ class Instance:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=POWEROFF_TIMEOUT_S)
 
-    def _timed_out(self, out: bytes, err: bytes, marks: dict[str, float], hello: dict[str, Any] | None,
+    def _timed_out(self, out: Collected, err: Collected, marks: dict[str, float], hello: dict[str, Any] | None,
                    started: dict[str, Any] | None, diagnosis: Stall) -> RunResult:
-        result = RunResult(TIMEOUT_EXIT, None, None, True, out, err, stall=diagnosis)
+        result = RunResult(TIMEOUT_EXIT, None, None, True, bytes(out), bytes(err), stall=diagnosis,
+                           truncated=out.truncated or err.truncated)
         result.report = self._report(result, marks, hello, started, None)
         result.report["stall"] = diagnosis.to_json()
         return result
 
-    def _exit_result(self, body: dict[str, Any], out: bytes, err: bytes) -> RunResult:
+    def _collectors(self) -> tuple[Collected, Collected]:
+        limit = self.policy.output_limit_mib << 20 if self.policy.output_limit_mib else None
+        return Collected(limit), Collected(limit)
+
+    def _exit_result(self, body: dict[str, Any], out: Collected, err: Collected) -> RunResult:
         code, sig = body["code"], body["signal"]
         timed_out = bool(body.get("timed_out"))
         exit_code = TIMEOUT_EXIT if timed_out else 128 + sig if sig else (code if code is not None else 255)
-        return RunResult(exit_code, code, sig, timed_out, out, err)
+        return RunResult(exit_code, code, sig, timed_out, bytes(out), bytes(err),
+                         truncated=out.truncated or err.truncated)
 
     def _report(self, result: RunResult, marks: dict[str, float], hello: dict[str, Any] | None,
                 started: dict[str, Any] | None, exit_body: dict[str, Any] | None) -> dict[str, Any]:
@@ -449,6 +476,7 @@ class Instance:
             "code": result.code,
             "signal": result.signal,
             "timed_out": result.timed_out,
+            "truncated": result.truncated,
             "boot_seconds": since_spawn("hello"),
             "time_to_command_seconds": since_spawn("started"),
             "total_seconds": round(time.monotonic() - self.spawned_at, 3),
