@@ -165,7 +165,8 @@ def measure(name: str, args: argparse.Namespace, workdir: Path) -> Outcome:
                         outcome.failure = outcome.failure or f"sandbox {a.id}: a burst took {max(late)} ms"
             print(f"[{name}] {len(agents)} sandboxes, cgroup {cgroup.usage_bytes() >> 20} MiB of {args.limit} MiB"
                   f"{': ' + outcome.failure if outcome.failure else ''}", file=sys.stderr, flush=True)
-        outcome.fitted = len(agents) - (1 if outcome.failure and not outcome.failure.startswith("admission") else 0)
+        failed_one = outcome.failure and not outcome.failure.startswith(("admission", "create failed"))
+        outcome.fitted = max(0, len(agents) - (1 if failed_one else 0))
         outcome.worst_burst_ms = max((ms for a in agents for _, ms in a.bursts), default=0)
         outcome.failure = outcome.failure or f"stopped at --max {args.max}"
     finally:

@@ -69,6 +69,7 @@ class Policy:
     timeout: float | None = None
     root: bool = False
     output_limit_mib: int = 16
+    console_log_kib: int = 1024
     swap_size_mib: int = 0
     swap_mode: SwapMode | None = None
     allow_weaker_swap: bool = False
@@ -130,6 +131,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("output_limit_mib", "run", "output_limit_mib", "--output-limit", int,
             "MiB of each output stream kept when it is collected in memory (SDK, report); past it the result "
             "says truncated and the command keeps running; 0: no limit", minimum=0, maximum=1 << 20),
+    Setting("console_log_kib", "run", "console_log_kib", "--console-log", int,
+            "KiB of the guest's console kept on disk (the newest; older output is dropped)", minimum=16,
+            maximum=1 << 20),
     Setting("swap_size_mib", "swap", "size_mib", "--swap-size", int, "size of the guest's disk swap in MiB",
             cmdline="swap_size_mib", minimum=0, maximum=1 << 26),
     Setting("swap_mode", "swap", "mode", "--swap-mode", SwapMode,

@@ -27,6 +27,7 @@ from memvisor import proto
 from memvisor.errors import GuestError, MemvisorError
 from memvisor.host import ksm, launch, memctl, report, runtime, stall, stats, swapfile
 from memvisor.host.channel import HostChannel
+from memvisor.host.console import ConsoleLog
 from memvisor.host.session import Session
 from memvisor.host.stall import Stall
 from memvisor.host.vmm import Disk, VMMBackend, VMSpec, backend, qemu
@@ -174,7 +175,12 @@ class Instance:
         self.channel, theirs = HostChannel.pair()
         self._stack.callback(self.channel.close)
         self._stack.callback(theirs.close)
-        self._vmm_socks = [qmp_sock, theirs]
+        self._console_sock, console_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._stack.callback(self._console_sock.close)
+        self._stack.callback(console_theirs.close)
+        self._console = ConsoleLog(self.console_log, self.policy.console_log_kib << 10)
+        self._stack.callback(self._console.close)
+        self._vmm_socks = [qmp_sock, theirs, console_theirs]
         if self.policy.memctl:
             self.memctl = memctl.Backing(self.policy.memory_mib)
             self._stack.callback(self.memctl.close)
@@ -182,7 +188,7 @@ class Instance:
             name=self.name, memory_mib=self.policy.memory_mib, cpus=self.policy.cpus,
             kernel=self.image.vmlinux, initrd=self.image.initramfs,
             cmdline=(f"memvisor.id={self.id}", *pol.to_cmdline(self.policy), *self.kernel_args),
-            console_log=self.console_log, qmp_fd=qmp_sock.fileno(), channel_fd=theirs.fileno(),
+            console_fd=console_theirs.fileno(), qmp_fd=qmp_sock.fileno(), channel_fd=theirs.fileno(),
             ksm=self.ksm_in_effect(), disks=disks, balloon=self.policy.balloon,
             deflate_on_oom=self.policy.deflate_on_oom, ram_fd=self.memctl.fd if self.memctl else None)
         self.argv = self.vmm.command(spec)
@@ -229,7 +235,8 @@ class Instance:
         self._stack.callback(self._stop_vmm)
         assert self.channel is not None
         self.session = Session(self.channel, self.process.pid, on_stats=self._store_guest_stats,
-                               on_memctl=self.memctl.handle if self.memctl else None)
+                               on_memctl=self.memctl.handle if self.memctl else None,
+                               console=(self._console_sock, self._console.write))
         self._stack.callback(self.session.close)
         for sock in self._vmm_socks:  # the VMM has its copies now
             sock.close()

@@ -15,6 +15,7 @@ import logging
 import os
 import select
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -50,9 +51,13 @@ class Session:
     """The channel's reader thread and the commands in flight."""
 
     def __init__(self, channel: HostChannel, vmm_pid: int, on_stats: Callable[[dict[str, Any]], None],
-                 on_memctl: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
-        """`on_memctl`: answers a MEMCTL with its MEMCTL_ACK body (None: memctl is off, every MEMCTL refused)."""
+                 on_memctl: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                 console: tuple[socket.socket, Callable[[bytes], None]] | None = None) -> None:
+        """`on_memctl`: answers a MEMCTL with its MEMCTL_ACK body (None: memctl is off, every MEMCTL refused).
+        `console`: the guest console's socket and where its bytes go (read by the same thread, drained when
+        the VMM ends so its last words are kept)."""
         self.channel = channel
+        self.console = console
         self.vmm_pidfd = os.pidfd_open(vmm_pid)
         self.on_stats = on_stats
         self.on_memctl = on_memctl
@@ -132,11 +137,16 @@ class Session:
         sock = self.channel.sock
         try:
             while not self._stop.is_set() and not self.gone.is_set():
-                readable, _, _ = select.select([sock.fileno(), self.vmm_pidfd], [], [], TICK_S)
+                watched = [sock.fileno(), self.vmm_pidfd] + ([self.console[0].fileno()] if self.console else [])
+                readable, _, _ = select.select(watched, [], [], TICK_S)
+                if self.console is not None and self.console[0].fileno() in readable:
+                    self._read_console()
                 for frame in self.channel.receive():
                     self._dispatch(frame)
                 if self.vmm_pidfd in readable or self.channel.closed:
                     self.gone.set()
+            if self.console is not None:
+                self._read_console(drain=True)
         except Exception:  # a bug here must not leave callers waiting forever
             log.exception("the control channel's reader failed")
             self.gone.set()
@@ -145,6 +155,24 @@ class Session:
                 command.done.set()
             self.ready.set()
             self.dump_done.set()
+
+    def _read_console(self, drain: bool = False) -> None:
+        """Move what the console has to its sink (all of it when draining: the VMM is gone)."""
+        assert self.console is not None
+        sock, sink = self.console
+        while True:
+            try:
+                data = sock.recv(65536, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:  # the VMM closed its end
+                self.console = None
+                return
+            sink(data)
+            if not drain:
+                return
 
     def _dispatch(self, frame: proto.Frame) -> None:
         kind, body = frame.kind, frame.body

@@ -51,6 +51,7 @@ MIN_STEP = 4 * MIB  # smaller changes are not worth a QMP call
 HOST_SHORT = 0.10  # host MemAvailable under this share of MemTotal: squeeze idle guests twice as fast
 HOST_PSI_HIGH = 5.0  # ... or host memory PSI some avg10 (%) at or above this
 HISTORY = 20
+ADMIT_WAIT_S = 60.0  # how long a create may wait for the squeeze to make room before it is refused
 DEFAULT_OVERHEAD = 32 * MIB  # a VMM's own memory before any was measured (QEMU under KVM; TCG adds its cache)
 SUPERVISOR_FILE = "supervisor.json"  # in the sandbox's runtime directory, read by `memvisor stats`
 
@@ -83,18 +84,26 @@ class Supervisor:
         self.controls: dict[str, Control] = {}
         self._sandboxes: dict[str, Any] = {}  # id -> Instance
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # notified after every tick (admission waits on it)
+        self._waiting = 0  # creates waiting for room: idle guests are squeezed as if the host were short
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="memvisor-supervisor", daemon=True)
         self._thread.start()
 
     # -- admission -------------------------------------------------------------------------------------------
-    def admit(self, sandbox_id: str, max_mib: int, floor_mib: int) -> None:
+    def admit(self, sandbox_id: str, max_mib: int, floor_mib: int, wait_s: float = ADMIT_WAIT_S) -> None:
         """Reserve the floor of a sandbox about to boot, plus what a VMM costs beyond its guest's RAM, or raise
         AdmissionRefused. The balloon cannot take the VMM's own memory (QEMU, and under TCG its translation
         cache, up to qemu.TCG_TB_MIB): that cost is measured on the running VMMs (RSS minus the guest RAM they
-        hold), so a sandbox that would only fit by being squeezed below its floor is refused instead of OOM-killed
-        later."""
-        with self._lock:
+        hold), so a sandbox that would only fit by being squeezed below its floor is refused instead of
+        OOM-killed later.
+
+        The floors are a promise; what the VMMs hold now is a fact. If the floors fit but the resident memory
+        leaves no room for the newcomer's floor, admission waits up to `wait_s` while the control loop squeezes
+        idle guests harder, and refuses if it still does not fit: a host that is still making room says so
+        (HTTP 503) instead of letting the kernel OOM-kill a VMM."""
+        deadline = time.monotonic() + wait_s
+        with self._changed:
             reserved = sum(c.floor_bytes for c in self.controls.values())
             overhead = self._overhead()
             need = reserved + floor_mib * MIB + overhead * (len(self.controls) + 1)
@@ -104,12 +113,30 @@ class Supervisor:
                     f"sandbox(es) reserve {reserved // MIB} MiB of the {self.budget_bytes // MIB} MiB budget, and "
                     f"each VMM costs ~{overhead // MIB} MiB beyond its guest's RAM",
                     hint="stop a sandbox, lower --memory-floor, or raise memvisor serve --budget")
-            room = self.budget_bytes - sum(c.target_bytes for c in self.controls.values()) \
-                - overhead * (len(self.controls) + 1)
+            self._waiting += 1
+            try:
+                while (room := self.budget_bytes - self._held() - overhead) < floor_mib * MIB:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise AdmissionRefused(
+                            f"no room now for a sandbox with a {floor_mib} MiB floor: the running sandboxes hold "
+                            f"{self._held() // MIB} MiB of the {self.budget_bytes // MIB} MiB budget and the "
+                            f"supervisor could not squeeze enough out of idle guests within {wait_s:g} s",
+                            hint="retry later, stop a sandbox, or raise memvisor serve --budget")
+                    self._changed.wait(min(left, INTERVAL_S))
+            finally:
+                self._waiting -= 1
             start = max(floor_mib * MIB, min(max_mib * MIB, room))
             reason = "started at its maximum" if start == max_mib * MIB else \
                 f"started at the {start // MIB} MiB left in the budget"
             self.controls[sandbox_id] = Control(sandbox_id, max_mib * MIB, floor_mib * MIB, start, reason)
+
+    def _held(self) -> int:
+        """What the sandboxes hold now: each running VMM's measured memory, and for one still booting its
+        starting target plus a VMM's overhead. Called with the lock held."""
+        overhead = self._overhead()
+        booting = [c for i, c in self.controls.items() if i not in self._sandboxes]
+        return sum(_rss(vm) for vm in self._sandboxes.values()) + sum(c.target_bytes + overhead for c in booting)
 
     def _overhead(self) -> int:
         """The largest measured VMM overhead (RSS minus guest-RAM RSS) among running sandboxes; the default
@@ -156,7 +183,8 @@ class Supervisor:
         with self._lock:
             work = [(self.controls[i], vm) for i, vm in self._sandboxes.items() if i in self.controls]
         host = psutil.virtual_memory()
-        host_short = host.available < HOST_SHORT * host.total or host_pressure() >= HOST_PSI_HIGH
+        host_short = host.available < HOST_SHORT * host.total or host_pressure() >= HOST_PSI_HIGH \
+            or self._waiting > 0
         wanted = {c.id: self._want(c, vm.last_stats, host_short) for c, vm in work}
         with self._lock:
             overhead = self._overhead()
@@ -174,6 +202,8 @@ class Supervisor:
             target, reason = wanted[c.id]
             if abs(target - c.target_bytes) >= MIN_STEP:
                 self._apply(c, vm, target, reason)
+        with self._changed:
+            self._changed.notify_all()
 
     def _want(self, c: Control, stats: dict[str, Any], host_short: bool) -> tuple[int, str]:
         if not stats:
@@ -187,7 +217,7 @@ class Supervisor:
         if psi < PSI_LOW and available > IDLE_AVAILABLE * c.max_bytes:
             step = SHRINK * c.max_bytes * (2 if host_short else 1)
             shrunk = max(c.floor_bytes, c.target_bytes - int(step))
-            why = "idle" + (", host short of memory" if host_short else "")
+            why = "idle" + (", host short of memory or a sandbox waiting for room" if host_short else "")
             return shrunk, f"{why} (PSI some {psi:.1f}%, MemAvailable {available // MIB} MiB)"
         return c.target_bytes, c.reason
 

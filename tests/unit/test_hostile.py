@@ -38,3 +38,16 @@ def test_a_swap_mode_that_is_not_one_is_refused(tmp_path: Path, monkeypatch: pyt
     with pytest.raises(GuestError, match="which is not a mode"):
         instance(tmp_path, swap_size_mib=64)._swap_ready({"effective": "\x1b[31mquantum"})
     instance(tmp_path, swap_size_mib=64)._swap_ready({"effective": "authenticated"})
+
+
+def test_the_console_log_keeps_a_bounded_tail(tmp_path: Path) -> None:
+    from memvisor.host.console import ConsoleLog
+
+    log = ConsoleLog(tmp_path / "console.log", limit=1000)
+    for i in range(10_000):
+        log.write(f"line {i}\n".encode())
+    log.close()
+    text = (tmp_path / "console.log").read_text()
+    assert len(text) <= 2 * 1000 + 100
+    assert text.endswith("line 9999\n") and "earlier console bytes dropped]" in text
+    assert log.dropped > 70_000

@@ -15,7 +15,7 @@ from memvisor.host.vmm.base import VMSpec
 def spec(**changes: object) -> VMSpec:
     base: dict[str, object] = dict(name="memvisor-t", memory_mib=192, cpus=2, kernel=Path("/k/vmlinux"),
                                    initrd=Path("/k/initramfs.cpio"), cmdline=("memvisor.root=0",),
-                                   console_log=Path("/r/console.log"), qmp_fd=7, channel_fd=9)
+                                   console_fd=5, qmp_fd=7, channel_fd=9)
     base.update(changes)
     return VMSpec(**base)  # type: ignore[arg-type]
 

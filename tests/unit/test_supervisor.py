@@ -3,6 +3,8 @@ ones)."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,11 +18,12 @@ MIB = 1 << 20
 
 
 class FakeVM:
-    def __init__(self, available_mib: int, psi: float) -> None:
+    def __init__(self, available_mib: int, psi: float, rss_mib: int = 0) -> None:
         self.last_stats: dict[str, Any] = {"meminfo": {"MemAvailable": available_mib * 1024},
                                            "psi": {"some_avg10": psi}}
         self.qmp_path = Path("/nonexistent")
         self.dir = None
+        self.rss = rss_mib * MIB  # what the host would measure for its VMM
 
 
 @pytest.fixture
@@ -33,6 +36,8 @@ def s(monkeypatch: pytest.MonkeyPatch) -> Iterator[sup.Supervisor]:
         c.target_bytes, c.reason = target, reason
 
     monkeypatch.setattr(sup.Supervisor, "_apply", apply)
+    monkeypatch.setattr(sup, "_rss", lambda vm: getattr(vm, "rss", 0))
+    monkeypatch.setattr(sup, "_guest_rss", lambda vm: getattr(vm, "rss", 0))  # overhead: the default guess
     supervisor = sup.Supervisor(1000 * MIB)
     yield supervisor
     supervisor.close()
@@ -40,7 +45,8 @@ def s(monkeypatch: pytest.MonkeyPatch) -> Iterator[sup.Supervisor]:
 
 def test_admission_reserves_floors_and_vmm_overhead(s: sup.Supervisor) -> None:
     s.admit("a", 512, 400)
-    s.admit("b", 512, 500)  # 900 + 2 x 32 MiB of VMM overhead (the default guess) fits 1000
+    s.attach("a", FakeVM(0, 0.0, rss_mib=400))  # squeezed to its floor
+    s.admit("b", 512, 500, wait_s=0)  # 900 + 2 x 32 MiB of VMM overhead (the default guess) fits 1000
     with pytest.raises(sup.AdmissionRefused, match="reserve 900 MiB of the 1000 MiB budget, and each VMM costs"):
         s.admit("c", 256, 64)
     s.release("b")
@@ -77,17 +83,30 @@ def test_the_budget_is_kept_by_the_guests_with_the_most_spare_memory(s: sup.Supe
     assert s.controls["tight"].target_bytes == 256 * MIB
 
 
-def test_a_newcomer_starts_at_the_room_left_and_never_under_its_floor(s: sup.Supervisor) -> None:
+def test_a_newcomer_starts_at_the_room_left_or_waits_for_it(s: sup.Supervisor) -> None:
     s.budget_bytes = 600 * MIB
     s.admit("first", 256, 64)
     assert s.controls["first"].target_bytes == 256 * MIB
-    s.admit("second", 256, 64)  # 600 - 256 - 2 x 32 = 280: room for its maximum
-    s.admit("third", 256, 64)  # 600 - 512 - 3 x 32 < 0: its floor (the floors fit)
+    first = FakeVM(30, 0.0, rss_mib=300)
+    s.attach("first", first)
+    s.admit("second", 256, 64)  # 600 - 300 held - 32 of overhead = 268: room for its maximum
     assert s.controls["second"].target_bytes == 256 * MIB
+    s.attach("second", FakeVM(30, 0.0, rss_mib=250))
+    with pytest.raises(sup.AdmissionRefused, match="no room now .* hold 550 MiB of the 600 MiB budget"):
+        s.admit("third", 256, 64, wait_s=0)  # the floors fit, what the VMMs hold does not
+    assert "third" not in s.controls
+
+    def squeezed() -> None:  # the control loop makes room while the create waits
+        time.sleep(0.5)
+        first.rss = 100 * MIB
+        s.tick()
+
+    threading.Thread(target=squeezed).start()
+    s.admit("third", 256, 64, wait_s=10)
     third = s.controls["third"]
-    assert third.target_bytes == 64 * MIB and "left in the budget" in third.reason
+    assert third.target_bytes == 218 * MIB and "218 MiB left in the budget" in third.reason
     s.attach("third", FakeVM(30, 0.0))  # the start target is applied (through QMP) once the balloon driver is up
-    assert third.target_bytes == 64 * MIB
+    assert third.target_bytes == 218 * MIB
 
 
 def test_garbage_figures_from_a_guest_change_nothing(s: sup.Supervisor) -> None:

@@ -28,7 +28,7 @@ class VMSpec:
     kernel: Path
     initrd: Path
     cmdline: tuple[str, ...]
-    console_log: Path
+    console_fd: int  # one end of a connected socketpair: the guest's serial console (memvisor reads the other)
     qmp_fd: int  # a bound, listening unix socket the VMM serves its monitor on
     channel_fd: int  # one end of a connected socketpair: the guest control channel
     ksm: bool = False

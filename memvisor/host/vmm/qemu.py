@@ -82,7 +82,7 @@ class QemuBackend(VMMBackend):
             "-kernel", str(spec.kernel),
             "-initrd", str(spec.initrd),
             "-append", kernel_cmdline,
-            "-chardev", f"file,id=console,path={spec.console_log}",
+            "-chardev", f"socket,id=console,fd={spec.console_fd}",
             "-serial", "chardev:console",
             "-chardev", f"socket,id=qmp,fd={spec.qmp_fd},server=on,wait=off",
             "-mon", "chardev=qmp,mode=control",
