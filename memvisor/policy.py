@@ -70,6 +70,7 @@ class Policy:
     root: bool = False
     output_limit_mib: int = 16
     console_log_kib: int = 1024
+    max_bad_frames: int = 32
     swap_size_mib: int = 0
     swap_mode: SwapMode | None = None
     allow_weaker_swap: bool = False
@@ -134,6 +135,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("console_log_kib", "run", "console_log_kib", "--console-log", int,
             "KiB of the guest's console kept on disk (the newest; older output is dropped)", minimum=16,
             maximum=1 << 20),
+    Setting("max_bad_frames", "run", "max_bad_frames", "--max-bad-frames", int,
+            "malformed frames the host takes from a guest before it cuts it off and stops the sandbox",
+            minimum=0, maximum=1 << 20),
     Setting("swap_size_mib", "swap", "size_mib", "--swap-size", int, "size of the guest's disk swap in MiB",
             cmdline="swap_size_mib", minimum=0, maximum=1 << 26),
     Setting("swap_mode", "swap", "mode", "--swap-mode", SwapMode,

@@ -7,7 +7,6 @@ answered with an ERROR frame, never raised, so a misbehaving guest cannot crash 
 from __future__ import annotations
 
 import logging
-import select
 import socket
 import threading
 import time
@@ -18,7 +17,9 @@ from memvisor.errors import ProtocolError
 
 log = logging.getLogger("memvisor")
 SEND_TIMEOUT_S = 10.0  # a guest that reads nothing for this long is treated as dead
-REPLY_TIMEOUT_S = 0.5  # an ERROR reply waits this long for room, then is dropped (and counted)
+REPLY_TIMEOUT_S = 0.0  # an ERROR reply that finds the queue full is dropped (and counted), never waited for
+MAX_QUEUED = 4 << 20  # bytes queued for a guest that does not read
+READS_PER_CALL = 16  # receive() reads at most this many 64 KiB chunks before it returns to the loop
 
 
 class HostChannel:
@@ -31,7 +32,8 @@ class HostChannel:
         self.closed = False
         self.errors = 0  # protocol errors seen from the guest
         self.dropped_replies = 0  # ERROR replies not sent because the guest did not read
-        self._send_lock = threading.Lock()
+        self._room = threading.Condition()  # guards _out; notified when it shrinks
+        self._out = bytearray()  # frames the guest has not taken yet
 
     @classmethod
     def pair(cls) -> tuple[HostChannel, socket.socket]:
@@ -46,24 +48,45 @@ class HostChannel:
         self.sendraw(proto.encode(kind, body, stream), timeout)
 
     def sendraw(self, data: bytes, timeout: float = SEND_TIMEOUT_S) -> None:
-        """Send bytes as they are (tests use this to send malformed frames), waiting for room at most `timeout`
-        seconds; the socket stays non-blocking, so a reader on another thread is never blocked by it."""
-        view = memoryview(data)
+        """Queue bytes as they are (tests use this to send malformed frames) and write what the socket takes
+        now; the sandbox's reader thread writes the rest when the socket is writable (`flush`). The queue holds
+        at most MAX_QUEUED bytes: a caller waits at most `timeout` seconds for room (TimeoutError after), and
+        the socket itself never blocks anyone."""
         deadline = time.monotonic() + timeout
-        with self._send_lock:
-            while view:
-                try:
-                    view = view[self.sock.send(view):]
-                except BlockingIOError:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise TimeoutError(f"the guest read nothing for {timeout:g} s") from None
-                    select.select([], [self.sock], [], min(left, 1.0))
+        with self._room:
+            while self._out and len(self._out) + len(data) > MAX_QUEUED:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"the guest read nothing for {timeout:g} s") from None
+                self._room.wait(min(left, 1.0))
+            self._out += data
+            self._write()
+
+    def flush(self) -> None:
+        """Write what the socket takes now of the queued bytes (the reader thread calls this when writable)."""
+        with self._room:
+            self._write()
+
+    @property
+    def queued(self) -> int:
+        """Bytes waiting for the guest to make room."""
+        return len(self._out)
+
+    def _write(self) -> None:
+        try:
+            while self._out:
+                del self._out[:self.sock.send(self._out)]
+        except BlockingIOError:
+            pass
+        except OSError as exc:  # the VMM is gone: nothing will ever be read
+            log.debug("control channel write failed: %s", exc)
+            self._out.clear()
+        self._room.notify_all()
 
     def receive(self) -> list[proto.Frame]:
         """Read what is available; return valid frames. Bad input is logged and answered, not raised."""
         frames: list[proto.Frame] = []
-        while True:
+        for _ in range(READS_PER_CALL):  # a flooding guest cannot keep the reader here for ever
             try:
                 data = self.sock.recv(1 << 16)
             except BlockingIOError:
@@ -79,6 +102,7 @@ class HostChannel:
                     self.reject(item.message)
                 else:
                     frames.append(item)
+        return frames
 
     def reject(self, message: str) -> None:
         """Log a protocol error from the guest and tell the guest about it."""

@@ -236,7 +236,8 @@ class Instance:
         assert self.channel is not None
         self.session = Session(self.channel, self.process.pid, on_stats=self._store_guest_stats,
                                on_memctl=self.memctl.handle if self.memctl else None,
-                               console=(self._console_sock, self._console.write))
+                               console=(self._console_sock, self._console.write),
+                               max_bad_frames=self.policy.max_bad_frames)
         self._stack.callback(self.session.close)
         for sock in self._vmm_socks:  # the VMM has its copies now
             sock.close()
@@ -436,6 +437,8 @@ class Instance:
 
     def _death_message(self) -> str:
         assert self.process is not None
+        if self.session is not None and self.session.cutoff:
+            return self.session.cutoff
         rc = self.process.returncode
         panic = next((line for line in self.console_tail(1000).splitlines() if "Kernel panic" in line), None)
         if panic:

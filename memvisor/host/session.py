@@ -52,12 +52,15 @@ class Session:
 
     def __init__(self, channel: HostChannel, vmm_pid: int, on_stats: Callable[[dict[str, Any]], None],
                  on_memctl: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-                 console: tuple[socket.socket, Callable[[bytes], None]] | None = None) -> None:
+                 console: tuple[socket.socket, Callable[[bytes], None]] | None = None,
+                 max_bad_frames: int = 32) -> None:
         """`on_memctl`: answers a MEMCTL with its MEMCTL_ACK body (None: memctl is off, every MEMCTL refused).
         `console`: the guest console's socket and where its bytes go (read by the same thread, drained when
         the VMM ends so its last words are kept)."""
         self.channel = channel
         self.console = console
+        self.max_bad_frames = max_bad_frames
+        self.cutoff: str | None = None  # why the host cut the guest off (its VMM is then killed)
         self.vmm_pidfd = os.pidfd_open(vmm_pid)
         self.on_stats = on_stats
         self.on_memctl = on_memctl
@@ -138,11 +141,16 @@ class Session:
         try:
             while not self._stop.is_set() and not self.gone.is_set():
                 watched = [sock.fileno(), self.vmm_pidfd] + ([self.console[0].fileno()] if self.console else [])
-                readable, _, _ = select.select(watched, [], [], TICK_S)
+                readable, writable, _ = select.select(watched, [sock.fileno()] if self.channel.queued else [], [],
+                                                      TICK_S)
+                if writable:
+                    self.channel.flush()
                 if self.console is not None and self.console[0].fileno() in readable:
                     self._read_console()
                 for frame in self.channel.receive():
                     self._dispatch(frame)
+                if self.channel.errors > self.max_bad_frames:
+                    self._cut_off()
                 if self.vmm_pidfd in readable or self.channel.closed:
                     self.gone.set()
             if self.console is not None:
@@ -155,6 +163,15 @@ class Session:
                 command.done.set()
             self.ready.set()
             self.dump_done.set()
+
+    def _cut_off(self) -> None:
+        """The guest sent more malformed frames than the policy allows: stop listening and kill its VMM."""
+        self.cutoff = (f"the guest sent {self.channel.errors} malformed frames (the limit is {self.max_bad_frames}, "
+                       "policy setting max_bad_frames): memvisor cut it off and stopped the sandbox")
+        log.warning("%s", self.cutoff)
+        with contextlib.suppress(OSError):
+            signal.pidfd_send_signal(self.vmm_pidfd, signal.SIGKILL)
+        self.gone.set()
 
     def _read_console(self, drain: bool = False) -> None:
         """Move what the console has to its sink (all of it when draining: the VMM is gone)."""

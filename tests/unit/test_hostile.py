@@ -51,3 +51,47 @@ def test_the_console_log_keeps_a_bounded_tail(tmp_path: Path) -> None:
     assert len(text) <= 2 * 1000 + 100
     assert text.endswith("line 9999\n") and "earlier console bytes dropped]" in text
     assert log.dropped > 70_000
+
+
+def test_a_guest_that_floods_bad_frames_and_never_reads_is_cut_off() -> None:
+    import os
+    import time
+
+    from memvisor import proto
+    from memvisor.host.channel import HostChannel
+    from memvisor.host.session import Session
+
+    host, guest = HostChannel.pair()
+    vmm = os.fork()
+    if vmm == 0:  # stands in for the VMM: the session kills it when it cuts the guest off
+        time.sleep(60)
+        os._exit(0)
+    session = Session(host, vmm, on_stats=lambda _b: None, max_bad_frames=5)
+    try:
+        guest.setblocking(False)
+        start = time.monotonic()
+        bad = proto.HEADER.pack(proto.MAGIC, proto.VERSION, 99, 0, 3) + b"abc"  # an unknown kind
+        for _ in range(1000):  # and it never reads the ERROR replies
+            try:
+                guest.send(bad)
+            except BlockingIOError:
+                break
+        assert session.gone.wait(10), "the host did not cut the guest off"
+        assert session.cutoff and "malformed frames (the limit is 5" in session.cutoff
+        _, status = os.waitpid(vmm, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == 9  # its VMM was killed
+        # Writing to a guest that reads nothing never blocks past the caller's deadline.
+        with pytest.raises(TimeoutError):
+            for _ in range(10_000):
+                host.send(proto.Kind.STDIN, b"x" * proto.CHUNK, 1, timeout=0.2)
+        assert time.monotonic() - start < 20
+        assert host.queued <= 4 << 20
+    finally:
+        session.close()
+        guest.close()
+        host.close()
+        try:
+            os.kill(vmm, 9)
+            os.waitpid(vmm, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
