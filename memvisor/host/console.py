@@ -1,15 +1,17 @@
 """The guest's serial console, read by memvisor and kept on disk as a bounded tail.
 
 QEMU relays the console to one end of a socketpair (`-chardev socket,fd=N`); the sandbox's reader thread
-(memvisor/host/session.py) reads the other and hands the bytes here. The file keeps the newest `limit` bytes:
-once it holds twice that, it is cut back to the last `limit` (after a marker line saying how much was dropped),
-so a guest that writes to its console without end costs at most 2 x limit of host disk.
+(memvisor/host/session.py) reads the other and hands the bytes here. The file never holds more than `limit`
+bytes: once a write would take it past that, it is cut back to its newest half (after a marker line saying how
+much was dropped), so a guest that writes to its console without end costs at most `limit` of host disk.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+MARKER_ROOM = 80  # bytes kept free for the "earlier bytes dropped" line
 
 
 class ConsoleLog:
@@ -25,14 +27,18 @@ class ConsoleLog:
     def write(self, data: bytes) -> None:
         if self._fd < 0 or not data:
             return
+        if len(data) > self.limit // 2:  # a chunk larger than half the log keeps only its end
+            self.dropped += len(data) - self.limit // 2
+            data = data[-(self.limit // 2):]
+        if self._size + len(data) > self.limit:
+            self._trim(self.limit // 2 - len(data))
         os.write(self._fd, data)
         self._size += len(data)
-        if self._size > 2 * self.limit:
-            self._trim()
 
-    def _trim(self) -> None:
+    def _trim(self, keep: int) -> None:
+        """Cut the file to a marker line and its newest `keep` bytes (room for the write that follows)."""
         with open(self.path, "rb") as f:
-            f.seek(max(0, self._size - self.limit))
+            f.seek(max(0, self._size - max(0, keep - MARKER_ROOM)))
             tail = f.read()
         self.dropped += self._size - len(tail)
         marker = f"[memvisor: {self.dropped} earlier console bytes dropped]\n".encode()
