@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from memvisor import proto
-from memvisor.host import memctl
+from memvisor.host import guestdata, memctl
 from memvisor.host.channel import HostChannel
 
 log = logging.getLogger("memvisor")
@@ -192,7 +192,10 @@ class Session:
                 return
 
     def _dispatch(self, frame: proto.Frame) -> None:
-        kind, body = frame.kind, frame.body
+        kind = frame.kind
+        # Checked by proto (fields, types); bounded and made printable here before anyone else sees it.
+        body = guestdata.clean(frame.body) if frame.body is not None and kind is not proto.Kind.MEMCTL \
+            else frame.body
         if kind is proto.Kind.HELLO and body is not None and self.hello is None:
             self.hello, self.hello_at = body, time.monotonic()
             self.ready.set()

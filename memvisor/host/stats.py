@@ -13,7 +13,7 @@ from typing import Any
 import psutil
 
 from memvisor.errors import MemvisorError
-from memvisor.host import ksm, runtime
+from memvisor.host import guestdata, ksm, runtime
 from memvisor.host.vmm.qmp import QMP
 
 GUEST_STATS = "guest-stats.json"
@@ -94,20 +94,24 @@ def sandbox(state: runtime.SandboxState) -> dict[str, Any]:
     except (OSError, ValueError):
         guest = {}
     if guest:
-        mem = guest.get("meminfo", {})
+        # Guest figures (bounded by host/guestdata.py when they arrived), under their own key.
+        mem = guestdata.figures(guest.get("meminfo"))
+        vmstat = guestdata.figures(guest.get("vmstat"))
         out["guest"] = {
             "age_seconds": round(time.time() - guest_file.stat().st_mtime, 1),
             "memtotal_bytes": mem.get("MemTotal", 0) * 1024,
             "memavailable_bytes": mem.get("MemAvailable", 0) * 1024,
             "memfree_bytes": mem.get("MemFree", 0) * 1024,
-            "swap": [{"device": s["device"], "used_bytes": s["used_kib"] * 1024, "size_bytes": s["size_kib"] * 1024,
-                      "priority": s["priority"]} for s in guest.get("swaps", [])],
-            "pswpin": guest.get("vmstat", {}).get("pswpin"),
-            "pswpout": guest.get("vmstat", {}).get("pswpout"),
+            "swap": [{"device": guestdata.text(s["device"], 40), "used_bytes": f["used_kib"] * 1024,
+                      "size_bytes": f["size_kib"] * 1024, "priority": s.get("priority")}
+                     for s in guest.get("swaps") or [] if isinstance(s, dict) and isinstance(s.get("device"), str)
+                     and {"used_kib", "size_kib"} <= set(f := guestdata.figures(s))],
+            "pswpin": vmstat.get("pswpin"),
+            "pswpout": vmstat.get("pswpout"),
         }
-        zram = guest.get("zram") or {}
+        zram = guestdata.figures(guest.get("zram"))
         if zram.get("compr_data_size"):
-            out["guest"]["zram_ratio"] = round(zram["orig_data_size"] / zram["compr_data_size"], 2)
+            out["guest"]["zram_ratio"] = round(zram.get("orig_data_size", 0) / zram["compr_data_size"], 2)
     return out
 
 

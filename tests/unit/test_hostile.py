@@ -3,10 +3,13 @@ weaker swap mode than the policy asks is refused unless the policy allows it."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from memvisor import policy
 from memvisor.errors import GuestError
@@ -99,3 +102,39 @@ def test_a_guest_that_floods_bad_frames_and_never_reads_is_cut_off() -> None:
             os.waitpid(vmm, 0)
         except (ProcessLookupError, ChildProcessError):
             pass
+
+
+KEYS = st.sampled_from(["meminfo", "vmstat", "zram", "psi", "swaps", "devices", "device", "steps", "uptime",
+                        "warnings", "effective", "MemTotal", "used_kib", "size_kib", "pswpin", "\x1b[2J", "x" * 70])
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+                           lambda inner: st.lists(inner, max_size=5) | st.dictionaries(KEYS, inner, max_size=6),
+                           max_leaves=30)
+
+
+def strings(value: object) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [s for v in value for s in strings(v)]
+    if isinstance(value, dict):
+        return [*value.keys(), *(s for v in value.values() for s in strings(v))]
+    return []
+
+
+@settings(max_examples=300, deadline=None)
+@given(hello=json_values, exit_body=json_values)
+def test_garbage_guest_figures_never_reach_a_report_or_a_terminal(hello: object, exit_body: object) -> None:
+    from memvisor.host import guestdata, report
+
+    cleaned_hello, cleaned_exit = guestdata.clean({"swap": hello, "steps": hello}), guestdata.clean(exit_body)
+    for s in strings(cleaned_hello) + strings(cleaned_exit):
+        assert not any(ord(c) < 32 and c not in "\n\t" or 0x7F <= ord(c) <= 0x9F for c in s), s
+        assert len(s) <= guestdata.MAX_TEXT + 3
+    json.dumps(cleaned_hello, allow_nan=False)
+    exit_dict = cleaned_exit if isinstance(cleaned_exit, dict) else {}
+    pol = policy.merge(("test", {"swap_size_mib": 64}))
+    guest = report.guest_section({**cleaned_hello, "uptime": 1, "memtotal_kib": 1}, None, exit_dict)
+    swap = report.swap_section(pol, {"swap": cleaned_hello.get("swap")}, exit_dict)
+    assert swap["asked"] == "authenticated"  # the host's own value, whatever the guest sent
+    assert all(isinstance(v, int) for v in (exit_dict.get("meminfo") or {}).values())
+    json.dumps([guest, swap], allow_nan=False)
