@@ -37,7 +37,8 @@ def test_command_line_tcg(monkeypatch: pytest.MonkeyPatch) -> None:
     opts = options([argv[0], *value_argv])
     assert opts["-accel"] == [f"tcg,tb-size={qemu.TCG_TB_MIB}"] and opts["-cpu"] == ["max"]
     assert opts["-m"] == ["192M"] and opts["-smp"] == ["2"]
-    assert opts["-machine"] == ["q35,mem-merge=off"]
+    assert opts["-machine"] == ["q35,mem-merge=off,dump-guest-core=off"]
+    assert opts["-sandbox"] == ["on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
     assert opts["-append"][0].endswith("memvisor.root=0") and "console=ttyS0" in opts["-append"][0]
     assert "socket,id=qmp,fd=7,server=on,wait=off" in opts["-chardev"]
     assert "socket,id=ctl,fd=9" in opts["-chardev"]
@@ -49,7 +50,7 @@ def test_command_line_kvm_and_ksm(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(qemu, "kvm_usable", lambda: True)
     argv = qemu.QemuBackend().command(spec(ksm=True))
     assert argv[argv.index("-accel") + 1] == "kvm" and argv[argv.index("-cpu") + 1] == "host"
-    assert argv[argv.index("-machine") + 1] == "q35,mem-merge=on"
+    assert argv[argv.index("-machine") + 1] == "q35,mem-merge=on,dump-guest-core=off"
     assert qemu.QemuBackend().notice() is None
 
 

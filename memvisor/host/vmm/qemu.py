@@ -67,10 +67,14 @@ class QemuBackend(VMMBackend):
         return [
             proc.which(QEMU),
             "-name", f"guest={spec.name},process={spec.name},debug-threads=on",
-            "-machine", f"q35,mem-merge={'on' if spec.ksm else 'off'}"
-                        + (",memory-backend=ram0,dump-guest-core=off" if spec.ram_fd is not None else ""),
+            # Guest RAM never goes into a core dump of the VMM (a crash would hand it to the host's core handler).
+            "-machine", f"q35,mem-merge={'on' if spec.ksm else 'off'},dump-guest-core=off"
+                        + (",memory-backend=ram0" if spec.ram_fd is not None else ""),
             *(["-object", f"memory-backend-file,id=ram0,size={spec.memory_mib}M,"
-                          f"mem-path=/proc/self/fd/{spec.ram_fd},share=on"] if spec.ram_fd is not None else []),
+                          f"mem-path=/proc/self/fd/{spec.ram_fd},share=on,dump=off"]
+              if spec.ram_fd is not None else []),
+            # seccomp: no obsolete syscalls, no setuid/setgid/exec/fork, no scheduler or priority changes.
+            "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             "-accel", accel if accel == "kvm" else f"tcg,tb-size={TCG_TB_MIB}",
             "-cpu", "host" if accel == "kvm" else "max",
             "-smp", str(spec.cpus),
