@@ -65,3 +65,28 @@ def service_socket() -> Path:
         return Path("/run/memvisor/serve.sock")
     base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/memvisor-{os.geteuid()}"
     return Path(base) / "memvisor" / "serve.sock"
+
+
+VMM_USER = "memvisor-vmm"  # created by scripts/install-host-deps (make deps)
+
+
+def vmm_user() -> tuple[int, int] | None:
+    """(uid, gid) the VMM runs as when memvisor runs as root: $MEMVISOR_VMM_USER, else memvisor-vmm; None when
+    memvisor is not root (the VMM then runs as memvisor's own user). MemvisorError if the user does not exist."""
+    if os.geteuid() != 0:
+        return None
+    import pwd
+
+    from memvisor.errors import MemvisorError
+
+    name = os.environ.get("MEMVISOR_VMM_USER", VMM_USER)
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise MemvisorError(f"the VMM user {name!r} does not exist: memvisor never runs QEMU as root",
+                            hint=f"run `make deps` (it creates {VMM_USER}), or `useradd --system --no-create-home "
+                                 f"--shell /usr/sbin/nologin {name}`, or set MEMVISOR_VMM_USER") from None
+    if entry.pw_uid == 0:
+        raise MemvisorError(f"MEMVISOR_VMM_USER={name!r} is root: the VMM must run unprivileged",
+                            hint="name an unprivileged system user")
+    return entry.pw_uid, entry.pw_gid

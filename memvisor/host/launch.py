@@ -23,17 +23,24 @@ from memvisor.host import ksm as ksm_
 PR_SET_PDEATHSIG = 1
 
 
-def spawn_vmm(argv: list[str], *, pass_fds: tuple[int, ...], log: Path, ksm: bool = False) -> subprocess.Popen[bytes]:
+def spawn_vmm(argv: list[str], *, pass_fds: tuple[int, ...], log: Path, ksm: bool = False,
+              user: tuple[int, int] | None = None) -> subprocess.Popen[bytes]:
     """Start the VMM; raise MemvisorError with the command line if it cannot be started.
-    `ksm`: make its memory mergeable (the caller checked ksm.merge_supported() first)."""
+    `ksm`: make its memory mergeable (the caller checked ksm.merge_supported() first).
+    `user`: (uid, gid) to run it as, with no supplementary groups (memvisor/paths.py: vmm_user)."""
     parent = os.getpid()
 
     def in_child() -> None:
+        if ksm:  # needs CAP_SYS_RESOURCE: before the VMM drops root; the flag lives in the mm, it stays
+            ksm_.prctl(ksm_.PR_SET_MEMORY_MERGE, 1)
+        if user is not None:
+            os.setgroups([])
+            os.setresgid(user[1], user[1], user[1])
+            os.setresuid(user[0], user[0], user[0])
+        # After the change of credentials, which clears the parent-death signal.
         proc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:  # the parent died before the prctl took effect
             os._exit(1)
-        if ksm:
-            ksm_.prctl(ksm_.PR_SET_MEMORY_MERGE, 1)
 
     with log.open("wb") as out:
         try:

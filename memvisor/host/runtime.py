@@ -12,10 +12,12 @@ import contextlib
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
 import socket
+import stat
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +26,7 @@ from typing import Any
 import psutil
 
 from memvisor import paths
+from memvisor.errors import MemvisorError
 
 log = logging.getLogger("memvisor")
 STATE = "state.json"
@@ -72,10 +75,36 @@ def new_id() -> str:
     return secrets.token_hex(4)
 
 
+SAFE_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+
+
+def checked_root(create: bool = False) -> Path | None:
+    """The runtime root, after checking it is memvisor's own: a real directory (not a symlink) owned by this
+    user, with no access for others (0700). None if it does not exist (and `create` is false)."""
+    root = paths.runtime_root()
+    if create:
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        st = os.lstat(root)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise MemvisorError(f"cannot use the runtime directory {root}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise MemvisorError(
+            f"the runtime directory {root} is not memvisor's own (owner uid {st.st_uid}, mode "
+            f"{stat.filemode(st.st_mode)}): refusing to trust what is in it",
+            hint=f"it must be a directory owned by uid {os.geteuid()} with mode 0700 (chmod 700 {root}), or set "
+                 "MEMVISOR_RUNTIME_DIR")
+    return root
+
+
 def create(sandbox_id: str) -> Path:
     """Make the sandbox's runtime directory (mode 0700)."""
-    root = paths.runtime_root()
-    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not SAFE_ID.fullmatch(sandbox_id):
+        raise MemvisorError(f"sandbox id {sandbox_id!r} is not 1-32 of a-z, 0-9, '_' and '-'")
+    root = checked_root(create=True)
+    assert root is not None
     path = root / sandbox_id
     path.mkdir(mode=0o700)
     return path
@@ -90,7 +119,13 @@ def write_state(state: SandboxState) -> None:
 
 
 def read_state(path: Path) -> SandboxState | None:
+    """A sandbox's state, if its directory and state file are this user's own (never trust a planted one)."""
     try:
+        for item in (path, path / STATE):
+            st = os.lstat(item)
+            if st.st_uid != os.geteuid() or stat.S_ISLNK(st.st_mode):
+                log.warning("ignoring %s: not owned by uid %d", item, os.geteuid())
+                return None
         return SandboxState(**json.loads((path / STATE).read_text()))
     except (OSError, ValueError, TypeError):
         return None
@@ -120,9 +155,9 @@ def sweep() -> list[str]:
     return the ids removed."""
     if sweep_socket():
         log.warning("removed the socket of a memvisor daemon that is gone: %s", paths.service_socket())
-    root = paths.runtime_root()
+    root = checked_root()
     removed: list[str] = []
-    if not root.is_dir():
+    if root is None:
         return removed
     for path in root.iterdir():
         if not path.is_dir():
@@ -136,21 +171,43 @@ def sweep() -> list[str]:
             continue
         if same_process(state.owner_pid, state.owner_started):
             continue
-        if same_process(state.vmm_pid, state.vmm_started):
-            assert state.vmm_pid is not None
-            log.warning("killing VMM pid %d left behind by sandbox %s", state.vmm_pid, state.id)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(state.vmm_pid, signal.SIGKILL)
+        if state.vmm_pid is not None:
+            kill_vmm(state)
         shutil.rmtree(path, ignore_errors=True)
         removed.append(state.id)
     return removed
 
 
+def kill_vmm(state: SandboxState) -> None:
+    """SIGKILL the VMM a dead owner left behind, if that pid is still that VMM: same start time, and its
+    process name is the sandbox's (checked and signalled through one pidfd, so the pid cannot be reused
+    in between)."""
+    assert state.vmm_pid is not None
+    try:
+        pidfd = os.pidfd_open(state.vmm_pid)
+    except OSError:
+        return
+    try:
+        if not same_process(state.vmm_pid, state.vmm_started):
+            return
+        with open(f"/proc/{state.vmm_pid}/comm") as f:
+            comm = f.read().strip()
+        if not (state.vmm_name or "memvisor-").startswith(comm):  # comm is the -name process= cut to 15 chars
+            log.warning("not killing pid %d: it is %r, not sandbox %s's VMM", state.vmm_pid, comm, state.id)
+            return
+        log.warning("killing VMM pid %d left behind by sandbox %s", state.vmm_pid, state.id)
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except OSError:
+        pass
+    finally:
+        os.close(pidfd)
+
+
 def live() -> list[SandboxState]:
     """Every running sandbox (after a sweep), oldest first."""
     sweep()
-    root = paths.runtime_root()
-    states = [s for p in root.iterdir() if p.is_dir() and (s := read_state(p))] if root.is_dir() else []
+    root = checked_root()
+    states = [s for p in root.iterdir() if p.is_dir() and (s := read_state(p))] if root is not None else []
     return sorted(states, key=lambda s: s.created)
 
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from memvisor import paths, proto
 from memvisor import policy as pol
-from memvisor import proto
 from memvisor.errors import GuestError, MemvisorError
 from memvisor.host import ksm, launch, memctl, report, runtime, stall, stats, swapfile
 from memvisor.host.channel import HostChannel
@@ -138,6 +138,9 @@ class Instance:
         self.last_stats: dict[str, Any] = {}
         self.session: Session | None = None
         self.memctl: memctl.Backing | None = None  # guest RAM as a memfd (policy setting memctl)
+        self._fds: list[int] = []  # files the VMM inherits
+        self._swap_fd: int | None = None
+        self._vmm_user: tuple[int, int] | None = None
         self._hello_seen = False
         self.failed = False  # keep the console log at teardown
         self.kept_log: Path | None = None  # where that log was kept
@@ -158,16 +161,24 @@ class Instance:
                    "vmm_log": str(self.dir / "vmm.log"), "qmp": str(self.qmp_path)})
         runtime.write_state(self.state)
 
+        self._vmm_user = paths.vmm_user()  # before anything is created: a missing user is a clear error
+        # The VMM opens no file by its path: every one is an fd it inherits (QEMU reopens /proc/self/fd/N for
+        # the kernel and initramfs, world-readable images; the swap file is dup'ed from an fd set).
+        self._fds = [self._open(self.image.vmlinux, os.O_RDONLY), self._open(self.image.initramfs, os.O_RDONLY)]
         disks: tuple[Disk, ...] = ()
         if self.policy.effective_swap_mode is not pol.SwapMode.OFF:
-            swapfile.create(self.swap_path, self.policy.swap_size_mib)
-            direct = swapfile.supports_direct_io(self.swap_path)
+            on_disk = self.dir / "swap.img"
+            swapfile.create(on_disk, self.policy.swap_size_mib)
+            direct = swapfile.supports_direct_io(on_disk)
             if not direct:
                 self.warn(f"{self.dir} does not support O_DIRECT (tmpfs?): swapped guest pages will stay in the "
                           "host page cache; set MEMVISOR_RUNTIME_DIR to a disk-backed directory")
-            disks = (Disk(self.swap_path, "memvisor-swap", direct, discard=self.policy.swap_discard),)
-            self.state.files["swap"] = str(self.swap_path)
-            runtime.write_state(self.state)
+            self._swap_fd = self._open(on_disk, os.O_RDWR)
+            readonly = self._open(on_disk, os.O_RDONLY)
+            on_disk.unlink()  # held open, never on disk by name: a SIGKILL leaves nothing behind
+            self._fds += [self._swap_fd, readonly]
+            disks = (Disk(self.swap_path, "memvisor-swap", direct, discard=self.policy.swap_discard,
+                          fds=(self._swap_fd, readonly)),)
         qmp_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._stack.callback(qmp_sock.close)
         qmp_sock.bind(str(self.qmp_path))
@@ -186,7 +197,7 @@ class Instance:
             self._stack.callback(self.memctl.close)
         spec = VMSpec(
             name=self.name, memory_mib=self.policy.memory_mib, cpus=self.policy.cpus,
-            kernel=self.image.vmlinux, initrd=self.image.initramfs,
+            kernel=Path(f"/proc/self/fd/{self._fds[0]}"), initrd=Path(f"/proc/self/fd/{self._fds[1]}"),
             cmdline=(f"memvisor.id={self.id}", *pol.to_cmdline(self.policy), *self.kernel_args),
             console_fd=console_theirs.fileno(), qmp_fd=qmp_sock.fileno(), channel_fd=theirs.fileno(),
             ksm=self.ksm_in_effect(), disks=disks, balloon=self.policy.balloon,
@@ -215,8 +226,14 @@ class Instance:
 
     @property
     def swap_path(self) -> Path:
-        assert self.dir is not None
-        return self.dir / "swap.img"
+        """The swap file, which has no name on disk: memvisor's own open fd to it (readable by root)."""
+        assert self._swap_fd is not None
+        return Path(f"/proc/{os.getpid()}/fd/{self._swap_fd}")
+
+    def _open(self, path: Path, flags: int) -> int:
+        fd = os.open(path, flags | os.O_CLOEXEC)
+        self._stack.callback(os.close, fd)
+        return fd
 
     @property
     def qmp_path(self) -> Path:
@@ -229,8 +246,8 @@ class Instance:
             self.plan()
         assert self.dir is not None and self.state is not None
         self.spawned_at = time.monotonic()
-        fds = [s.fileno() for s in self._vmm_socks] + ([self.memctl.fd] if self.memctl else [])
-        self.process = launch.spawn_vmm(self.argv, pass_fds=tuple(fds),
+        fds = [s.fileno() for s in self._vmm_socks] + self._fds + ([self.memctl.fd] if self.memctl else [])
+        self.process = launch.spawn_vmm(self.argv, pass_fds=tuple(fds), user=self._vmm_user,
                                         log=self.dir / "vmm.log", ksm=self.ksm_in_effect())
         self._stack.callback(self._stop_vmm)
         assert self.channel is not None
@@ -242,6 +259,8 @@ class Instance:
         for sock in self._vmm_socks:  # the VMM has its copies now
             sock.close()
         self.state.vmm_pid = self.process.pid
+        if self._swap_fd is not None:  # the same fd number in the VMM (pass_fds keeps it)
+            self.state.files["swap"] = f"/proc/{self.process.pid}/fd/{self._swap_fd}"
         self.state.vmm_started = runtime.process_start_time(self.process.pid)
         runtime.write_state(self.state)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from memvisor.errors import MemvisorError
 from memvisor.host import runtime
 
 
@@ -25,6 +26,7 @@ def make(sandbox_id: str, owner: int, owner_started: float, vmm: subprocess.Pope
     if vmm is not None:
         state.vmm_pid = vmm.pid
         state.vmm_started = runtime.process_start_time(vmm.pid)
+        state.vmm_name = f"memvisor-{sandbox_id}"
     runtime.write_state(state)
     return path
 
@@ -44,17 +46,47 @@ def test_live_owner_is_kept() -> None:
     assert [s.id for s in runtime.live()] == ["live"]
 
 
-def test_dead_owner_is_swept_and_its_vmm_killed() -> None:
-    fake_vmm = subprocess.Popen(["sleep", "600"])
+def fake_vmm(tmp_path: Path, name: str) -> subprocess.Popen[bytes]:
+    """`sleep` under the sandbox's process name (a VMM's comm is its -name process=)."""
+    exe = tmp_path / name
+    exe.symlink_to(subprocess.run(["which", "sleep"], capture_output=True, text=True).stdout.strip())
+    return subprocess.Popen([str(exe), "600"])
+
+
+def test_dead_owner_is_swept_and_its_vmm_killed(tmp_path: Path) -> None:
+    fake = fake_vmm(tmp_path, "memvisor-stale")
+    try:
+        pid, started = dead_pid()
+        path = make("stale", pid, started, vmm=fake)
+        assert runtime.sweep() == ["stale"]
+        assert not path.exists()
+        assert fake.wait(timeout=10) == -9
+    finally:
+        fake.kill()
+        fake.wait()
+
+
+def test_a_planted_state_cannot_make_memvisor_signal_another_process() -> None:
+    fake_vmm = subprocess.Popen(["sleep", "600"])  # someone else's process, not a VMM
     try:
         pid, started = dead_pid()
         path = make("stale", pid, started, vmm=fake_vmm)
         assert runtime.sweep() == ["stale"]
         assert not path.exists()
-        assert fake_vmm.wait(timeout=10) == -9
+        assert fake_vmm.poll() is None  # not signalled: its name is not the sandbox's VMM's
     finally:
         fake_vmm.kill()
         fake_vmm.wait()
+
+
+def test_a_runtime_root_others_can_write_is_refused(runtime_root: Path) -> None:
+    runtime.create("first")
+    runtime_root.chmod(0o777)
+    with pytest.raises(MemvisorError, match="is not memvisor's own"):
+        runtime.sweep()
+    runtime_root.chmod(0o700)
+    with pytest.raises(MemvisorError, match="is not 1-32 of"):
+        runtime.create("../escape")
 
 
 def test_reused_pid_does_not_keep_a_directory() -> None:

@@ -165,7 +165,9 @@ def test_a_killed_daemon_leaves_no_vmm_socket_or_swap_file(image: Image, tmp_pat
         assert made.status_code == 201, made.text
     info = made.json()
     swap = Path(os.environ["MEMVISOR_RUNTIME_DIR"]) / info["id"] / "swap.img"
-    assert swap.exists()
+    assert not swap.exists()  # never on disk by name: the VMM holds the only reference
+    held = [os.readlink(f) for f in Path(f"/proc/{info['vmm_pid']}/fd").iterdir()]
+    assert any(link.endswith("swap.img (deleted)") for link in held), held
     first.proc.kill()
     first.proc.communicate(timeout=30)
     wait_for(lambda: not alive(info["vmm_pid"]), 30, "the VMM to die with its daemon")

@@ -235,7 +235,7 @@ def test_workload_cannot_reach_the_swap_stack(memvisor: Runner) -> None:
     assert "ROOT-OK" in r.stdout  # proves the check above could have failed
 
 
-def test_swap_file_is_private_sparse_listed_and_removed(image: Image) -> None:
+def test_swap_file_is_private_sparse_and_never_on_disk(image: Image) -> None:
     from tests.vm.conftest import alive, memvisor_argv, ps, wait_for
 
     proc = subprocess.Popen(memvisor_argv("run", "--memory", "192", "--swap-size", "4096", "--", "sleep", "600"),
@@ -243,16 +243,17 @@ def test_swap_file_is_private_sparse_listed_and_removed(image: Image) -> None:
     try:
         state = wait_for(lambda: next((s for s in ps() if "authenticated" in s["summary"]
                                        and "(asked)" not in s["summary"]), None), 90, "swap set up in ps")
-        swap = Path(state["files"]["swap"])
+        swap = Path(state["files"]["swap"])  # /proc/<VMM>/fd/N: the VMM holds it open, it has no name on disk
+        assert swap.parent == Path(f"/proc/{state['vmm_pid']}/fd") and os.readlink(swap).endswith("(deleted)")
+        assert not (Path(state["runtime_dir"]) / "swap.img").exists()
         st = swap.stat()
         assert st.st_mode & 0o777 == 0o600
         assert st.st_size == 4096 * 2**20
         assert st.st_blocks * 512 < 64 * 2**20, "the swap file must stay sparse: setup may not write it all"
         assert "swap=4096MiB/authenticated" in state["summary"]
     finally:
-        proc.kill()  # SIGKILL: the VMM dies with memvisor, the sweep removes the file
+        proc.kill()  # SIGKILL: the VMM dies with memvisor, and with it the last reference to the file
         proc.communicate(timeout=30)
     wait_for(lambda: not alive(state["vmm_pid"]), 30, "the VMM to die with memvisor")
-    assert swap.exists()
+    assert not any(Path(state["runtime_dir"]).glob("swap*"))
     assert ps() == []
-    assert not swap.exists()

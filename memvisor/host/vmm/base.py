@@ -16,6 +16,7 @@ class Disk:
     serial: str
     direct_io: bool = True  # bypass the host page cache (O_DIRECT)
     discard: bool = False  # the guest's discards punch holes in the file (else they are ignored)
+    fds: tuple[int, ...] = ()  # open fds the VMM inherits, O_RDWR and O_RDONLY (then `path` is only a record)
 
 
 @dataclass(frozen=True)

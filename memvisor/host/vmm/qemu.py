@@ -58,8 +58,13 @@ class QemuBackend(VMMBackend):
         accel = self.accel()
         disks: list[str] = []
         for i, disk in enumerate(spec.disks):
+            # QEMU dups an inherited fd of the access mode it wants from an fd set: it never opens the path
+            # (it wants O_RDWR for the disk and O_RDONLY for its lock probe).
+            for fd in disk.fds:
+                disks += ["-add-fd", f"fd={fd},set={i + 1},opaque={disk.serial}"]
             disks += [
-                "-drive", f"file={disk.path},if=none,id=disk{i},format=raw,"
+                "-drive", f"file={f'/dev/fdset/{i + 1}' if disk.fds else disk.path},if=none,id=disk{i},"
+                          "format=raw,"
                           f"cache={'none' if disk.direct_io else 'writeback'},"
                           f"discard={'unmap' if disk.discard else 'ignore'}",
                 "-device", f"virtio-blk-pci,drive=disk{i},serial={disk.serial}",
