@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -133,10 +134,13 @@ class Supervisor:
 
     def _held(self) -> int:
         """What the sandboxes hold now: each running VMM's measured memory, and for one still booting its
-        starting target plus a VMM's overhead. Called with the lock held."""
+        starting target plus a VMM's overhead; or, if more, what the daemon's memory cgroup is charged (page
+        cache, page tables, socket buffers and the daemon itself count there too, and that is the figure the
+        kernel OOM-kills by). Called with the lock held."""
         overhead = self._overhead()
         booting = [c for i, c in self.controls.items() if i not in self._sandboxes]
-        return sum(_rss(vm) for vm in self._sandboxes.values()) + sum(c.target_bytes + overhead for c in booting)
+        vmms = sum(_rss(vm) for vm in self._sandboxes.values())
+        return max(vmms, cgroup_usage() or 0) + sum(c.target_bytes + overhead for c in booting)
 
     def _overhead(self) -> int:
         """The largest measured VMM overhead (RSS minus guest-RAM RSS) among running sandboxes; the default
@@ -190,7 +194,7 @@ class Supervisor:
             overhead = self._overhead()
         # Both must fit: the targets with each VMM's own cost on top, and what the VMMs hold now.
         committed = sum(t for t, _ in wanted.values()) + overhead * len(work)
-        over = max(committed, sum(_rss(vm) for _, vm in work)) - self.budget_bytes
+        over = max(committed, sum(_rss(vm) for _, vm in work), cgroup_usage() or 0) - self.budget_bytes
         if over > 0:  # the guests with the most spare memory give first
             for c, _vm in sorted(work, key=lambda w: -_available(w[1].last_stats)):
                 target, _ = wanted[c.id]
@@ -237,6 +241,37 @@ class Supervisor:
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(c.to_json()))
             tmp.replace(path)
+
+
+def cgroup_usage(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+    """Bytes charged to this process's memory cgroup, if it is in one with a limit (v2: memory.current under
+    a memory.max that is not "max"; v1: memory.usage_in_bytes under a limit below the no-limit value)."""
+    try:
+        with open(proc_cgroup) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "" and os.path.exists(f"{root}/cgroup.controllers"):  # v2
+            base = f"{root}{path}"
+            limit, usage = _read(f"{base}/memory.max"), _read(f"{base}/memory.current")
+            if limit and limit != "max" and usage:
+                return int(usage)
+        elif "memory" in controllers.split(","):  # v1
+            base = f"{root}/memory{path}"
+            limit, usage = _read(f"{base}/memory.limit_in_bytes"), _read(f"{base}/memory.usage_in_bytes")
+            if limit and usage and int(limit) < 1 << 60:
+                return int(usage)
+    return None
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except (OSError, ValueError):
+        return None
 
 
 def host_pressure(path: str = "/proc/pressure/memory") -> float:

@@ -131,3 +131,20 @@ def test_host_pressure_reads_psi(tmp_path: Path) -> None:
     psi.write_text("some avg10=12.50 avg60=3.00 avg300=1.00 total=1\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
     assert sup.host_pressure(str(psi)) == 12.5
     assert sup.host_pressure(str(tmp_path / "missing")) == 0.0
+
+
+def test_cgroup_usage_reads_v1_and_v2(tmp_path: Path) -> None:
+    v1, v2 = tmp_path / "v1", tmp_path / "v2"
+    (v1 / "memory/box").mkdir(parents=True)
+    (v1 / "memory/box/memory.limit_in_bytes").write_text(str(1536 * MIB))
+    (v1 / "memory/box/memory.usage_in_bytes").write_text(str(700 * MIB))
+    (tmp_path / "self-v1").write_text("12:memory:/box\n3:cpu,cpuacct:/\n")
+    assert sup.cgroup_usage(str(tmp_path / "self-v1"), str(v1)) == 700 * MIB
+    (v2 / "box").mkdir(parents=True)
+    (v2 / "cgroup.controllers").write_text("memory\n")
+    (v2 / "box/memory.max").write_text("max\n")
+    (v2 / "box/memory.current").write_text(str(5 * MIB))
+    (tmp_path / "self-v2").write_text("0::/box\n")
+    assert sup.cgroup_usage(str(tmp_path / "self-v2"), str(v2)) is None  # no limit: not a budget's cgroup
+    (v2 / "box/memory.max").write_text(str(64 * MIB))
+    assert sup.cgroup_usage(str(tmp_path / "self-v2"), str(v2)) == 5 * MIB
