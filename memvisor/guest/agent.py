@@ -12,6 +12,7 @@ only, stdlib only, and cheap to import (see proto.py on why no selectors/subproc
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import time
@@ -277,7 +278,7 @@ class Agent:
             if cgroup is not None and self.memctl is not None:
                 self.memctl.drop_cgroup(cgroup)
             # The shell's conventions: 127 not found, 126 found but not runnable.
-            code = 127 if exc.errno == 2 else 126
+            code = 127 if exc.errno == errno.ENOENT else 126
             self.channel.send_output(proto.Kind.STDERR, f"memvisor: {body['argv'][0]}: {exc.strerror}\n".encode(),
                                      exec_id)
             self.channel.send(proto.Kind.EXIT, {"id": exec_id, "code": code, "signal": None, "uptime": uptime(),

@@ -6,6 +6,7 @@ page-aligned buffer, which an anonymous mmap is. Guest only, stdlib only.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 
@@ -22,7 +23,7 @@ def write_page(device: str, page: mmap.mmap, offset: int = 0) -> None:
     fd = os.open(device, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
     try:
         if os.pwritev(fd, [page], offset) != PAGE_SIZE:
-            raise OSError(5, f"short write at offset {offset}", device)
+            raise OSError(errno.EIO, f"short write at offset {offset}", device)
     finally:
         os.close(fd)
 
@@ -33,7 +34,7 @@ def read_page(device: str, offset: int = 0) -> bytes:
     fd = os.open(device, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
     try:
         if os.preadv(fd, [page], offset) != PAGE_SIZE:
-            raise OSError(5, f"short read at offset {offset}", device)
+            raise OSError(errno.EIO, f"short read at offset {offset}", device)
         return bytes(page)
     finally:
         os.close(fd)

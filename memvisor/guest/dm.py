@@ -8,6 +8,7 @@ kernel wipes its copies too. Guest only, stdlib only.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import struct
@@ -47,7 +48,6 @@ DM_TABLE_STATUS = _IOWR(DM_IOCTL_TYPE, 12, DM_IOCTL.size)
 DM_LIST_VERSIONS = _IOWR(DM_IOCTL_TYPE, 13, DM_IOCTL.size)
 
 # dm_ioctl.flags
-DM_SUSPEND_FLAG = 1 << 1
 DM_STATUS_TABLE_FLAG = 1 << 4
 DM_BUFFER_FULL_FLAG = 1 << 8
 DM_SECURE_DATA_FLAG = 1 << 15  # the kernel wipes its copy of the ioctl buffer: tables with keys
@@ -106,7 +106,7 @@ class DeviceMapper:
         start = DM_IOCTL.size + 1  # data_start: after the struct (8-byte aligned below)
         start += -start % 8
         if start + len(data) > BUFFER_SIZE:
-            raise OSError(22, f"device-mapper request of {len(data)} bytes is too large", self.path)
+            raise OSError(errno.EINVAL, f"device-mapper request of {len(data)} bytes is too large", self.path)
         DM_IOCTL.pack_into(buf, 0, DM_VERSION_MAJOR, DM_VERSION_MINOR, DM_VERSION_PATCHLEVEL, BUFFER_SIZE, start,
                            target_count, 0, flags, event_nr, 0, 0, name.encode(), b"", b"")
         buf[start:start + len(data)] = data
@@ -119,7 +119,7 @@ class DeviceMapper:
         fields = DM_IOCTL.unpack_from(buf, 0)
         out_flags, dev = fields[7], fields[10]
         if out_flags & DM_BUFFER_FULL_FLAG:
-            raise OSError(105, f"device-mapper reply for {name} does not fit {BUFFER_SIZE} bytes", self.path)
+            raise OSError(errno.ENOBUFS, f"device-mapper reply for {name} does not fit {BUFFER_SIZE} bytes", self.path)
         return out_flags, dev, fields[3]
 
     def version(self) -> tuple[int, int, int]:
@@ -208,7 +208,7 @@ class DeviceMapper:
         deadline = time.monotonic() + timeout
         while not os.path.exists(path):
             if time.monotonic() > deadline:
-                raise OSError(2, "device node did not appear", path)
+                raise OSError(errno.ENOENT, "device node did not appear", path)
             time.sleep(0.005)
         return path
 

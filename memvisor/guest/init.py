@@ -106,7 +106,7 @@ def load_base_modules(ctx: Context) -> None:
 
 def open_channel(ctx: Context) -> None:
     """Find the virtio-serial port by name and open it."""
-    ctx.channel = agent.Channel.open(ctx.settings.get("port", proto.PORT_NAME), time.monotonic() + 10, log)
+    ctx.channel = agent.Channel.open(proto.PORT_NAME, time.monotonic() + 10, log)
 
 
 def setup_swap(ctx: Context) -> None:

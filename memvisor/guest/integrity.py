@@ -9,6 +9,7 @@ reads a slot it did not write. Guest only, stdlib only.
 
 from __future__ import annotations
 
+import errno
 import struct
 
 from memvisor.guest import blockio, dm
@@ -56,7 +57,7 @@ def read_superblock(device: str) -> tuple[int, int]:
     page = blockio.read_page(device)
     magic, _version, _log2_interleave, tag_size, _journal, provided, _flags = SUPERBLOCK.unpack_from(page, 0)
     if magic != SB_MAGIC:
-        raise OSError(22, "no dm-integrity superblock after formatting", device)
+        raise OSError(errno.EINVAL, "no dm-integrity superblock after formatting", device)
     return tag_size, provided
 
 
@@ -73,5 +74,5 @@ def format_device(ctl: dm.DeviceMapper, device: str, major_minor: tuple[int, int
         ctl.remove(name)
     got_tag, provided = read_superblock(device)
     if got_tag != tag_size or provided <= 0:
-        raise OSError(22, f"dm-integrity superblock has tag size {got_tag}, {provided} data sectors", device)
+        raise OSError(errno.EINVAL, f"dm-integrity superblock has tag size {got_tag}, {provided} data sectors", device)
     return provided

@@ -1,4 +1,4 @@
-"""Swap headers and swapon(2)/swapoff(2). No mkswap or swapon binaries.
+"""Swap headers and swapon(2). No mkswap or swapon binaries.
 
 The header is written as one 4 KiB page with O_DIRECT and nothing is read first: on an integrity device a read
 of a never-written sector is an error (that is why swapon(8)/blkid, which read ahead, are not used).
@@ -8,6 +8,7 @@ Guest only, stdlib only.
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import struct
@@ -34,7 +35,7 @@ def header(size_bytes: int, uuid: bytes, label: str = "memvisor") -> mmap.mmap:
     """A v1 swap header page for a device of `size_bytes` (page-aligned buffer, ready for O_DIRECT)."""
     pages = size_bytes // PAGE_SIZE
     if pages < 10:
-        raise OSError(22, f"a swap area of {size_bytes} bytes is too small")
+        raise OSError(errno.EINVAL, f"a swap area of {size_bytes} bytes is too small")
     page = blockio.new_page()
     SWAP_INFO.pack_into(page, SWAP_INFO_OFFSET, 1, pages - 1, 0, uuid, label.encode()[:16])
     page[PAGE_SIZE - len(SWAP_MAGIC):] = SWAP_MAGIC
@@ -68,10 +69,3 @@ def mark_nonrotational(disk: str) -> None:
     no per-cluster state and never discards. Device-mapper devices made on top inherit the flag."""
     with open(f"/sys/block/{disk}/queue/rotational", "w") as f:
         f.write("0")
-
-
-def swapoff(device: str) -> None:
-    """swapoff(2)."""
-    if _libc.swapoff(device.encode()) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"swapoff: {os.strerror(err)}", device)

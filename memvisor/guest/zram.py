@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 SYS = "/sys/block/zram0"
 
 
@@ -10,7 +12,8 @@ def setup(algorithm: str, size_bytes: int) -> str:
     with open(f"{SYS}/comp_algorithm") as f:
         offered = f.read().replace("[", "").replace("]", "").split()
     if algorithm not in offered:
-        raise OSError(95, f"zram algorithm {algorithm} is not available (kernel offers {', '.join(offered)})")
+        raise OSError(errno.EOPNOTSUPP,
+                      f"zram algorithm {algorithm} is not available (kernel offers {', '.join(offered)})")
     with open(f"{SYS}/comp_algorithm", "w") as f:
         f.write(algorithm)
     with open(f"{SYS}/disksize", "w") as f:

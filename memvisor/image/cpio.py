@@ -26,7 +26,6 @@ class CpioWriter:
         self._out = out
         self._ino = 0
         self._names: set[str] = set()
-        self.bytes_written = 0
 
     def __enter__(self) -> CpioWriter:
         return self
@@ -49,7 +48,6 @@ class CpioWriter:
         header = NEWC_MAGIC + b"".join(b"%08X" % f for f in fields)
         chunk = header + encoded + _pad(len(header) + len(encoded)) + data + _pad(len(data))
         self._out.write(chunk)
-        self.bytes_written += len(chunk)
 
     def add_dir(self, name: str, perm: int = 0o755, *, uid: int = 0, gid: int = 0) -> None:
         """A directory; parents must be added first (the kernel does not create them)."""

@@ -79,12 +79,15 @@ def test_unprivileged_by_default_and_root_on_request(memvisor: Runner) -> None:
 
 
 def test_workload_cannot_reach_the_control_channel(memvisor: Runner) -> None:
-    script = ("for p in /dev/vport*; do cat $p </dev/null && echo READ-OK; done; "
-              "mknod /tmp/port c 241 1 && echo MKNOD-OK; echo done")
-    r = memvisor("run", "--", "sh", "-c", script)
+    script = ("ls /dev/vport*; for p in /dev/vport*; do cat $p </dev/null && echo READ-OK; "
+              "echo hello > $p && echo WRITE-OK; done; mknod /tmp/port c 241 1 && echo MKNOD-OK; echo done")
+    r = memvisor("run", "--json", "--", "sh", "-c", script)
     assert r.returncode == 0
-    assert "READ-OK" not in r.stdout and "MKNOD-OK" not in r.stdout and "done" in r.stdout
+    assert "/dev/vport" in r.stdout  # the port is there (else the loop below proves nothing)
+    assert "READ-OK" not in r.stdout and "WRITE-OK" not in r.stdout and "MKNOD-OK" not in r.stdout
+    assert "done" in r.stdout
     assert "Permission denied" in r.stderr or "Operation not permitted" in r.stderr
+    assert report(r.stdout)["protocol_errors"] == 0  # nothing the workload did reached the host
 
 
 def test_memory_and_cpus_flags(memvisor: Runner) -> None:
