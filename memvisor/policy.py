@@ -309,9 +309,12 @@ def to_toml(policy: Policy) -> str:
 
 
 def to_cmdline(policy: Policy) -> list[str]:
-    """The guest-side settings as `memvisor.<key>=<value>` kernel command-line words."""
-    return [cmdline.word(s.cmdline, getattr(policy, s.field)) for s in SETTINGS
-            if s.cmdline is not None and getattr(policy, s.field) is not None]
+    """Every guest-side setting as a `memvisor.<key>=<value>` kernel command-line word, defaults included and
+    decided here (the swap mode as it is in effect): the guest reads them and derives nothing
+    (memvisor/contract.py)."""
+    explicit = {"swap_mode": policy.effective_swap_mode}
+    return [cmdline.word(s.cmdline, explicit.get(s.field, getattr(policy, s.field))) for s in SETTINGS
+            if s.cmdline is not None]
 
 
 def parse_cmdline(text: str) -> dict[str, object]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import _json
 import struct
 
+from memvisor import contract
 from memvisor.errors import ProtocolError
 
 TYPE_CHECKING = False
@@ -42,7 +43,7 @@ MAX_EXECS = 64  # commands running at once in one guest
 HEADER = struct.Struct(">4sBBHI")
 MAX_PAYLOAD = 256 * 1024
 CHUNK = 64 * 1024  # output is sent in chunks no larger than this
-PORT_NAME = "org.memvisor.ctl"  # the virtio-serial port's name
+PORT_NAME = contract.PORT_NAME  # the virtio-serial port's name
 
 
 class MessageKind(int):

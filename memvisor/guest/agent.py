@@ -17,7 +17,7 @@ import os
 import select
 import time
 
-from memvisor import proto
+from memvisor import contract, proto
 from memvisor.errors import ProtocolError
 from memvisor.guest import spawn
 
@@ -268,7 +268,7 @@ class Agent:
             self._error(f"{proto.MAX_EXECS} commands already run; exec {exec_id} refused", exec_id, exited=True)
             return
         uid = body.get("uid", self.uid)
-        home, user = ("/root", "root") if uid == 0 else ("/home/sandbox", "sandbox")
+        home, user = ("/root", "root") if uid == 0 else (contract.WORKLOAD_HOME, contract.WORKLOAD_USER)
         env = {**BASE_ENV, "HOME": home, "USER": user, "LOGNAME": user, "SHELL": "/bin/sh", **body.get("env", {})}
         cgroup = self.memctl.cgroup_for(exec_id) if self.memctl is not None else None
         try:

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from memvisor import cmdline, proto
+from memvisor import cmdline, contract, proto
 from memvisor.errors import SetupError
 from memvisor.guest import agent, linux, memstats
 
@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from typing import Any
 
 MODULES_JSON = "/etc/memvisor/modules.json"
-UNPRIVILEGED_UID = 1000
 SYSRQ_KEYBOARD = 2 | 8  # Documentation/admin-guide/sysrq.rst: console log level, debugging dumps
 
 
@@ -38,8 +37,8 @@ class Context:
         self.swap: dict[str, Any] = {}
 
     def flag(self, key: str) -> bool:
-        """A boolean setting from the command line (absent = off)."""
-        return cmdline.parse_bool(self.settings.get(key, "0"))
+        """A boolean setting the host sent (memvisor/contract.py: never a default of the guest's own)."""
+        return cmdline.parse_bool(contract.require(self.settings, key))
 
 
 def log(message: str) -> None:
@@ -111,7 +110,7 @@ def open_channel(ctx: Context) -> None:
 
 def setup_swap(ctx: Context) -> None:
     """zram and the disk swap stack, as the settings ask (nothing when they ask for none)."""
-    if ctx.settings.get("swap_size_mib", "0") == "0" and ctx.settings.get("zram_percent", "0") == "0":
+    if contract.require(ctx.settings, "swap_size_mib") == "0" and contract.require(ctx.settings, "zram_percent") == "0":
         return
     # Imported here, not at boot: a sandbox without swap should not pay for it (image/python.py ships it).
     from memvisor.guest import swapstack
@@ -178,9 +177,9 @@ def main() -> None:
             "kernel": os.uname().release,
             "swap": ctx.swap,
         })
-        agent.serve(ctx.channel, uid=0 if ctx.flag("root") else UNPRIVILEGED_UID,
+        agent.serve(ctx.channel, uid=0 if ctx.flag("root") else contract.WORKLOAD_UID,
                     report=memstats.report, memctl=ctx.flag("memctl"))
-    except SetupError as exc:  # a clear, expected failure: no traceback
+    except (SetupError, contract.MissingSetting) as exc:  # a clear, expected failure: no traceback
         log(f"FATAL: {exc}")
         report_fatal(ctx, str(exc))
     except BaseException as exc:  # PID 1 must never die with an exception: report it and power off

@@ -27,9 +27,9 @@ import os
 import socket
 import sys
 
-from memvisor import proto
+from memvisor import contract, proto
 
-SOCKET = "/run/memvisor/memctl.sock"
+SOCKET = contract.MEMCTL_SOCKET
 PAGE = proto.PAGE
 CHUNK = 4 << 20  # bytes per request: under the default 8 MiB RLIMIT_MEMLOCK of an unprivileged process
 CODES = tuple(c for c in proto.MEMCTL_CODES if c != "INFO")

@@ -21,7 +21,7 @@ import socket
 import struct
 import time
 
-from memvisor import proto
+from memvisor import contract, proto
 from memvisor.guest import linux
 
 TYPE_CHECKING = False
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 SOCKET_DIR = "/run/memvisor"
-SOCKET = f"{SOCKET_DIR}/memctl.sock"
+SOCKET = contract.MEMCTL_SOCKET
 CGROUP_ROOT = "/sys/fs/cgroup"
 CGROUP_PREFIX = "memvisor-exec-"
 PAGE = proto.PAGE

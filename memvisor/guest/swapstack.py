@@ -24,6 +24,7 @@ import ctypes
 import os
 import time
 
+from memvisor import cmdline, contract
 from memvisor.errors import SetupError
 from memvisor.guest import dm, integrity, swap, zram
 
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 MODES = ("authenticated", "encrypted", "plain")
-DISK_SERIAL = "memvisor-swap"
+DISK_SERIAL = contract.SWAP_DISK_SERIAL
 DISK_PRIORITY = 10
 ZRAM_PRIORITY = 100
 SECTOR_ALIGN = 8  # 4 KiB sectors
@@ -112,13 +113,13 @@ class SwapStack:
 
     def __init__(self, settings: dict[str, str], load_group: Callable[[str], list[str]],
                  log: Callable[[str], None]) -> None:
-        self.size_mib = int(settings.get("swap_size_mib", "0"))
-        mode = settings.get("swap_mode", "")
-        self.asked = mode if mode else ("authenticated" if self.size_mib else "off")
-        self.allow_weaker = settings.get("allow_weaker_swap", "0") in ("1", "true")
-        self.discard = settings.get("swap_discard", "0") in ("1", "true")
-        self.zram_percent = int(settings.get("zram_percent", "0"))
-        self.zram_algorithm = settings.get("zram_algorithm", "lz4")
+        # Every value as the host decided it (memvisor/contract.py): no default of the guest's own.
+        self.size_mib = int(contract.require(settings, "swap_size_mib"))
+        self.asked = contract.require(settings, "swap_mode")
+        self.allow_weaker = cmdline.parse_bool(contract.require(settings, "allow_weaker_swap"))
+        self.discard = cmdline.parse_bool(contract.require(settings, "swap_discard"))
+        self.zram_percent = int(contract.require(settings, "zram_percent"))
+        self.zram_algorithm = contract.require(settings, "zram_algorithm")
         self.load_group = load_group
         self.log = log
         self.report: dict[str, Any] = {"asked": self.asked, "effective": "off", "warnings": [], "devices": []}

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from memvisor import paths, proto
+from memvisor import contract, paths, proto
 from memvisor import policy as pol
 from memvisor.errors import GuestError, MemvisorError
 from memvisor.host import ksm, launch, memctl, report, runtime, stall, stats, swapfile
@@ -177,7 +177,7 @@ class Instance:
             readonly = self._open(on_disk, os.O_RDONLY)
             on_disk.unlink()  # held open, never on disk by name: a SIGKILL leaves nothing behind
             self._fds += [self._swap_fd, readonly]
-            disks = (Disk(self.swap_path, "memvisor-swap", direct, discard=self.policy.swap_discard,
+            disks = (Disk(self.swap_path, contract.SWAP_DISK_SERIAL, direct, discard=self.policy.swap_discard,
                           fds=(self._swap_fd, readonly)),)
         qmp_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._stack.callback(qmp_sock.close)

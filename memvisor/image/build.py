@@ -19,20 +19,20 @@ from pathlib import Path
 from typing import Any
 
 import memvisor
-from memvisor import paths, proc
+from memvisor import contract, paths, proc
 from memvisor.errors import ImageError
 from memvisor.image import debs, kernel, python
 from memvisor.image.cpio import CpioWriter
 
 PKG_DIR = Path(memvisor.__file__).parent
 # The guest's share of the memvisor package (stdlib-only modules), shipped into the image's stdlib directory.
-GUEST_SOURCES = ("__init__.py", "errors.py", "cmdline.py", "proto.py", "guest/__init__.py", "guest/init.py",
-                 "guest/agent.py", "guest/linux.py", "guest/spawn.py", "guest/dm.py", "guest/blockio.py",
-                 "guest/integrity.py", "guest/swap.py", "guest/swapstack.py", "guest/zram.py",
+GUEST_SOURCES = ("__init__.py", "errors.py", "cmdline.py", "contract.py", "proto.py", "guest/__init__.py",
+                 "guest/init.py", "guest/agent.py", "guest/linux.py", "guest/spawn.py", "guest/dm.py",
+                 "guest/blockio.py", "guest/integrity.py", "guest/swap.py", "guest/swapstack.py", "guest/zram.py",
                  "guest/memstats.py", "guest/diag.py", "guest/memctld.py", "guest/memctl.py")
 BUILDER_SOURCES = ("image/__init__.py", "image/build.py", "image/cpio.py", "image/debs.py", "image/kernel.py",
                    "image/python.py")
-UNPRIVILEGED = 1000
+UNPRIVILEGED = contract.WORKLOAD_UID
 STEPS = ("resolve packages", "download packages", "unpack packages", "kernel", "kernel modules",
          "python", "write initramfs")
 
@@ -170,7 +170,7 @@ def _write_initramfs(cpio: CpioWriter, root: Path, modules: kernel.ModuleSet, py
         mkdir(d)
     mkdir("tmp", 0o1777)
     mkdir("root", 0o700)
-    mkdir("home/sandbox", 0o755, uid=UNPRIVILEGED)
+    mkdir(contract.WORKLOAD_HOME.lstrip("/"), 0o755, uid=UNPRIVILEGED)
     for link in ("bin", "sbin", "lib", "lib64"):
         cpio.add_symlink(link, f"usr/{link}")
     cpio.add_device("dev/console", char=True, major=5, minor=1)
@@ -211,8 +211,9 @@ def _write_initramfs(cpio: CpioWriter, root: Path, modules: kernel.ModuleSet, py
     add("etc/memvisor/modules.json", json.dumps({"kernel": modules.kernel_version, "groups": modules.groups},
                                                 indent=1).encode())
 
-    add("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nsandbox:x:1000:1000:sandbox:/home/sandbox:/bin/sh\n")
-    add("etc/group", b"root:x:0:\nsandbox:x:1000:\n")
+    user, uid, home = contract.WORKLOAD_USER, contract.WORKLOAD_UID, contract.WORKLOAD_HOME
+    add("etc/passwd", f"root:x:0:0:root:/root:/bin/sh\n{user}:x:{uid}:{uid}:{user}:{home}:/bin/sh\n".encode())
+    add("etc/group", f"root:x:0:\n{user}:x:{uid}:\n".encode())
     add("etc/hostname", b"memvisor\n")
     add("init", b"#!/usr/bin/python3 -SI\nfrom memvisor.guest.init import main\nmain()\n", 0o755)
     # memctl for workloads (docs/memctl.md): `import memctl`, and the `memctl` command

@@ -1,0 +1,27 @@
+"""Every literal the host and the guest must agree on, in one place (stdlib only: the guest imports it at boot).
+
+The host decides; the guest is told. Every guest-side setting travels on the kernel command line as an explicit
+`memvisor.<key>=<value>` word (memvisor.policy.to_cmdline writes all of them, defaults included), and the guest
+reads them with `require` below: it never falls back to a default of its own, so the two sides cannot drift.
+"""
+
+from __future__ import annotations
+
+PORT_NAME = "org.memvisor.ctl"  # the control channel's virtio-serial port
+SWAP_DISK_SERIAL = "memvisor-swap"  # the virtio-blk serial of the swap disk (/dev/disk/by-id/virtio-...)
+WORKLOAD_UID = 1000  # the unprivileged user commands run as unless the policy says root
+WORKLOAD_USER = "sandbox"
+WORKLOAD_HOME = "/home/sandbox"
+MEMCTL_SOCKET = "/run/memvisor/memctl.sock"  # where workloads ask PID 1 for memctl (docs/memctl.md)
+
+
+class MissingSetting(Exception):
+    """The host did not send a setting the guest needs."""
+
+
+def require(settings: dict[str, str], key: str) -> str:
+    """A setting the host must have sent."""
+    try:
+        return settings[key]
+    except KeyError:
+        raise MissingSetting(f"the host did not send memvisor.{key} on the kernel command line") from None
