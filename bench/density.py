@@ -36,6 +36,7 @@ import httpx
 import psutil
 
 from bench.cgroup import MemoryCgroup
+from bench.common import stop
 from memvisor.host import ksm
 
 AGENT = """
@@ -171,12 +172,7 @@ def measure(name: str, args: argparse.Namespace, workdir: Path) -> Outcome:
         outcome.failure = outcome.failure or f"stopped at --max {args.max}"
     finally:
         client.close()
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(timeout=300)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
+        stop(daemon, 300)
         cgroup.close()
     return outcome
 

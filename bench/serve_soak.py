@@ -21,7 +21,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import psutil
 
+from bench.common import stop
 from memvisor.errors import MemvisorError
 from memvisor.service.client import Client
 
@@ -147,12 +147,7 @@ def main() -> int:
             t.join(timeout=120)
         client.close()
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
+        if not stop(daemon, 120):
             leftovers.append("the daemon did not stop within 120 s of SIGTERM")
         leftovers += [f"VMM {pid} still running" for pid in vmm_pids if psutil.pid_exists(pid)
                       and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
