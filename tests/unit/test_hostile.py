@@ -138,3 +138,54 @@ def test_garbage_guest_figures_never_reach_a_report_or_a_terminal(hello: object,
     assert swap["asked"] == "authenticated"  # the host's own value, whatever the guest sent
     assert all(isinstance(v, int) for v in (exit_dict.get("meminfo") or {}).values())
     json.dumps([guest, swap], allow_nan=False)
+
+
+SECTIONS = st.sampled_from(["vm", "run", "swap", "zram", "ksm", "balloon", "memctl", "nope"])
+FIELDS = st.sampled_from(["memory_mib", "floor_mib", "cpus", "timeout", "root", "size_mib", "mode", "percent",
+                          "algorithm", "enable", "allow_weaker", "discard", "output_limit_mib", "x"])
+SCALARS = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=20)
+
+
+@settings(max_examples=400, deadline=None)
+@given(doc=st.dictionaries(SECTIONS, st.dictionaries(FIELDS, SCALARS, max_size=4) | SCALARS, max_size=4))
+def test_policy_documents_fail_only_with_a_clear_error(doc: dict[str, object]) -> None:
+    from memvisor.errors import MemvisorError
+
+    try:
+        policy.merge(("json", policy.layer_from_mapping(doc, "json")))
+    except MemvisorError as exc:
+        assert exc.message and "\n" not in exc.message
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=st.text(max_size=200))
+def test_toml_files_fail_only_with_a_clear_error(tmp_path_factory: pytest.TempPathFactory, text: str) -> None:
+    from memvisor import config
+    from memvisor.errors import MemvisorError
+
+    path = tmp_path_factory.mktemp("toml") / "config.toml"
+    path.write_text(text)
+    try:
+        _, layer = config.load(path, explicit=True)
+        policy.merge(("config", layer))
+    except MemvisorError as exc:
+        assert exc.message
+
+
+@settings(max_examples=400, deadline=None)
+@given(words=st.lists(st.text(max_size=30), max_size=8))
+def test_kernel_command_lines_and_arguments_never_crash(words: list[str]) -> None:
+    from memvisor import cmdline
+    from memvisor.errors import MemvisorError
+    from memvisor.host.sandbox import reserved_kernel_arg
+
+    line = " ".join(["memvisor.swap_mode=plain", *words])
+    parsed = cmdline.parse(line)
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in parsed.items())
+    try:
+        policy.parse_cmdline(line)
+    except MemvisorError as exc:
+        assert exc.message
+    for word in words:
+        reason = reserved_kernel_arg(word)
+        assert reason is None or word.partition("=")[0] in reason or "memvisor" in reason
