@@ -214,12 +214,15 @@ class DeviceMapper:
 
 
 def _mask_second_word(buf: bytearray, start: int, end: int) -> None:
-    """Overwrite the second space-separated word of buf[start:end] (a crypt key) with '-'."""
+    """Overwrite the second space-separated word of buf[start:end] (a crypt key) with '-', unless it names a key
+    in the kernel keyring (what memvisor's own tables do)."""
     first = buf.find(b" ", start, end)
     if first < 0:
         return
     second = buf.find(b" ", first + 1, end)
     second = end if second < 0 else second
+    if buf[first + 1:first + 2] == b":":  # `:<size>:<type>:<description>`: a keyring reference, not a key
+        return
     buf[first + 1:second] = b"-" * (second - first - 1)
 
 

@@ -10,8 +10,10 @@ Both crypt tables carry `no_read_workqueue no_write_workqueue`: with the default
 livelocked under memory pressure (kcryptd spinning in direct reclaim while kswapd waits on it; FACTS.md); doing
 the crypto in the submitting context removed the hang.
 
-Keys: getrandom(2) straight into a bytearray, hex-encoded into the (bytearray) table, sent with
-DM_SECURE_DATA_FLAG, then both are zeroed. A key is never logged, never in a str, never sent to the host.
+Keys: getrandom(2) straight into a bytearray, handed to the kernel keyring as a `logon` key (user space can
+never read it back) and zeroed; the crypt table names the key (`:<size>:logon:memvisor:swap-crypt`), so no key
+text ever exists, and once dm-crypt has loaded it the keyring entry is invalidated. A key is never logged, never
+in a str, never sent to the host, and not in DM_TABLE_STATUS.
 
 If the kernel lacks what the asked mode needs, setup fails with a SetupError naming the missing feature, unless
 allow_weaker_swap: then it steps down authenticated -> encrypted -> plain and records a warning.
@@ -57,6 +59,13 @@ class Missing(Exception):
     """A kernel feature a mode needs is absent (internal: drives the step-down)."""
 
 
+# include/uapi/linux/keyctl.h, arch/x86/entry/syscalls/syscall_64.tbl
+SYS_ADD_KEY, SYS_KEYCTL = 248, 250
+KEY_SPEC_PROCESS_KEYRING = -2
+KEYCTL_INVALIDATE = 21
+KEY_DESCRIPTION = "memvisor:swap-crypt"  # a logon key's description needs a "service:" prefix
+
+
 def random_key(size: int) -> bytearray:
     """`size` bytes from getrandom(2), written straight into a bytearray we can wipe."""
     key = bytearray(size)
@@ -69,15 +78,33 @@ def random_key(size: int) -> bytearray:
     return key
 
 
-def crypt_params(cipher: str, key: bytearray, device: str, options: tuple[str, ...]) -> bytearray:
-    """`<cipher> <hex key> 0 <device> 0 <#opts> <opts...>` with the key hex-encoded in place (no str copy)."""
-    hexdigits = b"0123456789abcdef"
-    params = bytearray(cipher.encode() + b" ")
-    for byte in key:
-        params.append(hexdigits[byte >> 4])
-        params.append(hexdigits[byte & 15])
-    params += f" 0 {device} 0 {len(options)} {' '.join(options)}".encode()
-    return params
+def logon_key(size: int) -> int:
+    """A fresh random key of `size` bytes in PID 1's process keyring as a `logon` key, which user space can
+    never read back (not even root: there is no read operation for the type); the bytes Python held are
+    zeroed at once. Returns the key's serial, for KEYCTL_INVALIDATE once dm-crypt has its own copy."""
+    key = random_key(size)
+    view = (ctypes.c_char * size).from_buffer(key)
+    try:
+        serial = _libc.syscall(SYS_ADD_KEY, b"logon", KEY_DESCRIPTION.encode(), view, ctypes.c_size_t(size),
+                               KEY_SPEC_PROCESS_KEYRING)
+    finally:
+        del view
+        key[:] = bytes(size)
+    if serial < 0:
+        err = ctypes.get_errno()
+        raise Missing(f"the kernel keyring refused the swap key ({os.strerror(err)})")
+    return int(serial)
+
+
+def invalidate_key(serial: int) -> None:
+    _libc.syscall(SYS_KEYCTL, KEYCTL_INVALIDATE, serial)
+
+
+def crypt_params(cipher: str, key_size: int, device: str, options: tuple[str, ...]) -> bytearray:
+    """`<cipher> :<size>:logon:<description> 0 <device> 0 <#opts> <opts...>`: dm-crypt takes the key from the
+    keyring, so no key text ever exists in Python."""
+    return bytearray(f"{cipher} :{key_size}:logon:{KEY_DESCRIPTION} 0 {device} 0 {len(options)} "
+                     f"{' '.join(options)}".encode())
 
 
 def find_disk(serial: str = DISK_SERIAL, timeout: float = 5.0) -> tuple[str, tuple[int, int], int]:
@@ -255,14 +282,13 @@ class SwapStack:
         else:
             cipher, key_size = XTS
             options = ("sector_size:4096", *CRYPT_FLAGS, *(("allow_discards",) if discard else ()))
-        key = random_key(key_size)
-        params = crypt_params(cipher, key, lower, options)
+        serial = logon_key(key_size)
+        params = crypt_params(cipher, key_size, lower, options)
         try:
             crypt = ctl.create(CRYPT_NAME)
             ctl.load(CRYPT_NAME, [dm.Target(0, sectors, "crypt", params)], secret=True)
         finally:
-            key[:] = bytes(len(key))
-            params[:] = bytes(len(params))
+            invalidate_key(serial)  # dm-crypt copied it at table load; nothing else may ever find it
         ctl.resume(CRYPT_NAME)
         self._lap("crypt_device")
         self.report["cipher"] = cipher

@@ -93,3 +93,24 @@ def test_the_vmm_is_confined_and_a_kill_leaves_nothing(image: Image) -> None:
     assert not list(Path(state["runtime_dir"]).glob("swap*"))
     assert ps() == []
     assert os.environ["MEMVISOR_RUNTIME_DIR"]
+
+
+READ_KEY = r"""
+import re, sys
+sys.path.insert(0, "/usr/lib/python3.11")
+from memvisor.guest import dm
+row = dm.DeviceMapper().table("memvisor-swap-crypt")[0][3]
+print("TABLE", row)
+print("HEX", bool(re.search(r"[0-9a-f]{32}", row)))
+print("KEYS", sum("memvisor" in line for line in open("/proc/keys")))
+"""
+
+
+def test_in_guest_root_cannot_read_the_swap_key_back(memvisor: Runner) -> None:
+    for mode in ("encrypted", "authenticated"):
+        r = memvisor("run", "--root", "--memory", "160", "--swap-size", "64", "--swap-mode", mode, "--",
+                     "python3", "-S", "-c", READ_KEY)
+        assert r.returncode == 0, r.stderr
+        lines = dict(line.split(" ", 1) for line in r.stdout.splitlines())
+        assert ":logon:memvisor:swap-crypt" in lines["TABLE"]  # dm-crypt shows where the key was, not the key
+        assert lines["HEX"] == "False" and lines["KEYS"] == "0"  # and the keyring entry is gone after loading
