@@ -90,6 +90,10 @@ def checked_root(create: bool = False) -> Path | None:
         return None
     except OSError as exc:
         raise MemvisorError(f"cannot use the runtime directory {root}: {exc.strerror}") from None
+    if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and st.st_mode & 0o077:
+        log.warning("tightening the runtime directory %s to mode 0700 (it was %s)", root, stat.filemode(st.st_mode))
+        os.chmod(root, 0o700)  # our own directory, made by an older memvisor or another umask
+        st = os.lstat(root)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
         raise MemvisorError(
             f"the runtime directory {root} is not memvisor's own (owner uid {st.st_uid}, mode "

@@ -79,12 +79,17 @@ def test_a_planted_state_cannot_make_memvisor_signal_another_process() -> None:
         fake_vmm.wait()
 
 
-def test_a_runtime_root_others_can_write_is_refused(runtime_root: Path) -> None:
+def test_a_runtime_root_of_someone_else_is_refused_and_our_own_is_tightened(runtime_root: Path) -> None:
     runtime.create("first")
-    runtime_root.chmod(0o777)
-    with pytest.raises(MemvisorError, match="is not memvisor's own"):
-        runtime.sweep()
-    runtime_root.chmod(0o700)
+    runtime_root.chmod(0o777)  # ours, but open: tightened
+    runtime.sweep()
+    assert runtime_root.stat().st_mode & 0o777 == 0o700
+    os.chown(runtime_root, 65534, 65534)  # someone else's: refused
+    try:
+        with pytest.raises(MemvisorError, match="is not memvisor's own"):
+            runtime.sweep()
+    finally:
+        os.chown(runtime_root, os.geteuid(), os.getegid())
     with pytest.raises(MemvisorError, match="is not 1-32 of"):
         runtime.create("../escape")
 

@@ -43,7 +43,9 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("MEMVISOR_SOCKET", str(tmp_path / "serve.sock"))  # a private daemon socket
     before = {p.pid for p in qemu_processes()}
     yield run_dir
-    leftover = [p for p in qemu_processes() if p.pid not in before and str(run_dir) in " ".join(_cmdline(p))]
+    # A VMM this test left is a descendant of this process (in-process sandboxes, or a memvisor CLI or daemon
+    # the test started); VMMs of anything else running on the host are not.
+    leftover = [p for p in qemu_processes() if p.pid not in before and _descends_from_us(p)]
     for p in leftover:  # fail loudly, but do not leave them running for the next test
         p.kill()
     assert not leftover, f"VMM processes left behind: {[p.pid for p in leftover]}"
@@ -59,11 +61,11 @@ def qemu_processes() -> list[psutil.Process]:
     return out
 
 
-def _cmdline(p: psutil.Process) -> list[str]:
+def _descends_from_us(p: psutil.Process) -> bool:
     try:
-        return p.cmdline()
+        return os.getpid() in {a.pid for a in p.parents()}
     except psutil.Error:
-        return []
+        return False
 
 
 Runner = Callable[..., subprocess.CompletedProcess[str]]
