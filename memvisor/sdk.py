@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Literal
 
 from memvisor import config, policy
-from memvisor.host.sandbox import Instance, OutputFn, RunResult
+from memvisor.host.result import OutputFn, RunResult
+from memvisor.host.sandbox import Instance
 from memvisor.image import build
 
 __all__ = ["DEFAULT_TIMEOUT_S", "LiveSandbox", "RunResult", "Sandbox"]

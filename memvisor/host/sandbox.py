@@ -18,7 +18,6 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -28,6 +27,7 @@ from memvisor.errors import GuestError, MemvisorError
 from memvisor.host import ksm, launch, memctl, report, runtime, stall, stats, swapfile
 from memvisor.host.channel import HostChannel
 from memvisor.host.console import ConsoleLog
+from memvisor.host.result import TIMEOUT_EXIT, Collected, OutputFn, RunResult
 from memvisor.host.session import Session
 from memvisor.host.stall import Stall
 from memvisor.host.vmm import Disk, VMMBackend, VMSpec, backend, qemu
@@ -41,48 +41,7 @@ CONSOLE_TAIL_LINES = 25
 # A --debug guest: kernel messages on the console, and hung-task reports after 10 s instead of 120 s.
 DEBUG_KERNEL_ARGS = ("loglevel=7", "sysctl.kernel.hung_task_timeout_secs=10")
 EXEC_GRACE_S = 10.0  # past an exec's timeout, how long the host waits for the guest's own report
-TIMEOUT_EXIT = 124  # like timeout(1)
 
-OutputFn = Callable[[bytes], None]
-
-
-class Collected:
-    """A command's output stream kept in memory, up to `limit` bytes: past it the rest is dropped (the command
-    keeps running) and `truncated` says so."""
-
-    def __init__(self, limit: int | None) -> None:
-        self.data = bytearray()
-        self.limit = limit
-        self.truncated = False
-
-    def extend(self, chunk: bytes) -> None:
-        if self.limit is not None and len(self.data) + len(chunk) > self.limit:
-            chunk = chunk[:max(0, self.limit - len(self.data))]
-            self.truncated = True
-        self.data += chunk
-
-    def __bytes__(self) -> bytes:
-        return bytes(self.data)
-
-
-@dataclass
-class RunResult:
-    """How a command ended. `exit_code` is what `memvisor run` exits with: the command's code, 128+signo for a
-    signal death, 124 for a timeout."""
-
-    exit_code: int
-    code: int | None
-    signal: int | None
-    timed_out: bool
-    stdout: bytes = b""
-    stderr: bytes = b""
-    report: dict[str, Any] = field(default_factory=dict)
-    stall: Stall | None = None  # what the guest looked like when the timeout hit
-    truncated: bool = False  # collected output passed the policy's output_limit_mib and was cut there
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_code == 0
 
 
 def reserved_kernel_arg(word: str) -> str | None:

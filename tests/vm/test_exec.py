@@ -9,7 +9,8 @@ import threading
 import time
 
 from memvisor import policy
-from memvisor.host.sandbox import Instance, RunResult
+from memvisor.host.result import RunResult
+from memvisor.host.sandbox import Instance
 from memvisor.image.build import Image
 from memvisor.sdk import Sandbox
 from tests.vm.conftest import alive

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from memvisor import policy
-from memvisor.host.sandbox import Instance, RunResult
+from memvisor.host.result import RunResult
+from memvisor.host.sandbox import Instance
 from memvisor.image.build import Image
 from tests.vm.conftest import Runner, report
 
