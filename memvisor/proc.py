@@ -68,3 +68,14 @@ def prctl(option: int, arg: int) -> int:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl({option}): {os.strerror(err)}")
     return result
+
+
+# include/uapi/linux/sched.h
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWNET = 0x00020000, 0x04000000, 0x08000000, 0x40000000
+
+
+def unshare(flags: int) -> None:
+    """unshare(2) (os.unshare needs Python 3.12); raises OSError. Safe in a pre-exec child."""
+    if int(_libc.unshare(ctypes.c_int(flags))) < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"unshare({flags:#x}): {os.strerror(err)}")

@@ -27,13 +27,17 @@ def spawn_vmm(argv: list[str], *, pass_fds: tuple[int, ...], log: Path, ksm: boo
               user: tuple[int, int] | None = None) -> subprocess.Popen[bytes]:
     """Start the VMM; raise MemvisorError with the command line if it cannot be started.
     `ksm`: make its memory mergeable (the caller checked ksm.merge_supported() first).
-    `user`: (uid, gid) to run it as, with no supplementary groups (memvisor/paths.py: vmm_user)."""
+    `user`: (uid, gid) to run it as, with no supplementary groups, in new network, IPC and UTS namespaces
+    (memvisor/paths.py: vmm_user)."""
     parent = os.getpid()
 
     def in_child() -> None:
         if ksm:  # needs CAP_SYS_RESOURCE: before the VMM drops root; the flag lives in the mm, it stays
             ksm_.prctl(ksm_.PR_SET_MEMORY_MERGE, 1)
         if user is not None:
+            # Its own network, IPC and hostname namespaces: QEMU needs no network (the guest has none), so a
+            # compromised VMM cannot reach the host's loopback services or its SysV IPC.
+            proc.unshare(proc.CLONE_NEWNET | proc.CLONE_NEWIPC | proc.CLONE_NEWUTS)
             os.setgroups([])
             os.setresgid(user[1], user[1], user[1])
             os.setresuid(user[0], user[0], user[0])

@@ -83,6 +83,8 @@ def test_the_vmm_is_confined_and_a_kill_leaves_nothing(image: Image) -> None:
         assert vmm.uids().real != 0 and vmm.uids().effective != 0 and vmm.username() == "memvisor-vmm"
         assert argv[argv.index("-sandbox") + 1].startswith("on,obsolete=deny,elevateprivileges=deny,spawn=deny")
         assert "dump-guest-core=off" in argv[argv.index("-machine") + 1]
+        for ns in ("net", "ipc", "uts"):  # no network of its own to reach the host's with
+            assert os.readlink(f"/proc/{vmm.pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
         assert not any(a.startswith(("/root", state["runtime_dir"])) for a in argv)  # every file is an fd
         assert not (Path(state["runtime_dir"]) / "swap.img").exists()
         assert Path(state["runtime_dir"]).parent.stat().st_mode & 0o777 == 0o700
