@@ -16,7 +16,7 @@ from typing import Any
 
 MAX_TEXT = 500
 MAX_ITEMS = 64
-MAX_DEPTH = 4
+MAX_DEPTH = 6  # HELLO.swap.devices[].table[] is 5 deep
 MAX_FIGURE = 1 << 60
 MAX_LINES = 6  # of a multi-line message (a traceback): its last lines
 _NAME = re.compile(r"[A-Za-z0-9_().:/-]{1,64}")

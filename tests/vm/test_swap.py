@@ -113,9 +113,9 @@ def test_each_mode_device_priority_and_table(memvisor: Runner, mode: str, tables
     for row, expected in zip(dev["table"], tables, strict=True):
         assert expected in row
     if mode == "authenticated":  # the tag size dm-integrity keeps must be the AEAD's: 32 aegis128, 28 gcm
-        aead = dev["table"][-1].split()[3]
+        aead = dev["table"][-1].split()[4]  # "<name>: <start> <length> crypt <cipher> <key> ..."
         tag = {"capi:aegis128-random": "32", "capi:gcm(aes)-random": "28"}[aead]
-        assert dev["table"][0].split()[5] == tag, dev["table"]
+        assert dev["table"][0].split()[6] == tag, dev["table"]  # "<name>: <start> <length> integrity <dev> 0 <tag>"
     if mode == "authenticated":
         # 4 KiB metadata buffers (order-0 allocations) instead of dm-integrity's 64 KiB: docs/swap.md, the stall.
         assert "buffer_sectors:8" in dev["table"][0]
