@@ -67,25 +67,33 @@ def service_socket() -> Path:
     return Path(base) / "memvisor" / "serve.sock"
 
 
-VMM_USER = "memvisor-vmm"  # created by scripts/install-host-deps (make deps)
+VMM_UID_BASE = 0x60000000  # per-sandbox VMM uids (and gids) come from [BASE, BASE + RANGE): no user has them
+VMM_UID_RANGE = 0x10000000
 
 
-def vmm_user() -> tuple[int, int] | None:
-    """(uid, gid) the VMM runs as when memvisor runs as root: $MEMVISOR_VMM_USER, else memvisor-vmm; None when
-    memvisor is not root (the VMM then runs as memvisor's own user). MemvisorError if the user does not exist."""
+def vmm_user(sandbox_id: str) -> tuple[int, int] | None:
+    """(uid, gid) the sandbox's VMM runs as when memvisor runs as root; None when memvisor is not root (the VMM
+    then runs as memvisor's own user). By default each sandbox gets a uid of its own from a range no account
+    uses, so one compromised VMM cannot open another's /proc files (its memfd, its swap fd, its memory);
+    $MEMVISOR_VMM_USER names one existing user for all of them instead (weaker: same-uid VMMs can reach each
+    other). MemvisorError if that user does not exist or is root."""
     if os.geteuid() != 0:
         return None
+    name = os.environ.get("MEMVISOR_VMM_USER")
+    if not name:
+        import hashlib
+
+        uid = VMM_UID_BASE + int.from_bytes(hashlib.sha256(sandbox_id.encode()).digest()[:4], "big") % VMM_UID_RANGE
+        return uid, uid
     import pwd
 
     from memvisor.errors import MemvisorError
 
-    name = os.environ.get("MEMVISOR_VMM_USER", VMM_USER)
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
-        raise MemvisorError(f"the VMM user {name!r} does not exist: memvisor never runs QEMU as root",
-                            hint=f"run `make deps` (it creates {VMM_USER}), or `useradd --system --no-create-home "
-                                 f"--shell /usr/sbin/nologin {name}`, or set MEMVISOR_VMM_USER") from None
+        raise MemvisorError(f"MEMVISOR_VMM_USER={name!r} does not exist",
+                            hint="name an existing unprivileged user, or unset it for a uid per sandbox") from None
     if entry.pw_uid == 0:
         raise MemvisorError(f"MEMVISOR_VMM_USER={name!r} is root: the VMM must run unprivileged",
                             hint="name an unprivileged system user")

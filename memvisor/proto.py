@@ -276,12 +276,12 @@ def check(kind: MessageKind, body: dict[str, Any]) -> None:
         raise ProtocolError(f"{kind.name}: exec id {body['id']} is not in 1..{MAX_EXEC_ID}")
     if kind is Kind.EXEC:
         argv = body["argv"]
-        if not argv or not all(_is_text(a) for a in argv):
+        if not argv or not all(is_text(a) for a in argv):
             raise ProtocolError("EXEC: argv must be a non-empty list of UTF-8 strings without NUL")
         env = body.get("env", {})
-        if not all(_is_text(k) and _is_text(v) and k and "=" not in k for k, v in env.items()):
+        if not all(is_text(k) and is_text(v) and k and "=" not in k for k, v in env.items()):
             raise ProtocolError("EXEC: env must map NAME to value strings (UTF-8, no '=' in NAME, no NUL)")
-        if not _is_text(body.get("cwd", "/")):
+        if not is_text(body.get("cwd", "/")):
             raise ProtocolError("EXEC: cwd must be a UTF-8 string without NUL")
         if not 0 <= body.get("uid", 0) < 1 << 31:
             raise ProtocolError("EXEC: uid must be in 0..2^31-1")
@@ -320,7 +320,7 @@ def check_memctl(body: dict[str, Any]) -> None:
             raise ProtocolError(f"MEMCTL: range [{start:#x}, {length:#x}] is not page-aligned, non-empty and "
                                 "under 2^52")
     name = body.get("name")
-    if name is not None and (not _is_text(name) or len(name) > MAX_ANON_NAME):
+    if name is not None and (not is_text(name) or len(name) > MAX_ANON_NAME):
         raise ProtocolError(f"MEMCTL: name must be text of at most {MAX_ANON_NAME} characters")
 
 
@@ -330,7 +330,7 @@ def _is_task(row: object) -> bool:
             and all(isinstance(x, str) and len(x) <= 64 for x in row[1:]))
 
 
-def _is_text(value: object) -> bool:
+def is_text(value: object) -> bool:
     """A string that can become a C string: valid UTF-8 (no lone surrogates) and no NUL."""
     if not isinstance(value, str) or "\0" in value:
         return False

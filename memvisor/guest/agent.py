@@ -157,6 +157,8 @@ class Agent:
             for fd, events in self.poller.poll(max(0, int((wake - time.monotonic()) * 1000)) + 1):
                 self._event(fd, events)
             self._reap(time.monotonic())
+            if self.memctl is not None:
+                self.memctl.expire(time.monotonic())
         if self.memctl is not None:
             self.memctl.abandon()  # no answer will come now: thaw whoever still waits
         for command in list(self.commands.values()):

@@ -22,6 +22,7 @@ import struct
 import time
 
 from memvisor import contract, proto
+from memvisor.errors import ProtocolError
 from memvisor.guest import linux
 
 TYPE_CHECKING = False
@@ -38,6 +39,7 @@ MAX_LENGTH = 64 << 20  # bytes one request may name (the library splits larger o
 MAX_REQUEST = 4096  # bytes of one request packet
 MAX_CLIENTS = 64
 FREEZE_TIMEOUT_S = 2.0
+PENDING_TIMEOUT_S = 30.0  # a request the host has not answered by then is answered ETIMEDOUT and thawed
 PM_PRESENT, PM_SWAPPED, PM_EXCLUSIVE = 1 << 63, 1 << 62, 1 << 56
 PM_PFN = (1 << 55) - 1
 ANON_NAMES = ("", "[heap]", "[stack]")
@@ -92,6 +94,7 @@ class Memctld:
         self.log = log
         self.clients: dict[int, socket.socket] = {}
         self.pending: dict[int, Pending] = {}
+        self.peers: dict[int, tuple[int, int | None]] = {}  # client fd -> (pid, start time) at connect
         self.seq = 0
 
     @staticmethod
@@ -117,11 +120,14 @@ class Memctld:
             conn.close()
             return None
         conn.setblocking(False)
+        pid = _peer_pid(conn)
+        self.peers[conn.fileno()] = (pid, _start_time(pid))  # who connected, by pid and start time
         self.clients[conn.fileno()] = conn
         return conn
 
     def close_client(self, fd: int) -> None:
         conn = self.clients.pop(fd, None)
+        self.peers.pop(fd, None)
         if conn is not None:
             conn.close()  # a pending request still completes (and thaws); its answer is dropped
 
@@ -142,6 +148,10 @@ class Memctld:
             self._request(conn, data)
         except Refused as exc:
             self._answer(conn, {"ok": False, "errno": exc.errno, "reason": exc.reason, "bytes": 0})
+        except Exception as exc:  # noqa: BLE001 - a workload's request must never take PID 1 down
+            self.log(f"memctl: a request failed: {type(exc).__name__}")
+            self._answer(conn, {"ok": False, "errno": errno.EINVAL, "reason": "the request could not be served",
+                                "bytes": 0})
         return True
 
     def ack(self, body: dict[str, Any]) -> None:
@@ -150,8 +160,7 @@ class Memctld:
         if pending is None:
             self.log(f"memctl: an answer for seq {body['seq']}, which was not asked")
             return
-        if pending.cgroup is not None:
-            _freeze(pending.cgroup, False)
+        self._thaw(pending)
         answer: dict[str, Any] = {k: body[k] for k in ("ok", "errno", "reason", "bytes", "info") if k in body}
         answer["ranges"] = pending.ranges
         answer["seconds"] = round(time.monotonic() - pending.started, 6)
@@ -160,10 +169,30 @@ class Memctld:
 
     def abandon(self) -> None:
         """The host is gone: thaw everyone still waiting."""
-        for pending in self.pending.values():
-            if pending.cgroup is not None:
-                _freeze(pending.cgroup, False)
+        pending = list(self.pending.values())
         self.pending.clear()
+        for p in pending:
+            self._thaw(p)
+
+    def expire(self, now: float) -> None:
+        """Answer and thaw requests the host has not answered within PENDING_TIMEOUT_S. The host applies a
+        request before it answers and never blocks on a guest, so an answer this late was lost (a guest that
+        did not read), not delayed."""
+        for seq, p in list(self.pending.items()):
+            if now - p.started > PENDING_TIMEOUT_S:
+                del self.pending[seq]
+                self._thaw(p)
+                if p.conn.fileno() in self.clients:
+                    self._answer(p.conn, {"ok": False, "errno": errno.ETIMEDOUT, "bytes": 0,
+                                          "reason": "the host's answer was lost"})
+
+    def _thaw(self, pending: Pending) -> None:
+        if pending.cgroup is None:
+            return
+        try:
+            _freeze(pending.cgroup, False)
+        except OSError:
+            pass  # the command ended and its cgroup is gone
 
     # -- one request -----------------------------------------------------------------------------------------
     def _request(self, conn: socket.socket, data: bytes) -> None:
@@ -188,10 +217,14 @@ class Memctld:
         if address < 0 or length <= 0 or address % PAGE or length % PAGE or length > MAX_LENGTH:
             raise Refused(errno.EINVAL, f"address and length must be page-aligned, with 0 < length <= "
                           f"{MAX_LENGTH >> 20} MiB")
-        if name is not None and (not isinstance(name, str) or len(name) > proto.MAX_ANON_NAME):
+        if name is not None and (not proto.is_text(name) or len(name) > proto.MAX_ANON_NAME):
             raise Refused(errno.EINVAL, f"name must be text of at most {proto.MAX_ANON_NAME} characters")
-        pid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+        pid, started = self.peers.get(conn.fileno(), (0, None))
+        if started is None or _start_time(pid) != started:
+            raise Refused(errno.ESRCH, "the process that connected is gone: connect again")
         cgroup = _cgroup_of(pid)
+        if any(p.cgroup == cgroup for p in self.pending.values()):  # its thaw would end this one's freeze
+            raise Refused(errno.EBUSY, "a memctl request of this command is still in flight: one at a time")
         _freeze(cgroup, True)
         try:
             ranges = translate(pid, address, length)
@@ -209,7 +242,7 @@ class Memctld:
         self.pending[self.seq] = Pending(conn, cgroup, len(ranges))
         try:
             self.send(body)
-        except OSError as exc:
+        except (OSError, ProtocolError) as exc:
             del self.pending[self.seq]
             raise Refused(errno.EIO, f"the host could not be asked: {exc}") from None
 
@@ -222,6 +255,20 @@ class Memctld:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _peer_pid(conn: socket.socket) -> int:
+    pid: int = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+    return pid
+
+
+def _start_time(pid: int) -> int | None:
+    """A process's start time (clock ticks since boot), to tell it from a later one with the same pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rpartition(")")[2].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _cgroup_of(pid: int) -> str:

@@ -30,7 +30,8 @@ class HostChannel:
         self.sock.setblocking(False)
         self.decoder = proto.Decoder()
         self.closed = False
-        self.errors = 0  # protocol errors seen from the guest
+        self.errors = 0  # protocol errors seen from the guest (malformed, or out of turn)
+        self.malformed = 0  # of which frames that did not decode or broke their schema
         self.dropped_replies = 0  # ERROR replies not sent because the guest did not read
         self._room = threading.Condition()  # guards _out; notified when it shrinks
         self._out = bytearray()  # frames the guest has not taken yet
@@ -99,6 +100,7 @@ class HostChannel:
                 return frames
             for item in self.decoder.feed(data):
                 if isinstance(item, ProtocolError):
+                    self.malformed += 1
                     self.reject(item.message)
                 else:
                     frames.append(item)

@@ -37,6 +37,7 @@ from memvisor.errors import MemvisorError
 PAGE = proto.PAGE
 FOUR_GIB = 1 << 32
 MAX_LOCKED_SHARE = 0.25  # of the guest's RAM that MLOCK may pin in host RAM
+MAX_LOCKED_EXTENTS = 64  # separate locked ranges per sandbox (each splits memvisor's mapping)
 RATE_PER_S = 1000  # MEMCTL requests per second a sandbox may make on average...
 BURST = 200  # ... and at once
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -177,6 +178,8 @@ class Backing:
         """Do `code` on memfd spans; the reason to report. OSError if the kernel or the lock limit refuses."""
         if code in ("FREE", "REMOVE", "DONTNEED"):
             for offset, length in spans:
+                if self._count_locked(offset, length):  # unlock first, so the host's locked figure stays true
+                    self._call(_libc.munlock(self.addr + offset, length))
                 self._call(_libc.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length))
                 self._mark(offset, length, 0)
             return "the host freed the pages; the guest reads zeros there"
@@ -186,6 +189,14 @@ class Backing:
             if self.counters.locked_bytes + adding > limit:
                 raise OSError(errno.ENOMEM, f"it would lock more than {limit >> 20} MiB ({MAX_LOCKED_SHARE:.0%} "
                               "of guest RAM) in host memory")
+            # Each separate locked extent splits memvisor's mapping (a VMA or two): bound them, or a guest
+            # could lock every other page and exhaust the process's vm.max_map_count for every sandbox.
+            trial = bytearray(self._locked)
+            for offset, length in spans:
+                trial[offset // PAGE:(offset + length) // PAGE] = b"\x01" * (length // PAGE)
+            if _extents(trial) > MAX_LOCKED_EXTENTS:
+                raise OSError(errno.ENOMEM, f"it would make more than {MAX_LOCKED_EXTENTS} separate locked "
+                              "ranges: lock fewer, larger ones")
             for offset, length in spans:
                 self._call(_libc.mlock(self.addr + offset, length))
                 self._mark(offset, length, 1)
@@ -238,6 +249,12 @@ class Backing:
             return False
         self._tokens -= 1
         return True
+
+
+def _extents(bitmap: bytearray) -> int:
+    """How many separate runs of 1s a 0/1-per-byte bitmap holds."""
+    value = int.from_bytes(b"\0" + bytes(bitmap) + b"\0", "big")
+    return bin(value ^ (value >> 8)).count("1") // 2
 
 
 def refuse(body: dict[str, Any], counters: Counters | None = None) -> dict[str, Any]:

@@ -120,7 +120,7 @@ class Instance:
                    "vmm_log": str(self.dir / "vmm.log"), "qmp": str(self.qmp_path)})
         runtime.write_state(self.state)
 
-        self._vmm_user = paths.vmm_user()  # before anything is created: a missing user is a clear error
+        self._vmm_user = paths.vmm_user(self.id)  # before anything is created: a bad user is a clear error
         # The VMM opens no file by its path: every one is an fd it inherits (QEMU reopens /proc/self/fd/N for
         # the kernel and initramfs, world-readable images; the swap file is dup'ed from an fd set).
         self._fds = [self._open(self.image.vmlinux, os.O_RDONLY), self._open(self.image.initramfs, os.O_RDONLY)]
@@ -218,8 +218,8 @@ class Instance:
         for sock in self._vmm_socks:  # the VMM has its copies now
             sock.close()
         self.state.vmm_pid = self.process.pid
-        if self._swap_fd is not None:  # the same fd number in the VMM (pass_fds keeps it)
-            self.state.files["swap"] = f"/proc/{self.process.pid}/fd/{self._swap_fd}"
+        if self._swap_fd is not None:  # memvisor's own fd to it (QEMU dups the fds of an -add-fd set)
+            self.state.files["swap"] = str(self.swap_path)
         self.state.vmm_started = runtime.process_start_time(self.process.pid)
         runtime.write_state(self.state)
 

@@ -140,16 +140,21 @@ class Session:
         sock = self.channel.sock
         try:
             while not self._stop.is_set() and not self.gone.is_set():
-                watched = [sock.fileno(), self.vmm_pidfd] + ([self.console[0].fileno()] if self.console else [])
-                readable, writable, _ = select.select(watched, [sock.fileno()] if self.channel.queued else [], [],
-                                                      TICK_S)
-                if writable:
+                # poll, not select: a daemon with many sandboxes has fds past select's 1024
+                poller = select.poll()
+                poller.register(sock.fileno(), select.POLLIN | (select.POLLOUT if self.channel.queued else 0))
+                poller.register(self.vmm_pidfd, select.POLLIN)
+                if self.console is not None:
+                    poller.register(self.console[0].fileno(), select.POLLIN)
+                events = dict(poller.poll(TICK_S * 1000))
+                readable = [fd for fd, ev in events.items() if ev & (select.POLLIN | select.POLLHUP | select.POLLERR)]
+                if events.get(sock.fileno(), 0) & select.POLLOUT:
                     self.channel.flush()
                 if self.console is not None and self.console[0].fileno() in readable:
                     self._read_console()
                 for frame in self.channel.receive():
                     self._dispatch(frame)
-                if self.channel.errors > self.max_bad_frames:
+                if self.channel.malformed > self.max_bad_frames:
                     self._cut_off()
                 if self.vmm_pidfd in readable or self.channel.closed:
                     self.gone.set()
@@ -166,7 +171,7 @@ class Session:
 
     def _cut_off(self) -> None:
         """The guest sent more malformed frames than the policy allows: stop listening and kill its VMM."""
-        self.cutoff = (f"the guest sent {self.channel.errors} malformed frames (the limit is {self.max_bad_frames}, "
+        self.cutoff = (f"the guest sent {self.channel.malformed} malformed frames (the limit is {self.max_bad_frames}, "
                        "policy setting max_bad_frames): memvisor cut it off and stopped the sandbox")
         log.warning("%s", self.cutoff)
         with contextlib.suppress(OSError):
@@ -229,8 +234,8 @@ class Session:
             else:
                 self.memctl_refused += 1
                 ack = memctl.refuse(body)
-            try:
-                self.send(proto.Kind.MEMCTL_ACK, ack)
+            try:  # never waits: this thread is the one that drains the queue
+                self.channel.send(proto.Kind.MEMCTL_ACK, ack, timeout=0)
             except OSError as exc:  # TimeoutError included: a guest that does not read loses its answer
                 log.warning("could not answer the guest's MEMCTL %d: %s", body["seq"], exc)
         else:

@@ -74,9 +74,16 @@ class Registry:
                 raise Conflict(f"this daemon already runs {MAX_SANDBOXES} sandboxes")
             if any(e.name == entry.name for e in self._entries.values()):
                 raise Conflict(f"a sandbox named {entry.name!r} already exists")
-            if self.supervisor is not None:
-                self.supervisor.admit(entry.id, policy.memory_mib, policy.floor_mib)
-            self._entries[entry.id] = entry
+            self._entries[entry.id] = entry  # holds the name while admission decides
+        if self.supervisor is not None:
+            try:  # outside the registry's lock: admission may wait for room, and a stop must be able to make it
+                # Without a balloon nothing can squeeze it: it is admitted at its maximum, which it will hold.
+                floor = policy.floor_mib if policy.balloon else policy.memory_mib
+                self.supervisor.admit(entry.id, policy.memory_mib, floor)
+            except BaseException:
+                with self._lock:
+                    self._entries.pop(entry.id, None)
+                raise
         try:
             self._spawner.submit(vm.start).result()
             vm.wait_ready()

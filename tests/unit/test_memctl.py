@@ -172,3 +172,19 @@ def test_pid1s_translation_on_this_hosts_own_pages() -> None:
             memctld.translate(os.getpid(), 0x10000, PAGE)
     finally:
         libc.munlock(ctypes.c_void_p(addr), ctypes.c_size_t(16 * PAGE))
+
+
+def vmlck_kib() -> int:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmLck:"))
+    return int(line.split()[1])
+
+
+def test_locked_extents_are_bounded_and_free_unlocks(backing: memctl.Backing) -> None:
+    scattered = [[2 * i * PAGE, PAGE] for i in range(memctl.MAX_LOCKED_EXTENTS + 1)]  # every other page
+    ack = backing.handle({"seq": 1, "code": "MLOCK", "ranges": scattered})
+    assert not ack["ok"] and ack["errno"] == errno.ENOMEM and "separate locked ranges" in ack["reason"]
+    before = vmlck_kib()
+    assert backing.handle({"seq": 2, "code": "MLOCK", "ranges": [[0, MIB]]})["ok"]
+    assert vmlck_kib() - before == 1024
+    assert backing.handle({"seq": 3, "code": "FREE", "ranges": [[0, MIB]]})["ok"]
+    assert vmlck_kib() == before and backing.counters.locked_bytes == 0  # the kernel's figure and ours agree

@@ -80,7 +80,11 @@ def test_the_vmm_is_confined_and_a_kill_leaves_nothing(image: Image) -> None:
         state = wait_for(lambda: next((s for s in ps() if s.get("vmm_pid")), None), 90, "the sandbox in ps")
         vmm = psutil.Process(state["vmm_pid"])
         argv = vmm.cmdline()
-        assert vmm.uids().real != 0 and vmm.uids().effective != 0 and vmm.username() == "memvisor-vmm"
+        from memvisor import paths
+
+        uid = vmm.uids().real
+        assert uid == vmm.uids().effective == vmm.uids().saved and paths.VMM_UID_BASE <= uid  # its own uid
+        assert (uid, uid) == paths.vmm_user(state["id"])
         assert argv[argv.index("-sandbox") + 1].startswith("on,obsolete=deny,elevateprivileges=deny,spawn=deny")
         assert "dump-guest-core=off" in argv[argv.index("-machine") + 1]
         for ns in ("net", "ipc", "uts"):  # no network of its own to reach the host's with
