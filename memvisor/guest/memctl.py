@@ -110,9 +110,12 @@ def _ask(body: dict[str, object]) -> dict[str, object]:
         data = sock.recv(1 << 16)
     finally:
         sock.close()
-    answer = proto.json_loads(data.decode())
-    if not isinstance(answer, dict):
-        raise MemctlError(errno.EPROTO, "PID 1 sent something that is not an answer")
+    try:
+        answer = proto.json_loads(data.decode())
+    except (UnicodeDecodeError, ValueError):
+        answer = None
+    if not isinstance(answer, dict):  # nothing (PID 1 closed: too many clients at once), or garbage
+        raise MemctlError(errno.EAGAIN, "PID 1 gave no answer (too many memctl clients at once?): try again")
     if not answer.get("ok"):
         raise MemctlError(int(answer.get("errno") or errno.EIO), str(answer.get("reason", "refused")))
     return answer

@@ -104,7 +104,11 @@ class Session:
             body["stdin"] = True
         if timeout:
             body["timeout"] = float(timeout)
-        self.send(proto.Kind.EXEC, body)
+        try:
+            self.send(proto.Kind.EXEC, body)
+        except BaseException:  # the guest never heard of it: free its slot
+            self.finish(command)
+            raise
         return command
 
     def write_stdin(self, command: Command, data: bytes) -> None:
@@ -192,7 +196,10 @@ class Session:
             if not data:  # the VMM closed its end
                 self.console = None
                 return
-            sink(data)
+            try:
+                sink(data)
+            except OSError as exc:  # a full disk loses console output, not the sandbox
+                log.warning("console output lost: %s", exc)
             if not drain:
                 return
 
@@ -246,7 +253,7 @@ class Session:
         command = self.commands.get(body.get("id", 0))
         if command is not None:
             command.errors.append(message)
-        log.warning("guest reports: %s", message)
+        log.warning("guest reports: %s", message.replace("\n", " | "))
         if body.get("fatal"):
             self.fatal = message
             self.ready.set()

@@ -244,8 +244,9 @@ class Supervisor:
 
 
 def cgroup_usage(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
-    """Bytes charged to this process's memory cgroup, if it is in one with a limit (v2: memory.current under
-    a memory.max that is not "max"; v1: memory.usage_in_bytes under a limit below the no-limit value)."""
+    """The working set of this process's memory cgroup, if it is in one with a limit: what it is charged (v2:
+    memory.current under a memory.max that is not "max"; v1: memory.usage_in_bytes under a real limit) less
+    its inactive file pages."""
     try:
         with open(proc_cgroup) as f:
             lines = f.read().splitlines()
@@ -257,13 +258,24 @@ def cgroup_usage(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cg
             base = f"{root}{path}"
             limit, usage = _read(f"{base}/memory.max"), _read(f"{base}/memory.current")
             if limit and limit != "max" and usage:
-                return int(usage)
+                return int(usage) - _stat(f"{base}/memory.stat", "inactive_file")
         elif "memory" in controllers.split(","):  # v1
             base = f"{root}/memory{path}"
             limit, usage = _read(f"{base}/memory.limit_in_bytes"), _read(f"{base}/memory.usage_in_bytes")
             if limit and usage and int(limit) < 1 << 60:
-                return int(usage)
+                return int(usage) - _stat(f"{base}/memory.stat", "total_inactive_file")
     return None
+
+
+def _stat(path: str, key: str) -> int:
+    """One figure of a cgroup's memory.stat (0 if absent): inactive file pages are left out of what the
+    sandboxes hold, since the kernel reclaims them before it OOM-kills anyone (the working set, as kubelet
+    counts it)."""
+    for line in (_read(path) or "").splitlines():
+        name, _, value = line.partition(" ")
+        if name == key and value.isdigit():
+            return int(value)
+    return 0
 
 
 def _read(path: str) -> str | None:

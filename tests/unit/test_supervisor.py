@@ -140,6 +140,8 @@ def test_cgroup_usage_reads_v1_and_v2(tmp_path: Path) -> None:
     (v1 / "memory/box/memory.usage_in_bytes").write_text(str(700 * MIB))
     (tmp_path / "self-v1").write_text("12:memory:/box\n3:cpu,cpuacct:/\n")
     assert sup.cgroup_usage(str(tmp_path / "self-v1"), str(v1)) == 700 * MIB
+    (v1 / "memory/box/memory.stat").write_text(f"cache 1\ntotal_inactive_file {100 * MIB}\n")
+    assert sup.cgroup_usage(str(tmp_path / "self-v1"), str(v1)) == 600 * MIB  # the working set
     (v2 / "box").mkdir(parents=True)
     (v2 / "cgroup.controllers").write_text("memory\n")
     (v2 / "box/memory.max").write_text("max\n")
