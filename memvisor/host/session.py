@@ -132,6 +132,9 @@ class Session:
         self._stop.set()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=5)
+            if self._thread.is_alive():  # stuck in a callback: closing its fds could hit a reused fd number
+                log.warning("the control channel's reader did not stop; leaving its pidfd open")
+                return
         with contextlib.suppress(OSError):
             os.close(self.vmm_pidfd)
 

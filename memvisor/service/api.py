@@ -9,6 +9,7 @@ sandbox it names. Errors are JSON: {"detail": "one line", "hint": "what to do"}.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import queue
 import threading
@@ -181,15 +182,27 @@ def create_app(registry: Registry | None, token: str | None = None) -> FastAPI:
     return app
 
 
+STREAM_END_TIMEOUT_S = 600.0  # how long an exec's end waits for a client that stopped reading
+
+
 def _stream(entry: Entry, request: ExecRequest, stdin: bytes | None) -> Iterator[bytes]:
     """Run the command on a worker thread and yield its output as it comes, then its exit."""
-    lines: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=256)  # bounded: a slow client slows the pump
+    # Bounded (256 chunks of at most 64 KiB). The callbacks run on the sandbox's channel reader, which must
+    # never wait for an HTTP client: output a slow or vanished client has not taken is dropped and counted.
+    lines: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=256)
+    dropped = [0]
+
+    def emit(item: dict[str, Any]) -> None:
+        try:
+            lines.put_nowait(item)
+        except queue.Full:
+            dropped[0] += 1
 
     def out(data: bytes) -> None:
-        lines.put({"stdout": base64.b64encode(data).decode()})
+        emit({"stdout": base64.b64encode(data).decode()})
 
     def err(data: bytes) -> None:
-        lines.put({"stderr": base64.b64encode(data).decode()})
+        emit({"stderr": base64.b64encode(data).decode()})
 
     def work() -> None:
         try:
@@ -197,12 +210,15 @@ def _stream(entry: Entry, request: ExecRequest, stdin: bytes | None) -> Iterator
                                    uid=0 if request.root else None, stdin=stdin, timeout=request.timeout,
                                    on_stdout=out, on_stderr=err)
             entry.execs += 1
-            lines.put({"exit": {"exit_code": result.exit_code, "code": result.code, "signal": result.signal,
-                                "timed_out": result.timed_out}})
+            end: dict[str, Any] = {"exit": {"exit_code": result.exit_code, "code": result.code,
+                                            "signal": result.signal, "timed_out": result.timed_out}}
+            if dropped[0]:
+                end["exit"]["dropped_chunks"] = dropped[0]  # the client read too slowly to get them all
         except (MemvisorError, OSError, RuntimeError) as exc:
-            lines.put({"error": str(exc)})
-        finally:
-            lines.put(None)
+            end = {"error": str(exc)}
+        for item in (end, None):  # this worker may wait for the client, but not for ever
+            with contextlib.suppress(queue.Full):
+                lines.put(item, timeout=STREAM_END_TIMEOUT_S)
 
     threading.Thread(target=work, name=f"exec-{entry.id}", daemon=True).start()
     while (item := lines.get()) is not None:
