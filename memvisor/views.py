@@ -6,6 +6,8 @@ from typing import Any
 
 from rich.table import Table
 
+from memvisor.host.guestdata import printable
+
 MIB = 2**20
 
 
@@ -65,11 +67,6 @@ def ksm_table(values: dict[str, int], running: bool, cpu_seconds: float | None, 
     table.add_row("saved (MiB)", mib(saved_bytes))
     table.add_row("ksmd cpu seconds", f"{cpu_seconds:.2f}" if cpu_seconds is not None else "-")
     return table
-
-
-def printable(text: str) -> str:
-    """Guest text made safe for a terminal: control characters (escape sequences included) become '?'."""
-    return "".join(c if c.isprintable() or c in "\n\t" else "?" for c in text)
 
 
 def stall_text(stall: dict[str, Any], console_tail: str) -> str:

@@ -20,15 +20,21 @@ MAX_DEPTH = 6  # HELLO.swap.devices[].table[] is 5 deep
 MAX_FIGURE = 1 << 60
 MAX_LINES = 6  # of a multi-line message (a traceback): its last lines
 _NAME = re.compile(r"[A-Za-z0-9_().:/-]{1,64}")
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 FIGURE_MAPS = ("meminfo", "vmstat", "zram")
 
 
+def printable(text: str) -> str:
+    """Guest text made safe for a terminal: every character Python does not call printable (control
+    characters and escape sequences, format characters such as bidi overrides, line separators) becomes '?';
+    newlines and tabs stay."""
+    return "".join(c if c.isprintable() or c in "\n\t" else "?" for c in text)
+
+
 def text(value: object, limit: int = MAX_TEXT) -> str:
-    """Printable text: control characters (ESC included) replaced by '?', at most MAX_LINES lines (the last
-    ones: a traceback's end says what went wrong) and `limit` characters."""
+    """Printable text (see `printable`), at most MAX_LINES lines (the last ones: a traceback's end says what
+    went wrong) and `limit` characters."""
     s = value if isinstance(value, str) else str(value)
-    lines = _CONTROL.sub("?", s.replace("\r", "")).split("\n")
+    lines = printable(s.replace("\r", "")).split("\n")
     if len(lines) > MAX_LINES:
         lines = [f"[{len(lines) - MAX_LINES} lines cut]", *lines[-MAX_LINES:]]
     out = "\n".join(lines)
