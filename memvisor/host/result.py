@@ -46,6 +46,13 @@ class RunResult:
     stall: Stall | None = None  # what the guest looked like when the timeout hit
     truncated: bool = False  # collected output passed the policy's output_limit_mib and was cut there
 
+    @classmethod
+    def of(cls, exit_code: int, code: int | None, signal: int | None, timed_out: bool, out: Collected,
+           err: Collected, stall: Stall | None = None) -> RunResult:
+        """A result from the collected streams (empty when the output went to callbacks instead)."""
+        return cls(exit_code, code, signal, timed_out, bytes(out), bytes(err), stall=stall,
+                   truncated=out.truncated or err.truncated)
+
     @property
     def ok(self) -> bool:
         return self.exit_code == 0

@@ -114,12 +114,16 @@ def create(sandbox_id: str) -> Path:
     return path
 
 
+def write_json(path: Path, doc: object) -> None:
+    """Atomically (re)write a JSON file in a runtime directory, for readers in other processes (ps, stats)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def write_state(state: SandboxState) -> None:
     """Atomically (re)write state.json."""
-    path = Path(state.runtime_dir) / STATE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state.to_json(), indent=2) + "\n")
-    tmp.replace(path)
+    write_json(Path(state.runtime_dir) / STATE, state.to_json())
 
 
 def read_state(path: Path) -> SandboxState | None:

@@ -9,7 +9,6 @@ directory is then swept by the next memvisor command (runtime.py).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -293,8 +292,7 @@ class Instance:
             while not command.done.wait(min(1.0, max(0.0, limit - time.monotonic()))):
                 if time.monotonic() >= limit:
                     self.session.kill(command)
-                    return RunResult(TIMEOUT_EXIT, None, None, True, bytes(out), bytes(err),
-                                     truncated=out.truncated or err.truncated)
+                    return RunResult.of(TIMEOUT_EXIT, None, None, True, out, err)
             if command.exit is None:
                 self._raise_death()
             return self._exit_result(command.exit, out, err)
@@ -382,16 +380,9 @@ class Instance:
         """Keep the guest's latest memory figures where `memvisor stats` (another process) can read them."""
         assert self.dir is not None
         self.last_stats = body
-        self._write(stats.GUEST_STATS, body)
+        runtime.write_json(self.dir / stats.GUEST_STATS, body)
         if self.memctl is not None:  # the host's own memctl counters, at the guest's STATS pace
-            self._write(stats.MEMCTL, self.memctl.counters.to_json())
-
-    def _write(self, name: str, body: dict[str, Any]) -> None:
-        assert self.dir is not None
-        path = self.dir / name
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(body))
-        tmp.replace(path)
+            runtime.write_json(self.dir / stats.MEMCTL, self.memctl.counters.to_json())
 
     def _swap_ready(self, swap: dict[str, Any]) -> None:
         """The guest reported its swap stack: pass on step-down warnings, show the mode in `memvisor ps`."""
@@ -434,8 +425,7 @@ class Instance:
 
     def _timed_out(self, out: Collected, err: Collected, marks: dict[str, float], hello: dict[str, Any] | None,
                    started: dict[str, Any] | None, diagnosis: Stall) -> RunResult:
-        result = RunResult(TIMEOUT_EXIT, None, None, True, bytes(out), bytes(err), stall=diagnosis,
-                           truncated=out.truncated or err.truncated)
+        result = RunResult.of(TIMEOUT_EXIT, None, None, True, out, err, stall=diagnosis)
         result.report = self._report(result, marks, hello, started, None)
         result.report["stall"] = diagnosis.to_json()
         return result
@@ -448,8 +438,7 @@ class Instance:
         code, sig = body["code"], body["signal"]
         timed_out = bool(body.get("timed_out"))
         exit_code = TIMEOUT_EXIT if timed_out else 128 + sig if sig else (code if code is not None else 255)
-        return RunResult(exit_code, code, sig, timed_out, bytes(out), bytes(err),
-                         truncated=out.truncated or err.truncated)
+        return RunResult.of(exit_code, code, sig, timed_out, out, err)
 
     def _report(self, result: RunResult, marks: dict[str, float], hello: dict[str, Any] | None,
                 started: dict[str, Any] | None, exit_body: dict[str, Any] | None) -> dict[str, Any]:

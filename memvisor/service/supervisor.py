@@ -24,7 +24,6 @@ stats` and /metrics.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -37,6 +36,7 @@ from typing import Any
 import psutil
 
 from memvisor.errors import MemvisorError
+from memvisor.host import runtime
 from memvisor.host.vmm.qmp import QMP
 
 log = logging.getLogger("memvisor")
@@ -237,10 +237,7 @@ class Supervisor:
                           "reason": reason})
         c.target_bytes, c.reason = target, reason
         if vm.dir is not None:
-            path = Path(vm.dir) / SUPERVISOR_FILE
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(c.to_json()))
-            tmp.replace(path)
+            runtime.write_json(Path(vm.dir) / SUPERVISOR_FILE, c.to_json())
 
 
 def cgroup_usage(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
