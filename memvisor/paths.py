@@ -6,8 +6,12 @@ unprivileged users can run side by side with a system install.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pwd
 from pathlib import Path
+
+from memvisor.errors import MemvisorError
 
 
 def cache_dir() -> Path:
@@ -81,14 +85,8 @@ def vmm_user(sandbox_id: str) -> tuple[int, int] | None:
         return None
     name = os.environ.get("MEMVISOR_VMM_USER")
     if not name:
-        import hashlib
-
         uid = VMM_UID_BASE + int.from_bytes(hashlib.sha256(sandbox_id.encode()).digest()[:4], "big") % VMM_UID_RANGE
         return uid, uid
-    import pwd
-
-    from memvisor.errors import MemvisorError
-
     try:
         entry = pwd.getpwnam(name)
     except KeyError:

@@ -32,7 +32,7 @@ class HostChannel:
         self.closed = False
         self.errors = 0  # protocol errors seen from the guest (malformed, or out of turn)
         self.malformed = 0  # of which frames that did not decode or broke their schema
-        self.dropped_replies = 0  # ERROR replies not sent because the guest did not read
+        self.dropped_replies = 0  # replies (ERROR, MEMCTL_ACK) not sent because the guest did not read
         self._room = threading.Condition()  # guards _out; notified when it shrinks
         self._out = bytearray()  # frames the guest has not taken yet
 
@@ -110,10 +110,17 @@ class HostChannel:
         """Log a protocol error from the guest and tell the guest about it."""
         self.errors += 1
         log.warning("bad frame from guest: %s", message)
+        self.reply(proto.Kind.ERROR, {"message": f"bad frame: {message}"})
+
+    def reply(self, kind: proto.MessageKind, body: dict[str, Any]) -> bool:
+        """Answer the guest without ever waiting (the reader thread, which answers, is the one that drains the
+        queue): a reply that finds the queue full is dropped and counted. True if it was queued."""
         try:
-            self.send(proto.Kind.ERROR, {"message": f"bad frame: {message}"}, timeout=REPLY_TIMEOUT_S)
+            self.send(kind, body, timeout=REPLY_TIMEOUT_S)
+            return True
         except OSError:  # TimeoutError included: a guest that does not read gets no reply
             self.dropped_replies += 1
+            return False
 
     def close(self) -> None:
         self.sock.close()

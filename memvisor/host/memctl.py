@@ -125,11 +125,6 @@ class Backing:
             self.close()
             raise MemvisorError(f"cannot set up memctl's guest RAM ({memory_mib} MiB memfd): {exc}") from None
 
-    @property
-    def qemu_path(self) -> str:
-        """The path QEMU opens to map the same memory (the fd must be passed to it at the same number)."""
-        return f"/proc/self/fd/{self.fd}"
-
     def close(self) -> None:
         if self.addr:
             _libc.munmap(self.addr, self.size)
@@ -141,14 +136,9 @@ class Backing:
     # -- requests --------------------------------------------------------------------------------------------
     def info(self) -> dict[str, str]:
         """code -> "supported", or "unsupported: why"."""
-        swap = "" if host_has_swap() else ", and this host has no swap to page out to"
-        out = {}
-        for code in proto.MEMCTL_CODES:
-            if code in UNSUPPORTED:
-                out[code] = "unsupported: " + UNSUPPORTED[code].format(swap=swap)
-            else:
-                out[code] = "supported" + (f" ({DONE_BY_DESIGN[code]})" if code in DONE_BY_DESIGN else "")
-        return out
+        return {code: "unsupported: " + why if (why := unsupported(code)) else
+                "supported" + (f" ({DONE_BY_DESIGN[code]})" if code in DONE_BY_DESIGN else "")
+                for code in proto.MEMCTL_CODES}
 
     def handle(self, body: dict[str, Any]) -> dict[str, Any]:
         """Answer one MEMCTL (already schema-checked by proto.check_memctl): the MEMCTL_ACK body."""
@@ -164,9 +154,9 @@ class Backing:
             except ValueError as exc:
                 return self._reject(seq, "invalid", errno.EINVAL, str(exc))
             total = sum(length for _, length in spans)
-            if code in UNSUPPORTED:
-                return self._reject(seq, "unsupported", errno.EOPNOTSUPP,
-                                    f"{code}: {self.info()[code].removeprefix('unsupported: ')}")
+            why = unsupported(code)
+            if why:
+                return self._reject(seq, "unsupported", errno.EOPNOTSUPP, f"{code}: {why}")
             try:
                 reason = self._apply(code, spans)
             except OSError as exc:
@@ -257,9 +247,14 @@ def _extents(bitmap: bytearray) -> int:
     return bin(value ^ (value >> 8)).count("1") // 2
 
 
-def refuse(body: dict[str, Any], counters: Counters | None = None) -> dict[str, Any]:
+def unsupported(code: str) -> str | None:
+    """Why this backend cannot honour `code` (None: it can)."""
+    if code not in UNSUPPORTED:
+        return None
+    return UNSUPPORTED[code].format(swap="" if host_has_swap() else ", and this host has no swap to page out to")
+
+
+def refuse(body: dict[str, Any]) -> dict[str, Any]:
     """The MEMCTL_ACK for a sandbox without memctl."""
-    if counters is not None:
-        counters.rejects["off"] = counters.rejects.get("off", 0) + 1
     return {"seq": body["seq"], "ok": False, "errno": errno.EOPNOTSUPP, "bytes": 0,
             "reason": "memctl is off for this sandbox (policy setting memctl)"}

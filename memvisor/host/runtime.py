@@ -200,7 +200,7 @@ def kill_vmm(state: SandboxState) -> None:
             return
         with open(f"/proc/{state.vmm_pid}/comm") as f:
             comm = f.read().strip()
-        if not (state.vmm_name or "memvisor-").startswith(comm):  # comm is the -name process= cut to 15 chars
+        if not comm or not (state.vmm_name or "memvisor-").startswith(comm):  # comm: -name process=, 15 chars
             log.warning("not killing pid %d: it is %r, not sandbox %s's VMM", state.vmm_pid, comm, state.id)
             return
         log.warning("killing VMM pid %d left behind by sandbox %s", state.vmm_pid, state.id)

@@ -64,7 +64,6 @@ class Session:
         self.vmm_pidfd = os.pidfd_open(vmm_pid)
         self.on_stats = on_stats
         self.on_memctl = on_memctl
-        self.memctl_refused = 0
         self.hello: dict[str, Any] | None = None
         self.hello_at = 0.0
         self.ready = threading.Event()  # HELLO arrived
@@ -145,20 +144,23 @@ class Session:
         # only when the wait ends.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
         sock = self.channel.sock
+        # poll, not select: a daemon with many sandboxes has fds past select's 1024
+        poller = select.poll()
+        poller.register(self.vmm_pidfd, select.POLLIN)
+        if self.console is not None:
+            poller.register(self.console[0].fileno(), select.POLLIN)
         try:
             while not self._stop.is_set() and not self.gone.is_set():
-                # poll, not select: a daemon with many sandboxes has fds past select's 1024
-                poller = select.poll()
                 poller.register(sock.fileno(), select.POLLIN | (select.POLLOUT if self.channel.queued else 0))
-                poller.register(self.vmm_pidfd, select.POLLIN)
-                if self.console is not None:
-                    poller.register(self.console[0].fileno(), select.POLLIN)
                 events = dict(poller.poll(TICK_S * 1000))
                 readable = [fd for fd, ev in events.items() if ev & (select.POLLIN | select.POLLHUP | select.POLLERR)]
                 if events.get(sock.fileno(), 0) & select.POLLOUT:
                     self.channel.flush()
                 if self.console is not None and self.console[0].fileno() in readable:
+                    console_fd = self.console[0].fileno()
                     self._read_console()
+                    if self.console is None:  # the VMM closed it
+                        poller.unregister(console_fd)
                 for frame in self.channel.receive():
                     self._dispatch(frame)
                 if self.channel.malformed > self.max_bad_frames:
@@ -239,15 +241,9 @@ class Session:
         elif kind is proto.Kind.ERROR and body is not None:
             self._guest_error(body)
         elif kind is proto.Kind.MEMCTL and body is not None:
-            if self.on_memctl is not None:
-                ack = self.on_memctl(body)
-            else:
-                self.memctl_refused += 1
-                ack = memctl.refuse(body)
-            try:  # never waits: this thread is the one that drains the queue
-                self.channel.send(proto.Kind.MEMCTL_ACK, ack, timeout=0)
-            except OSError as exc:  # TimeoutError included: a guest that does not read loses its answer
-                log.warning("could not answer the guest's MEMCTL %d: %s", body["seq"], exc)
+            ack = self.on_memctl(body) if self.on_memctl is not None else memctl.refuse(body)
+            if not self.channel.reply(proto.Kind.MEMCTL_ACK, ack):
+                log.warning("could not answer the guest's MEMCTL %d: it does not read", body["seq"])
         else:
             self.channel.reject(f"unexpected {kind.name} from the guest")
 
