@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from memvisor import paths, policy, proc
+from memvisor.host import launch
 from memvisor.host.sandbox import Instance
 from memvisor.host.vmm.base import VMSpec
 from memvisor.host.vmm.qemu import QemuBackend
@@ -60,14 +61,26 @@ def boot_baseline(image: Image, initrd: Path, work: Path, memory: int) -> dict[s
     qmp = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     qmp.bind(str(work / f"qmp-{time.monotonic_ns()}.sock"))
     qmp.listen(1)
-    spec = VMSpec(name="memvisor-bench", memory_mib=memory, cpus=1, kernel=image.vmlinux, initrd=initrd,
-                  cmdline=tuple(policy.to_cmdline(policy.merge())), console_fd=console_theirs.fileno(),
-                  qmp_fd=qmp.fileno(), channel_fd=theirs.fileno())
+    # Started the way a sandbox starts its VMM (host/sandbox.py, host/launch.py: kernel and initramfs as fds, an
+    # unprivileged uid, its own namespaces), so the two kinds differ only in their initramfs.
+    kernel_fd, initrd_fd = os.open(image.vmlinux, os.O_RDONLY), os.open(initrd, os.O_RDONLY)
+    spec = VMSpec(name="memvisor-bench", memory_mib=memory, cpus=1, kernel=Path(f"/proc/self/fd/{kernel_fd}"),
+                  initrd=Path(f"/proc/self/fd/{initrd_fd}"), cmdline=tuple(policy.to_cmdline(policy.merge())),
+                  console_fd=console_theirs.fileno(), qmp_fd=qmp.fileno(), channel_fd=theirs.fileno())
     argv = QemuBackend().command(spec)
     start = time.monotonic()
-    subprocess.run(argv, pass_fds=(qmp.fileno(), theirs.fileno(), console_theirs.fileno()),
-                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120,
-                   check=True)  # the baseline's few console lines fit the socket's buffer until it exits
+    fds = (qmp.fileno(), theirs.fileno(), console_theirs.fileno(), kernel_fd, initrd_fd)
+    vmm = launch.spawn_vmm(argv, pass_fds=fds, log=work / "vmm.log", user=paths.vmm_user(spec.name))
+    os.close(kernel_fd)
+    os.close(initrd_fd)
+    try:
+        vmm.wait(timeout=120)  # the baseline's few console lines fit the socket's buffer until it exits
+    finally:
+        if vmm.poll() is None:
+            vmm.kill()
+            vmm.wait()
+    if vmm.returncode != 0:
+        sys.exit(f"bench: the baseline VMM exited with {vmm.returncode}: {(work / 'vmm.log').read_text()[-400:]}")
     wall = time.monotonic() - start
     console_theirs.close()
     text = b"".join(iter(lambda: console_ours.recv(65536), b"")).decode(errors="replace")
