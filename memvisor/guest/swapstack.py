@@ -10,7 +10,7 @@ Both crypt tables carry `no_read_workqueue no_write_workqueue`: with the default
 livelocked under memory pressure (kcryptd spinning in direct reclaim while kswapd waits on it; FACTS.md); doing
 the crypto in the submitting context removed the hang.
 
-Keys: getrandom(2) straight into a bytearray, handed to the kernel keyring as a `logon` key (user space can
+Keys: getrandom(2) straight into a private page, handed to the kernel keyring as a `logon` key (user space can
 never read it back) and zeroed; the crypt table names the key (`:<size>:logon:memvisor:swap-crypt`), so no key
 text ever exists, and once dm-crypt has loaded it the keyring entry is invalidated. A key is never logged, never
 in a str, never sent to the host, and not in DM_TABLE_STATUS.
@@ -23,6 +23,7 @@ Guest only, stdlib only.
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import time
 
@@ -64,32 +65,48 @@ SYS_ADD_KEY, SYS_KEYCTL = 248, 250
 KEY_SPEC_PROCESS_KEYRING = -2
 KEYCTL_INVALIDATE = 21
 KEY_DESCRIPTION = "memvisor:swap-crypt"  # a logon key's description needs a "service:" prefix
+PAGE = 4096
 
 
-def random_key(size: int) -> bytearray:
-    """`size` bytes from getrandom(2), written straight into a bytearray we can wipe."""
-    key = bytearray(size)
+def random_key(size: int) -> mmap.mmap:
+    """`size` bytes from getrandom(2), written straight into a private page of their own we can wipe (a page, so
+    the test-only hand-over can write it with O_DIRECT without a copy; logon_key)."""
+    key = mmap.mmap(-1, PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     view = (ctypes.c_char * size).from_buffer(key)
     got = _libc.getrandom(view, ctypes.c_size_t(size), 0)
     del view
     if got != size:
-        key[:] = bytes(size)
+        wipe(key)
         raise OSError(ctypes.get_errno(), "getrandom failed")
     return key
 
 
-def logon_key(size: int) -> int:
+def wipe(key: mmap.mmap) -> None:
+    key[:] = bytes(len(key))
+    key.close()
+
+
+def logon_key(size: int, handover: str | None = None) -> int:
     """A fresh random key of `size` bytes in PID 1's process keyring as a `logon` key, which user space can
-    never read back (not even root: there is no read operation for the type); the bytes Python held are
-    zeroed at once. Returns the key's serial, for KEYCTL_INVALIDATE once dm-crypt has its own copy."""
+    never read back (not even root: there is no read operation for the type); the page Python held it in is
+    zeroed at once. Returns the key's serial, for KEYCTL_INVALIDATE once dm-crypt has its own copy.
+    `handover` (tests only, memvisor.key_handover: tests/vm/test_keydump.py): a disk the key is also written to,
+    with O_DIRECT straight from that page, so the test can look for copies of it in a dump of guest RAM and the
+    hand-over itself leaves none."""
     key = random_key(size)
     view = (ctypes.c_char * size).from_buffer(key)
     try:
+        if handover is not None:
+            fd = os.open(handover, os.O_WRONLY | os.O_DIRECT)
+            try:
+                os.pwrite(fd, key, 0)
+            finally:
+                os.close(fd)
         serial = _libc.syscall(SYS_ADD_KEY, b"logon", KEY_DESCRIPTION.encode(), view, ctypes.c_size_t(size),
                                KEY_SPEC_PROCESS_KEYRING)
     finally:
         del view
-        key[:] = bytes(size)
+        wipe(key)
     if serial < 0:
         err = ctypes.get_errno()
         raise Missing(f"the kernel keyring refused the swap key ({os.strerror(err)})")
@@ -147,6 +164,8 @@ class SwapStack:
         self.discard = cmdline.parse_bool(contract.require(settings, "swap_discard"))
         self.zram_percent = int(contract.require(settings, "zram_percent"))
         self.zram_algorithm = contract.require(settings, "zram_algorithm")
+        # Test-only, and the one setting that may be absent: only a test's sandbox sends it (host/sandbox.py).
+        self.key_handover = settings.get(contract.KEY_HANDOVER_SETTING) == "1"
         self.load_group = load_group
         self.log = log
         self.report: dict[str, Any] = {"asked": self.asked, "effective": "off", "warnings": [], "devices": []}
@@ -282,7 +301,7 @@ class SwapStack:
         else:
             cipher, key_size = XTS
             options = ("sector_size:4096", *CRYPT_FLAGS, *(("allow_discards",) if discard else ()))
-        serial = logon_key(key_size)
+        serial = logon_key(key_size, find_disk(contract.KEY_HANDOVER_SERIAL)[0] if self.key_handover else None)
         params = crypt_params(cipher, key_size, lower, options)
         try:
             crypt = ctl.create(CRYPT_NAME)

@@ -65,10 +65,13 @@ class Instance:
 
     def __init__(self, policy: pol.Policy, image: Image, vmm: VMMBackend | None = None,
                  sandbox_id: str | None = None, kernel_args: tuple[str, ...] = (),
-                 on_warning: Callable[[str], None] | None = None, debug: bool = False) -> None:
+                 on_warning: Callable[[str], None] | None = None, debug: bool = False,
+                 key_handover: Path | None = None) -> None:
         """`kernel_args`: extra guest kernel command-line words (debugging, tests: e.g. module_blacklist=...).
         `on_warning`: called with each warning the sandbox raises (default: logged).
-        `debug`: boot the guest with kernel messages on its console and a 10 s hung-task timeout."""
+        `debug`: boot the guest with kernel messages on its console and a 10 s hung-task timeout.
+        `key_handover`: tests only (tests/vm/test_keydump.py): a file of at least 4 KiB the guest also writes its
+        swap key to, so a test can look for copies of the key in a dump of guest RAM. No user path sets it."""
         for arg in kernel_args:
             if not arg or any(c.isspace() for c in arg):
                 raise MemvisorError(f"kernel argument {arg!r} must be one word without spaces")
@@ -77,6 +80,7 @@ class Instance:
                 raise MemvisorError(f"kernel argument {arg!r} is refused: {reserved}",
                                     hint="set it through the policy (docs/policy.md), not --kernel-arg")
         self.debug = debug
+        self.key_handover = key_handover
         self.kernel_args = (*DEBUG_KERNEL_ARGS, *kernel_args) if debug else kernel_args
         self.warn = on_warning or log.warning
         self.policy = policy
@@ -137,6 +141,12 @@ class Instance:
             self._fds += [self._swap_fd, readonly]
             disks = (Disk(self.swap_path, contract.SWAP_DISK_SERIAL, direct, discard=self.policy.swap_discard,
                           fds=(self._swap_fd, readonly)),)
+        handover: tuple[str, ...] = ()
+        if self.key_handover is not None:
+            fds = (self._open(self.key_handover, os.O_RDWR), self._open(self.key_handover, os.O_RDONLY))
+            self._fds += fds
+            disks += (Disk(self.key_handover, contract.KEY_HANDOVER_SERIAL, direct_io=False, fds=fds),)
+            handover = (f"memvisor.{contract.KEY_HANDOVER_SETTING}=1",)
         qmp_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._stack.callback(qmp_sock.close)
         qmp_sock.bind(str(self.qmp_path))
@@ -156,7 +166,7 @@ class Instance:
         spec = VMSpec(
             name=self.name, memory_mib=self.policy.memory_mib, cpus=self.policy.cpus,
             kernel=Path(f"/proc/self/fd/{self._fds[0]}"), initrd=Path(f"/proc/self/fd/{self._fds[1]}"),
-            cmdline=(f"memvisor.id={self.id}", *pol.to_cmdline(self.policy), *self.kernel_args),
+            cmdline=(f"memvisor.id={self.id}", *pol.to_cmdline(self.policy), *handover, *self.kernel_args),
             console_fd=console_theirs.fileno(), qmp_fd=qmp_sock.fileno(), channel_fd=theirs.fileno(),
             ksm=self.ksm_in_effect(), disks=disks, balloon=self.policy.balloon,
             deflate_on_oom=self.policy.deflate_on_oom, ram_fd=self.memctl.fd if self.memctl else None)

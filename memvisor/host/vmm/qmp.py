@@ -39,6 +39,13 @@ class QMP:
             self.execute("send-key", {"keys": [{"type": "qcode", "data": "alt"}, {"type": "qcode", "data": "sysrq"},
                                                {"type": "qcode", "data": key}]}, timeout)
 
+    def dump_memory(self, fd: int, timeout: float = 120.0) -> None:
+        """Write the guest's RAM as an ELF core to `fd` (an open writable file: the VMM opens no path), with the
+        guest paused while it is written. For tests that look into guest memory (tests/vm/test_keydump.py)."""
+        self._client.send_fd_scm(fd)
+        self.execute("getfd", {"fdname": "memvisor-dump"}, timeout=5.0)
+        self.execute("dump-guest-memory", {"paging": False, "protocol": "fd:memvisor-dump"}, timeout)
+
     def close(self) -> None:
         """Disconnect and drop the event loop, in at most 2 s whatever the VMM did."""
         try:
