@@ -9,6 +9,9 @@ from __future__ import annotations
 
 PORT_NAME = "org.memvisor.ctl"  # the control channel's virtio-serial port
 SWAP_DISK_SERIAL = "memvisor-swap"  # the virtio-blk serial of the swap disk (/dev/disk/by-id/virtio-...)
+# The shared read-only root (memvisor/image/rootfs.py): how stage 0 finds it.
+ROOTFS_SETTING = "rootfs"  # pmem | blk; an initramfs-booted guest never reads it
+ROOTFS_DISK_SERIAL = "memvisor-rootfs"
 # Tests only (tests/vm/test_keydump.py): the guest also writes its swap key to this disk, so the test can look for
 # copies of it in a dump of guest RAM. Never set by a policy; a user's --kernel-arg cannot set memvisor.* words.
 KEY_HANDOVER_SETTING = "key_handover"

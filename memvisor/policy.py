@@ -31,6 +31,9 @@ class SwapMode(enum.StrEnum):
 
 
 ZRAM_ALGORITHMS = ("lzo-rle", "lzo", "lz4", "zstd")
+# How the guest gets its root (docs/image.md): the image's shared read-only erofs as virtio-pmem with DAX, or as a
+# read-only virtio-blk disk, under a tmpfs overlay; or the older private initramfs copy (for comparison).
+ROOTFS_KINDS = ("pmem", "blk", "initramfs")
 MIN_SWAP_MIB = 16
 # swapon(2) allocates swap_map (1 byte) and swap_cgroup (2 bytes) per 4 KiB slot in guest RAM. Past ~4.7% of
 # the guest's memory (64 MiB of swap per MiB of RAM) that bookkeeping can exhaust it during boot: a 32 GiB swap
@@ -81,6 +84,7 @@ class Policy:
     balloon: bool = True
     deflate_on_oom: bool = False
     memctl: bool = False
+    rootfs: str = "pmem"
     # Not a setting: filled in by merge() so reports can tell where each value came from.
     sources: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
 
@@ -163,6 +167,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("memctl", "memctl", "enable", "--memctl", bool,
             "let the sandbox's workload tell the host how to back its memory (free, lock, ...; docs/memctl.md): "
             "guest RAM becomes a shared memfd", cmdline="memctl"),
+    Setting("rootfs", "image", "rootfs", "--rootfs", str,
+            "how the guest gets its root: the image's one shared read-only copy as virtio-pmem with DAX (pmem, "
+            "default) or as a read-only virtio-blk disk (blk), or a private copy in guest RAM (initramfs)",
+            cmdline="rootfs", choices=ROOTFS_KINDS),
 )
 
 SETTINGS_BY_FIELD = {s.field: s for s in SETTINGS}

@@ -20,6 +20,7 @@ DEBIAN_PACKAGE = {
     "apt-get": "apt",
     "apt-cache": "apt",
     "dpkg-deb": "dpkg",
+    "mkfs.erofs": "erofs-utils",
 }
 
 

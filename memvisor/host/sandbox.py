@@ -29,7 +29,7 @@ from memvisor.host.console import ConsoleLog
 from memvisor.host.result import TIMEOUT_EXIT, Collected, OutputFn, RunResult
 from memvisor.host.session import Session
 from memvisor.host.stall import Stall
-from memvisor.host.vmm import Disk, VMMBackend, VMSpec, backend, qemu
+from memvisor.host.vmm import Disk, Pmem, VMMBackend, VMSpec, backend, qemu
 from memvisor.host.vmm.qmp import QMP
 from memvisor.image.build import Image
 
@@ -53,7 +53,7 @@ def reserved_kernel_arg(word: str) -> str | None:
         return f"memvisor owns the memvisor.* settings ({key})"
     if key in ("init", "rdinit", "console", "earlycon", "earlyprintk"):
         return f"memvisor owns {key}="
-    own = {w.partition("=")[0] for w in (*qemu.KERNEL_ARGS, *DEBUG_KERNEL_ARGS)}
+    own = {w.partition("=")[0] for w in (*qemu.KERNEL_ARGS, *qemu.PMEM_KERNEL_ARGS, *DEBUG_KERNEL_ARGS)}
     if key in own:
         return f"memvisor sets {key} itself"
     return None
@@ -126,8 +126,20 @@ class Instance:
         self._vmm_user = paths.vmm_user(self.id)  # before anything is created: a bad user is a clear error
         # The VMM opens no file by its path: every one is an fd it inherits (QEMU reopens /proc/self/fd/N for
         # the kernel and initramfs, world-readable images; the swap file is dup'ed from an fd set).
-        self._fds = [self._open(self.image.vmlinux, os.O_RDONLY), self._open(self.image.initramfs, os.O_RDONLY)]
+        rootfs = self.policy.rootfs
+        initrd = self.image.initramfs if rootfs == "initramfs" else self.image.stage0
+        self._fds = [self._open(self.image.vmlinux, os.O_RDONLY), self._open(initrd, os.O_RDONLY)]
         disks: tuple[Disk, ...] = ()
+        pmem: Pmem | None = None
+        if rootfs != "initramfs":
+            # The image's one shared copy: opened read-only here, attached read-only (docs/image.md).
+            root_fd = self._open(self.image.rootfs, os.O_RDONLY)
+            self._fds.append(root_fd)
+            if rootfs == "pmem":
+                pmem = Pmem(root_fd, os.fstat(root_fd).st_size)
+            else:
+                disks += (Disk(self.image.rootfs, contract.ROOTFS_DISK_SERIAL, direct_io=False, fds=(root_fd,),
+                               readonly=True),)
         if self.policy.effective_swap_mode is not pol.SwapMode.OFF:
             on_disk = self.dir / "swap.img"
             swapfile.create(on_disk, self.policy.swap_size_mib)
@@ -139,8 +151,8 @@ class Instance:
             readonly = self._open(on_disk, os.O_RDONLY)
             on_disk.unlink()  # held open, never on disk by name: a SIGKILL leaves nothing behind
             self._fds += [self._swap_fd, readonly]
-            disks = (Disk(self.swap_path, contract.SWAP_DISK_SERIAL, direct, discard=self.policy.swap_discard,
-                          fds=(self._swap_fd, readonly)),)
+            disks += (Disk(self.swap_path, contract.SWAP_DISK_SERIAL, direct, discard=self.policy.swap_discard,
+                           fds=(self._swap_fd, readonly)),)
         handover: tuple[str, ...] = ()
         if self.key_handover is not None:
             fds = (self._open(self.key_handover, os.O_RDWR), self._open(self.key_handover, os.O_RDONLY))
@@ -169,7 +181,7 @@ class Instance:
             cmdline=(f"memvisor.id={self.id}", *pol.to_cmdline(self.policy), *handover, *self.kernel_args),
             console_fd=console_theirs.fileno(), qmp_fd=qmp_sock.fileno(), channel_fd=theirs.fileno(),
             ksm=self.ksm_in_effect(), disks=disks, balloon=self.policy.balloon,
-            deflate_on_oom=self.policy.deflate_on_oom, ram_fd=self.memctl.fd if self.memctl else None)
+            deflate_on_oom=self.policy.deflate_on_oom, pmem=pmem, ram_fd=self.memctl.fd if self.memctl else None)
         self.argv = self.vmm.command(spec)
         return self.argv
 

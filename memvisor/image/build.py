@@ -1,4 +1,10 @@
-"""Build, cache and find the guest image: `vmlinux` + `initramfs.cpio` + `manifest.json` in one directory.
+"""Build, cache and find the guest image, in one directory:
+    vmlinux          the kernel
+    rootfs.erofs     the whole guest tree, whole Python standard library included: the shared read-only root
+    stage0.cpio      the initramfs that mounts it (image/rootfs.py)
+    initramfs.cpio   the older way, for comparison (policy rootfs = "initramfs"): the tree in RAM, with only
+                     the stdlib modules memvisor's init imports
+    manifest.json
 
 The directory name is <source key>-<package key>: the first half hashes the guest code and this builder, the
 second the exact Debian package versions. `memvisor run` takes the newest image for the current source key
@@ -21,8 +27,9 @@ from typing import Any
 import memvisor
 from memvisor import contract, paths, proc
 from memvisor.errors import ImageError
-from memvisor.image import debs, kernel, python
+from memvisor.image import debs, kernel, python, rootfs
 from memvisor.image.cpio import CpioWriter
+from memvisor.image.tree import DirWriter, TreeWriter
 
 PKG_DIR = Path(memvisor.__file__).parent
 # The guest's share of the memvisor package (stdlib-only modules), shipped into the image's stdlib directory.
@@ -31,10 +38,10 @@ GUEST_SOURCES = ("__init__.py", "errors.py", "cmdline.py", "contract.py", "proto
                  "guest/blockio.py", "guest/integrity.py", "guest/swap.py", "guest/swapstack.py", "guest/zram.py",
                  "guest/memstats.py", "guest/diag.py", "guest/memctld.py", "guest/memctl.py")
 BUILDER_SOURCES = ("image/__init__.py", "image/build.py", "image/cpio.py", "image/debs.py", "image/kernel.py",
-                   "image/python.py")
+                   "image/python.py", "image/rootfs.py", "image/tree.py")
 UNPRIVILEGED = contract.WORKLOAD_UID
 STEPS = ("resolve packages", "download packages", "unpack packages", "kernel", "kernel modules",
-         "python", "write initramfs")
+         "python", "write initramfs", "write the shared root")
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -53,6 +60,14 @@ class Image:
     @property
     def initramfs(self) -> Path:
         return self.path / "initramfs.cpio"
+
+    @property
+    def stage0(self) -> Path:
+        return self.path / "stage0.cpio"
+
+    @property
+    def rootfs(self) -> Path:
+        return self.path / "rootfs.erofs"
 
 
 def images_dir() -> Path:
@@ -114,10 +129,16 @@ def build(*, rebuild: bool = False, progress: ProgressFn | None = None) -> Image
         report(STEPS[4], 4, len(STEPS))
         modules = kernel.resolve_modules(root / "lib/modules" / vmlinuz[0].name.removeprefix("vmlinuz-"))
         report(STEPS[5], 5, len(STEPS))
-        pyfiles = _prepare_python(root)
+        pyfiles, whole = _prepare_python(root)
         report(STEPS[6], 6, len(STEPS))
         with (out / "initramfs.cpio").open("wb") as f, CpioWriter(f) as cpio:
-            count = _write_initramfs(cpio, root, modules, pyfiles)
+            count = _write_tree(cpio, root, modules, pyfiles)
+        report(STEPS[7], 7, len(STEPS))
+        moddir = root / "lib/modules" / modules.kernel_version
+        with (out / "stage0.cpio").open("wb") as f, CpioWriter(f) as cpio:
+            rootfs.write_stage0(cpio, root / "bin/busybox", moddir, modules)
+        rootfs_files = _write_tree(DirWriter(work / "tree"), root, modules, whole)
+        rootfs.make_erofs(work / "tree", out / "rootfs.erofs")
         manifest = {
             "key": key,
             "memvisor": memvisor.__version__,
@@ -125,7 +146,9 @@ def build(*, rebuild: bool = False, progress: ProgressFn | None = None) -> Image
             "packages": {d.name: d.version for d in resolved},
             "module_groups": {g: [kernel.module_name(p) for p in v] for g, v in modules.groups.items()},
             "initramfs_files": count,
-            "sizes": {name: (out / name).stat().st_size for name in ("vmlinux", "initramfs.cpio")},
+            "rootfs_files": rootfs_files,
+            "sizes": {name: (out / name).stat().st_size
+                      for name in ("vmlinux", "initramfs.cpio", "stage0.cpio", "rootfs.erofs")},
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "build_seconds": round(time.monotonic() - started, 2),
         }
@@ -136,18 +159,20 @@ def build(*, rebuild: bool = False, progress: ProgressFn | None = None) -> Image
     return Image(target, manifest)
 
 
-def _prepare_python(root: Path) -> list[Path]:
-    """Copy the guest package into the unpacked stdlib, pick the imported files, byte-compile them."""
+def _prepare_python(root: Path) -> tuple[list[Path], list[Path]]:
+    """Copy the guest package into the unpacked stdlib and byte-compile it all; return the files memvisor's
+    init imports (the initramfs's subset) and the whole standard library with memvisor (the shared root's)."""
     dest = root / "usr/lib" / f"python{python.PY_VERSION}" / "memvisor"
     for rel in GUEST_SOURCES:
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(PKG_DIR / rel, dest / rel)
-    files = python.stdlib_files(root, dest.parent)
-    python.compile_pyc(root, files)
-    return files
+    subset = python.stdlib_files(root, dest.parent)
+    whole = python.whole_stdlib(root)
+    python.compile_pyc(root, sorted(set(subset) | set(whole)))
+    return subset, whole
 
 
-def _write_initramfs(cpio: CpioWriter, root: Path, modules: kernel.ModuleSet, pyfiles: list[Path]) -> int:
+def _write_tree(cpio: TreeWriter, root: Path, modules: kernel.ModuleSet, pyfiles: list[Path]) -> int:
     """Lay out the guest's filesystem. Debian's merged-/usr layout: /bin, /sbin, /lib, /lib64 link into /usr."""
     dirs: set[str] = set()
     count = 0

@@ -1,5 +1,6 @@
-"""Debian packages for the guest image: resolve versions with apt-cache, fetch with `apt-get download`, verify
-their SHA256, unpack with `dpkg-deb -x`. Nothing is installed on the host.
+"""Debian packages for the guest image: resolve them and their dependencies with apt's own resolver (a simulated
+install onto an empty system), fetch with `apt-get download`, verify their SHA256, unpack with `dpkg-deb -x`.
+Nothing is installed on the host.
 
 Downloads are cached under <cache>/debs by name and version, so a rebuild with unchanged package versions
 touches the network not at all.
@@ -16,20 +17,17 @@ from pathlib import Path
 from memvisor import proc
 from memvisor.errors import ImageError, MemvisorError
 
-# The packages the image is made of. Metapackages (FOLLOW) are replaced by the package they depend on.
+# The packages the image is made of, with their dependencies (apt resolves those). The kernel is taken alone:
+# its metapackage (FOLLOW) is replaced by the package it names, without the kernel's own tool dependencies.
+KERNEL_PACKAGES = ("linux-image-amd64",)
 IMAGE_PACKAGES = (
-    "linux-image-amd64",
     "busybox-static",
     "python3-minimal",
-    "python3.11-minimal",
-    "libpython3.11-minimal",
-    "libpython3.11-stdlib",
-    "libc6",
-    "zlib1g",
-    "libexpat1",
-    "libffi8",
+    "libpython3.11-stdlib",  # the whole standard library, and the libraries its extension modules load
 )
 FOLLOW = frozenset({"linux-image-amd64"})
+# apt-get's simulated install prints one line per package it would unpack: `Inst NAME (VERSION REPO [ARCH])`.
+_INST = re.compile(r"^Inst (\S+) (?:\[\S+\] )?\((\S+) ")
 
 
 @dataclass(frozen=True)
@@ -59,10 +57,37 @@ def _records(text: str) -> list[dict[str, str]]:
     return records
 
 
-def resolve(names: tuple[str, ...] = IMAGE_PACKAGES) -> list[Deb]:
-    """The candidate version of each package (following metapackages), from the local apt lists."""
+def resolve(names: tuple[str, ...] = IMAGE_PACKAGES, kernel: tuple[str, ...] = KERNEL_PACKAGES) -> list[Deb]:
+    """`kernel` as named (following metapackages) and `names` with every package they depend on, as apt's
+    resolver picks them for an empty system; candidate versions from the local apt lists."""
+    closure = dependency_closure(names) if names else []
+    return [*_show(kernel), *_show(tuple(n for n, _ in closure), dict(closure))]
+
+
+def dependency_closure(names: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(name, version) of `names` and all they depend on (no recommends), by `apt-get install --simulate` against
+    an empty dpkg status: apt's own resolver, nothing installed. ImageError naming apt's complaint otherwise."""
+    argv = ["apt-get", "install", "--simulate", "-q", "--no-install-recommends",
+            "-o", "Dir::State::status=/dev/null", "-o", "APT::Get::Show-Versions=false", *names]
     try:
-        out = proc.run(["apt-cache", "show", "--no-all-versions", *names]).stdout.decode()
+        out = proc.run(argv, timeout=300).stdout.decode()
+    except MemvisorError as exc:
+        lines = [ln for ln in exc.message.splitlines() if ln.startswith(("E:", " ")) or "has no installation" in ln]
+        raise ImageError(f"apt cannot resolve {' '.join(names)}: {' '.join(lines)[:400] or exc.message[:400]}",
+                         hint="check the package names (`apt-cache policy NAME`); run `apt-get update`") from None
+    found = [(m.group(1), m.group(2)) for m in map(_INST.match, out.splitlines()) if m]
+    if not found:
+        raise ImageError(f"apt resolved nothing for {' '.join(names)}")
+    return found
+
+
+def _show(names: tuple[str, ...], versions: dict[str, str] | None = None) -> list[Deb]:
+    """The record apt-cache has for each package (the candidate, or the version given), following FOLLOW."""
+    if not names:
+        return []
+    wanted = [f"{n}={versions[n]}" if versions else n for n in names]
+    try:
+        out = proc.run(["apt-cache", "show", "--no-all-versions", *wanted]).stdout.decode()
     except MemvisorError as exc:
         raise ImageError(f"cannot look up the guest packages: {exc.message}",
                          hint="run `apt-get update` (memvisor builds its guest from Debian 12 packages)") from None
@@ -76,7 +101,7 @@ def resolve(names: tuple[str, ...] = IMAGE_PACKAGES) -> list[Deb]:
             target = record.get("Depends", "").split(",")[0].split()[0]
             if not target:
                 raise ImageError(f"metapackage {name} has no Depends")
-            debs += resolve((target,))
+            debs += _show((target,))
             continue
         debs.append(Deb(name, record["Version"], record["SHA256"], int(record["Size"])))
     return debs

@@ -30,6 +30,11 @@ MODULE_GROUPS: dict[str, tuple[str, ...]] = {
     "aegis": ("aegis128", "aegis128_aesni"),
     "gcm": ("gcm", "ghash_clmulni_intel"),
     "zram": ("zram", "lz4", "lzo_rle", "zstd"),
+    # stage 0 (image/rootfs.py) loads these before the root exists: the shared read-only root and its overlay.
+    # erofs needs libcrc32c, whose init asks the crypto API for "crc32c" (a softdep on an alias, which no module
+    # loader resolves in stage 0): crc32c_generic provides it.
+    "rootfs_pmem": ("virtio_pci", "virtio_pmem", "nd_pmem", "crc32c_generic", "erofs", "overlay"),
+    "rootfs_blk": ("virtio_pci", "virtio_blk", "crc32c_generic", "erofs", "overlay"),
 }
 
 

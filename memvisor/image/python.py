@@ -59,6 +59,25 @@ def stdlib_files(root: Path, src: Path) -> list[Path]:
     return sorted(files)
 
 
+# Not shipped in the shared image: the test suite, the GUI toolkits (no display, no Tk), pip's bootstrap.
+SKIPPED_STDLIB = frozenset({"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3/tests",
+                            "distutils/tests", "unittest/test", "ctypes/test", "sqlite3/test", "__phello__"})
+
+
+def whole_stdlib(root: Path) -> list[Path]:
+    """Every file of root/usr/lib/python3.X (the whole standard library, for the shared
+    image; initramfs images take stdlib_files' subset), without SKIPPED_STDLIB (absolute host paths, sorted)."""
+    stdlib = (root / "usr/lib" / f"python{PY_VERSION}").resolve()
+    files = []
+    for path in stdlib.rglob("*"):
+        rel = path.relative_to(stdlib).as_posix()
+        if "__pycache__" in rel or any(rel == s or rel.startswith(f"{s}/") for s in SKIPPED_STDLIB):
+            continue
+        if path.is_file() and not path.is_symlink() and path.suffix != ".pyc":
+            files.append(path)
+    return sorted(files)
+
+
 def compile_pyc(root: Path, files: list[Path]) -> None:
     """Byte-compile `files` in place (into __pycache__) with the guest interpreter, paths as the guest sees them."""
     python = root / "usr/bin" / f"python{PY_VERSION}"

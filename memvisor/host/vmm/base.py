@@ -17,6 +17,16 @@ class Disk:
     direct_io: bool = True  # bypass the host page cache (O_DIRECT)
     discard: bool = False  # the guest's discards punch holes in the file (else they are ignored)
     fds: tuple[int, ...] = ()  # open fds the VMM inherits, O_RDWR and O_RDONLY (then `path` is only a record)
+    readonly: bool = False  # the guest cannot write it (then `fds` is one O_RDONLY fd)
+
+
+@dataclass(frozen=True)
+class Pmem:
+    """A host file mapped into the guest as a virtio-pmem device, read-only: the guest reads the host's page cache
+    (with DAX, no copy in the guest), and the host file can never change (opened O_RDONLY, mapped read-only)."""
+
+    fd: int  # O_RDONLY, inherited by the VMM
+    size: int  # bytes, a multiple of 2 MiB
 
 
 @dataclass(frozen=True)
@@ -36,6 +46,7 @@ class VMSpec:
     disks: tuple[Disk, ...] = ()
     balloon: bool = False
     deflate_on_oom: bool = False
+    pmem: Pmem | None = None
     ram_fd: int | None = None  # memctl: guest RAM is this memfd (passed to the VMM at this number), mapped shared
 
 

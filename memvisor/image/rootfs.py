@@ -1,0 +1,102 @@
+"""The shared read-only root: memvisor's guest tree as an erofs image, and the small stage-0 initramfs that mounts
+it (docs/image.md).
+
+Every guest of an image reads the same host file: attached as virtio-pmem it is mapped into the guest and erofs
+reads it with DAX (no copy in the guest's page cache; the host keeps one copy in its page cache for all guests);
+attached as a read-only virtio-blk disk each guest caches what it reads. Writable paths are an overlay whose upper
+layer is guest tmpfs. erofs because it is read-only by design (no journal, no write path to get wrong), mounts in
+microseconds, supports DAX on uncompressed images, and Debian's kernel has it; squashfs has no DAX.
+
+Stage 0 is a busybox shell script (no Python: the interpreter lives on the shared root): load the few modules,
+find the device, mount erofs + tmpfs + overlay, unmount what it mounted, and switch_root to memvisor's /init,
+which then boots exactly as from an initramfs. switch_root frees the stage-0 files, so it costs no RAM after boot.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from memvisor import contract, proc
+from memvisor.image import kernel
+from memvisor.image.tree import TreeWriter
+
+ALIGN = 2 << 20  # virtio-pmem maps the file as guest memory: a whole number of 2 MiB blocks
+ROOT_MODES = ("pmem", "blk")
+
+STAGE0 = r"""#!/bin/busybox sh
+# memvisor stage 0 (memvisor/image/rootfs.py): mount the shared read-only root under a tmpfs overlay, then hand
+# over to memvisor's /init on it. Any failure powers the guest off with one line on the console.
+bb=/bin/busybox
+fail() { echo "memvisor stage0: $*"; $bb poweroff -f; exit 1; }
+$bb mount -t devtmpfs devtmpfs /dev || fail "cannot mount /dev"
+$bb mount -t proc proc /proc || fail "cannot mount /proc"
+$bb mount -t sysfs sysfs /sys || fail "cannot mount /sys"
+mode=
+for word in $($bb cat /proc/cmdline); do
+  case "$word" in memvisor.@SETTING@=*) mode="${word#memvisor.@SETTING@=}" ;; esac
+done
+case "$mode" in pmem|blk) ;; *) fail "memvisor.@SETTING@='$mode' is not pmem or blk" ;; esac
+for module in $($bb cat /modules/$mode.order); do
+  $bb insmod "/modules/$module" || fail "cannot load kernel module $module"
+done
+dev=
+tries=0
+while [ -z "$dev" ]; do
+  if [ "$mode" = pmem ]; then
+    [ -b /dev/pmem0 ] && dev=/dev/pmem0
+  else
+    for serial in /sys/block/vd*/serial; do
+      [ "$($bb cat "$serial" 2>/dev/null)" = "@SERIAL@" ] || continue
+      name="${serial%/serial}"
+      [ -b "/dev/${name##*/}" ] && dev="/dev/${name##*/}"
+    done
+  fi
+  tries=$((tries + 1))
+  [ -n "$dev" ] || [ $tries -lt 500 ] || fail "the root device ($mode) did not appear within 10 s"
+  [ -n "$dev" ] || $bb usleep 20000
+done
+$bb mkdir -p /lower /upper /newroot
+if [ "$mode" = pmem ]; then
+  $bb mount -t erofs -o ro,dax=always "$dev" /lower || fail "cannot mount $dev (erofs, dax)"
+else
+  $bb mount -t erofs -o ro "$dev" /lower || fail "cannot mount $dev (erofs)"
+fi
+$bb mount -t tmpfs -o mode=0755 rootfs-upper /upper || fail "cannot mount the overlay's tmpfs"
+$bb mkdir /upper/data /upper/work
+$bb mount -t overlay overlay -o lowerdir=/lower,upperdir=/upper/data,workdir=/upper/work /newroot \
+  || fail "cannot mount the root overlay"
+$bb umount /proc /sys /dev
+exec $bb switch_root /newroot /init
+"""
+
+
+def stage0_script() -> bytes:
+    return (STAGE0.replace("@SETTING@", contract.ROOTFS_SETTING)
+            .replace("@SERIAL@", contract.ROOTFS_DISK_SERIAL).encode())
+
+
+def write_stage0(out: TreeWriter, busybox: Path, moddir: Path, modules: kernel.ModuleSet) -> int:
+    """The stage-0 initramfs: busybox, the root modules of each mode with their load order, and /init."""
+    for d in ("bin", "dev", "proc", "sys", "modules"):
+        out.add_dir(d)
+    out.add_device("dev/console", char=True, major=5, minor=1)
+    out.add_file("bin/busybox", busybox.read_bytes(), 0o755)
+    out.add_symlink("bin/sh", "busybox")
+    files = set()
+    for mode in ROOT_MODES:
+        order = modules.groups[f"rootfs_{mode}"]
+        files.update(order)
+        out.add_file(f"modules/{mode}.order", "".join(f"{os.path.basename(p)}\n" for p in order).encode())
+    for rel in sorted(files):
+        out.add_file(f"modules/{os.path.basename(rel)}", (moddir / rel).read_bytes())
+    out.add_file("init", stage0_script(), 0o755)
+    return len(files) + 3
+
+
+def make_erofs(tree: Path, out: Path) -> None:
+    """An uncompressed erofs image of `tree` (DAX needs uncompressed blocks and no inline tails), owners and modes
+    kept, timestamps fixed so the same tree gives the same bytes; padded to ALIGN for virtio-pmem."""
+    proc.run([proc.which("mkfs.erofs"), "--quiet", "-T0", "-Enoinline_data", "-x-1", str(out), str(tree)], timeout=600)
+    size = out.stat().st_size
+    os.truncate(out, size + (-size % ALIGN))
