@@ -58,6 +58,8 @@ while [ -z "$dev" ]; do
 done
 $bb mkdir -p /lower /upper /newroot
 if [ "$mode" = pmem ]; then
+  # The host maps the file read-only and drops writes; marking the device read-only makes them fail loudly.
+  $bb blockdev --setro "$dev" || fail "cannot make $dev read-only"
   $bb mount -t erofs -o ro,dax=always "$dev" /lower || fail "cannot mount $dev (erofs, dax)"
 else
   $bb mount -t erofs -o ro "$dev" /lower || fail "cannot mount $dev (erofs)"
@@ -66,6 +68,8 @@ $bb mount -t tmpfs -o mode=0755 rootfs-upper /upper || fail "cannot mount the ov
 $bb mkdir /upper/data /upper/work
 $bb mount -t overlay overlay -o lowerdir=/lower,upperdir=/upper/data,workdir=/upper/work /newroot \
   || fail "cannot mount the root overlay"
+# The read-only root stays visible at /mnt/rootfs (its device and options in /proc/mounts, e.g. dax).
+$bb mkdir -p /newroot/mnt/rootfs && $bb mount --move /lower /newroot/mnt/rootfs || fail "cannot move /lower"
 $bb umount /proc /sys /dev
 exec $bb switch_root /newroot /init
 """
