@@ -51,12 +51,14 @@ def add_parsers(sub: Any, add_policy_flags: Add) -> None:
     stop.add_argument("--socket", type=Path, help=socket_help)
 
 
-def command_and_env(args: argparse.Namespace, usage: str) -> tuple[list[str], dict[str, str]]:
-    """The `-- CMD [ARGS...]` and the `-e NAME=VALUE` words of `run` and `exec`, checked."""
+def command_and_env(args: argparse.Namespace, usage: str, allow_empty: bool = False
+                    ) -> tuple[list[str], dict[str, str]]:
+    """The `-- CMD [ARGS...]` and the `-e NAME=VALUE` words of `run` and `exec`, checked. `allow_empty`: no
+    command is fine (a user's image runs its Entrypoint/Cmd)."""
     from memvisor.errors import MemvisorError
 
     argv: list[str] = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
-    if not argv:
+    if not argv and not allow_empty:
         raise MemvisorError("no command given", hint=f"usage: {usage}")
     env = {}
     for item in args.env:

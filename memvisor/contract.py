@@ -12,6 +12,11 @@ SWAP_DISK_SERIAL = "memvisor-swap"  # the virtio-blk serial of the swap disk (/d
 # The shared read-only root (memvisor/image/rootfs.py): how stage 0 finds it.
 ROOTFS_SETTING = "rootfs"  # pmem | blk; an initramfs-booted guest never reads it
 ROOTFS_DISK_SERIAL = "memvisor-rootfs"
+ROOTFS_PCI_SLOT = 0x10  # as virtio-pmem, memvisor's root sits at this PCI slot and the user's image at the next
+# The user's image (memvisor/guest/userroot.py): none, or how it is attached (pmem | blk).
+USER_IMAGE_SETTING = "user_image"
+IMAGE_PCI_SLOT = 0x11
+IMAGE_DISK_SERIAL = "memvisor-image"
 # Tests only (tests/vm/test_keydump.py): the guest also writes its swap key to this disk, so the test can look for
 # copies of it in a dump of guest RAM. Never set by a policy; a user's --kernel-arg cannot set memvisor.* words.
 KEY_HANDOVER_SETTING = "key_handover"

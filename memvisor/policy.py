@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,9 @@ ZRAM_ALGORITHMS = ("lzo-rle", "lzo", "lz4", "zstd")
 # How the guest gets its root (docs/image.md): the image's shared read-only erofs as virtio-pmem with DAX, or as a
 # read-only virtio-blk disk, under a tmpfs overlay; or the older private initramfs copy (for comparison).
 ROOTFS_KINDS = ("pmem", "blk", "initramfs")
+# A user's image name (memvisor/image/store.py): it becomes a file name.
+IMAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+IMAGE_SPEC_KEYS = frozenset({"packages", "pip", "requirements", "copy"})
 MIN_SWAP_MIB = 16
 # swapon(2) allocates swap_map (1 byte) and swap_cgroup (2 bytes) per 4 KiB slot in guest RAM. Past ~4.7% of
 # the guest's memory (64 MiB of swap per MiB of RAM) that bookkeeping can exhaust it during boot: a 32 GiB swap
@@ -85,6 +89,7 @@ class Policy:
     deflate_on_oom: bool = False
     memctl: bool = False
     rootfs: str = "pmem"
+    image: str | None = None
     # Not a setting: filled in by merge() so reports can tell where each value came from.
     sources: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
 
@@ -171,6 +176,10 @@ SETTINGS: tuple[Setting, ...] = (
             "how the guest gets its root: the image's one shared read-only copy as virtio-pmem with DAX (pmem, "
             "default) or as a read-only virtio-blk disk (blk), or a private copy in guest RAM (initramfs)",
             cmdline="rootfs", choices=ROOTFS_KINDS),
+    Setting("image", "image", "name", "--image", str,
+            "run in this image of yours (`memvisor image build --name` / `memvisor image import`; docs/image.md) "
+            "instead of memvisor's default one; with no command, the image's Entrypoint/Cmd run",
+            optional=True),
 )
 
 SETTINGS_BY_FIELD = {s.field: s for s in SETTINGS}
@@ -266,6 +275,9 @@ def validate(policy: Policy) -> None:
         raise PolicyError("--memctl and --ksm cannot be used together: memctl backs guest RAM with shared memory "
                           "(a memfd memvisor also maps), and KSM merges only private memory",
                           hint="drop --ksm or --memctl")
+    if policy.image is not None and (not IMAGE_NAME.match(policy.image) or ".." in policy.image):
+        raise PolicyError(f"--image {policy.image[:80]!r} is not an image name",
+                          hint="names are 1-63 characters: a-z, 0-9, '.', '_', '-'; see `memvisor image ls`")
     if policy.deflate_on_oom and not policy.balloon:
         raise PolicyError("--deflate-on-oom needs the balloon", hint="drop --no-balloon or --deflate-on-oom")
     if policy.swap_size_mib > MAX_SWAP_PER_MIB_RAM * policy.memory_mib:
@@ -299,6 +311,8 @@ def layer_from_mapping(doc: Mapping[str, object], source: str) -> dict[str, obje
             raise ConfigError(f"{source}: [{section}] must be a table, not {table!r}")
         by_key = {s.key: s for s in SETTINGS if s.section == section}
         for key, raw in table.items():
+            if section == "image" and key in IMAGE_SPEC_KEYS:
+                continue  # what the image is built from: `memvisor image build` reads those (image/userbuild.py)
             if key not in by_key:
                 raise ConfigError(f"{source}: unknown key {section}.{key}",
                                   hint=f"keys in [{section}]: {', '.join(sorted(by_key))}")

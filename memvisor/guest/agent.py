@@ -130,8 +130,9 @@ class Agent:
     """The command server: one poll loop over the channel and every command's pipes and pidfd."""
 
     def __init__(self, channel: Channel, uid: int, report: Callable[[], dict[str, Any]],
-                 memctl: Memctld | None = None) -> None:
+                 memctl: Memctld | None = None, chroot: str | None = None) -> None:
         self.channel = channel
+        self.chroot = chroot
         self.uid = uid
         self.report = report
         self.commands: dict[int, Command] = {}
@@ -275,7 +276,7 @@ class Agent:
         cgroup = self.memctl.cgroup_for(exec_id) if self.memctl is not None else None
         try:
             child = spawn.spawn(body["argv"], env, body.get("cwd", home), uid, stdin=body.get("stdin", False),
-                                cgroup=cgroup)
+                                cgroup=cgroup, root=self.chroot)
         except OSError as exc:
             if cgroup is not None and self.memctl is not None:
                 self.memctl.drop_cgroup(cgroup)
@@ -349,11 +350,13 @@ class Agent:
         del self.commands[command.id]
 
 
-def serve(channel: Channel, uid: int, report: Callable[[], dict[str, Any]], memctl: bool = False) -> None:
-    """Serve the host's commands until it asks for a shutdown; with `memctl`, workloads' memctl requests too."""
+def serve(channel: Channel, uid: int, report: Callable[[], dict[str, Any]], memctl: bool = False,
+          chroot: str | None = None) -> None:
+    """Serve the host's commands until it asks for a shutdown; with `memctl`, workloads' memctl requests too.
+    `chroot`: the user's image root every command runs in (guest/userroot.py)."""
     server = None
     if memctl:  # imported only then: a sandbox without memctl does not pay for `socket` at boot
         from memvisor.guest import memctld
 
         server = memctld.Memctld(memctld.setup(), lambda body: channel.send(proto.Kind.MEMCTL, body), channel.log)
-    Agent(channel, uid, report, server).serve()
+    Agent(channel, uid, report, server, chroot).serve()

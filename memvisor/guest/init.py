@@ -35,6 +35,7 @@ class Context:
         self.channel: agent.Channel | None = None
         self.steps: list[tuple[str, float]] = []
         self.swap: dict[str, Any] = {}
+        self.chroot: str | None = None  # the user's image root commands run in (guest/userroot.py), if any
 
     def flag(self, key: str) -> bool:
         """A boolean setting the host sent (memvisor/contract.py: never a default of the guest's own)."""
@@ -123,12 +124,29 @@ def setup_swap(ctx: Context) -> None:
         log(f"swap on {device['device']} ({device.get('mode', device['kind'])}, priority {device['priority']})")
 
 
+def setup_user_image(ctx: Context) -> None:
+    """The user's image, when the host attached one: mounted as the root commands run in."""
+    kind = contract.require(ctx.settings, contract.USER_IMAGE_SETTING)
+    if kind == "none":
+        return
+    if kind not in ("pmem", "blk"):
+        raise SetupError(f"memvisor.{contract.USER_IMAGE_SETTING}={kind[:20]!r} is not none, pmem or blk")
+    failed = load_group(ctx, f"rootfs_{kind}")
+    if failed:
+        raise SetupError(f"cannot load the kernel modules the image needs: {', '.join(failed)}")
+    from memvisor.guest import userroot  # only with an image
+
+    ctx.chroot = userroot.setup(kind, ctx.flag("memctl"))
+    log(f"image root at {ctx.chroot} ({kind})")
+
+
 STEPS: list[tuple[str, Callable[[Context], None]]] = [
     ("mount_filesystems", mount_filesystems),
     ("read_settings", read_settings),
     ("load_base_modules", load_base_modules),
     ("open_channel", open_channel),
     ("setup_swap", setup_swap),
+    ("setup_user_image", setup_user_image),
 ]
 
 
@@ -178,7 +196,7 @@ def main() -> None:
             "swap": ctx.swap,
         })
         agent.serve(ctx.channel, uid=0 if ctx.flag("root") else contract.WORKLOAD_UID,
-                    report=memstats.report, memctl=ctx.flag("memctl"))
+                    report=memstats.report, memctl=ctx.flag("memctl"), chroot=ctx.chroot)
     except (SetupError, contract.MissingSetting) as exc:  # a clear, expected failure: no traceback
         log(f"FATAL: {exc}")
         report_fatal(ctx, str(exc))

@@ -47,10 +47,11 @@ def _exec_path(argv: list[str], env: dict[str, str]) -> None:
 
 
 def spawn(argv: list[str], env: dict[str, str], cwd: str, uid: int, stdin: bool = False,
-          cgroup: str | None = None) -> Child:
+          cgroup: str | None = None, root: str | None = None) -> Child:
     """fork + exec `argv` as `uid` (gid = uid, no supplementary groups) in a new session; stdin a pipe (`stdin`)
     or /dev/null; in `cgroup` (a cgroup v2 directory) if given: the child moves itself there before it drops
-    root, so nothing it runs ever lives outside it.
+    root, so nothing it runs ever lives outside it; chrooted into `root` (the user's image) if given, before it
+    drops root and before `cwd` is entered.
 
     Raises OSError (with the errno exec or chdir failed with) if the program cannot be started.
     """
@@ -72,6 +73,8 @@ def spawn(argv: list[str], env: dict[str, str], cwd: str, uid: int, stdin: bool 
                 procs = os.open(f"{cgroup}/cgroup.procs", os.O_WRONLY)
                 os.write(procs, b"0")
                 os.close(procs)
+            if root is not None:
+                os.chroot(root)
             if uid != 0:
                 os.setgroups([])
                 os.setgid(uid)

@@ -31,6 +31,7 @@ from memvisor.host.session import Session
 from memvisor.host.stall import Stall
 from memvisor.host.vmm import Disk, Pmem, VMMBackend, VMSpec, backend, qemu
 from memvisor.host.vmm.qmp import QMP
+from memvisor.image import store
 from memvisor.image.build import Image
 
 log = logging.getLogger("memvisor")
@@ -81,6 +82,8 @@ class Instance:
                                     hint="set it through the policy (docs/policy.md), not --kernel-arg")
         self.debug = debug
         self.key_handover = key_handover
+        # The user's image (docs/image.md): resolved now, so a wrong name fails before anything starts.
+        self.user_image: store.UserImage | None = store.get(policy.image) if policy.image else None
         self.kernel_args = (*DEBUG_KERNEL_ARGS, *kernel_args) if debug else kernel_args
         self.warn = on_warning or log.warning
         self.policy = policy
@@ -130,16 +133,22 @@ class Instance:
         initrd = self.image.initramfs if rootfs == "initramfs" else self.image.stage0
         self._fds = [self._open(self.image.vmlinux, os.O_RDONLY), self._open(initrd, os.O_RDONLY)]
         disks: tuple[Disk, ...] = ()
-        pmem: Pmem | None = None
-        if rootfs != "initramfs":
-            # The image's one shared copy: opened read-only here, attached read-only (docs/image.md).
-            root_fd = self._open(self.image.rootfs, os.O_RDONLY)
-            self._fds.append(root_fd)
+        pmem: tuple[Pmem, ...] = ()
+        # The image's one shared copy, and the user's image if any: opened read-only here, attached read-only
+        # (docs/image.md); with an initramfs root the user's image goes on a disk.
+        shared = [(self.image.rootfs, contract.ROOTFS_PCI_SLOT, contract.ROOTFS_DISK_SERIAL)] \
+            if rootfs != "initramfs" else []
+        if self.user_image is not None:
+            shared.append((self.user_image.rootfs, contract.IMAGE_PCI_SLOT, contract.IMAGE_DISK_SERIAL))
+        for path, slot, serial in shared:
+            fd = self._open(path, os.O_RDONLY)
+            self._fds.append(fd)
             if rootfs == "pmem":
-                pmem = Pmem(root_fd, os.fstat(root_fd).st_size)
+                pmem += (Pmem(fd, os.fstat(fd).st_size, slot),)
             else:
-                disks += (Disk(self.image.rootfs, contract.ROOTFS_DISK_SERIAL, direct_io=False, fds=(root_fd,),
-                               readonly=True),)
+                disks += (Disk(path, serial, direct_io=False, fds=(fd,), readonly=True),)
+        image_kind = "none" if self.user_image is None else "pmem" if rootfs == "pmem" else "blk"
+        words: tuple[str, ...] = (f"memvisor.{contract.USER_IMAGE_SETTING}={image_kind}",)
         if self.policy.effective_swap_mode is not pol.SwapMode.OFF:
             on_disk = self.dir / "swap.img"
             swapfile.create(on_disk, self.policy.swap_size_mib)
@@ -153,12 +162,11 @@ class Instance:
             self._fds += [self._swap_fd, readonly]
             disks += (Disk(self.swap_path, contract.SWAP_DISK_SERIAL, direct, discard=self.policy.swap_discard,
                            fds=(self._swap_fd, readonly)),)
-        handover: tuple[str, ...] = ()
         if self.key_handover is not None:
             fds = (self._open(self.key_handover, os.O_RDWR), self._open(self.key_handover, os.O_RDONLY))
             self._fds += fds
             disks += (Disk(self.key_handover, contract.KEY_HANDOVER_SERIAL, direct_io=False, fds=fds),)
-            handover = (f"memvisor.{contract.KEY_HANDOVER_SETTING}=1",)
+            words += (f"memvisor.{contract.KEY_HANDOVER_SETTING}=1",)
         qmp_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._stack.callback(qmp_sock.close)
         qmp_sock.bind(str(self.qmp_path))
@@ -178,7 +186,7 @@ class Instance:
         spec = VMSpec(
             name=self.name, memory_mib=self.policy.memory_mib, cpus=self.policy.cpus,
             kernel=Path(f"/proc/self/fd/{self._fds[0]}"), initrd=Path(f"/proc/self/fd/{self._fds[1]}"),
-            cmdline=(f"memvisor.id={self.id}", *pol.to_cmdline(self.policy), *handover, *self.kernel_args),
+            cmdline=(f"memvisor.id={self.id}", *pol.to_cmdline(self.policy), *words, *self.kernel_args),
             console_fd=console_theirs.fileno(), qmp_fd=qmp_sock.fileno(), channel_fd=theirs.fileno(),
             ksm=self.ksm_in_effect(), disks=disks, balloon=self.policy.balloon,
             deflate_on_oom=self.policy.deflate_on_oom, pmem=pmem, ram_fd=self.memctl.fd if self.memctl else None)
@@ -301,6 +309,7 @@ class Instance:
         gives up EXEC_GRACE_S later if the guest never reports. Output goes to the callbacks, or is collected
         in the result."""
         assert self.session is not None
+        argv, env, cwd, uid = self.image_defaults(argv, env, cwd, uid)
         self.wait_ready()
         out, err = self._collectors()
         command = self.session.begin(argv, env=env, cwd=cwd, uid=uid, stdin=stdin is not None, timeout=timeout,
@@ -321,6 +330,26 @@ class Instance:
         finally:
             self.session.finish(command)
 
+    def image_defaults(self, argv: list[str], env: dict[str, str] | None, cwd: str | None, uid: int | None
+                       ) -> tuple[list[str], dict[str, str] | None, str | None, int | None]:
+        """A command as it runs in the user's image (docs/image.md): the image's Env under the caller's, its
+        WorkingDir unless the caller names one, its User unless the caller or the policy's `root` decides, and
+        its Entrypoint + Cmd when no command is given. Without a user's image, the command as given."""
+        if self.user_image is None:
+            if not argv:
+                raise MemvisorError("no command to run", hint="give one after `--`, or run an image with a Cmd "
+                                                              "(--image)")
+            return argv, env, cwd, uid
+        config = self.user_image.config
+        if not argv:
+            argv = config.default_argv()
+            if not argv:
+                raise MemvisorError(f"image {self.user_image.name!r} has no Entrypoint or Cmd",
+                                    hint="give the command to run after `--`")
+        if uid is None:
+            uid = 0 if self.policy.root else config.uid
+        return argv, {**config.env_dict(), **(env or {})}, cwd or config.working_dir or "/", uid
+
     def shutdown(self) -> None:
         """Ask the guest to power off (killing what still runs) and wait for the VMM to exit; teardown kills
         it if it does not."""
@@ -335,6 +364,7 @@ class Instance:
         counts from the VMM's start, boot included; when it passes, the guest is asked for a diagnostic dump
         and the result says `timed_out` (exit 124)."""
         assert self.process is not None and self.session is not None
+        argv, env, cwd, uid = self.image_defaults(argv, env, None, None)
         out, err = self._collectors()
         emit_out = on_stdout or out.extend
         emit_err = on_stderr or err.extend
@@ -349,7 +379,7 @@ class Instance:
             return self._timed_out(out, err, marks, None, None, diagnosis)
         marks["hello"] = self.session.hello_at
         phase("running")
-        command = self.session.begin(argv, env=env, on_stdout=emit_out, on_stderr=emit_err)
+        command = self.session.begin(argv, env=env, cwd=cwd, uid=uid, on_stdout=emit_out, on_stderr=emit_err)
         try:
             while not command.done.wait(min(1.0, max(0.0, deadline - time.monotonic()))):
                 if time.monotonic() >= deadline:

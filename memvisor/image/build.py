@@ -36,7 +36,8 @@ PKG_DIR = Path(memvisor.__file__).parent
 GUEST_SOURCES = ("__init__.py", "errors.py", "cmdline.py", "contract.py", "proto.py", "guest/__init__.py",
                  "guest/init.py", "guest/agent.py", "guest/linux.py", "guest/spawn.py", "guest/dm.py",
                  "guest/blockio.py", "guest/integrity.py", "guest/swap.py", "guest/swapstack.py", "guest/zram.py",
-                 "guest/memstats.py", "guest/diag.py", "guest/memctld.py", "guest/memctl.py")
+                 "guest/memstats.py", "guest/diag.py", "guest/memctld.py", "guest/memctl.py",
+                 "guest/userroot.py")
 BUILDER_SOURCES = ("image/__init__.py", "image/build.py", "image/cpio.py", "image/debs.py", "image/kernel.py",
                    "image/python.py", "image/rootfs.py", "image/tree.py")
 UNPRIVILEGED = contract.WORKLOAD_UID
@@ -74,10 +75,10 @@ def images_dir() -> Path:
     return paths.cache_dir() / "images"
 
 
-def source_key() -> str:
-    """Hash of every file that decides the image's contents besides the packages."""
+def source_key(files: tuple[str, ...] = (*GUEST_SOURCES, *BUILDER_SOURCES)) -> str:
+    """Hash of every file that decides the image's contents besides the packages (or of `files`)."""
     digest = hashlib.sha256()
-    for rel in (*GUEST_SOURCES, *BUILDER_SOURCES):
+    for rel in files:
         digest.update(rel.encode() + b"\0" + (PKG_DIR / rel).read_bytes())
     return digest.hexdigest()[:16]
 

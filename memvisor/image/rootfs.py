@@ -44,7 +44,9 @@ dev=
 tries=0
 while [ -z "$dev" ]; do
   if [ "$mode" = pmem ]; then
-    [ -b /dev/pmem0 ] && dev=/dev/pmem0
+    for block in /sys/block/pmem*; do  # memvisor's root is the virtio-pmem device at its own PCI slot
+      case "$($bb readlink -f "$block")" in */@SLOT@/*) [ -b "/dev/${block##*/}" ] && dev="/dev/${block##*/}" ;; esac
+    done
   else
     for serial in /sys/block/vd*/serial; do
       [ "$($bb cat "$serial" 2>/dev/null)" = "@SERIAL@" ] || continue
@@ -77,6 +79,7 @@ exec $bb switch_root /newroot /init
 
 def stage0_script() -> bytes:
     return (STAGE0.replace("@SETTING@", contract.ROOTFS_SETTING)
+            .replace("@SLOT@", f"0000:00:{contract.ROOTFS_PCI_SLOT:02x}.0")
             .replace("@SERIAL@", contract.ROOTFS_DISK_SERIAL).encode())
 
 

@@ -27,6 +27,7 @@ class Pmem:
 
     fd: int  # O_RDONLY, inherited by the VMM
     size: int  # bytes, a multiple of 2 MiB
+    slot: int  # the PCI slot the guest finds it at (memvisor/contract.py)
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class VMSpec:
     disks: tuple[Disk, ...] = ()
     balloon: bool = False
     deflate_on_oom: bool = False
-    pmem: Pmem | None = None
+    pmem: tuple[Pmem, ...] = ()
     ram_fd: int | None = None  # memctl: guest RAM is this memfd (passed to the VMM at this number), mapped shared
 
 

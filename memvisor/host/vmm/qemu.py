@@ -77,13 +77,14 @@ class QemuBackend(VMMBackend):
             ]
         memory = f"{spec.memory_mib}M"
         pmem: list[str] = []
-        if spec.pmem is not None:
-            # Mapped read-only from an O_RDONLY fd: guest writes to it are dropped, the file cannot change. A
-            # memory device needs room above RAM (maxmem).
-            memory += f",maxmem={spec.memory_mib + -(-spec.pmem.size // (1 << 20))}M"
-            pmem = ["-object", f"memory-backend-file,id=pmem0,size={spec.pmem.size},"
-                               f"mem-path=/proc/self/fd/{spec.pmem.fd},share=on,readonly=on",
-                    "-device", "virtio-pmem-pci,memdev=pmem0,id=rootfs0"]
+        if spec.pmem:
+            # Mapped read-only from an O_RDONLY fd: guest writes to it are dropped, the file cannot change. Memory
+            # devices need room above RAM (maxmem).
+            memory += f",maxmem={spec.memory_mib + sum(-(-p.size // (1 << 20)) for p in spec.pmem)}M"
+            for i, dev in enumerate(spec.pmem):
+                pmem += ["-object", f"memory-backend-file,id=pmem{i},size={dev.size},"
+                                    f"mem-path=/proc/self/fd/{dev.fd},share=on,readonly=on",
+                         "-device", f"virtio-pmem-pci,memdev=pmem{i},id=pmemdev{i},addr={dev.slot:#x}"]
         return [
             proc.which(QEMU),
             "-name", f"guest={spec.name},process={spec.name},debug-threads=on",

@@ -1,0 +1,87 @@
+"""The user's image as the root commands run in (docs/image.md): its read-only erofs under a tmpfs overlay,
+with /proc, /sys, /dev and /tmp of the guest's own, at USER_ROOT (/mnt/image/root). The agent chroots each
+command into it, so the workload sees the user's files and memvisor's init, agent and modules stay on
+memvisor's root. Guest only, stdlib only.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import time
+
+from memvisor import contract
+from memvisor.errors import SetupError
+from memvisor.guest import linux
+
+BASE = "/mnt/image"  # next to /mnt/rootfs, memvisor's own root
+USER_ROOT = f"{BASE}/root"
+BLKROSET = 0x125D  # include/uapi/linux/fs.h: _IO(0x12, 93)
+MS_RDONLY, MS_BIND = 0x1, 0x1000
+
+
+def find_device(kind: str, timeout: float = 10.0) -> str:
+    """The user image's device: the virtio-pmem at its PCI slot, or the virtio-blk disk with its serial."""
+    deadline = time.monotonic() + timeout
+    slot = f"/0000:00:{contract.IMAGE_PCI_SLOT:02x}.0/"
+    while True:
+        for name in sorted(os.listdir("/sys/block")):
+            try:
+                if kind == "pmem" and name.startswith("pmem"):
+                    if slot in os.path.realpath(f"/sys/block/{name}"):
+                        return f"/dev/{name}"
+                elif kind == "blk" and name.startswith("vd"):
+                    with open(f"/sys/block/{name}/serial") as f:
+                        if f.read().strip() == contract.IMAGE_DISK_SERIAL:
+                            return f"/dev/{name}"
+            except OSError:
+                continue
+        if time.monotonic() > deadline:
+            raise SetupError(f"the image's {kind} device did not appear in the guest within {timeout:g} s")
+        time.sleep(0.01)
+
+
+def set_readonly(device: str) -> None:
+    """Make the block device read-only in the guest, so writes to it fail loudly (the host drops them anyway)."""
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, BLKROSET, struct.pack("i", 1))
+    finally:
+        os.close(fd)
+
+
+def setup(kind: str, memctl: bool) -> str:
+    """Mount the user's root; return its path."""
+    device = find_device(kind)
+    lower, upper = f"{BASE}/lower", f"{BASE}/upper"
+    for d in (lower, upper, USER_ROOT):
+        os.makedirs(d, exist_ok=True)
+    try:
+        if kind == "pmem":
+            set_readonly(device)
+        linux.mount(device, lower, "erofs", MS_RDONLY, "dax=always" if kind == "pmem" else "")
+        linux.mount("image-upper", upper, "tmpfs", 0, "mode=0755")
+        os.makedirs(f"{upper}/data")
+        os.makedirs(f"{upper}/work")
+        linux.mount("overlay", USER_ROOT, "overlay", 0,
+                    f"lowerdir={lower},upperdir={upper}/data,workdir={upper}/work")
+        for target, fstype, flags, data in (
+            ("proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC, ""),
+            ("sys", "sysfs", MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC, ""),
+            ("dev", "devtmpfs", linux.MS_NOSUID, ""),
+            ("tmp", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=1777"),
+        ):
+            path = f"{USER_ROOT}/{target}"
+            if os.path.islink(path):  # the image's own link there must not redirect the guest's mount
+                os.unlink(path)
+            os.makedirs(path, exist_ok=True)
+            linux.mount(fstype, path, fstype, flags, data)
+        if memctl:  # the workload asks PID 1 for memctl through this socket (docs/memctl.md)
+            sock_dir = os.path.dirname(contract.MEMCTL_SOCKET)
+            path = f"{USER_ROOT}{sock_dir}"
+            os.makedirs(path, exist_ok=True)
+            linux.mount(sock_dir, path, "", MS_BIND)
+    except OSError as exc:
+        raise SetupError(f"cannot mount the image's root ({device}, {kind}): {exc}") from None
+    return USER_ROOT
