@@ -1,9 +1,11 @@
 """Users' images on the host: named, content-addressed, each a read-only erofs root plus the defaults commands
 run with (docs/image.md).
 
-    <cache>/user-images/objects/<key>/rootfs.erofs   the root, shared read-only by every guest that runs it
-    <cache>/user-images/objects/<key>/config.json    Env, WorkingDir, User, Entrypoint, Cmd (ImageConfig)
-    <cache>/user-images/names/<name>.json            {"name", "key", "source", "created"}
+    <store>/objects/<key>/rootfs.erofs   the root, shared read-only by every guest that runs it
+    <store>/objects/<key>/config.json    Env, WorkingDir, User, Entrypoint, Cmd (ImageConfig)
+    <store>/names/<name>.json            {"name", "key", "source", "created"}
+
+<store> is $MEMVISOR_IMAGE_STORE, else <cache>/user-images (memvisor/paths.py: cache_dir).
 
 An object is written under a temporary name and renamed into place whole, then the name is written atomically:
 a failed build or import leaves nothing. The key is a hash of everything that decides the object's bytes, so
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -100,7 +103,9 @@ class UserImage:
 
 
 def root() -> Path:
-    return paths.cache_dir() / "user-images"
+    """$MEMVISOR_IMAGE_STORE, else <cache>/user-images."""
+    override = os.environ.get("MEMVISOR_IMAGE_STORE")
+    return Path(override) if override else paths.cache_dir() / "user-images"
 
 
 def _names() -> Path:

@@ -41,6 +41,7 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("MEMVISOR_KEEP_CONSOLE", str(tmp_path / "consoles"))
     monkeypatch.setenv("MEMVISOR_LOG_DIR", str(tmp_path / "logs"))  # consoles of failed sandboxes
     monkeypatch.setenv("MEMVISOR_SOCKET", str(tmp_path / "serve.sock"))  # a private daemon socket
+    monkeypatch.setenv("MEMVISOR_IMAGE_STORE", str(tmp_path / "images"))  # users' images of this test only
     before = {p.pid for p in qemu_processes()}
     yield run_dir
     # A VMM this test left is a descendant of this process (in-process sandboxes, or a memvisor CLI or daemon
