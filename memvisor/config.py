@@ -26,4 +26,4 @@ def load(path: Path | None, *, explicit: bool) -> tuple[str, dict[str, object]]:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    return (f"config {path}", policy.layer_from_mapping(doc, str(path)))
+    return (f"config {path}", policy.layer_from_mapping(doc, str(path), image_spec=True))

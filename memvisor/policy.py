@@ -299,8 +299,9 @@ def to_json(policy: Policy) -> dict[str, dict[str, object]]:
     return out
 
 
-def layer_from_mapping(doc: Mapping[str, object], source: str) -> dict[str, object]:
-    """Read a TOML document or a JSON policy (same nesting) into a layer; unknown keys are an error."""
+def layer_from_mapping(doc: Mapping[str, object], source: str, *, image_spec: bool = False) -> dict[str, object]:
+    """Read a TOML document or a JSON policy (same nesting) into a layer; unknown keys are an error.
+    `image_spec`: a config file, whose [image] table may also say what the image is built from."""
     known_sections = {s.section for s in SETTINGS}
     layer: dict[str, object] = {}
     for section, table in doc.items():
@@ -311,7 +312,7 @@ def layer_from_mapping(doc: Mapping[str, object], source: str) -> dict[str, obje
             raise ConfigError(f"{source}: [{section}] must be a table, not {table!r}")
         by_key = {s.key: s for s in SETTINGS if s.section == section}
         for key, raw in table.items():
-            if section == "image" and key in IMAGE_SPEC_KEYS:
+            if image_spec and section == "image" and key in IMAGE_SPEC_KEYS:
                 continue  # what the image is built from: `memvisor image build` reads those (image/userbuild.py)
             if key not in by_key:
                 raise ConfigError(f"{source}: unknown key {section}.{key}",

@@ -83,8 +83,9 @@ class Sandbox:
     def run(self, argv: list[str], *, env: Mapping[str, str] | None = None, stdout: OutputFn | None = None,
             stderr: OutputFn | None = None, kernel_args: tuple[str, ...] = (),
             timeout: float | None = DEFAULT_TIMEOUT_S) -> RunResult:
-        """Boot, run `argv`, tear down. Output goes to the callbacks if given, else into the result (at most
-        the policy's output_limit_mib per stream: `result.truncated`). `timeout` (seconds, boot included) applies
+        """Boot, run `argv` (empty: the image's Entrypoint/Cmd, with `image=`), tear down. Output goes to the
+        callbacks if given, else into the result (at most the policy's output_limit_mib per stream:
+        `result.truncated`). `timeout` (seconds, boot included) applies
         unless the policy sets one; None: no limit. Warnings (e.g. a swap step-down) are logged to the
         "memvisor" logger and listed in result.report."""
         image = build.ensure()
