@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test deps image lint typecheck unit vm bench bench-boot bench-swap bench-density bench-memctl soak serve-soak clean
+.PHONY: run test deps image lint typecheck unit vm bench bench-boot bench-swap bench-density bench-memctl bench-image soak serve-soak clean
 
 deps: $(STAMP)
 
@@ -52,6 +52,10 @@ bench-density: image
 # memctl: host ranges applied per second, end-to-end request latency in a guest (issue 10).
 bench-memctl: image
 	$(BIN)/python -m bench.memctl $(MEMCTL_ARGS)
+
+# One shared read-only image vs a copy per guest: 1, 4 and 8 guests of the default and a ~200 MiB image (issue 13).
+bench-image: image
+	$(BIN)/python -m bench.image $(IMAGE_ARGS)
 
 # The daemon soak: `memvisor serve`, ten sandboxes, commands into any of them for an hour (issue 9).
 serve-soak: image

@@ -229,7 +229,8 @@ class Instance:
         return self.dir / "qmp.sock"
 
     def start(self) -> None:
-        """Plan (if not done) and start the VMM."""
+        """Plan (if not done) and start the VMM. The VMM dies with the thread that calls this (PR_SET_PDEATHSIG
+        is per thread): call it from a thread that outlives the sandbox (the daemon has one for that)."""
         if not self.argv:
             self.plan()
         assert self.dir is not None and self.state is not None

@@ -94,6 +94,9 @@ class Session:
             exec_id = next(i for i in self._ids if i not in self.commands)
             command = Command(exec_id, argv, on_stdout, on_stderr, started_at=time.monotonic())
             self.commands[exec_id] = command
+            if self.gone.is_set():  # the reader has ended and will not end this command: it ends now, unrun
+                command.done.set()
+                return command
         body: dict[str, Any] = {"id": exec_id, "argv": argv, "env": env or {}}
         if cwd is not None:
             body["cwd"] = cwd
@@ -173,7 +176,9 @@ class Session:
             log.exception("the control channel's reader failed")
             self.gone.set()
         finally:
-            for command in list(self.commands.values()):
+            with self._lock:  # under the lock: begin() adds a command, then looks at `gone`
+                ended = list(self.commands.values())
+            for command in ended:
                 command.done.set()
             self.ready.set()
             self.dump_done.set()

@@ -189,3 +189,26 @@ def test_kernel_command_lines_and_arguments_never_crash(words: list[str]) -> Non
     for word in words:
         reason = reserved_kernel_arg(word)
         assert reason is None or word.partition("=")[0] in reason or "memvisor" in reason
+
+
+def test_a_command_begun_after_the_vmm_died_ends_at_once() -> None:
+    """Found by bench/image.py: an exec sent once the VMM was gone waited forever (nothing ended it)."""
+    import os
+
+    from memvisor.host.channel import HostChannel
+    from memvisor.host.session import Session
+
+    host, guest = HostChannel.pair()
+    vmm = os.fork()
+    if vmm == 0:  # a VMM that exits at once
+        os._exit(0)
+    session = Session(host, vmm, on_stats=lambda _b: None)
+    try:
+        assert session.gone.wait(10)
+        command = session.begin(["true"], on_stdout=lambda _d: None, on_stderr=lambda _d: None)
+        assert command.done.is_set() and command.exit is None
+    finally:
+        session.close()
+        guest.close()
+        host.close()
+        os.waitpid(vmm, 0)
