@@ -38,6 +38,7 @@ import psutil
 from memvisor import policy
 from memvisor.host.sandbox import Instance
 from memvisor.image import build, store, userbuild
+from memvisor.image.build import Image
 
 READ_ALL = "find / -xdev -type f -print0 2>/dev/null | xargs -0 cat > /dev/null 2>&1; echo done"
 LARGE_PACKAGES = ("gcc", "g++", "git", "python3-numpy", "perl")
@@ -78,9 +79,9 @@ def vmm_memory(pid: int) -> dict[str, int]:
     return {"rss": full.rss, "pss": full.pss, "anon": anon}
 
 
-def one_run(rootfs: str, user_image: str | None, count: int, memory: int, settle: float) -> dict[str, Any]:
+def one_run(image: Image, rootfs: str, user_image: str | None, count: int, memory: int, settle: float
+            ) -> dict[str, Any]:
     """N guests side by side; returns per-guest figures and the host total."""
-    image = build.ensure()
     files = [image.rootfs] + ([store.get(user_image).rootfs] if user_image else [])
     drop_host_cache(files)
     pol = policy.merge(("bench", {"memory_mib": memory, "rootfs": rootfs, "balloon": True,
@@ -168,6 +169,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/out"), help="where to write image.json/png")
     args = parser.parse_args()
 
+    image = build.ensure()  # once: the whole run measures one image
     plans: list[tuple[str, str | None]] = [("initramfs", None), ("pmem", None), ("blk", None)]
     if not args.no_large:
         large = ensure_large(args.large, tuple(args.large_packages))
@@ -175,7 +177,7 @@ def main() -> None:
     results = []
     for rootfs, user_image in plans:
         for count in args.counts:
-            res = one_run(rootfs, user_image, count, args.memory, args.settle)
+            res = one_run(image, rootfs, user_image, count, args.memory, args.settle)
             results.append(res)
             print(f"{res['image']:12} {rootfs:9} x{count}: done", file=sys.stderr)
     table(results, args)

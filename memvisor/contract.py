@@ -13,6 +13,10 @@ SWAP_DISK_SERIAL = "memvisor-swap"  # the virtio-blk serial of the swap disk (/d
 ROOTFS_SETTING = "rootfs"  # pmem | blk; an initramfs-booted guest never reads it
 ROOTFS_DISK_SERIAL = "memvisor-rootfs"
 ROOTFS_PCI_SLOT = 0x10  # as virtio-pmem, memvisor's root sits at this PCI slot and the user's image at the next
+# A scratch disk (policy scratch_mib) holds the root overlays' upper layers instead of tmpfs; stage 0 formats
+# it and leaves it mounted here.
+SCRATCH_DISK_SERIAL = "memvisor-scratch"
+SCRATCH_MOUNT = "/mnt/scratch"
 # The user's image (memvisor/guest/userroot.py): none, or how it is attached (pmem | blk).
 USER_IMAGE_SETTING = "user_image"
 IMAGE_PCI_SLOT = 0x11

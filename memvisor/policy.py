@@ -37,6 +37,7 @@ ZRAM_ALGORITHMS = ("lzo-rle", "lzo", "lz4", "zstd")
 ROOTFS_KINDS = ("pmem", "blk", "initramfs")
 # A user's image name (memvisor/image/store.py): it becomes a file name.
 IMAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+MIN_SCRATCH_MIB = 16
 IMAGE_SPEC_KEYS = frozenset({"packages", "pip", "requirements", "copy"})
 MIN_SWAP_MIB = 16
 # swapon(2) allocates swap_map (1 byte) and swap_cgroup (2 bytes) per 4 KiB slot in guest RAM. Past ~4.7% of
@@ -89,6 +90,7 @@ class Policy:
     deflate_on_oom: bool = False
     memctl: bool = False
     rootfs: str = "pmem"
+    scratch_mib: int = 0
     image: str | None = None
     # Not a setting: filled in by merge() so reports can tell where each value came from.
     sources: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
@@ -176,6 +178,10 @@ SETTINGS: tuple[Setting, ...] = (
             "how the guest gets its root: the image's one shared read-only copy as virtio-pmem with DAX (pmem, "
             "default) or as a read-only virtio-blk disk (blk), or a private copy in guest RAM (initramfs)",
             cmdline="rootfs", choices=ROOTFS_KINDS),
+    Setting("scratch_mib", "image", "scratch_mib", "--scratch", int,
+            "MiB of per-sandbox scratch disk (a sparse host file, gone with the sandbox) for what the workload writes "
+            "to its root, instead of guest RAM (tmpfs); 0: tmpfs", cmdline="scratch_mib", minimum=0,
+            maximum=1 << 24),
     Setting("image", "image", "name", "--image", str,
             "run in this image of yours (`memvisor image build --name` / `memvisor image import`; docs/image.md) "
             "instead of memvisor's default one; with no command, the image's Entrypoint/Cmd run",
@@ -278,6 +284,12 @@ def validate(policy: Policy) -> None:
     if policy.image is not None and (not IMAGE_NAME.match(policy.image) or ".." in policy.image):
         raise PolicyError(f"--image {policy.image[:80]!r} is not an image name",
                           hint="names are 1-63 characters: a-z, 0-9, '.', '_', '-'; see `memvisor image ls`")
+    if policy.scratch_mib and policy.rootfs == "initramfs":
+        raise PolicyError("--scratch needs a shared root: an initramfs root lives in guest RAM",
+                          hint="use --rootfs pmem or blk with --scratch")
+    if 0 < policy.scratch_mib < MIN_SCRATCH_MIB:
+        raise PolicyError(f"--scratch {policy.scratch_mib} MiB is too small",
+                          hint=f"use at least {MIN_SCRATCH_MIB} MiB, or 0 for tmpfs")
     if policy.deflate_on_oom and not policy.balloon:
         raise PolicyError("--deflate-on-oom needs the balloon", hint="drop --no-balloon or --deflate-on-oom")
     if policy.swap_size_mib > MAX_SWAP_PER_MIB_RAM * policy.memory_mib:

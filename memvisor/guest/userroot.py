@@ -61,7 +61,10 @@ def setup(kind: str, memctl: bool) -> str:
         if kind == "pmem":
             set_readonly(device)
         linux.mount(device, lower, "erofs", MS_RDONLY, "dax=always" if kind == "pmem" else "")
-        linux.mount("image-upper", upper, "tmpfs", 0, "mode=0755")
+        if os.path.ismount(contract.SCRATCH_MOUNT):  # the scratch disk stage 0 formatted (policy scratch_mib)
+            upper = f"{contract.SCRATCH_MOUNT}/image"
+        else:
+            linux.mount("image-upper", upper, "tmpfs", 0, "mode=0755")
         os.makedirs(f"{upper}/data")
         os.makedirs(f"{upper}/work")
         linux.mount("overlay", USER_ROOT, "overlay", 0,

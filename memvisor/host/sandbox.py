@@ -162,6 +162,17 @@ class Instance:
             self._fds += [self._swap_fd, readonly]
             disks += (Disk(self.swap_path, contract.SWAP_DISK_SERIAL, direct, discard=self.policy.swap_discard,
                            fds=(self._swap_fd, readonly)),)
+        if self.policy.scratch_mib:
+            # Where the workload's writes to its root go instead of guest RAM: sparse, held open, never on disk by
+            # name (like the swap file), so it is gone with the sandbox.
+            on_disk = self.dir / "scratch.img"
+            swapfile.create(on_disk, self.policy.scratch_mib, "scratch disk")
+            direct = swapfile.supports_direct_io(on_disk)
+            fds = (self._open(on_disk, os.O_RDWR), self._open(on_disk, os.O_RDONLY))
+            on_disk.unlink()
+            self._fds += fds
+            disks += (Disk(Path(f"/proc/{os.getpid()}/fd/{fds[0]}"), contract.SCRATCH_DISK_SERIAL,
+                           direct_io=direct, discard=True, fds=fds),)
         if self.key_handover is not None:
             fds = (self._open(self.key_handover, os.O_RDWR), self._open(self.key_handover, os.O_RDONLY))
             self._fds += fds

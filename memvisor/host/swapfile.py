@@ -15,16 +15,16 @@ from pathlib import Path
 from memvisor.errors import MemvisorError
 
 
-def create(path: Path, size_mib: int) -> None:
+def create(path: Path, size_mib: int, what: str = "swap file") -> None:
     """Create a sparse file of `size_mib` MiB with mode 0600 (fails if it exists)."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except OSError as exc:
-        raise MemvisorError(f"cannot create swap file {path}: {exc.strerror}") from None
+        raise MemvisorError(f"cannot create {what} {path}: {exc.strerror}") from None
     try:
         os.ftruncate(fd, size_mib * 2**20)
     except OSError as exc:
-        raise MemvisorError(f"cannot size swap file {path} to {size_mib} MiB: {exc.strerror}",
+        raise MemvisorError(f"cannot size {what} {path} to {size_mib} MiB: {exc.strerror}",
                             hint="check free space and file size limits of that filesystem") from None
     finally:
         os.close(fd)

@@ -33,9 +33,14 @@ $bb mount -t devtmpfs devtmpfs /dev || fail "cannot mount /dev"
 $bb mount -t proc proc /proc || fail "cannot mount /proc"
 $bb mount -t sysfs sysfs /sys || fail "cannot mount /sys"
 mode=
+scratch=
 for word in $($bb cat /proc/cmdline); do
-  case "$word" in memvisor.@SETTING@=*) mode="${word#memvisor.@SETTING@=}" ;; esac
+  case "$word" in
+    memvisor.@SETTING@=*) mode="${word#memvisor.@SETTING@=}" ;;
+    memvisor.scratch_mib=*) scratch="${word#memvisor.scratch_mib=}" ;;
+  esac
 done
+[ -n "$scratch" ] || fail "the host did not send memvisor.scratch_mib"
 case "$mode" in pmem|blk) ;; *) fail "memvisor.@SETTING@='$mode' is not pmem or blk" ;; esac
 for module in $($bb cat /modules/$mode.order); do
   $bb insmod "/modules/$module" || fail "cannot load kernel module $module"
@@ -66,12 +71,27 @@ if [ "$mode" = pmem ]; then
 else
   $bb mount -t erofs -o ro "$dev" /lower || fail "cannot mount $dev (erofs)"
 fi
-$bb mount -t tmpfs -o mode=0755 rootfs-upper /upper || fail "cannot mount the overlay's tmpfs"
+if [ "$scratch" = 0 ]; then
+  $bb mount -t tmpfs -o mode=0755 rootfs-upper /upper || fail "cannot mount the overlay's tmpfs"
+else  # writes go to the per-sandbox scratch disk: a fresh ext2 each boot (the host file is new and sparse)
+  disk=
+  for serial in /sys/block/vd*/serial; do
+    [ "$($bb cat "$serial" 2>/dev/null)" = "@SCRATCH@" ] || continue
+    name="${serial%/serial}"
+    disk="/dev/${name##*/}"
+  done
+  [ -n "$disk" ] && [ -b "$disk" ] || fail "the scratch disk (serial @SCRATCH@) is missing"
+  $bb mke2fs -q -F -m 0 "$disk" >/dev/null || fail "cannot format the scratch disk $disk"
+  $bb mount -t ext2 "$disk" /upper || fail "cannot mount the scratch disk $disk"
+fi
 $bb mkdir /upper/data /upper/work
 $bb mount -t overlay overlay -o lowerdir=/lower,upperdir=/upper/data,workdir=/upper/work /newroot \
   || fail "cannot mount the root overlay"
 # The read-only root stays visible at /mnt/rootfs (its device and options in /proc/mounts, e.g. dax).
 $bb mkdir -p /newroot/mnt/rootfs && $bb mount --move /lower /newroot/mnt/rootfs || fail "cannot move /lower"
+if [ "$scratch" != 0 ]; then  # the init puts a user's image's overlay on it too (guest/userroot.py)
+  $bb mkdir -p /newroot@SCRATCH_MOUNT@ && $bb mount --move /upper /newroot@SCRATCH_MOUNT@ || fail "cannot move /upper"
+fi
 $bb umount /proc /sys /dev
 exec $bb switch_root /newroot /init
 """
@@ -80,6 +100,7 @@ exec $bb switch_root /newroot /init
 def stage0_script() -> bytes:
     return (STAGE0.replace("@SETTING@", contract.ROOTFS_SETTING)
             .replace("@SLOT@", f"0000:00:{contract.ROOTFS_PCI_SLOT:02x}.0")
+            .replace("@SCRATCH_MOUNT@", contract.SCRATCH_MOUNT).replace("@SCRATCH@", contract.SCRATCH_DISK_SERIAL)
             .replace("@SERIAL@", contract.ROOTFS_DISK_SERIAL).encode())
 
 

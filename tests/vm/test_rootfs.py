@@ -94,3 +94,15 @@ def test_no_guest_can_change_what_another_sees(image: Image, rootfs: str) -> Non
         assert run(b, "ls /etc/written-by-a 2>&1 || true").strip().endswith("No such file or directory")
         assert run(b, "python3 -c 'import json; print(json.dumps([1]))'").strip() == "[1]"
     assert sha256(image.rootfs) == before  # the host file never changed
+
+
+@pytest.mark.parametrize("rootfs", ["pmem", "blk"])
+def test_writes_go_to_the_scratch_disk_instead_of_guest_ram(image: Image, rootfs: str) -> None:
+    pol = policy.merge(("test", {"memory_mib": 192, "rootfs": rootfs, "scratch_mib": 128}))
+    with Instance(pol, image) as vm:
+        out = run(vm, "dd if=/dev/zero of=/home/sandbox/big bs=1M count=48 2>/dev/null && sync; "
+                      "grep ^Shmem: /proc/meminfo; grep ' /mnt/scratch ' /proc/mounts; du -sm /mnt/scratch/data")
+    lines = out.splitlines()
+    assert int(lines[0].split()[1]) < 4096, out  # KiB: the 48 MiB are not in tmpfs
+    assert lines[1].split()[2] == "ext2"
+    assert int(lines[2].split()[0]) >= 48, out
