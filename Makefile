@@ -20,7 +20,8 @@ image: deps
 
 run: image
 	$(BIN)/memvisor run --memory 256 -- sh -c 'echo "hello from $$(uname -n), kernel $$(uname -r), uid $$(id -u)"; \
-		grep MemTotal /proc/meminfo; python3 -c "import sys; print(\"python\", sys.version.split()[0])"'
+		grep -E "MemTotal|Shmem:" /proc/meminfo; grep " /mnt/rootfs " /proc/mounts; \
+		python3 -c "import sys, ssl, sqlite3, asyncio; print(\"python\", sys.version.split()[0], ssl.OPENSSL_VERSION)"'
 
 lint: deps
 	$(BIN)/ruff check memvisor tests bench

@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     image_build.add_argument("--copy", action="append", default=[], metavar="SRC:DEST",
                              help="copy a host file or directory to DEST in the image (repeatable)")
     image_build.add_argument("--rebuild", action="store_true",
-                             help="memvisor's image: build even if an identical one exists")
+                             help="build even if an identical image exists (e.g. to pick up new versions of unpinned "
+                                  "pip requirements)")
     image_build.add_argument("--json", action="store_true", help="print the image as JSON")
     image_import = image_sub.add_parser(
         "import", help="import an OCI image (layout directory, or archive from skopeo/buildah/docker/podman)")
@@ -319,7 +320,7 @@ def cmd_user_image(args: argparse.Namespace, con: Console) -> int:
                                                 requirements=args.requirements, copies=args.copy,
                                                 config=args.config)
         with con.progress(f"building image {spec.name}") as progress:
-            image = userbuild.build_image(spec, progress)
+            image = userbuild.build_image(spec, progress, rebuild=args.rebuild)
     if args.json:
         print(json.dumps(image.to_json(), indent=2))
     else:

@@ -181,7 +181,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("scratch_mib", "image", "scratch_mib", "--scratch", int,
             "MiB of per-sandbox scratch disk (a sparse host file, gone with the sandbox) for what the workload writes "
             "to its root, instead of guest RAM (tmpfs); 0: tmpfs", cmdline="scratch_mib", minimum=0,
-            maximum=1 << 24),
+            maximum=1 << 20),
     Setting("image", "image", "name", "--image", str,
             "run in this image of yours (`memvisor image build --name` / `memvisor image import`; docs/image.md) "
             "instead of memvisor's default one; with no command, the image's Entrypoint/Cmd run",

@@ -109,6 +109,7 @@ SCHEMAS: dict[MessageKind, _Schema] = {
         "env": ((dict,), False),
         "cwd": ((str,), False),
         "uid": ((int,), False),  # default: the sandbox's workload user (root with the `root` policy)
+        "gid": ((int,), False),  # default: the uid (a user's image may name its own group)
         "stdin": ((bool,), False),  # true: STDIN frames follow (else stdin is /dev/null)
         "timeout": ((float, int), False),  # seconds; the guest kills the command's process group after it
     },
@@ -283,8 +284,8 @@ def check(kind: MessageKind, body: dict[str, Any]) -> None:
             raise ProtocolError("EXEC: env must map NAME to value strings (UTF-8, no '=' in NAME, no NUL)")
         if not is_text(body.get("cwd", "/")):
             raise ProtocolError("EXEC: cwd must be a UTF-8 string without NUL")
-        if not 0 <= body.get("uid", 0) < 1 << 31:
-            raise ProtocolError("EXEC: uid must be in 0..2^31-1")
+        if not 0 <= body.get("uid", 0) < 1 << 31 or not 0 <= body.get("gid", 0) < 1 << 31:
+            raise ProtocolError("EXEC: uid and gid must be in 0..2^31-1")
         if not 0 < body.get("timeout", 1) < 1e9:
             raise ProtocolError("EXEC: timeout must be a positive number of seconds")
     elif kind is Kind.KILL and not 1 <= body["signal"] <= 64:

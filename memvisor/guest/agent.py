@@ -276,7 +276,7 @@ class Agent:
         cgroup = self.memctl.cgroup_for(exec_id) if self.memctl is not None else None
         try:
             child = spawn.spawn(body["argv"], env, body.get("cwd", home), uid, stdin=body.get("stdin", False),
-                                cgroup=cgroup, root=self.chroot)
+                                cgroup=cgroup, root=self.chroot, gid=body.get("gid"))
         except OSError as exc:
             if cgroup is not None and self.memctl is not None:
                 self.memctl.drop_cgroup(cgroup)

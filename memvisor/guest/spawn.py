@@ -47,11 +47,11 @@ def _exec_path(argv: list[str], env: dict[str, str]) -> None:
 
 
 def spawn(argv: list[str], env: dict[str, str], cwd: str, uid: int, stdin: bool = False,
-          cgroup: str | None = None, root: str | None = None) -> Child:
-    """fork + exec `argv` as `uid` (gid = uid, no supplementary groups) in a new session; stdin a pipe (`stdin`)
-    or /dev/null; in `cgroup` (a cgroup v2 directory) if given: the child moves itself there before it drops
-    root, so nothing it runs ever lives outside it; chrooted into `root` (the user's image) if given, before it
-    drops root and before `cwd` is entered.
+          cgroup: str | None = None, root: str | None = None, gid: int | None = None) -> Child:
+    """fork + exec `argv` as `uid` (and `gid`, default the uid; no supplementary groups) in a new session; stdin
+    a pipe (`stdin`) or /dev/null; in `cgroup` (a cgroup v2 directory) if given: the child moves itself there
+    before it drops root, so nothing it runs ever lives outside it; chrooted into `root` (the user's image) if
+    given, before it drops root and before `cwd` is entered.
 
     Raises OSError (with the errno exec or chdir failed with) if the program cannot be started.
     """
@@ -75,9 +75,10 @@ def spawn(argv: list[str], env: dict[str, str], cwd: str, uid: int, stdin: bool 
                 os.close(procs)
             if root is not None:
                 os.chroot(root)
-            if uid != 0:
+            group = uid if gid is None else gid
+            if uid != 0 or group != 0:
                 os.setgroups([])
-                os.setgid(uid)
+                os.setgid(group)
                 os.setuid(uid)
             os.chdir(cwd)
             os.closerange(3, status_w)

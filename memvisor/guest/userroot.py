@@ -51,6 +51,22 @@ def set_readonly(device: str) -> None:
         os.close(fd)
 
 
+def real_dir(root: str, path: str) -> str:
+    """`root`/`path` as a real directory inside `root`, for PID 1 to mount on: a symlink the image put anywhere
+    on the way is removed (from the guest's overlay; the image itself is read-only), never followed, since PID
+    1 would resolve it in its own root."""
+    current = root
+    for part in [p for p in path.split("/") if p]:
+        if part == "..":
+            raise SetupError(f"mount point {path} climbs out of the image root")
+        current = f"{current}/{part}"
+        if os.path.islink(current) or (os.path.lexists(current) and not os.path.isdir(current)):
+            os.unlink(current)
+        if not os.path.lexists(current):
+            os.mkdir(current, 0o755)
+    return current
+
+
 def setup(kind: str, memctl: bool) -> str:
     """Mount the user's root; return its path."""
     device = find_device(kind)
@@ -75,16 +91,11 @@ def setup(kind: str, memctl: bool) -> str:
             ("dev", "devtmpfs", linux.MS_NOSUID, ""),
             ("tmp", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=1777"),
         ):
-            path = f"{USER_ROOT}/{target}"
-            if os.path.islink(path):  # the image's own link there must not redirect the guest's mount
-                os.unlink(path)
-            os.makedirs(path, exist_ok=True)
-            linux.mount(fstype, path, fstype, flags, data)
+            linux.mount(fstype, real_dir(USER_ROOT, target), fstype, flags, data)
         if memctl:  # the workload asks PID 1 for memctl through this socket (docs/memctl.md)
             sock_dir = os.path.dirname(contract.MEMCTL_SOCKET)
-            path = f"{USER_ROOT}{sock_dir}"
-            os.makedirs(path, exist_ok=True)
-            linux.mount(sock_dir, path, "", MS_BIND)
+            os.makedirs(sock_dir, exist_ok=True)  # memctld creates its socket there later
+            linux.mount(sock_dir, real_dir(USER_ROOT, sock_dir), "", MS_BIND)
     except OSError as exc:
         raise SetupError(f"cannot mount the image's root ({device}, {kind}): {exc}") from None
     return USER_ROOT

@@ -321,10 +321,11 @@ class Instance:
         gives up EXEC_GRACE_S later if the guest never reports. Output goes to the callbacks, or is collected
         in the result."""
         assert self.session is not None
-        argv, env, cwd, uid = self.image_defaults(argv, env, cwd, uid)
+        argv, env, cwd, uid, gid = self.image_defaults(argv, env, cwd, uid)
         self.wait_ready()
         out, err = self._collectors()
-        command = self.session.begin(argv, env=env, cwd=cwd, uid=uid, stdin=stdin is not None, timeout=timeout,
+        command = self.session.begin(argv, env=env, cwd=cwd, uid=uid, gid=gid, stdin=stdin is not None,
+                                     timeout=timeout,
                                      on_stdout=on_stdout or out.extend, on_stderr=on_stderr or err.extend)
         try:
             if stdin is not None:
@@ -343,24 +344,26 @@ class Instance:
             self.session.finish(command)
 
     def image_defaults(self, argv: list[str], env: dict[str, str] | None, cwd: str | None, uid: int | None
-                       ) -> tuple[list[str], dict[str, str] | None, str | None, int | None]:
+                       ) -> tuple[list[str], dict[str, str] | None, str | None, int | None, int | None]:
         """A command as it runs in the user's image (docs/image.md): the image's Env under the caller's, its
-        WorkingDir unless the caller names one, its User unless the caller or the policy's `root` decides, and
-        its Entrypoint + Cmd when no command is given. Without a user's image, the command as given."""
+        WorkingDir unless the caller names one, its User (and group) unless the caller or the policy's `root`
+        decides (an image whose User is root runs as root, as its author asked), and its Entrypoint + Cmd when
+        no command is given. Without a user's image, the command as given. Returns argv, env, cwd, uid, gid."""
         if self.user_image is None:
             if not argv:
                 raise MemvisorError("no command to run", hint="give one after `--`, or run an image with a Cmd "
                                                               "(--image)")
-            return argv, env, cwd, uid
+            return argv, env, cwd, uid, None
         config = self.user_image.config
         if not argv:
             argv = config.default_argv()
             if not argv:
                 raise MemvisorError(f"image {self.user_image.name!r} has no Entrypoint or Cmd",
                                     hint="give the command to run after `--`")
+        gid = None
         if uid is None:
-            uid = 0 if self.policy.root else config.uid
-        return argv, {**config.env_dict(), **(env or {})}, cwd or config.working_dir or "/", uid
+            uid, gid = (0, 0) if self.policy.root else (config.uid, config.gid)
+        return argv, {**config.env_dict(), **(env or {})}, cwd or config.working_dir or "/", uid, gid
 
     def shutdown(self) -> None:
         """Ask the guest to power off (killing what still runs) and wait for the VMM to exit; teardown kills
@@ -376,7 +379,7 @@ class Instance:
         counts from the VMM's start, boot included; when it passes, the guest is asked for a diagnostic dump
         and the result says `timed_out` (exit 124)."""
         assert self.process is not None and self.session is not None
-        argv, env, cwd, uid = self.image_defaults(argv, env, None, None)
+        argv, env, cwd, uid, gid = self.image_defaults(argv, env, None, None)
         out, err = self._collectors()
         emit_out = on_stdout or out.extend
         emit_err = on_stderr or err.extend
@@ -391,7 +394,8 @@ class Instance:
             return self._timed_out(out, err, marks, None, None, diagnosis)
         marks["hello"] = self.session.hello_at
         phase("running")
-        command = self.session.begin(argv, env=env, cwd=cwd, uid=uid, on_stdout=emit_out, on_stderr=emit_err)
+        command = self.session.begin(argv, env=env, cwd=cwd, uid=uid, gid=gid, on_stdout=emit_out,
+                                     on_stderr=emit_err)
         try:
             while not command.done.wait(min(1.0, max(0.0, deadline - time.monotonic()))):
                 if time.monotonic() >= deadline:

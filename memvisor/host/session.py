@@ -84,7 +84,7 @@ class Session:
         self.channel.send(kind, body, stream)
 
     def begin(self, argv: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
-              uid: int | None = None, stdin: bool = False, timeout: float | None = None,
+              uid: int | None = None, gid: int | None = None, stdin: bool = False, timeout: float | None = None,
               on_stdout: OutputFn, on_stderr: OutputFn) -> Command:
         """Start a command (EXEC); returns at once. Raises RuntimeError if the guest already runs
         proto.MAX_EXECS of them."""
@@ -102,6 +102,8 @@ class Session:
             body["cwd"] = cwd
         if uid is not None:
             body["uid"] = uid
+        if gid is not None:
+            body["gid"] = gid
         if stdin:
             body["stdin"] = True
         if timeout:

@@ -60,8 +60,9 @@ class Source:
         try:
             self._tar = tarfile.open(path, "r:*")
             for member in self._tar:
-                if member.isreg():
-                    self._members[_clean(member.name)] = member
+                parts = [p for p in member.name.split("/") if p not in ("", ".")]
+                if member.isreg() and ".." not in parts:
+                    self._members["/".join(parts)] = member
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise ImageError(f"{path} is not a readable image archive: {exc}",
                              hint="give an OCI layout directory, or a tar as written by `skopeo copy "
@@ -82,11 +83,14 @@ class Source:
             with handle:
                 yield handle
             return
-        target = self.path / name
+        target = self.path / _clean(name)
         try:
-            fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError as exc:
             raise ImageError(f"{self.path}: cannot read {name}: {exc.strerror}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or device would block or never end
+            os.close(fd)
+            raise ImageError(f"{self.path}: {name} is not a regular file")
         with os.fdopen(fd, "rb") as f:
             yield f
 
@@ -101,7 +105,11 @@ class Source:
 
 
 def _clean(name: str) -> str:
-    return "/".join(p for p in name.split("/") if p not in ("", "."))
+    """A path inside the layout or archive; ImageError if it climbs out of it."""
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts or name.startswith("/") or "\0" in name:
+        raise ImageError(f"the archive names {name[:200]!r}, a path outside itself")
+    return "/".join(parts)
 
 
 def _json(data: bytes, what: str) -> Any:
@@ -324,36 +332,42 @@ class Tree:
 
     def apply(self, stream: IO[bytes], what: str) -> None:
         """Apply one uncompressed layer tar."""
-        added: set[str] = set()
-        opaque: list[tuple[Path, str]] = []
+        added: set[str] = set()  # this layer's entries and their ancestors: an opaque marker keeps those
         try:
             archive = tarfile.open(fileobj=stream, mode="r|")
             for member in archive:
                 self.entries += 1
                 if self.entries > MAX_ENTRIES:
                     raise ImageError(f"{what}: over {MAX_ENTRIES} entries")
-                self._member(archive, member, what, added, opaque)
-        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+                try:
+                    self._member(archive, member, what, added)
+                except (OSError, ValueError, OverflowError) as exc:
+                    raise ImageError(f"{what}: cannot apply entry {member.name[:200]!r}: {exc}") from None
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
             raise ImageError(f"{what} is not a valid tar layer: {exc}") from None
-        # Opaque directories lose what lower layers put there (this layer's own entries stay).
-        for directory, rel in opaque:
-            for child in list(directory.iterdir()):
-                if f"{rel}/{child.name}".lstrip("/") not in added:
-                    self._remove(child)
 
-    def _member(self, archive: tarfile.TarFile, member: tarfile.TarInfo, what: str, added: set[str],
-                opaque: list[tuple[Path, str]]) -> None:
+    def _member(self, archive: tarfile.TarFile, member: tarfile.TarInfo, what: str, added: set[str]) -> None:
         parts = self._parts(member.name, what)
         if not parts:
             return  # the root itself
         base = parts[-1]
         parent = self._dir(parts[:-1], what, member.name)
         rel = "/".join(parts)
+        for i in range(1, len(parts)):
+            added.add("/".join(parts[:i]))
         if base == OPAQUE:
-            opaque.append((parent, "/".join(parts[:-1])))
+            # Now, not at the end of the layer: a later entry may replace this directory with a symlink. What
+            # the layers below put here goes; what this layer already added stays.
+            prefix = "/".join(parts[:-1])
+            for child in list(parent.iterdir()):
+                if f"{prefix}/{child.name}".lstrip("/") not in added:
+                    self._remove(child)
             return
         if base.startswith(WHITEOUT):
-            self._remove(parent / base[len(WHITEOUT):])
+            name = base[len(WHITEOUT):]
+            if name in ("", ".", ".."):
+                raise ImageError(f"{what}: whiteout {member.name[:200]!r} names no file")
+            self._remove(parent / name)
             return
         if member.ischr() or member.isblk():
             raise ImageError(f"{what}: entry {member.name[:200]!r} is a device node; images may not carry "
@@ -434,14 +448,15 @@ def _user(spec: str, tree: Path) -> tuple[int | None, int | None]:
 
     def lookup(table: str, name: str) -> tuple[int, int] | None:
         path = tree / "etc" / table
-        if name.isdigit():
+        if name.isascii() and name.isdigit():
             return int(name), int(name)
         if path.is_symlink() or not path.is_file():
             return None
         for line in path.read_text(errors="replace").splitlines()[:100000]:
             fields = line.split(":")
-            if len(fields) >= 4 and fields[0] == name and fields[2].isdigit():
-                return int(fields[2]), int(fields[3]) if fields[3].isdigit() else int(fields[2])
+            if len(fields) >= 4 and fields[0] == name and fields[2].isascii() and fields[2].isdigit():
+                gid = int(fields[3]) if fields[3].isascii() and fields[3].isdigit() else int(fields[2])
+                return int(fields[2]), gid
         return None
 
     found = lookup("passwd", user)
@@ -486,8 +501,11 @@ def import_image(path: Path, name: str, *, max_bytes: int = DEFAULT_MAX_BYTES,
                     with source.open(layer.path) as raw:
                         hashing = _Hashing(_decompressed(raw, layer.media_type))
                         tree.apply(io.BufferedReader(hashing, 1 << 20), what)
-                        while hashing.read(1 << 20):
-                            pass
+                        try:
+                            while hashing.read(1 << 20):
+                                pass
+                        except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+                            raise ImageError(f"{what} is not a valid compressed layer: {exc}") from None
                     if f"sha256:{hashing.hash.hexdigest()}" != layer.diff_id:
                         raise ImageError(f"{what}: its content does not match the config's diff_id "
                                          f"{layer.diff_id[:19]}…", hint="the archive is corrupt: export it again")

@@ -126,6 +126,11 @@ def get(name: str) -> UserImage:
         raise ImageError(f"there is no image named {name!r}",
                          hint="see `memvisor image ls`; make one with `memvisor image build --name` or "
                               "`memvisor image import`") from None
+    except (OSError, ValueError):
+        doc = None
+    if not isinstance(doc, dict):
+        raise ImageError(f"image {name!r} is damaged (its entry {entry} is unreadable)",
+                         hint=f"remove it with `memvisor image rm {name}` and build or import it again")
     key = str(doc.get("key", ""))
     obj = _objects() / key
     if not KEY.match(key) or not (obj / "rootfs.erofs").is_file():
@@ -187,9 +192,18 @@ def name(image_name: str, key: str, source: dict[str, Any]) -> UserImage:
 
 
 def rm(image_name: str) -> None:
-    image = get(image_name)
-    (_names() / f"{image_name}.json").unlink()
-    _collect(image.key)
+    """Remove a name (a damaged one too), then its object if nothing else names it."""
+    check_name(image_name)
+    entry = _names() / f"{image_name}.json"
+    key = None
+    try:
+        key = get(image_name).key
+    except ImageError:
+        if not entry.exists():
+            raise
+    entry.unlink()
+    if key:
+        _collect(key)
 
 
 def _collect(key: str) -> None:

@@ -138,7 +138,8 @@ def _content_hash(path: Path) -> str:
 
 def spec_key(spec: BuildSpec, resolved: list[debs.Deb]) -> str:
     doc = {
-        "builder": build.source_key(("image/userbuild.py", "image/debs.py", "image/rootfs.py", "image/python.py")),
+        "builder": build.source_key(("image/userbuild.py", "image/debs.py", "image/rootfs.py", "image/python.py",
+                                     "image/store.py", "contract.py")),
         "debs": [f"{d.name}={d.version}:{d.sha256}" for d in resolved],
         "pip": list(spec.pip),
         "requirements": spec.requirements.read_text() if spec.requirements else None,
@@ -151,14 +152,17 @@ STEPS = ("resolve packages", "download packages", "unpack packages", "python pac
          "write the image")
 
 
-def build_image(spec: BuildSpec, progress: build.ProgressFn | None = None) -> store.UserImage:
-    """Build `spec` (or find it built) and name it."""
+def build_image(spec: BuildSpec, progress: build.ProgressFn | None = None, rebuild: bool = False
+                ) -> store.UserImage:
+    """Build `spec` (or find it built, unless `rebuild`) and name it. The key covers the spec's text, not what
+    an unpinned pip requirement (or a file a requirements file includes) resolves to today: pin versions, or
+    `rebuild`."""
     report = progress or (lambda step, i, n: None)
     report(STEPS[0], 0, len(STEPS))
     resolved = debs.resolve((*debs.IMAGE_PACKAGES, *spec.packages), kernel=())
     key = spec_key(spec, resolved)
     meta = {"kind": "build", "spec": spec.to_json()}
-    if store.find_object(key) is not None:
+    if store.find_object(key) is not None and not rebuild:
         return store.name(spec.name, key, meta)
     report(STEPS[1], 1, len(STEPS))
     files = debs.fetch(resolved, paths.cache_dir() / "debs")

@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
@@ -198,3 +199,64 @@ def test_the_image_config_gives_the_defaults(tmp_path: Path) -> None:
         oci.image_config({"config": {"User": "nobody"}}, root)
     with pytest.raises(ImageError, match=r"WorkingDir 'rel' is not an absolute path"):
         oci.image_config({"config": {"WorkingDir": "rel"}}, root)
+
+
+# Found in review: each of these once deleted or read outside the tree, or ended in a traceback.
+def test_an_opaque_marker_then_a_symlink_in_its_place_deletes_nothing_outside(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep").write_text("mine")
+    tree_of(tmp_path, [layer(file("a/old")),
+                       layer(file("a/.wh..wh..opq"), special("a", tarfile.SYMTYPE, str(victim)))])
+    assert (victim / "keep").read_text() == "mine"
+
+
+def test_whiteouts_that_name_no_file_are_refused(tmp_path: Path) -> None:
+    for name in ("etc/.wh.", ".wh...", "etc/.wh.."):
+        with pytest.raises(ImageError, match=r"names no file"):
+            tree_of(Path(tempfile.mkdtemp(dir=tmp_path)), [layer(file("etc/passwd")), layer(file(name))])
+
+
+def test_an_opaque_directory_keeps_this_layers_nested_files(tmp_path: Path) -> None:
+    root = tree_of(tmp_path, [layer(file("d/old")), layer(file("d/.wh..wh..opq"), file("d/sub/new"))])
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == ["d", "d/sub", "d/sub/new"]
+
+
+def test_odd_entries_are_clear_errors_not_tracebacks(tmp_path: Path) -> None:
+    long_name = "x" * 300
+    big_uid = tarfile.TarInfo("f")
+    big_uid.uid = 1 << 40
+    huge = io.BytesIO()
+    with tarfile.open(fileobj=huge, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(big_uid, io.BytesIO(b""))
+    for raw in (layer(file(long_name)), huge.getvalue()):
+        with pytest.raises(ImageError, match=r"cannot apply entry"):
+            tree_of(Path(tempfile.mkdtemp(dir=tmp_path)), [raw])
+    with pytest.raises(ImageError, match=r"is not in its /etc/passwd"):
+        oci.image_config({"config": {"User": "²"}}, tmp_path)
+
+
+def test_a_docker_archive_cannot_point_outside_itself(tmp_path: Path) -> None:
+    layout = tmp_path / "docker"
+    layout.mkdir()
+    config = json.dumps({"rootfs": {"diff_ids": ["sha256:" + "0" * 64]}}).encode()
+    digest = hashlib.sha256(config).hexdigest()
+    (layout / f"{digest}.json").write_bytes(config)
+    for layers in (["../../../../etc/hostname"], ["fifo"]):
+        (layout / "manifest.json").write_text(json.dumps([{"Config": f"{digest}.json", "Layers": layers}]))
+        if layers == ["fifo"] and not (layout / "fifo").exists():
+            os.mkfifo(layout / "fifo")
+        with pytest.raises(ImageError, match=r"a path outside itself|is not a regular file"):
+            oci.import_image(layout, "escape")
+    nothing_left(tmp_path)
+
+
+def test_a_damaged_name_entry_is_a_clear_error_and_can_be_removed(tmp_path: Path) -> None:
+    names = store.root() / "names"
+    names.mkdir(parents=True)
+    (names / "broken.json").write_text("{not json")
+    with pytest.raises(ImageError, match=r"image 'broken' is damaged"):
+        store.get("broken")
+    assert store.ls() == []
+    store.rm("broken")
+    assert not (names / "broken.json").exists()

@@ -81,8 +81,10 @@ def umoci_archive(work: Path) -> Path:
     for layer in ("layer1.tar", "layer2.tar"):
         sh("umoci", "raw", "add-layer", "--image", f"{layout}:t", str(work / layer))
     sh("umoci", "config", "--image", f"{layout}:t", "--config.env", "GREETING=hello from the config",
-       "--config.workingdir", "/work", "--config.cmd", "/bin/sh", "--config.cmd", "-c", "--config.cmd",
-       'echo "$GREETING"; pwd; ls /data /opq; cat hello; ls /data/deleted.txt /data/gone 2>&1; true')
+       "--config.workingdir", "/work", "--config.user", "1234:5678", "--config.cmd", "/bin/sh", "--config.cmd",
+       "-c", "--config.cmd",
+       'echo "$GREETING"; pwd; ls /data /opq; cat hello; ls /data/deleted.txt /data/gone 2>&1; id -u; id -g; '
+       'ls /run/memvisor 2>/dev/null; true')
     archive = work / "image.tar"
     sh("tar", "-C", str(layout), "-cf", str(archive), ".")
     return archive
@@ -90,17 +92,21 @@ def umoci_archive(work: Path) -> Path:
 
 @pytest.mark.parametrize("rootfs", ["pmem", "blk"])
 def test_an_oci_archive_runs_with_its_config(memvisor: Runner, image: Image, tmp_path: Path, rootfs: str) -> None:
+    """On blk with memctl too: its socket reaches into the image's root."""
     archive = umoci_archive(tmp_path)
     imported = memvisor("image", "import", str(archive), "--name", "umoci-test", "--json", timeout=300)
     assert imported.returncode == 0, imported.stderr
     assert json.loads(imported.stdout)["source"]["layers"] == 2
-    run = memvisor("run", "--rootfs", rootfs, "--image", "umoci-test")  # no command: the image's Cmd
+    memctl = ["--memctl"] if rootfs == "blk" else []
+    run = memvisor("run", "--rootfs", rootfs, *memctl, "--image", "umoci-test")  # no command: the image's Cmd
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     assert lines[:2] == ["hello from the config", "/work"]
     assert lines[2:7] == ["/data:", "keep", "", "/opq:", "new"]  # whiteouts gone, the opaque dir has only `new`
     assert lines[7] == "hi from the image"
     assert all("No such file or directory" in line for line in lines[8:10]), lines
+    assert lines[10:12] == ["1234", "5678"]  # the config's User, group included
+    assert lines[12:] == (["memctl.sock"] if memctl else [])
     listed = json.loads(memvisor("image", "ls", "--json").stdout)
     assert [i["name"] for i in listed] == ["umoci-test"]
     assert memvisor("image", "rm", "umoci-test").returncode == 0
