@@ -42,9 +42,14 @@ for word in $($bb cat /proc/cmdline); do
 done
 [ -n "$scratch" ] || fail "the host did not send memvisor.scratch_mib"
 case "$mode" in pmem|blk) ;; *) fail "memvisor.@SETTING@='$mode' is not pmem or blk" ;; esac
-for module in $($bb cat /modules/$mode.order); do
-  $bb insmod "/modules/$module" || fail "cannot load kernel module $module"
-done
+load() {
+  for module in $($bb cat "/modules/$1.order"); do
+    $bb grep -q "^${module%.ko} " /proc/modules && continue
+    $bb insmod "/modules/$module" || fail "cannot load kernel module $module"
+  done
+}
+load "$mode"
+[ "$scratch" = 0 ] || load scratch
 dev=
 tries=0
 while [ -z "$dev" ]; do
@@ -112,7 +117,7 @@ def write_stage0(out: TreeWriter, busybox: Path, moddir: Path, modules: kernel.M
     out.add_file("bin/busybox", busybox.read_bytes(), 0o755)
     out.add_symlink("bin/sh", "busybox")
     files = set()
-    for mode in ROOT_MODES:
+    for mode in (*ROOT_MODES, "scratch"):
         order = modules.groups[f"rootfs_{mode}"]
         files.update(order)
         out.add_file(f"modules/{mode}.order", "".join(f"{os.path.basename(p)}\n" for p in order).encode())
