@@ -7,13 +7,15 @@ its image (every file of it, once), then sits idle for --settle seconds; then, p
 and for all N together the host's cost: the VMMs' anonymous memory plus the image files' pages in the host page
 cache, counted once (fincore): Σ anon + shared cache; and the image's part of it ("image cost"): with a shared
 image, each VMM's anonymous memory after the read minus before it (booted, idle) plus the image's host page
-cache once; with an initramfs, the copy each guest holds from boot on (its Shmem). Also boot-to-command: wall
+cache once; with an initramfs, the copy each guest holds from boot on (its Shmem); "dropped": the same once
+each guest has dropped its reclaimable caches (drop_caches) and free-page reporting gave the pages back to the
+host (what the balloon and the supervisor can take back). Also boot-to-command: wall
 seconds from starting a VMM to the end of a first `true` in it, median over the guests (meaningful at N = 1;
 under TCG, N guests share 2 CPUs).
 
 Attachments: initramfs (a private copy of the root in each guest's RAM; memvisor's image only), pmem (the erofs
 file as virtio-pmem, DAX), blk (the erofs file as a read-only virtio-blk disk). Images: memvisor's default image,
-and --large (a user image built here from --large-packages, ~200 MiB, unless it exists).
+and --large (a user image built here from --large-packages unless it exists: ~470 MiB of files).
 
 Goals: the default image costs each guest <= 2 MiB of RAM for its root (vs ~16.5 MiB as an initramfs), the host
 total grows by < 5 MiB per extra guest of the same large image, and boot is no slower. Prints a table, writes
