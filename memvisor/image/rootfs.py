@@ -27,14 +27,18 @@ ROOT_MODES = ("pmem", "blk")
 STAGE0 = r"""#!/bin/busybox sh
 # memvisor stage 0 (memvisor/image/rootfs.py): mount the shared read-only root under a tmpfs overlay, then hand
 # over to memvisor's /init on it. Any failure powers the guest off with one line on the console.
+# Once /proc is up, applets by name: this busybox then runs them without exec'ing itself again (it finds itself
+# through /proc/self/exe; FEATURE_SH_STANDALONE), which saves ~40 ms per command under TCG; `read` reads small
+# files without a process at all.
 bb=/bin/busybox
 fail() { echo "memvisor stage0: $*"; $bb poweroff -f; exit 1; }
-$bb mount -t devtmpfs devtmpfs /dev || fail "cannot mount /dev"
 $bb mount -t proc proc /proc || fail "cannot mount /proc"
-$bb mount -t sysfs sysfs /sys || fail "cannot mount /sys"
+mount -t devtmpfs devtmpfs /dev || fail "cannot mount /dev"
+mount -t sysfs sysfs /sys || fail "cannot mount /sys"
 mode=
 scratch=
-for word in $($bb cat /proc/cmdline); do
+read -r cmdline < /proc/cmdline
+for word in $cmdline; do
   case "$word" in
     memvisor.@SETTING@=*) mode="${word#memvisor.@SETTING@=}" ;;
     memvisor.scratch_mib=*) scratch="${word#memvisor.scratch_mib=}" ;;
@@ -43,10 +47,11 @@ done
 [ -n "$scratch" ] || fail "the host did not send memvisor.scratch_mib"
 case "$mode" in pmem|blk) ;; *) fail "memvisor.@SETTING@='$mode' is not pmem or blk" ;; esac
 load() {
-  for module in $($bb cat "/modules/$1.order"); do
-    $bb grep -q "^${module%.ko} " /proc/modules && continue
-    $bb insmod "/modules/$module" || fail "cannot load kernel module $module"
-  done
+  loaded=" $(cut -d' ' -f1 /proc/modules | tr '\n' ' ') "
+  while read -r module; do
+    case "$loaded" in *" ${module%.ko} "*) continue ;; esac
+    insmod "/modules/$module" || fail "cannot load kernel module $module"
+  done < "/modules/$1.order"
 }
 load "$mode"
 [ "$scratch" = 0 ] || load scratch
@@ -55,49 +60,53 @@ tries=0
 while [ -z "$dev" ]; do
   if [ "$mode" = pmem ]; then
     for block in /sys/block/pmem*; do  # memvisor's root is the virtio-pmem device at its own PCI slot
-      case "$($bb readlink -f "$block")" in */@SLOT@/*) [ -b "/dev/${block##*/}" ] && dev="/dev/${block##*/}" ;; esac
+      case "$(readlink -f "$block")" in */@SLOT@/*) [ -b "/dev/${block##*/}" ] && dev="/dev/${block##*/}" ;; esac
     done
   else
     for serial in /sys/block/vd*/serial; do
-      [ "$($bb cat "$serial" 2>/dev/null)" = "@SERIAL@" ] || continue
+      text=
+      read -r text < "$serial" 2>/dev/null  # no newline at its end: read says 1, and has read it
+      [ "$text" = "@SERIAL@" ] || continue
       name="${serial%/serial}"
       [ -b "/dev/${name##*/}" ] && dev="/dev/${name##*/}"
     done
   fi
   tries=$((tries + 1))
   [ -n "$dev" ] || [ $tries -lt 500 ] || fail "the root device ($mode) did not appear within 10 s"
-  [ -n "$dev" ] || $bb usleep 20000
+  [ -n "$dev" ] || usleep 20000
 done
-$bb mkdir -p /lower /upper /newroot
+mkdir -p /lower /upper /newroot
 if [ "$mode" = pmem ]; then
   # The host maps the file read-only and drops writes; marking the device read-only makes them fail loudly.
-  $bb blockdev --setro "$dev" || fail "cannot make $dev read-only"
-  $bb mount -t erofs -o ro,dax=always "$dev" /lower || fail "cannot mount $dev (erofs, dax)"
+  blockdev --setro "$dev" || fail "cannot make $dev read-only"
+  mount -t erofs -o ro,dax=always "$dev" /lower || fail "cannot mount $dev (erofs, dax)"
 else
-  $bb mount -t erofs -o ro "$dev" /lower || fail "cannot mount $dev (erofs)"
+  mount -t erofs -o ro "$dev" /lower || fail "cannot mount $dev (erofs)"
 fi
 if [ "$scratch" = 0 ]; then
-  $bb mount -t tmpfs -o mode=0755 rootfs-upper /upper || fail "cannot mount the overlay's tmpfs"
+  mount -t tmpfs -o mode=0755 rootfs-upper /upper || fail "cannot mount the overlay's tmpfs"
 else  # writes go to the per-sandbox scratch disk: a fresh ext2 each boot (the host file is new and sparse)
   disk=
   for serial in /sys/block/vd*/serial; do
-    [ "$($bb cat "$serial" 2>/dev/null)" = "@SCRATCH@" ] || continue
+    text=
+    read -r text < "$serial" 2>/dev/null
+    [ "$text" = "@SCRATCH@" ] || continue
     name="${serial%/serial}"
     disk="/dev/${name##*/}"
   done
   [ -n "$disk" ] && [ -b "$disk" ] || fail "the scratch disk (serial @SCRATCH@) is missing"
-  $bb mke2fs -q -F -m 0 "$disk" >/dev/null || fail "cannot format the scratch disk $disk"
-  $bb mount -t ext2 "$disk" /upper || fail "cannot mount the scratch disk $disk"
+  mke2fs -q -F -m 0 "$disk" >/dev/null || fail "cannot format the scratch disk $disk"
+  mount -t ext2 "$disk" /upper || fail "cannot mount the scratch disk $disk"
 fi
-$bb mkdir /upper/data /upper/work
-$bb mount -t overlay overlay -o lowerdir=/lower,upperdir=/upper/data,workdir=/upper/work /newroot \
+mkdir /upper/data /upper/work
+mount -t overlay overlay -o lowerdir=/lower,upperdir=/upper/data,workdir=/upper/work /newroot \
   || fail "cannot mount the root overlay"
 # The read-only root stays visible at /mnt/rootfs (its device and options in /proc/mounts, e.g. dax).
-$bb mkdir -p /newroot/mnt/rootfs && $bb mount --move /lower /newroot/mnt/rootfs || fail "cannot move /lower"
+mkdir -p /newroot/mnt/rootfs && mount --move /lower /newroot/mnt/rootfs || fail "cannot move /lower"
 if [ "$scratch" != 0 ]; then  # the init puts a user's image's overlay on it too (guest/userroot.py)
-  $bb mkdir -p /newroot@SCRATCH_MOUNT@ && $bb mount --move /upper /newroot@SCRATCH_MOUNT@ || fail "cannot move /upper"
+  mkdir -p /newroot@SCRATCH_MOUNT@ && mount --move /upper /newroot@SCRATCH_MOUNT@ || fail "cannot move /upper"
 fi
-$bb umount /proc /sys /dev
+umount /proc /sys /dev
 exec $bb switch_root /newroot /init
 """
 
