@@ -42,7 +42,8 @@ from memvisor.host.sandbox import Instance
 from memvisor.image import build, store, userbuild
 from memvisor.image.build import Image
 
-READ_ALL = "find / -xdev -type f -print0 2>/dev/null | xargs -0 cat > /dev/null 2>&1; echo done"
+# Every file of the image (or only those over --min-file-kib KiB), once.
+READ = "find / -xdev -type f {size} -print0 2>/dev/null | xargs -0 cat > /dev/null 2>&1; echo done"
 LARGE_PACKAGES = ("gcc", "g++", "git", "python3-numpy", "perl")
 
 
@@ -85,8 +86,8 @@ def vmm_memory(pid: int) -> dict[str, int]:
     return {"rss": full.rss, "pss": full.pss, "anon": anon}
 
 
-def one_run(image: Image, rootfs: str, user_image: str | None, count: int, memory: int, settle: float
-            ) -> dict[str, Any]:
+def one_run(image: Image, rootfs: str, user_image: str | None, count: int, memory: int, settle: float,
+            min_kib: int = 0) -> dict[str, Any]:
     """N guests side by side; returns per-guest figures and the host total."""
     files = [image.rootfs] + ([store.get(user_image).rootfs] if user_image else [])
     drop_host_cache(files)
@@ -120,7 +121,8 @@ def one_run(image: Image, rootfs: str, user_image: str | None, count: int, memor
         boot[i] = time.monotonic() - started[i]
 
     def read_all(i: int) -> None:
-        got = vms[i].exec(["sh", "-c", READ_ALL], uid=0).stdout.decode()
+        size = f"-size +{min_kib}k" if min_kib else ""
+        got = vms[i].exec(["sh", "-c", READ.format(size=size)], uid=0).stdout.decode()
         if "done" not in got:
             raise RuntimeError(f"the read command said {got[-200:]!r}")
 
@@ -179,18 +181,23 @@ def main() -> None:
     parser.add_argument("--large", default="bench-large", help="name of the large image (built if missing)")
     parser.add_argument("--large-packages", nargs="+", default=list(LARGE_PACKAGES))
     parser.add_argument("--no-large", action="store_true", help="measure memvisor's default image only")
+    parser.add_argument("--only-large", action="store_true", help="measure the large image only")
+    parser.add_argument("--min-file-kib", type=int, default=0,
+                        help="read only files over this size (default 0: every file); fewer, larger files show "
+                             "what the bytes cost apart from each file's kernel state")
     parser.add_argument("--out", type=Path, default=Path("bench/out"), help="where to write image.json/png")
     args = parser.parse_args()
 
     image = build.ensure()  # once: the whole run measures one image
-    plans: list[tuple[str, str | None]] = [("initramfs", None), ("pmem", None), ("blk", None)]
+    plans: list[tuple[str, str | None]] = [] if args.only_large else [("initramfs", None), ("pmem", None),
+                                                                        ("blk", None)]
     if not args.no_large:
         large = ensure_large(args.large, tuple(args.large_packages))
         plans += [("pmem", large), ("blk", large)]
     results = []
     for rootfs, user_image in plans:
         for count in args.counts:
-            res = one_run(image, rootfs, user_image, count, args.memory, args.settle)
+            res = one_run(image, rootfs, user_image, count, args.memory, args.settle, args.min_file_kib)
             results.append(res)
             print(f"{res['image']:12} {rootfs:9} x{count}: done", file=sys.stderr)
     table(results, args)
@@ -201,10 +208,11 @@ def main() -> None:
 
 def table(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     image = build.ensure()
-    sizes = {"default": image.rootfs.stat().st_size}
+    sizes = {} if args.only_large else {"default": image.rootfs.stat().st_size}
     if not args.no_large:
         sizes[args.large] = store.get(args.large).rootfs.stat().st_size
-    print(f"\nimage benchmark: {args.memory} MiB guests, each read every file of its image, then idle "
+    what = f"every file over {args.min_file_kib} KiB" if args.min_file_kib else "every file"
+    print(f"\nimage benchmark: {args.memory} MiB guests, each read {what} of its image, then idle "
           f"{args.settle:g} s; medians per guest")
     print("image sizes (erofs): " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in sizes.items()))
     head = (f"{'image':12} {'root':9} {'N':>2} {'used':>7} {'shmem':>7} {'cache':>7} {'VMM rss':>8} "
