@@ -130,9 +130,11 @@ class Agent:
     """The command server: one poll loop over the channel and every command's pipes and pidfd."""
 
     def __init__(self, channel: Channel, uid: int, report: Callable[[], dict[str, Any]],
-                 memctl: Memctld | None = None, chroot: str | None = None) -> None:
+                 memctl: Memctld | None = None, chroot: str | None = None,
+                 workload_cgroup: str | None = None) -> None:
         self.channel = channel
         self.chroot = chroot
+        self.workload_cgroup = workload_cgroup
         self.uid = uid
         self.report = report
         self.commands: dict[int, Command] = {}
@@ -273,7 +275,8 @@ class Agent:
         uid = body.get("uid", self.uid)
         home, user = ("/root", "root") if uid == 0 else (contract.WORKLOAD_HOME, contract.WORKLOAD_USER)
         env = {**BASE_ENV, "HOME": home, "USER": user, "LOGNAME": user, "SHELL": "/bin/sh", **body.get("env", {})}
-        cgroup = self.memctl.cgroup_for(exec_id) if self.memctl is not None else None
+        # memctl: a cgroup per command; otherwise the workload cgroup when PID 1 lives in its no-swap one
+        cgroup = self.memctl.cgroup_for(exec_id) if self.memctl is not None else self.workload_cgroup
         try:
             child = spawn.spawn(body["argv"], env, body.get("cwd", home), uid, stdin=body.get("stdin", False),
                                 cgroup=cgroup, root=self.chroot, gid=body.get("gid"))
@@ -287,7 +290,7 @@ class Agent:
             self.channel.send(proto.Kind.EXIT, {"id": exec_id, "code": code, "signal": None, "uptime": uptime(),
                                                 **self.report()})
             return
-        command = Command(exec_id, child, body.get("timeout"), cgroup)
+        command = Command(exec_id, child, body.get("timeout"), cgroup if self.memctl is not None else None)
         self.commands[exec_id] = command
         for fd in command.streams:
             self._watch(fd, "out", command, select.POLLIN)
@@ -351,12 +354,13 @@ class Agent:
 
 
 def serve(channel: Channel, uid: int, report: Callable[[], dict[str, Any]], memctl: bool = False,
-          chroot: str | None = None) -> None:
+          chroot: str | None = None, workload_cgroup: str | None = None) -> None:
     """Serve the host's commands until it asks for a shutdown; with `memctl`, workloads' memctl requests too.
-    `chroot`: the user's image root every command runs in (guest/userroot.py)."""
+    `chroot`: the user's image root every command runs in (guest/userroot.py). `workload_cgroup`: where
+    commands run when PID 1 itself is in a cgroup that may not swap (memvisor/image/rootfs.py)."""
     server = None
     if memctl:  # imported only then: a sandbox without memctl does not pay for `socket` at boot
         from memvisor.guest import memctld
 
         server = memctld.Memctld(memctld.setup(), lambda body: channel.send(proto.Kind.MEMCTL, body), channel.log)
-    Agent(channel, uid, report, server, chroot).serve()
+    Agent(channel, uid, report, server, chroot, workload_cgroup).serve()

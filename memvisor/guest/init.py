@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 MODULES_JSON = "/etc/memvisor/modules.json"
+CGROUP_ROOT = "/sys/fs/cgroup"
 SYSRQ_KEYBOARD = 2 | 8  # Documentation/admin-guide/sysrq.rst: console log level, debugging dumps
 
 
@@ -36,6 +37,7 @@ class Context:
         self.steps: list[tuple[str, float]] = []
         self.swap: dict[str, Any] = {}
         self.chroot: str | None = None  # the user's image root commands run in (guest/userroot.py), if any
+        self.workload_cgroup: str | None = None  # where commands run, when PID 1 is in its no-swap cgroup
 
     def flag(self, key: str) -> bool:
         """A boolean setting the host sent (memvisor/contract.py: never a default of the guest's own)."""
@@ -55,6 +57,13 @@ def mount_filesystems(ctx: Context) -> None:
         ("devtmpfs", "/dev", "devtmpfs", linux.MS_NOSUID),
     ):
         linux.mount(source, target, fstype, flags)
+    # On a shared root, stage 0 started PID 1 in a cgroup that may not swap (memvisor/image/rootfs.py); commands
+    # must not inherit it.
+    with open("/proc/self/cgroup") as f:
+        if f.read().strip() == f"0::/{contract.INIT_CGROUP}":
+            linux.mount("cgroup2", CGROUP_ROOT, "cgroup2", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+            ctx.workload_cgroup = f"{CGROUP_ROOT}/{contract.WORKLOAD_CGROUP}"
+            os.makedirs(ctx.workload_cgroup, exist_ok=True)
     # The host's stall dump presses Alt+SysRq+9/w/m/4 (host/sandbox.py): allow console log level changes (2)
     # and debugging dumps (8), nothing else (no reboot, sync, remount, kill or nice from the keyboard).
     # /proc/sysrq-trigger, root's own way in, is not gated by this value.
@@ -117,7 +126,8 @@ def setup_swap(ctx: Context) -> None:
     from memvisor.guest import swapstack
 
     stack = swapstack.SwapStack(ctx.settings, lambda group: load_group(ctx, group), log)
-    # PID 1 must never fault on a swapped page: a tampered page would kill init, and with it the VM.
+    # PID 1 must never fault on a swapped page: a tampered page would kill init, and with it the VM. On a shared
+    # root mlock does not cover DAX mappings: stage 0 put PID 1 in a cgroup that may not swap as well.
     linux.mlockall()
     ctx.swap = stack.build(memstats.meminfo()["MemTotal"])
     for device in ctx.swap["devices"]:
@@ -196,7 +206,8 @@ def main() -> None:
             "swap": ctx.swap,
         })
         agent.serve(ctx.channel, uid=0 if ctx.flag("root") else contract.WORKLOAD_UID,
-                    report=memstats.report, memctl=ctx.flag("memctl"), chroot=ctx.chroot)
+                    report=memstats.report, memctl=ctx.flag("memctl"), chroot=ctx.chroot,
+                    workload_cgroup=ctx.workload_cgroup)
     except (SetupError, contract.MissingSetting) as exc:  # a clear, expected failure: no traceback
         log(f"FATAL: {exc}")
         report_fatal(ctx, str(exc))

@@ -106,6 +106,17 @@ mkdir -p /newroot/mnt/rootfs && mount --move /lower /newroot/mnt/rootfs || fail 
 if [ "$scratch" != 0 ]; then  # the init puts a user's image's overlay on it too (guest/userroot.py)
   mkdir -p /newroot@SCRATCH_MOUNT@ && mount --move /upper /newroot@SCRATCH_MOUNT@ || fail "cannot move /upper"
 fi
+# PID 1 must never fault on a swapped page (a tampered page would kill it, and with it the VM). Its mlockall
+# does not hold here: the kernel ignores mlock on DAX mappings, and the interpreter's and libraries' data
+# segments are private copies of pages of a DAX file. So PID 1 runs in a memory cgroup that may not swap at
+# all, entered before Python starts so every page it ever touches is charged there; the agent runs commands
+# outside it (memvisor/contract.py: INIT_CGROUP).
+mount -t cgroup2 cgroup2 /sys/fs/cgroup || fail "cannot mount cgroup2"
+echo +memory > /sys/fs/cgroup/cgroup.subtree_control || fail "cannot enable the memory controller"
+mkdir /sys/fs/cgroup/@INIT_CGROUP@ || fail "cannot create the init cgroup"
+echo 0 > /sys/fs/cgroup/@INIT_CGROUP@/memory.swap.max || fail "cannot forbid swap to the init cgroup"
+echo $$ > /sys/fs/cgroup/@INIT_CGROUP@/cgroup.procs || fail "cannot enter the init cgroup"
+umount /sys/fs/cgroup
 umount /proc /sys /dev
 exec $bb switch_root /newroot /init
 """
@@ -114,7 +125,8 @@ exec $bb switch_root /newroot /init
 def stage0_script() -> bytes:
     return (STAGE0.replace("@SETTING@", contract.ROOTFS_SETTING)
             .replace("@SLOT@", f"0000:00:{contract.ROOTFS_PCI_SLOT:02x}.0")
-            .replace("@SCRATCH_MOUNT@", contract.SCRATCH_MOUNT).replace("@SCRATCH@", contract.SCRATCH_DISK_SERIAL)
+            .replace("@INIT_CGROUP@", contract.INIT_CGROUP).replace("@SCRATCH_MOUNT@", contract.SCRATCH_MOUNT)
+            .replace("@SCRATCH@", contract.SCRATCH_DISK_SERIAL)
             .replace("@SERIAL@", contract.ROOTFS_DISK_SERIAL).encode())
 
 

@@ -39,6 +39,10 @@ def test_the_default_image_has_a_complete_python_on_a_shared_root(image: Image, 
     with Instance(pol, image) as vm:
         out = run(vm, f"python3 -c 'import {', '.join(STDLIB)}; print(ssl.OPENSSL_VERSION)'; "
                       "grep -E ' / | /mnt/rootfs ' /proc/mounts", root=False)
+        # PID 1 may never swap (mlock does not hold on DAX mappings): it lives in a no-swap cgroup, commands not.
+        cgroups = run(vm, "cat /proc/1/cgroup /proc/self/cgroup; mkdir /tmp/cg; mount -t cgroup2 none /tmp/cg; "
+                          "cat /tmp/cg/memvisor-init/memory.swap.max; umount /tmp/cg")
+        assert cgroups.split() == ["0::/memvisor-init", "0::/memvisor-workload", "0"], cgroups
         # Reading the stdlib's sources (~20 MiB; imports read only the .pyc): with DAX they never enter the guest's
         # page cache, from a virtio-blk disk they do.
         cached = run(vm, "grep ^Cached: /proc/meminfo; find /usr/lib/python3.11 -name '*.py' | xargs cat "
