@@ -64,7 +64,8 @@ class Source:
                 if member.isreg() and ".." not in parts:
                     self._members["/".join(parts)] = member
         except (tarfile.TarError, EOFError, OSError) as exc:
-            raise ImageError(f"{path} is not a readable image archive: {exc}",
+            reason = str(exc).splitlines()[0].rstrip(":") if str(exc) else type(exc).__name__
+            raise ImageError(f"{path} is not a readable image archive ({reason})",
                              hint="give an OCI layout directory, or a tar as written by `skopeo copy "
                                   "... oci-archive:FILE` or `docker save`") from None
 
