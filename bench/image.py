@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -56,8 +57,6 @@ def fincore_bytes(path: Path) -> int:
 
 def drop_host_cache(paths: list[Path]) -> None:
     """Evict the image files from the host page cache (POSIX_FADV_DONTNEED), so each run starts cold."""
-    import os
-
     for path in paths:
         fd = os.open(path, os.O_RDONLY)
         try:

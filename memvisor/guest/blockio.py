@@ -1,4 +1,5 @@
-"""One-page direct I/O on a block device: the only way the guest's swap code touches a disk's contents.
+"""Block devices: the host's disks found by their serial, and one-page direct I/O on them (the only way the
+guest's swap code touches a disk's contents).
 
 O_DIRECT bypasses the guest page cache (a buffered read can return a stale copy, FACTS.md) and needs a
 page-aligned buffer, which an anonymous mmap is. Guest only, stdlib only.
@@ -9,8 +10,35 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import time
+
+from memvisor.errors import SetupError
 
 PAGE_SIZE = 4096
+
+
+def find_disk(serial: str, timeout: float = 5.0) -> tuple[str, tuple[int, int], int]:
+    """The virtio-blk disk the host attached with this serial (swap, a user's image, ...): (/dev path,
+    (major, minor), size in 512-byte sectors)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for name in sorted(os.listdir("/sys/block")):
+            try:
+                with open(f"/sys/block/{name}/serial") as f:
+                    if f.read().strip() != serial:
+                        continue
+                with open(f"/sys/block/{name}/dev") as f:
+                    major, minor = (int(x) for x in f.read().split(":"))
+                with open(f"/sys/block/{name}/size") as f:
+                    sectors = int(f.read())
+            except OSError:
+                continue
+            if os.path.exists(f"/dev/{name}"):
+                return f"/dev/{name}", (major, minor), sectors
+        if time.monotonic() > deadline:
+            raise SetupError(f"the disk with virtio-blk serial {serial} did not appear in the guest within "
+                             f"{timeout:g} s")
+        time.sleep(0.01)
 
 
 def new_page() -> mmap.mmap:

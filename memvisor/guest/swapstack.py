@@ -29,7 +29,7 @@ import time
 
 from memvisor import cmdline, contract
 from memvisor.errors import SetupError
-from memvisor.guest import dm, integrity, swap, zram
+from memvisor.guest import blockio, dm, integrity, swap, zram
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -122,28 +122,6 @@ def crypt_params(cipher: str, key_size: int, device: str, options: tuple[str, ..
     keyring, so no key text ever exists in Python."""
     return bytearray(f"{cipher} :{key_size}:logon:{KEY_DESCRIPTION} 0 {device} 0 {len(options)} "
                      f"{' '.join(options)}".encode())
-
-
-def find_disk(serial: str = DISK_SERIAL, timeout: float = 5.0) -> tuple[str, tuple[int, int], int]:
-    """The virtio-blk disk the host attached for swap: (/dev path, (major, minor), size in 512-byte sectors)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        for name in sorted(os.listdir("/sys/block")):
-            try:
-                with open(f"/sys/block/{name}/serial") as f:
-                    if f.read().strip() != serial:
-                        continue
-                with open(f"/sys/block/{name}/dev") as f:
-                    major, minor = (int(x) for x in f.read().split(":"))
-                with open(f"/sys/block/{name}/size") as f:
-                    sectors = int(f.read())
-            except OSError:
-                continue
-            if os.path.exists(f"/dev/{name}"):
-                return f"/dev/{name}", (major, minor), sectors
-        if time.monotonic() > deadline:
-            raise SetupError(f"the swap disk (virtio-blk serial {serial}) did not appear in the guest")
-        time.sleep(0.01)
 
 
 def crypto_available(name: str) -> bool:
@@ -253,7 +231,7 @@ class SwapStack:
                 raise Missing("no AEAD cipher: neither aegis128 nor gcm(aes) can be loaded")
 
     def _build(self, mode: str) -> None:
-        device, major_minor, sectors = find_disk()
+        device, major_minor, sectors = blockio.find_disk(DISK_SERIAL)
         top, table = device, list[str]()
         # Never under authenticated: dm-integrity takes discards only with an internal hash (policy.validate).
         discard = self.discard and mode in DISCARD_MODES
@@ -301,7 +279,7 @@ class SwapStack:
         else:
             cipher, key_size = XTS
             options = ("sector_size:4096", *CRYPT_FLAGS, *(("allow_discards",) if discard else ()))
-        serial = logon_key(key_size, find_disk(contract.KEY_HANDOVER_SERIAL)[0] if self.key_handover else None)
+        serial = logon_key(key_size, blockio.find_disk(contract.KEY_HANDOVER_SERIAL)[0] if self.key_handover else None)
         params = crypt_params(cipher, key_size, lower, options)
         try:
             crypt = ctl.create(CRYPT_NAME)

@@ -13,7 +13,7 @@ import time
 
 from memvisor import contract
 from memvisor.errors import SetupError
-from memvisor.guest import linux
+from memvisor.guest import blockio, linux
 
 BASE = "/mnt/image"  # next to /mnt/rootfs, memvisor's own root
 USER_ROOT = f"{BASE}/root"
@@ -23,22 +23,16 @@ MS_RDONLY, MS_BIND = 0x1, 0x1000
 
 def find_device(kind: str, timeout: float = 10.0) -> str:
     """The user image's device: the virtio-pmem at its PCI slot, or the virtio-blk disk with its serial."""
+    if kind == "blk":
+        return blockio.find_disk(contract.IMAGE_DISK_SERIAL, timeout)[0]
     deadline = time.monotonic() + timeout
     slot = f"/0000:00:{contract.IMAGE_PCI_SLOT:02x}.0/"
     while True:
         for name in sorted(os.listdir("/sys/block")):
-            try:
-                if kind == "pmem" and name.startswith("pmem"):
-                    if slot in os.path.realpath(f"/sys/block/{name}"):
-                        return f"/dev/{name}"
-                elif kind == "blk" and name.startswith("vd"):
-                    with open(f"/sys/block/{name}/serial") as f:
-                        if f.read().strip() == contract.IMAGE_DISK_SERIAL:
-                            return f"/dev/{name}"
-            except OSError:
-                continue
+            if name.startswith("pmem") and slot in os.path.realpath(f"/sys/block/{name}"):
+                return f"/dev/{name}"
         if time.monotonic() > deadline:
-            raise SetupError(f"the image's {kind} device did not appear in the guest within {timeout:g} s")
+            raise SetupError(f"the image's pmem device did not appear in the guest within {timeout:g} s")
         time.sleep(0.01)
 
 

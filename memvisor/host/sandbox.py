@@ -150,27 +150,16 @@ class Instance:
         image_kind = "none" if self.user_image is None else "pmem" if rootfs == "pmem" else "blk"
         words: tuple[str, ...] = (f"memvisor.{contract.USER_IMAGE_SETTING}={image_kind}",)
         if self.policy.effective_swap_mode is not pol.SwapMode.OFF:
-            on_disk = self.dir / "swap.img"
-            swapfile.create(on_disk, self.policy.swap_size_mib)
-            direct = swapfile.supports_direct_io(on_disk)
+            fds, direct = self._held_file("swap.img", self.policy.swap_size_mib, "swap file")
             if not direct:
                 self.warn(f"{self.dir} does not support O_DIRECT (tmpfs?): swapped guest pages will stay in the "
                           "host page cache; set MEMVISOR_RUNTIME_DIR to a disk-backed directory")
-            self._swap_fd = self._open(on_disk, os.O_RDWR)
-            readonly = self._open(on_disk, os.O_RDONLY)
-            on_disk.unlink()  # held open, never on disk by name: a SIGKILL leaves nothing behind
-            self._fds += [self._swap_fd, readonly]
+            self._swap_fd = fds[0]
             disks += (Disk(self.swap_path, contract.SWAP_DISK_SERIAL, direct, discard=self.policy.swap_discard,
-                           fds=(self._swap_fd, readonly)),)
+                           fds=fds),)
         if self.policy.scratch_mib:
-            # Where the workload's writes to its root go instead of guest RAM: sparse, held open, never on disk by
-            # name (like the swap file), so it is gone with the sandbox.
-            on_disk = self.dir / "scratch.img"
-            swapfile.create(on_disk, self.policy.scratch_mib, "scratch disk")
-            direct = swapfile.supports_direct_io(on_disk)
-            fds = (self._open(on_disk, os.O_RDWR), self._open(on_disk, os.O_RDONLY))
-            on_disk.unlink()
-            self._fds += fds
+            # Where the workload's writes to its root go instead of guest RAM (docs/image.md).
+            fds, direct = self._held_file("scratch.img", self.policy.scratch_mib, "scratch disk")
             disks += (Disk(Path(f"/proc/{os.getpid()}/fd/{fds[0]}"), contract.SCRATCH_DISK_SERIAL,
                            direct_io=direct, discard=True, fds=fds),)
         if self.key_handover is not None:
@@ -228,6 +217,19 @@ class Instance:
         """The swap file, which has no name on disk: memvisor's own open fd to it (readable by root)."""
         assert self._swap_fd is not None
         return Path(f"/proc/{os.getpid()}/fd/{self._swap_fd}")
+
+    def _held_file(self, name: str, size_mib: int, what: str) -> tuple[tuple[int, int], bool]:
+        """A new sparse file in the runtime directory for the VMM, opened O_RDWR and O_RDONLY (QEMU dups one of
+        each from its fd set) and unlinked at once: held open, never on disk by name, so a SIGKILL leaves
+        nothing behind. Returns the two fds and whether the file's filesystem takes O_DIRECT."""
+        assert self.dir is not None
+        on_disk = self.dir / name
+        swapfile.create(on_disk, size_mib, what)
+        direct = swapfile.supports_direct_io(on_disk)
+        fds = (self._open(on_disk, os.O_RDWR), self._open(on_disk, os.O_RDONLY))
+        on_disk.unlink()
+        self._fds += fds
+        return fds, direct
 
     def _open(self, path: Path, flags: int) -> int:
         fd = os.open(path, flags | os.O_CLOEXEC)

@@ -173,6 +173,16 @@ def _prepare_python(root: Path) -> tuple[list[Path], list[Path]]:
     return subset, whole
 
 
+def busybox_applets(busybox: Path) -> list[str]:
+    """Where busybox's applets go in a merged-/usr tree (`usr/bin/ls`, `usr/sbin/insmod`, ...)."""
+    out = []
+    for applet in proc.run([str(busybox), "--list-full"]).stdout.decode().split():
+        name = applet.removeprefix("usr/")
+        if name not in ("linuxrc", "bin/busybox") and "/" in name:
+            out.append(f"usr/{name}")
+    return out
+
+
 def _write_tree(cpio: TreeWriter, root: Path, modules: kernel.ModuleSet, pyfiles: list[Path]) -> int:
     """Lay out the guest's filesystem. Debian's merged-/usr layout: /bin, /sbin, /lib, /lib64 link into /usr."""
     dirs: set[str] = set()
@@ -205,14 +215,9 @@ def _write_tree(cpio: TreeWriter, root: Path, modules: kernel.ModuleSet, pyfiles
     # busybox and its applets
     busybox = root / "bin/busybox"
     add("usr/bin/busybox", busybox.read_bytes(), 0o755)
-    applets = proc.run([str(busybox), "--list-full"]).stdout.decode().split()
-    for applet in applets:
-        name = applet.removeprefix("usr/")
-        if name in ("linuxrc", "bin/busybox") or "/" not in name:
-            continue
-        folder, base = name.split("/", 1)
-        if f"usr/{folder}/{base}" not in (f"usr/bin/python{python.PY_VERSION}", "usr/bin/python3"):
-            cpio.add_symlink(f"usr/{folder}/{base}", "/usr/bin/busybox")
+    for applet in busybox_applets(busybox):
+        if applet not in (f"usr/bin/python{python.PY_VERSION}", "usr/bin/python3"):
+            cpio.add_symlink(applet, "/usr/bin/busybox")
 
     # python, its libraries, the stdlib subset with its .pyc
     interp = root / "usr/bin" / f"python{python.PY_VERSION}"

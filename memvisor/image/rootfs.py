@@ -55,6 +55,15 @@ load() {
 }
 load "$mode"
 [ "$scratch" = 0 ] || load scratch
+by_serial() {  # the virtio-blk disk the host gave serial $1, or nothing
+  for serial in /sys/block/vd*/serial; do
+    text=
+    read -r text < "$serial" 2>/dev/null  # no newline at its end: read says 1, and has read it
+    [ "$text" = "$1" ] || continue
+    name="${serial%/serial}"
+    [ -b "/dev/${name##*/}" ] && echo "/dev/${name##*/}"
+  done
+}
 dev=
 tries=0
 while [ -z "$dev" ]; do
@@ -63,13 +72,7 @@ while [ -z "$dev" ]; do
       case "$(readlink -f "$block")" in */@SLOT@/*) [ -b "/dev/${block##*/}" ] && dev="/dev/${block##*/}" ;; esac
     done
   else
-    for serial in /sys/block/vd*/serial; do
-      text=
-      read -r text < "$serial" 2>/dev/null  # no newline at its end: read says 1, and has read it
-      [ "$text" = "@SERIAL@" ] || continue
-      name="${serial%/serial}"
-      [ -b "/dev/${name##*/}" ] && dev="/dev/${name##*/}"
-    done
+    dev="$(by_serial @SERIAL@)"
   fi
   tries=$((tries + 1))
   [ -n "$dev" ] || [ $tries -lt 500 ] || fail "the root device ($mode) did not appear within 10 s"
@@ -86,15 +89,8 @@ fi
 if [ "$scratch" = 0 ]; then
   mount -t tmpfs -o mode=0755 rootfs-upper /upper || fail "cannot mount the overlay's tmpfs"
 else  # writes go to the per-sandbox scratch disk: a fresh ext2 each boot (the host file is new and sparse)
-  disk=
-  for serial in /sys/block/vd*/serial; do
-    text=
-    read -r text < "$serial" 2>/dev/null
-    [ "$text" = "@SCRATCH@" ] || continue
-    name="${serial%/serial}"
-    disk="/dev/${name##*/}"
-  done
-  [ -n "$disk" ] && [ -b "$disk" ] || fail "the scratch disk (serial @SCRATCH@) is missing"
+  disk="$(by_serial @SCRATCH@)"
+  [ -n "$disk" ] || fail "the scratch disk (serial @SCRATCH@) is missing"
   mke2fs -q -F -m 0 "$disk" >/dev/null || fail "cannot format the scratch disk $disk"
   mount -t ext2 "$disk" /upper || fail "cannot mount the scratch disk $disk"
 fi

@@ -16,6 +16,7 @@ running guest keeps its open fd to the file, so removing an image never breaks a
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -89,8 +90,9 @@ class UserImage:
     def rootfs(self) -> Path:
         return self.path / "rootfs.erofs"
 
-    @property
+    @functools.cached_property
     def config(self) -> ImageConfig:
+        """Read once: every command of a sandbox of this image asks for it."""
         return ImageConfig.from_json(json.loads((self.path / "config.json").read_text()))
 
     @property

@@ -215,13 +215,8 @@ def _merge_into(src: Path, dest: Path) -> None:
 def _userland(tree: Path) -> None:
     """What an unpacked set of packages lacks to be a root to run commands in: busybox applets for commands no
     package provides, the sandbox user, and the usual directories."""
-    busybox = tree / "usr/bin/busybox"
-    applets = proc.run([str(busybox), "--list-full"]).stdout.decode().split()
-    for applet in applets:
-        rel = applet.removeprefix("usr/")
-        if "/" not in rel or rel in ("linuxrc", "bin/busybox"):
-            continue
-        link = tree / "usr" / rel
+    for applet in build.busybox_applets(tree / "usr/bin/busybox"):
+        link = tree / applet
         if not link.exists() and not link.is_symlink():
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to("/usr/bin/busybox")
