@@ -81,7 +81,10 @@ def test_free_and_mlock_show_in_the_hosts_accounting(image: Image) -> None:
             vm.session.write_stdin(command, b"\n")
             assert steps.wait("FREED") == f"FREED {64 * MIB}"
             after = status_kib(vm.process.pid, "RssShmem")
-            assert before - after >= 60 * 1024, (before, after)  # KiB: the VMM lost ~64 MiB at once
+            # KiB. RssShmem is the VMM's whole guest RAM: the 64 MiB punched leave it, and whatever the guest touches
+            # between the two samples (its kernel, the agent) joins it; that was up to ~4 MiB (CI: 59.8 MiB drop).
+            # So the drop proves the freed memory left the host, not its exact size: the counters below do that.
+            assert before - after >= 48 * 1024, (before, after)
             assert steps.wait("NONZERO") == "NONZERO 0"  # the guest reads zeros where it freed
             unlocked = status_kib(os.getpid(), "VmLck")  # memvisor (here: this process) holds the memfd
             assert steps.wait("LOCKED") == f"LOCKED {2 * MIB}"
