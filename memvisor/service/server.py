@@ -64,6 +64,22 @@ def bind_unix(path: Path) -> socket.socket:
     return sock
 
 
+def bind_tcp(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on a loopback address. Bound here, before the unix socket exists, so a client that
+    has seen the unix socket can also connect over TCP: uvicorn gets the fd and never binds anything itself."""
+    family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise MemvisorError(f"cannot listen on {host}:{port}: {exc.strerror}",
+                            hint="pick a free port with --listen") from None
+    sock.listen(128)
+    return sock
+
+
 def parse_listen(text: str) -> tuple[str, int]:
     """`127.0.0.1:PORT` (loopback only: the token travels in clear)."""
     host, sep, port = text.rpartition(":")
@@ -101,12 +117,11 @@ def serve(socket_path: Path, listen: str | None = None, token_file: Path | None 
     # memvisor on disk would otherwise boot new guests that speak a protocol the running daemon does not).
     image = build.ensure()
     registry = Registry(lambda: image, supervisor)
-    unix_sock = bind_unix(socket_path)
-    servers = [_Server(uvicorn.Config(create_app(registry), fd=unix_sock.fileno(), log_level="warning",
-                                             lifespan="off"))]
-    if tcp is not None:
-        servers.append(_Server(uvicorn.Config(create_app(registry, token), host=tcp[0], port=tcp[1],
-                                                     log_level="warning", lifespan="off")))
+    # Both listeners exist before the unix socket appears on disk: whoever waits for that path may use either.
+    # uvicorn serves the sockets as they are (never binding anything itself).
+    listeners = [(create_app(registry, token), bind_tcp(*tcp))] if tcp is not None else []
+    listeners.insert(0, (create_app(registry), bind_unix(socket_path)))
+    servers = [_Server(uvicorn.Config(app, log_level="warning", lifespan="off")) for app, _ in listeners]
     log.warning("memvisor serve: listening on %s%s; memory budget %d MiB", socket_path,
                 f" and http://{tcp[0]}:{tcp[1]} (bearer token required)" if tcp else "",
                 supervisor.budget_bytes >> 20)
@@ -117,7 +132,7 @@ def serve(socket_path: Path, listen: str | None = None, token_file: Path | None 
             server.should_exit = True
 
     async def main() -> None:
-        await asyncio.gather(*(s.serve() for s in servers))
+        await asyncio.gather(*(s.serve(sockets=[sock]) for s, (_, sock) in zip(servers, listeners, strict=True)))
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
@@ -126,6 +141,7 @@ def serve(socket_path: Path, listen: str | None = None, token_file: Path | None 
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         registry.close()
-        unix_sock.close()
+        for _, sock in listeners:
+            sock.close()
         with contextlib.suppress(FileNotFoundError):
             socket_path.unlink()
