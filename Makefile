@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test deps image lint typecheck unit vm bench bench-boot bench-swap bench-density bench-memctl bench-image soak serve-soak clean
+.PHONY: run test deps image lint typecheck unit vm bench bench-boot bench-swap bench-density bench-memctl bench-image soak serve-soak soak-supervisor clean
 
 deps: $(STAMP)
 
@@ -61,6 +61,11 @@ bench-image: image
 # The daemon soak: `memvisor serve`, ten sandboxes, commands into any of them for an hour (issue 9).
 serve-soak: image
 	$(BIN)/python -m bench.serve_soak $(SERVE_SOAK_ARGS)
+
+# The supervisor under load (issue 19's goal: 0 panics, 0 guest or host OOM kills in 5 runs of 10 minutes): the daemon
+# in a 1.5 GiB memory cgroup, sandboxes added until admission refuses; about an hour under TCG; root.
+soak-supervisor: image
+	$(BIN)/python -m bench.supervisor_soak $(SOAK_SUPERVISOR_ARGS)
 
 # The swap soak (issue 8's goal: 0 stalls in 100 authenticated runs, 0 in 50 of each other mode), two sandboxes at
 # a time; about 1.5 hours under TCG. SOAK_ARGS passes options, e.g. SOAK_ARGS="--runs authenticated=20 --load 1".

@@ -246,6 +246,9 @@ def cmd_run(args: argparse.Namespace, con: Console) -> int:
         if kept:
             exc.console_tail += f"\n(the whole console log is kept at {kept})"
         raise
+    oom = result.oom_message()
+    if oom:
+        con.error(oom)
     if result.timed_out:
         con.error(f"the sandbox ran past its --timeout of {pol.timeout:g} s and was killed")
         if result.stall is not None:

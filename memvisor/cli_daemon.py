@@ -35,6 +35,9 @@ def add_parsers(sub: Any, add_policy_flags: Add) -> None:
     create.add_argument("--name", help="a name to address it by (a-z 0-9 _ . -)")
     create.add_argument("--socket", type=Path, help=socket_help)
     create.add_argument("--json", action="store_true", help="print the sandbox as JSON")
+    create.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="boot the guest with kernel messages on its console (OOM reports, panics) and "
+                        "hung-task reports after 10 s (same as `memvisor --debug create`)")
 
     ex = sub.add_parser("exec", help="run a command in a daemon sandbox; exits with its exit code (as `run`)")
     ex.add_argument("sandbox", help="id or name")
@@ -86,12 +89,13 @@ def cmd_create(args: argparse.Namespace, _con: Any, policy_from_args: Callable[[
 
     pol = policy_from_args(args)
     with Client(args.socket or paths.service_socket()) as client:
-        info = client.create(policy.to_json(pol), args.name)
+        info = client.create(policy.to_json(pol), args.name, debug=args.debug)
     print(json.dumps(info) if args.json else info["id"])
     return 0
 
 
 def cmd_exec(args: argparse.Namespace, _con: Any) -> int:
+    from memvisor.host.result import RunResult
     from memvisor.service.client import Client
 
     argv, env = command_and_env(args, "memvisor exec SANDBOX -- CMD [ARGS...]")
@@ -113,6 +117,10 @@ def cmd_exec(args: argparse.Namespace, _con: Any) -> int:
     if result.get("timed_out"):
         print(f"memvisor: error: the command ran past its --timeout of {args.timeout:g} s and was killed",
               file=sys.stderr)
+    oom = RunResult(int(result["exit_code"]), result.get("code"), result.get("signal"), bool(result.get("timed_out")),
+                    oom_kills=int(result.get("oom_kills") or 0)).oom_message()
+    if oom:
+        print(f"memvisor: error: {oom}", file=sys.stderr)
     return int(result["exit_code"])
 
 

@@ -18,9 +18,8 @@ ROOTFS_PCI_SLOT = 0x10  # as virtio-pmem, memvisor's root sits at this PCI slot 
 SCRATCH_DISK_SERIAL = "memvisor-scratch"
 SCRATCH_MOUNT = "/mnt/scratch"
 # On a shared root, stage 0 puts PID 1 in this cgroup v2 (memory.swap.max = 0: mlock does not hold on DAX
-# mappings) and the agent runs every command in WORKLOAD_CGROUP (or memctl's own) instead.
+# mappings); the agent runs every command in a cgroup of its own (memvisor/guest/cgroups.py).
 INIT_CGROUP = "memvisor-init"
-WORKLOAD_CGROUP = "memvisor-workload"
 # The user's image (memvisor/guest/userroot.py): none, or how it is attached (pmem | blk).
 USER_IMAGE_SETTING = "user_image"
 IMAGE_PCI_SLOT = 0x11

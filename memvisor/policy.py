@@ -87,7 +87,7 @@ class Policy:
     zram_algorithm: str = "lz4"
     ksm: bool = False
     balloon: bool = True
-    deflate_on_oom: bool = False
+    deflate_on_oom: bool | None = None
     memctl: bool = False
     rootfs: str = "pmem"
     scratch_mib: int = 0
@@ -96,12 +96,10 @@ class Policy:
     sources: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
 
     @property
-    def floor_mib(self) -> int:
-        """The guaranteed floor: the explicit one, else a quarter of the memory, at least 64 MiB (and never
-        above the memory itself)."""
-        if self.memory_floor_mib is not None:
-            return self.memory_floor_mib
-        return min(self.memory_mib, max(64, self.memory_mib // 4))
+    def balloon_deflates_on_oom(self) -> bool:
+        """Whether the guest may take memory back from its balloon rather than OOM-kill: the explicit setting,
+        else on whenever there is a balloon."""
+        return self.balloon and (self.deflate_on_oom is None or self.deflate_on_oom)
 
     @property
     def effective_swap_mode(self) -> SwapMode:
@@ -133,8 +131,9 @@ class Policy:
 SETTINGS: tuple[Setting, ...] = (
     Setting("memory_mib", "vm", "memory_mib", "--memory", int, "guest RAM in MiB", minimum=64, maximum=1 << 20),
     Setting("memory_floor_mib", "vm", "floor_mib", "--memory-floor", int,
-            "guest RAM in MiB the daemon's supervisor never takes back (default: a quarter of --memory, at least "
-            "64 MiB); admission control reserves it", minimum=16, maximum=1 << 20, optional=True),
+            "guest RAM in MiB the daemon's supervisor never takes back, beyond what the guest needs (which it "
+            "never takes either: its kernel, PID 1, locked memory and a margin; docs/service.md); admission control "
+            "reserves the larger of the two", minimum=16, maximum=1 << 20, optional=True),
     Setting("cpus", "vm", "cpus", "--cpus", int, "number of vCPUs", minimum=1, maximum=64),
     Setting("timeout", "run", "timeout", "--timeout", float, "kill the sandbox after this many seconds",
             minimum=0.001, optional=True),
@@ -170,7 +169,8 @@ SETTINGS: tuple[Setting, ...] = (
             "virtio-balloon with free-page reporting: memory the guest frees goes back to the host (default on)",
             cmdline="balloon"),
     Setting("deflate_on_oom", "balloon", "deflate_on_oom", "--deflate-on-oom", bool,
-            "let the guest deflate the balloon when it would OOM"),
+            "let the guest take memory back from the balloon rather than OOM-kill (default on: a guest squeezed "
+            "too far must never lose a process, or panic, because of the host)", optional=True),
     Setting("memctl", "memctl", "enable", "--memctl", bool,
             "let the sandbox's workload tell the host how to back its memory (free, lock, ...; docs/memctl.md): "
             "guest RAM becomes a shared memfd", cmdline="memctl"),
@@ -284,14 +284,14 @@ def validate(policy: Policy) -> None:
     if policy.image is not None and (not IMAGE_NAME.match(policy.image) or ".." in policy.image):
         raise PolicyError(f"--image {policy.image[:80]!r} is not an image name",
                           hint="names are 1-63 characters: a-z, 0-9, '.', '_', '-'; see `memvisor image ls`")
+    if policy.deflate_on_oom and not policy.balloon:
+        raise PolicyError("--deflate-on-oom needs the balloon", hint="drop --no-balloon or --deflate-on-oom")
     if policy.scratch_mib and policy.rootfs == "initramfs":
         raise PolicyError("--scratch needs a shared root: an initramfs root lives in guest RAM",
                           hint="use --rootfs pmem or blk with --scratch")
     if 0 < policy.scratch_mib < MIN_SCRATCH_MIB:
         raise PolicyError(f"--scratch {policy.scratch_mib} MiB is too small",
                           hint=f"use at least {MIN_SCRATCH_MIB} MiB, or 0 for tmpfs")
-    if policy.deflate_on_oom and not policy.balloon:
-        raise PolicyError("--deflate-on-oom needs the balloon", hint="drop --no-balloon or --deflate-on-oom")
     if policy.swap_size_mib > MAX_SWAP_PER_MIB_RAM * policy.memory_mib:
         raise PolicyError(
             f"--swap-size {policy.swap_size_mib} MiB needs ~{policy.swap_size_mib * 3 // 4096} MiB of the guest's "

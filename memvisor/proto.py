@@ -120,11 +120,13 @@ SCHEMAS: dict[MessageKind, _Schema] = {
         "code": ((int, type(None)), True),
         "signal": ((int, type(None)), True),
         "uptime": ((float, int), True),
+        "oom_kills": ((int,), False),  # processes of the command the guest's OOM killer ended (absent: none)
         "meminfo": ((dict,), False),
         "vmstat": ((dict,), False),
         "swaps": ((list,), False),
         "zram": ((dict,), False),
         "psi": ((dict,), False),
+        "reclaim": ((dict,), False),
     },
     Kind.ERROR: {"message": ((str,), True), "fatal": ((bool,), False), "id": ((int,), False)},
     Kind.STATS: {
@@ -134,6 +136,7 @@ SCHEMAS: dict[MessageKind, _Schema] = {
         "swaps": ((list,), False),
         "zram": ((dict,), False),
         "psi": ((dict,), False),
+        "reclaim": ((dict,), False),  # what the guest cannot give back (guest/memstats.py reclaim)
     },
     Kind.DUMP: {"reason": ((str,), True)},
     Kind.KILL: {"id": ((int,), True), "signal": ((int,), True)},

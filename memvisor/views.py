@@ -19,7 +19,7 @@ def stats_table(snapshot: dict[str, Any]) -> Table:
     """One row per sandbox, then host totals in the caption."""
     table = Table(title="memvisor stats (MiB)", title_justify="left")
     for col in ("ID", "VMM PID", "guest RAM", "VMM RSS", "guest RAM RSS", "KSM merged", "KSM profit",
-                "balloon", "target", "guest avail", "swap used", "zram x", "policy"):
+                "balloon", "target", "need", "guest avail", "swap used", "zram x", "policy"):
         table.add_column(col, justify="left" if col in ("ID", "policy") else "right")
     for sb in snapshot["sandboxes"]:
         k = sb.get("ksm") or {}
@@ -29,7 +29,8 @@ def stats_table(snapshot: dict[str, Any]) -> Table:
             sb["id"], str(sb.get("vmm_pid") or "-"), str(sb.get("memory_mib", "-")), mib(sb.get("vmm_rss_bytes")),
             mib(sb.get("guest_ram_rss_bytes")), mib(k.get("merging_pages", 0) * 4096 if k else None),
             mib(k.get("profit_bytes")), mib(sb.get("balloon_actual_bytes")),
-            mib((sb.get("supervisor") or {}).get("target_bytes")), mib(g.get("memavailable_bytes")),
+            mib((sb.get("supervisor") or {}).get("target_bytes")), mib((sb.get("supervisor") or {}).get("need_bytes")),
+            mib(g.get("memavailable_bytes")),
             mib(swap_used if g else None), str(g.get("zram_ratio", "-")), sb.get("summary", ""))
     host = snapshot["host"]
     ksm = host["ksm"]

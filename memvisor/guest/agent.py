@@ -19,7 +19,7 @@ import time
 
 from memvisor import contract, proto
 from memvisor.errors import ProtocolError
-from memvisor.guest import spawn
+from memvisor.guest import cgroups, spawn
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -33,6 +33,10 @@ DRAIN_GRACE = 1.0  # seconds to keep reading output held open by the workload's 
 STATS_INTERVAL = 2.0  # seconds between STATS frames while a command runs
 IDLE_STATS_INTERVAL = 10.0  # ... and while none runs (the host's supervisor still wants figures)
 STDIN_BUFFER = 1 << 20  # bytes of a command's stdin held in the guest before the host is told to wait
+# A PSI trigger (Documentation/accounting/psi.rst): wake the agent when tasks stalled on memory for 100 ms
+# within 1 s, and send STATS at once: the host's supervisor gives memory back within its next interval instead
+# of waiting up to IDLE_STATS_INTERVAL for the figures.
+PSI_TRIGGER = b"some 100000 1000000"
 BASE_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "LANG": "C.UTF-8",
@@ -110,10 +114,12 @@ def answer(channel: Channel, frame: proto.Frame) -> bool:
 class Command:
     """One running command: its child, the output streams still open, its stdin backlog and its deadline."""
 
-    def __init__(self, exec_id: int, child: spawn.Child, timeout: float | None, cgroup: str | None = None) -> None:
+    def __init__(self, exec_id: int, child: spawn.Child, timeout: float | None, cgroup: str | None,
+                 oom_base: int) -> None:
         self.id = exec_id
         self.child = child
-        self.cgroup = cgroup  # memctl: the cgroup it runs in (removed when it ends)
+        self.cgroup = cgroup  # the cgroup it runs in (removed when it ends)
+        self.oom_base = oom_base  # that cgroup's OOM kills before it started (an exec id can be used again)
         self.streams = {child.stdout: proto.Kind.STDOUT, child.stderr: proto.Kind.STDERR}
         self.stdin = bytearray()
         self.stdin_eof = False  # the host ended its input: close the pipe once the backlog is written
@@ -130,11 +136,10 @@ class Agent:
     """The command server: one poll loop over the channel and every command's pipes and pidfd."""
 
     def __init__(self, channel: Channel, uid: int, report: Callable[[], dict[str, Any]],
-                 memctl: Memctld | None = None, chroot: str | None = None,
-                 workload_cgroup: str | None = None) -> None:
+                 memctl: Memctld | None = None, chroot: str | None = None, exec_cgroups: bool = False) -> None:
         self.channel = channel
         self.chroot = chroot
-        self.workload_cgroup = workload_cgroup
+        self.exec_cgroups = exec_cgroups  # a cgroup per command (guest/cgroups.py; init mounted the tree)
         self.uid = uid
         self.report = report
         self.commands: dict[int, Command] = {}
@@ -146,22 +151,31 @@ class Agent:
         if memctl is not None:
             self.fds[memctl.listener.fileno()] = ("memctl-listen", None)
             self.poller.register(memctl.listener.fileno(), select.POLLIN)
+        # The workload's stall (guest/cgroups.py): only inside a guest, whose tree init mounted.
+        pressure = cgroups.pressure_file() if exec_cgroups else None
+        self.pressure_fd = psi_trigger(channel.log, pressure) if pressure else None
+        self.next_stats = time.monotonic()
+        if self.pressure_fd is not None:
+            self.fds[self.pressure_fd] = ("pressure", None)
+            self.poller.register(self.pressure_fd, select.POLLPRI)
 
     # -- the loop --------------------------------------------------------------------------------------------
     def serve(self) -> None:
         """Serve until SHUTDOWN."""
-        next_stats = time.monotonic()
         while not self.stopping:
             now = time.monotonic()
-            if now >= next_stats:
+            if now >= self.next_stats:
                 self.channel.send(proto.Kind.STATS, {"uptime": uptime(), **self.report()})
-                next_stats = now + (STATS_INTERVAL if self.commands else IDLE_STATS_INTERVAL)
-            wake = min([next_stats, *self._deadlines()])
+                self.next_stats = now + (STATS_INTERVAL if self.commands else IDLE_STATS_INTERVAL)
+            wake = min([self.next_stats, *self._deadlines()])
             for fd, events in self.poller.poll(max(0, int((wake - time.monotonic()) * 1000)) + 1):
                 self._event(fd, events)
             self._reap(time.monotonic())
             if self.memctl is not None:
                 self.memctl.expire(time.monotonic())
+        if self.pressure_fd is not None:
+            self._forget(self.pressure_fd)
+            os.close(self.pressure_fd)
         if self.memctl is not None:
             self.memctl.abandon()  # no answer will come now: thaw whoever still waits
         for command in list(self.commands.values()):
@@ -186,6 +200,8 @@ class Agent:
                 self._frame(frame)
             if self.channel.eof:
                 time.sleep(0.05)  # nobody on the host end yet: poll gently
+        elif role == "pressure":  # the trigger fires at most once per window: figures now
+            self.next_stats = time.monotonic()
         elif role.startswith("memctl"):
             self._memctl_event(role, fd)
         elif command is None:
@@ -224,12 +240,16 @@ class Agent:
             if command.done(now):
                 self._close(command)
                 status = command.child.wait()
-                if command.cgroup is not None and self.memctl is not None:
-                    self.memctl.drop_cgroup(command.cgroup)
+                oom = 0
+                if command.cgroup:
+                    oom = cgroups.oom_kills(command.cgroup) - command.oom_base
+                    cgroups.drop(command.cgroup)
                 sig = -status if status < 0 else None
-                self.channel.send(proto.Kind.EXIT, {"id": command.id, "code": None if sig else status,
-                                                    "signal": sig, "timed_out": command.timed_out,
-                                                    "uptime": uptime(), **self.report()})
+                end: dict[str, Any] = {"id": command.id, "code": None if sig else status, "signal": sig,
+                                       "timed_out": command.timed_out, "uptime": uptime(), **self.report()}
+                if oom > 0:  # the guest's OOM killer ended this many of the command's processes
+                    end["oom_kills"] = oom
+                self.channel.send(proto.Kind.EXIT, end)
 
     # -- frames from the host --------------------------------------------------------------------------------
     def _frame(self, frame: proto.Frame) -> None:
@@ -275,14 +295,14 @@ class Agent:
         uid = body.get("uid", self.uid)
         home, user = ("/root", "root") if uid == 0 else (contract.WORKLOAD_HOME, contract.WORKLOAD_USER)
         env = {**BASE_ENV, "HOME": home, "USER": user, "LOGNAME": user, "SHELL": "/bin/sh", **body.get("env", {})}
-        # memctl: a cgroup per command; otherwise the workload cgroup when PID 1 lives in its no-swap one
-        cgroup = self.memctl.cgroup_for(exec_id) if self.memctl is not None else self.workload_cgroup
+        cgroup = cgroups.for_exec(exec_id) if self.exec_cgroups else None
+        oom_base = cgroups.oom_kills(cgroup) if cgroup else 0
         try:
             child = spawn.spawn(body["argv"], env, body.get("cwd", home), uid, stdin=body.get("stdin", False),
                                 cgroup=cgroup, root=self.chroot, gid=body.get("gid"))
         except OSError as exc:
-            if cgroup is not None and self.memctl is not None:
-                self.memctl.drop_cgroup(cgroup)
+            if cgroup:
+                cgroups.drop(cgroup)
             # The shell's conventions: 127 not found, 126 found but not runnable.
             code = 127 if exc.errno == errno.ENOENT else 126
             self.channel.send_output(proto.Kind.STDERR, f"memvisor: {body['argv'][0]}: {exc.strerror}\n".encode(),
@@ -290,7 +310,7 @@ class Agent:
             self.channel.send(proto.Kind.EXIT, {"id": exec_id, "code": code, "signal": None, "uptime": uptime(),
                                                 **self.report()})
             return
-        command = Command(exec_id, child, body.get("timeout"), cgroup if self.memctl is not None else None)
+        command = Command(exec_id, child, body.get("timeout"), cgroup, oom_base)
         self.commands[exec_id] = command
         for fd in command.streams:
             self._watch(fd, "out", command, select.POLLIN)
@@ -353,14 +373,31 @@ class Agent:
         del self.commands[command.id]
 
 
+def psi_trigger(log: Callable[[str], None], path: str) -> int | None:
+    """An fd that polls POLLPRI when the workload stalls on memory (PSI_TRIGGER on `path`, a memory.pressure
+    file), or None if the kernel has no PSI triggers (the host then sees pressure at the next periodic STATS)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        log(f"no memory pressure trigger ({exc.strerror}): pressure is reported every few seconds only")
+        return None
+    try:
+        os.write(fd, PSI_TRIGGER + b"\0")
+    except OSError as exc:
+        os.close(fd)
+        log(f"no memory pressure trigger ({exc.strerror}): pressure is reported every few seconds only")
+        return None
+    return fd
+
+
 def serve(channel: Channel, uid: int, report: Callable[[], dict[str, Any]], memctl: bool = False,
-          chroot: str | None = None, workload_cgroup: str | None = None) -> None:
-    """Serve the host's commands until it asks for a shutdown; with `memctl`, workloads' memctl requests too.
-    `chroot`: the user's image root every command runs in (guest/userroot.py). `workload_cgroup`: where
-    commands run when PID 1 itself is in a cgroup that may not swap (memvisor/image/rootfs.py)."""
+          chroot: str | None = None, exec_cgroups: bool = False) -> None:
+    """Serve the host's commands until it asks for a shutdown; with `memctl`, workloads' memctl requests too
+    (memctl needs `exec_cgroups`). `chroot`: the user's image root every command runs in (guest/userroot.py).
+    `exec_cgroups`: run each command in a cgroup of its own (guest/cgroups.py), which tells OOM kills apart."""
     server = None
     if memctl:  # imported only then: a sandbox without memctl does not pay for `socket` at boot
         from memvisor.guest import memctld
 
         server = memctld.Memctld(memctld.setup(), lambda body: channel.send(proto.Kind.MEMCTL, body), channel.log)
-    Agent(channel, uid, report, server, chroot, workload_cgroup).serve()
+    Agent(channel, uid, report, server, chroot, exec_cgroups).serve()

@@ -14,7 +14,7 @@ import time
 
 from memvisor import cmdline, contract, proto
 from memvisor.errors import SetupError
-from memvisor.guest import agent, linux, memstats
+from memvisor.guest import agent, cgroups, linux, memstats
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from typing import Any
 
 MODULES_JSON = "/etc/memvisor/modules.json"
-CGROUP_ROOT = "/sys/fs/cgroup"
 SYSRQ_KEYBOARD = 2 | 8  # Documentation/admin-guide/sysrq.rst: console log level, debugging dumps
 
 
@@ -37,7 +36,6 @@ class Context:
         self.steps: list[tuple[str, float]] = []
         self.swap: dict[str, Any] = {}
         self.chroot: str | None = None  # the user's image root commands run in (guest/userroot.py), if any
-        self.workload_cgroup: str | None = None  # where commands run, when PID 1 is in its no-swap cgroup
 
     def flag(self, key: str) -> bool:
         """A boolean setting the host sent (memvisor/contract.py: never a default of the guest's own)."""
@@ -50,7 +48,8 @@ def log(message: str) -> None:
 
 
 def mount_filesystems(ctx: Context) -> None:
-    """/proc, /sys and /dev (devtmpfs: the kernel creates device nodes, root-only by default)."""
+    """/proc, /sys and /dev (devtmpfs: the kernel creates device nodes, root-only by default), and the cgroup v2
+    tree every command gets a cgroup of its own in (guest/cgroups.py)."""
     for source, target, fstype, flags in (
         ("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC),
         ("sysfs", "/sys", "sysfs", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC),
@@ -58,12 +57,8 @@ def mount_filesystems(ctx: Context) -> None:
     ):
         linux.mount(source, target, fstype, flags)
     # On a shared root, stage 0 started PID 1 in a cgroup that may not swap (memvisor/image/rootfs.py); commands
-    # must not inherit it.
-    with open("/proc/self/cgroup") as f:
-        if f.read().strip() == f"0::/{contract.INIT_CGROUP}":
-            linux.mount("cgroup2", CGROUP_ROOT, "cgroup2", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
-            ctx.workload_cgroup = f"{CGROUP_ROOT}/{contract.WORKLOAD_CGROUP}"
-            os.makedirs(ctx.workload_cgroup, exist_ok=True)
+    # never inherit it: each runs in its own.
+    cgroups.mount()
     # The host's stall dump presses Alt+SysRq+9/w/m/4 (host/sandbox.py): allow console log level changes (2)
     # and debugging dumps (8), nothing else (no reboot, sync, remount, kill or nice from the keyboard).
     # /proc/sysrq-trigger, root's own way in, is not gated by this value.
@@ -197,17 +192,18 @@ def main() -> None:
     try:
         run_steps(ctx)
         assert ctx.channel is not None
+        # What the guest has before the host ever inflates the balloon: the base of its reclaim figures.
+        memstats.boot_memtotal_kib = memstats.meminfo()["MemTotal"]
         ctx.channel.send(proto.Kind.HELLO, {
             "version": proto.VERSION,
             "uptime": agent.uptime(),
-            "memtotal_kib": memstats.meminfo()["MemTotal"],
+            "memtotal_kib": memstats.boot_memtotal_kib,
             "steps": [[name, round(t, 6)] for name, t in ctx.steps],
             "kernel": os.uname().release,
             "swap": ctx.swap,
         })
         agent.serve(ctx.channel, uid=0 if ctx.flag("root") else contract.WORKLOAD_UID,
-                    report=memstats.report, memctl=ctx.flag("memctl"), chroot=ctx.chroot,
-                    workload_cgroup=ctx.workload_cgroup)
+                    report=memstats.report, memctl=ctx.flag("memctl"), chroot=ctx.chroot, exec_cgroups=True)
     except (SetupError, contract.MissingSetting) as exc:  # a clear, expected failure: no traceback
         log(f"FATAL: {exc}")
         report_fatal(ctx, str(exc))

@@ -23,7 +23,7 @@ import time
 
 from memvisor import contract, proto
 from memvisor.errors import ProtocolError
-from memvisor.guest import linux
+from memvisor.guest import cgroups
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -32,8 +32,6 @@ if TYPE_CHECKING:
 
 SOCKET_DIR = "/run/memvisor"
 SOCKET = contract.MEMCTL_SOCKET
-CGROUP_ROOT = "/sys/fs/cgroup"
-CGROUP_PREFIX = "memvisor-exec-"
 PAGE = proto.PAGE
 MAX_LENGTH = 64 << 20  # bytes one request may name (the library splits larger ones)
 MAX_REQUEST = 4096  # bytes of one request packet
@@ -56,11 +54,9 @@ class Refused(Exception):
 
 
 def setup() -> socket.socket:
-    """Make the guest's memory stable enough for memctl, and listen: the cgroup v2 hierarchy (for the freezer),
-    no compaction of mlocked pages, no transparent huge pages; the socket, mode 0666 (any process may ask,
-    about its own memory only)."""
-    if not os.path.exists(f"{CGROUP_ROOT}/cgroup.procs"):
-        linux.mount("cgroup2", CGROUP_ROOT, "cgroup2", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+    """Make the guest's memory stable enough for memctl, and listen: no compaction of mlocked pages, no
+    transparent huge pages; the socket, mode 0666 (any process may ask, about its own memory only). Each
+    command's own cgroup (guest/cgroups.py, mounted by init) is what the freezer acts on."""
     for path, value in (("/proc/sys/vm/compact_unevictable_allowed", "0"),
                         ("/sys/kernel/mm/transparent_hugepage/enabled", "never")):
         if os.path.exists(path):
@@ -96,20 +92,6 @@ class Memctld:
         self.pending: dict[int, Pending] = {}
         self.peers: dict[int, tuple[int, int | None]] = {}  # client fd -> (pid, start time) at connect
         self.seq = 0
-
-    @staticmethod
-    def cgroup_for(exec_id: int) -> str:
-        """The cgroup a command runs in (created here; spawn moves the child into it before exec)."""
-        path = f"{CGROUP_ROOT}/{CGROUP_PREFIX}{exec_id}"
-        os.makedirs(path, exist_ok=True)
-        return path
-
-    @staticmethod
-    def drop_cgroup(path: str) -> None:
-        try:
-            os.rmdir(path)
-        except OSError:
-            pass  # orphans of the command still live in it
 
     def accept(self) -> socket.socket | None:
         try:
@@ -279,9 +261,9 @@ def _cgroup_of(pid: int) -> str:
     except OSError:
         raise Refused(errno.ESRCH, "the caller is gone") from None
     path = line.rpartition("::")[2]
-    if not path.startswith(f"/{CGROUP_PREFIX}") or "/" in path[1:]:
+    if not cgroups.is_exec(path):
         raise Refused(errno.EPERM, "only commands the sandbox agent started may use memctl")
-    return CGROUP_ROOT + path
+    return cgroups.ROOT + path
 
 
 def _freeze(cgroup: str, frozen: bool) -> None:

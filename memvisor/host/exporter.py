@@ -32,6 +32,13 @@ SANDBOX_GAUGES = (
     ("memvisor_supervisor_target_bytes", "The supervisor's balloon target for the guest",
      ("supervisor", "target_bytes")),
     ("memvisor_supervisor_floor_bytes", "The guest RAM the supervisor never takes back", ("supervisor", "floor_bytes")),
+    ("memvisor_supervisor_need_bytes", "What the guest needs: the RAM it cannot give back plus a margin",
+     ("supervisor", "need_bytes")),
+    ("memvisor_supervisor_deflations", "Times the guest took memory back from its balloon rather than OOM-kill",
+     ("supervisor", "deflations")),
+    ("memvisor_guest_unreclaimable_bytes", "Guest memory that nothing can reclaim (kernel, PID 1, mlocked, zram)",
+     ("guest", "unreclaimable_bytes")),
+    ("memvisor_guest_oom_kills", "Processes the guest's OOM killer ended since boot", ("guest", "oom_kills")),
 )
 HOST_GAUGES = (
     ("memvisor_host_memtotal_bytes", "Host MemTotal", ("memtotal_bytes",)),

@@ -20,7 +20,7 @@ MAX_DEPTH = 6  # HELLO.swap.devices[].table[] is 5 deep
 MAX_FIGURE = 1 << 60
 MAX_LINES = 6  # of a multi-line message (a traceback): its last lines
 _NAME = re.compile(r"[A-Za-z0-9_().:/-]{1,64}")
-FIGURE_MAPS = ("meminfo", "vmstat", "zram")
+FIGURE_MAPS = ("meminfo", "vmstat", "zram", "reclaim")
 
 
 def printable(text: str) -> str:

@@ -45,6 +45,7 @@ class RunResult:
     report: dict[str, Any] = field(default_factory=dict)
     stall: Stall | None = None  # what the guest looked like when the timeout hit
     truncated: bool = False  # collected output passed the policy's output_limit_mib and was cut there
+    oom_kills: int = 0  # processes of the command that the guest's OOM killer ended
 
     @classmethod
     def of(cls, exit_code: int, code: int | None, signal: int | None, timed_out: bool, out: Collected,
@@ -56,3 +57,11 @@ class RunResult:
     @property
     def ok(self) -> bool:
         return self.exit_code == 0
+
+    def oom_message(self) -> str | None:
+        """One line for a command the guest's OOM killer hit (None if it did not)."""
+        if not self.oom_kills:
+            return None
+        whom = "the command" if self.signal == 9 else f"{self.oom_kills} of the command's processes"
+        return (f"{whom} was killed by the guest's OOM killer (exit status {self.exit_code}): the sandbox ran out "
+                "of memory; give it more (--memory) or swap (--swap-size)")

@@ -101,6 +101,9 @@ class Instance:
         self._ksm: bool | None = None
         self.spawned_at = 0.0
         self.last_stats: dict[str, Any] = {}
+        # Called (on the channel's reader thread, so it must not block) with each memory report the guest sends:
+        # the daemon's supervisor decides on it at once.
+        self.on_report: Callable[[], None] | None = None
         self.session: Session | None = None
         self.memctl: memctl.Backing | None = None  # guest RAM as a memfd (policy setting memctl)
         self._fds: list[int] = []  # files the VMM inherits
@@ -189,7 +192,8 @@ class Instance:
             cmdline=(f"memvisor.id={self.id}", *pol.to_cmdline(self.policy), *words, *self.kernel_args),
             console_fd=console_theirs.fileno(), qmp_fd=qmp_sock.fileno(), channel_fd=theirs.fileno(),
             ksm=self.ksm_in_effect(), disks=disks, balloon=self.policy.balloon,
-            deflate_on_oom=self.policy.deflate_on_oom, pmem=pmem, ram_fd=self.memctl.fd if self.memctl else None)
+            deflate_on_oom=self.policy.balloon_deflates_on_oom, pmem=pmem,
+            ram_fd=self.memctl.fd if self.memctl else None)
         self.argv = self.vmm.command(spec)
         return self.argv
 
@@ -451,6 +455,8 @@ class Instance:
         assert self.dir is not None
         self.last_stats = body
         runtime.write_json(self.dir / stats.GUEST_STATS, body)
+        if self.on_report is not None:
+            self.on_report()
         if self.memctl is not None:  # the host's own memctl counters, at the guest's STATS pace
             runtime.write_json(self.dir / stats.MEMCTL, self.memctl.counters.to_json())
 
@@ -508,7 +514,10 @@ class Instance:
         code, sig = body["code"], body["signal"]
         timed_out = bool(body.get("timed_out"))
         exit_code = TIMEOUT_EXIT if timed_out else 128 + sig if sig else (code if code is not None else 255)
-        return RunResult.of(exit_code, code, sig, timed_out, out, err)
+        result = RunResult.of(exit_code, code, sig, timed_out, out, err)
+        oom = body.get("oom_kills", 0)
+        result.oom_kills = oom if isinstance(oom, int) and 0 < oom < 1 << 31 else 0
+        return result
 
     def _report(self, result: RunResult, marks: dict[str, float], hello: dict[str, Any] | None,
                 started: dict[str, Any] | None, exit_body: dict[str, Any] | None) -> dict[str, Any]:
@@ -523,6 +532,7 @@ class Instance:
             "code": result.code,
             "signal": result.signal,
             "timed_out": result.timed_out,
+            "oom_kills": result.oom_kills,
             "truncated": result.truncated,
             "boot_seconds": since_spawn("hello"),
             "time_to_command_seconds": since_spawn("started"),

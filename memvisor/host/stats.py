@@ -81,6 +81,8 @@ def sandbox(state: runtime.SandboxState) -> dict[str, Any]:
     try:
         decision = json.loads((Path(state.runtime_dir) / SUPERVISOR).read_text())
         out["supervisor"] = {k: decision[k] for k in ("target_bytes", "floor_bytes", "max_bytes", "reason")}
+        for key in ("need_bytes", "need_measured", "deflations"):  # the daemon's own figures
+            out["supervisor"][key] = decision.get(key)
         out["supervisor"]["history"] = decision.get("history", [])[-5:]
     except (OSError, ValueError, KeyError, TypeError):
         pass
@@ -108,6 +110,8 @@ def sandbox(state: runtime.SandboxState) -> dict[str, Any]:
                      and {"used_kib", "size_kib"} <= set(f := guestdata.figures(s))],
             "pswpin": vmstat.get("pswpin"),
             "pswpout": vmstat.get("pswpout"),
+            "oom_kills": vmstat.get("oom_kill"),  # processes the guest's OOM killer ended since boot
+            "unreclaimable_bytes": guestdata.figures(guest.get("reclaim")).get("unreclaimable_kib", 0) * 1024,
         }
         zram = guestdata.figures(guest.get("zram"))
         if zram.get("compr_data_size"):

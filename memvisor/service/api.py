@@ -48,6 +48,8 @@ class CreateRequest(Strict):
 
     name: str | None = Field(default=None, max_length=63)
     policy: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    debug: bool = Field(default=False, description="boot the guest with kernel messages on its console (OOM "
+                        "reports, panics with their stacks) and hung-task reports after 10 s")
 
 
 class SandboxInfo(Strict):
@@ -64,7 +66,8 @@ class SandboxInfo(Strict):
 
 class ExecRequest(Strict):
     """A command to run in the sandbox. The response streams NDJSON lines: {"stdout": base64}, {"stderr": base64},
-    then one {"exit": {...}} (exit_code as `memvisor run` exits, code, signal, timed_out)."""
+    then one {"exit": {...}} (exit_code as `memvisor run` exits, code, signal, timed_out, oom_kills: processes of
+    the command the guest's OOM killer ended)."""
 
     argv: list[Text] = Field(min_length=1, max_length=MAX_ARGS)
     env: dict[Text, Text] = Field(default_factory=dict, max_length=MAX_ARGS)
@@ -131,10 +134,8 @@ def create_app(registry: Registry | None, token: str | None = None) -> FastAPI:
 
     @app.post("/v1/sandboxes", status_code=201, response_model=SandboxInfo)
     def create(request: CreateRequest) -> SandboxInfo:
-        layer = pol.layer_from_mapping(request.policy, "request")
-        # The balloon's deflate-on-oom stays on under the daemon: the guest's last resort if squeezed too far.
-        daemon = {"deflate_on_oom": True} if layer.get("balloon", True) else {}
-        return info(sandboxes().create(pol.merge(("daemon", daemon), ("request", layer)), request.name), registry)
+        policy = pol.merge(("request", pol.layer_from_mapping(request.policy, "request")))
+        return info(sandboxes().create(policy, request.name, debug=request.debug), registry)
 
     @app.get("/v1/sandboxes", response_model=list[SandboxInfo])
     def list_sandboxes() -> list[SandboxInfo]:
@@ -211,7 +212,8 @@ def _stream(entry: Entry, request: ExecRequest, stdin: bytes | None) -> Iterator
                                    on_stdout=out, on_stderr=err)
             entry.execs += 1
             end: dict[str, Any] = {"exit": {"exit_code": result.exit_code, "code": result.code,
-                                            "signal": result.signal, "timed_out": result.timed_out}}
+                                            "signal": result.signal, "timed_out": result.timed_out,
+                                            "oom_kills": result.oom_kills}}
             if dropped[0]:
                 end["exit"]["dropped_chunks"] = dropped[0]  # the client read too slowly to get them all
         except (MemvisorError, OSError, RuntimeError) as exc:

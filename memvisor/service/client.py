@@ -41,8 +41,9 @@ class Client:
                                 hint="start it with `memvisor serve`, or pass --socket") from None
         return _checked(response)
 
-    def create(self, policy: dict[str, dict[str, Any]], name: str | None = None) -> dict[str, Any]:
-        return dict(self._call("POST", "/v1/sandboxes", {"policy": policy, "name": name}))
+    def create(self, policy: dict[str, dict[str, Any]], name: str | None = None, debug: bool = False
+               ) -> dict[str, Any]:
+        return dict(self._call("POST", "/v1/sandboxes", {"policy": policy, "name": name, "debug": debug}))
 
     def list(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/v1/sandboxes"))

@@ -20,11 +20,13 @@ from memvisor.errors import MemvisorError
 from memvisor.host import runtime
 from memvisor.host.sandbox import Instance
 from memvisor.image.build import Image
+from memvisor.service import need
 from memvisor.service.supervisor import Supervisor
 
 log = logging.getLogger("memvisor")
 NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 MAX_SANDBOXES = 256
+MIB = 1 << 20
 
 
 class NotFound(MemvisorError):
@@ -62,12 +64,13 @@ class Registry:
             log.warning("removed %d sandbox(es) left by a daemon or command that is gone: %s", len(removed),
                         ", ".join(removed))
 
-    def create(self, policy: pol.Policy, name: str | None = None) -> Entry:
-        """Boot a sandbox and wait until its agent is up; raises MemvisorError (GuestError) if it cannot."""
+    def create(self, policy: pol.Policy, name: str | None = None, debug: bool = False) -> Entry:
+        """Boot a sandbox and wait until its agent is up; raises MemvisorError (GuestError) if it cannot.
+        `debug`: kernel messages on its console (host/sandbox.py DEBUG_KERNEL_ARGS)."""
         if name is not None and not NAME.fullmatch(name):
             raise MemvisorError(f"sandbox name {name!r} is not allowed",
                                 hint="use 1-63 of a-z 0-9 _ . - starting with a letter or digit")
-        vm = Instance(policy, self._image(), on_warning=log.warning)
+        vm = Instance(policy, self._image(), on_warning=log.warning, debug=debug)
         entry = Entry(vm.id, name or vm.id, policy, vm)
         with self._lock:
             if len(self._entries) >= MAX_SANDBOXES:
@@ -78,8 +81,9 @@ class Registry:
         if self.supervisor is not None:
             try:  # outside the registry's lock: admission may wait for room, and a stop must be able to make it
                 # Without a balloon nothing can squeeze it: it is admitted at its maximum, which it will hold.
-                floor = policy.floor_mib if policy.balloon else policy.memory_mib
-                self.supervisor.admit(entry.id, policy.memory_mib, floor)
+                size = policy.memory_mib * MIB
+                floor = (policy.memory_floor_mib or 0) * MIB if policy.balloon else size
+                self.supervisor.admit(entry.id, size, floor, need.estimate(policy))
             except BaseException:
                 with self._lock:
                     self._entries.pop(entry.id, None)

@@ -1,25 +1,20 @@
 """The supervisor: keeps the daemon's sandboxes inside a host memory budget by moving guest RAM between them
-with their balloons, about once a second.
+with their balloons, about once a second, and never squeezes a guest below what it needs.
 
 Admission: a sandbox may start only if its floor still fits: the floors of the sandboxes already running plus
 its own, and what each VMM costs beyond its guest's RAM, must not exceed the budget (HTTP 503 with the figures
-otherwise). A newcomer starts at its maximum if the budget has room for it, otherwise at the room that is left
-(never under its floor): it grows from there when it shows pressure, and the others give way.
+otherwise). A floor is the policy's explicit one or what the guest needs (service/need.py: what it cannot give
+back plus a margin; estimated from the policy until the guest reports), whichever is more. A newcomer starts at
+its maximum if the budget has room for it, otherwise at the room that is left (never under its floor).
 
-Control, per sandbox, from what the guest pushes (MemAvailable, memory PSI) and the host (MemAvailable, memory
-PSI, each VMM's RSS):
-- a guest under memory pressure (PSI some avg10 >= PSI_HIGH %, or MemAvailable under LOW_AVAILABLE of its
-  memory) gets memory back first: its balloon target grows by GROW of its memory, up to its maximum;
-- a cold, idle guest (PSI under PSI_LOW, MemAvailable above IDLE_AVAILABLE) is squeezed toward its floor by
-  SHRINK of its memory a tick (twice that while the host itself is short), never below the floor. As in Meta's
-  Senpai, the squeeze goes on past the guest's free memory until the guest shows pressure: the balloon driver
-  then reclaims, and the guest's own encrypted/authenticated swap and zram absorb its cold pages, so the host
-  gets the memory back without ever seeing those pages;
-- if the targets add up to more than the budget, or the VMMs' resident anonymous memory (measured on the host:
-  the guest RAM they hold plus the VMM's own) does, the guests with the most spare memory give first.
-The balloon is best effort: `deflate-on-oom` stays on as the guest's last resort. Every change is logged, kept
-(target, reason, the last HISTORY decisions) and written to the sandbox's runtime directory for `memvisor
-stats` and /metrics.
+Control, per sandbox, from what the guest pushes (MemAvailable, memory stall, what it cannot reclaim), what the
+balloon says (QMP query-balloon) and the host (MemAvailable, memory PSI, each VMM's RSS): the control law is
+service/control.py (pressure gets memory back within a tick, idle guests are squeezed ever more gently toward
+their floor, hysteresis, a backoff after the guest deflated its balloon on OOM). If the targets add up to more
+than the budget, or the VMMs' resident memory does, the guests with the most spare memory give first, never
+below their floors. The balloon runs with deflate-on-oom, so a guest squeezed too far takes memory back rather
+than kill (or, with nothing it may kill, panic). Every change is logged, kept (target, reason, the last
+decisions) and written to the sandbox's runtime directory for `memvisor stats` and /metrics.
 """
 
 from __future__ import annotations
@@ -28,8 +23,6 @@ import logging
 import os
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,20 +31,14 @@ import psutil
 from memvisor.errors import MemvisorError
 from memvisor.host import runtime
 from memvisor.host.vmm.qmp import QMP
+from memvisor.service import need
+from memvisor.service.control import HOLD_S, Control, Figures, decide, over_budget
 
 log = logging.getLogger("memvisor")
 MIB = 1 << 20
 INTERVAL_S = 1.0
-PSI_HIGH = 10.0  # % of the last 10 s some guest task waited for memory: give memory back
-PSI_LOW = 1.0  # below this (and with spare memory) a guest counts as idle
-LOW_AVAILABLE = 0.03  # of its memory: under this MemAvailable a guest counts as pressed
-IDLE_AVAILABLE = 0.05  # of its memory: above this MemAvailable an unpressed guest may give memory back
-GROW = 0.25  # of its memory, per tick, for a pressed guest
-SHRINK = 0.03  # of its memory, per tick, for an idle guest
-MIN_STEP = 4 * MIB  # smaller changes are not worth a QMP call
 HOST_SHORT = 0.10  # host MemAvailable under this share of MemTotal: squeeze idle guests twice as fast
 HOST_PSI_HIGH = 5.0  # ... or host memory PSI some avg10 (%) at or above this
-HISTORY = 20
 ADMIT_WAIT_S = 60.0  # how long a create may wait for the squeeze to make room before it is refused
 DEFAULT_OVERHEAD = 32 * MIB  # a VMM's own memory before any was measured (QEMU under KVM; TCG adds its cache)
 SUPERVISOR_FILE = "supervisor.json"  # in the sandbox's runtime directory, read by `memvisor stats`
@@ -59,22 +46,6 @@ SUPERVISOR_FILE = "supervisor.json"  # in the sandbox's runtime directory, read 
 
 class AdmissionRefused(MemvisorError):
     """The new sandbox's floor does not fit the host budget (HTTP 503)."""
-
-
-@dataclass
-class Control:
-    """The supervisor's state for one sandbox."""
-
-    id: str
-    max_bytes: int
-    floor_bytes: int
-    target_bytes: int
-    reason: str = "started at its maximum"
-    history: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=HISTORY))
-
-    def to_json(self) -> dict[str, Any]:
-        return {"target_bytes": self.target_bytes, "floor_bytes": self.floor_bytes, "max_bytes": self.max_bytes,
-                "reason": self.reason, "history": list(self.history)}
 
 
 class Supervisor:
@@ -87,50 +58,54 @@ class Supervisor:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # notified after every tick (admission waits on it)
         self._waiting = 0  # creates waiting for room: idle guests are squeezed as if the host were short
+        self._asked: dict[str, float] = {}  # when each sandbox's balloon was last asked for its size
         self._stop = threading.Event()
+        self._report = threading.Event()  # a guest sent new figures: decide now, not at the next interval
         self._thread = threading.Thread(target=self._loop, name="memvisor-supervisor", daemon=True)
         self._thread.start()
 
     # -- admission -------------------------------------------------------------------------------------------
-    def admit(self, sandbox_id: str, max_mib: int, floor_mib: int, wait_s: float = ADMIT_WAIT_S) -> None:
-        """Reserve the floor of a sandbox about to boot, plus what a VMM costs beyond its guest's RAM, or raise
-        AdmissionRefused. The balloon cannot take the VMM's own memory (QEMU, and under TCG its translation
-        cache, up to qemu.TCG_TB_MIB): that cost is measured on the running VMMs (RSS minus the guest RAM they
-        hold), so a sandbox that would only fit by being squeezed below its floor is refused instead of
-        OOM-killed later.
+    def admit(self, sandbox_id: str, max_bytes: int, policy_floor_bytes: int, need_bytes: int,
+              wait_s: float = ADMIT_WAIT_S) -> None:
+        """Reserve the floor of a sandbox about to boot (its policy's floor or what it needs to boot, whichever is
+        more), plus what a VMM costs beyond its guest's RAM, or raise AdmissionRefused. The balloon cannot take
+        the VMM's own memory (QEMU, and under TCG its translation cache, up to qemu.TCG_TB_MIB): that cost is
+        measured on the running VMMs (RSS minus the guest RAM they hold), so a sandbox that would only fit by
+        being squeezed below its floor is refused instead of OOM-killed later.
 
         The floors are a promise; what the VMMs hold now is a fact. If the floors fit but the resident memory
         leaves no room for the newcomer's floor, admission waits up to `wait_s` while the control loop squeezes
         idle guests harder, and refuses if it still does not fit: a host that is still making room says so
         (HTTP 503) instead of letting the kernel OOM-kill a VMM."""
         deadline = time.monotonic() + wait_s
+        control = Control(sandbox_id, max_bytes, policy_floor_bytes, need_bytes, max_bytes)
+        floor = control.floor_bytes
         with self._changed:
             reserved = sum(c.floor_bytes for c in self.controls.values())
             overhead = self._overhead()
-            need = reserved + floor_mib * MIB + overhead * (len(self.controls) + 1)
-            if need > self.budget_bytes:
+            if reserved + floor + overhead * (len(self.controls) + 1) > self.budget_bytes:
                 raise AdmissionRefused(
-                    f"no room for a sandbox with a {floor_mib} MiB floor: the {len(self.controls)} running "
+                    f"no room for a sandbox with a {floor // MIB} MiB floor: the {len(self.controls)} running "
                     f"sandbox(es) reserve {reserved // MIB} MiB of the {self.budget_bytes // MIB} MiB budget, and "
                     f"each VMM costs ~{overhead // MIB} MiB beyond its guest's RAM",
-                    hint="stop a sandbox, lower --memory-floor, or raise memvisor serve --budget")
+                    hint="stop a sandbox, give it less --memory, or raise memvisor serve --budget")
             self._waiting += 1
             try:
-                while (room := self.budget_bytes - self._held() - overhead) < floor_mib * MIB:
+                while (room := self.budget_bytes - self._held() - overhead) < floor:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         raise AdmissionRefused(
-                            f"no room now for a sandbox with a {floor_mib} MiB floor: the running sandboxes hold "
-                            f"{self._held() // MIB} MiB of the {self.budget_bytes // MIB} MiB budget and the "
+                            f"no room now for a sandbox with a {floor // MIB} MiB floor: the running sandboxes "
+                            f"hold {self._held() // MIB} MiB of the {self.budget_bytes // MIB} MiB budget and the "
                             f"supervisor could not squeeze enough out of idle guests within {wait_s:g} s",
                             hint="retry later, stop a sandbox, or raise memvisor serve --budget")
                     self._changed.wait(min(left, INTERVAL_S))
             finally:
                 self._waiting -= 1
-            start = max(floor_mib * MIB, min(max_mib * MIB, room))
-            reason = "started at its maximum" if start == max_mib * MIB else \
-                f"started at the {start // MIB} MiB left in the budget"
-            self.controls[sandbox_id] = Control(sandbox_id, max_mib * MIB, floor_mib * MIB, start, reason)
+            control.target_bytes = max(floor, min(max_bytes, room))
+            if control.target_bytes < max_bytes:
+                control.reason = f"started at the {control.target_bytes // MIB} MiB left in the budget"
+            self.controls[sandbox_id] = control
 
     def _held(self) -> int:
         """What the sandboxes hold now: each running VMM's measured memory, and for one still booting its
@@ -150,19 +125,25 @@ class Supervisor:
 
     def attach(self, sandbox_id: str, vm: Any) -> None:
         """Start steering a sandbox whose agent is up (its balloon driver is loaded): a sandbox admitted below
-        its maximum gets that target now."""
+        its maximum gets that target now. Each report the guest sends wakes the control loop."""
+        vm.on_report = self._report.set
         with self._lock:
             self._sandboxes[sandbox_id] = vm
             control = self.controls.get(sandbox_id)
-        if control is not None and control.target_bytes < control.max_bytes:
+        if control is None:
+            return
+        control.hold_until = time.monotonic() + HOLD_S  # a new sandbox is about to be used: no idle squeeze yet
+        _save(control, vm)
+        if control.target_bytes < control.max_bytes:
             start = control.target_bytes
             control.target_bytes = control.max_bytes  # what the guest has until the balloon takes the rest
-            self._apply(control, vm, start, control.reason)
+            self._steer(control, vm, start, control.reason)
 
     def release(self, sandbox_id: str) -> None:
         with self._lock:
             self.controls.pop(sandbox_id, None)
             self._sandboxes.pop(sandbox_id, None)
+            self._asked.pop(sandbox_id, None)
 
     def status(self) -> dict[str, Any]:
         with self._lock:
@@ -172,11 +153,18 @@ class Supervisor:
 
     def close(self) -> None:
         self._stop.set()
+        self._report.set()
         self._thread.join(timeout=10)
 
     # -- control ---------------------------------------------------------------------------------------------
     def _loop(self) -> None:
-        while not self._stop.wait(INTERVAL_S):
+        """A tick every INTERVAL_S, and one as soon as a guest reports (a guest under pressure reports at once:
+        guest/agent.py), so pressure gets memory back within a tick of being seen."""
+        while not self._stop.is_set():
+            self._report.wait(INTERVAL_S)
+            self._report.clear()
+            if self._stop.is_set():
+                return
             try:
                 self.tick()
             except Exception:  # the loop must outlive any one bad tick
@@ -184,60 +172,75 @@ class Supervisor:
 
     def tick(self) -> None:
         """One round of decisions."""
+        now = time.monotonic()
         with self._lock:
             work = [(self.controls[i], vm) for i, vm in self._sandboxes.items() if i in self.controls]
         host = psutil.virtual_memory()
         host_short = host.available < HOST_SHORT * host.total or host_pressure() >= HOST_PSI_HIGH \
             or self._waiting > 0
-        wanted = {c.id: self._want(c, vm.last_stats, host_short) for c, vm in work}
+        wanted: dict[str, tuple[int, str]] = {}
+        figures: dict[str, Figures] = {}
+        for c, vm in work:
+            figures[c.id] = Figures.of(vm.last_stats)
+            measured = need.from_guest(c.max_bytes, (vm.last_stats or {}).get("reclaim") or {})
+            if measured is not None:
+                c.observe_need(now, measured)
+            # Only a squeezed balloon can deflate on OOM (the others are not asked), and QMP is asked at most once
+            # an interval however often the guests report.
+            actual = None
+            if c.target_bytes < c.max_bytes:
+                actual = c.last_actual
+                if now - self._asked.get(c.id, -INTERVAL_S) >= INTERVAL_S or actual is None:
+                    self._asked[c.id] = now
+                    actual = self._actual(c, vm)
+            wanted[c.id] = decide(c, figures[c.id], actual, host_short, now)
         with self._lock:
             overhead = self._overhead()
         # Both must fit: the targets with each VMM's own cost on top, and what the VMMs hold now.
         committed = sum(t for t, _ in wanted.values()) + overhead * len(work)
         over = max(committed, sum(_rss(vm) for _, vm in work), cgroup_usage() or 0) - self.budget_bytes
-        if over > 0:  # the guests with the most spare memory give first
-            for c, _vm in sorted(work, key=lambda w: -_available(w[1].last_stats)):
-                target, _ = wanted[c.id]
-                give = min(over, target - c.floor_bytes)
-                if give > 0:
-                    wanted[c.id] = (target - give, f"over the {self.budget_bytes // MIB} MiB budget")
-                    over -= give
+        if over > 0:
+            rows = [(c, wanted[c.id][0], figures[c.id].available) for c, _ in work]
+            for sid, target in over_budget(rows, over, now).items():
+                wanted[sid] = (target, f"over the {self.budget_bytes // MIB} MiB budget")
         for c, vm in work:
             target, reason = wanted[c.id]
-            if abs(target - c.target_bytes) >= MIN_STEP:
-                self._apply(c, vm, target, reason)
+            if target != c.target_bytes:
+                self._steer(c, vm, target, reason)
         with self._changed:
             self._changed.notify_all()
 
-    def _want(self, c: Control, stats: dict[str, Any], host_short: bool) -> tuple[int, str]:
-        if not stats:
-            return c.target_bytes, c.reason
-        available = _available(stats)
-        raw_psi = (stats.get("psi") or {}).get("some_avg10", 0.0)
-        psi = float(raw_psi) if isinstance(raw_psi, int | float) and 0 <= raw_psi <= 100 else 0.0
-        if psi >= PSI_HIGH or available < LOW_AVAILABLE * c.max_bytes:
-            grown = min(c.max_bytes, c.target_bytes + int(GROW * c.max_bytes))
-            return grown, f"guest memory pressure (PSI some {psi:.1f}%, MemAvailable {available // MIB} MiB)"
-        if psi < PSI_LOW and available > IDLE_AVAILABLE * c.max_bytes:
-            step = SHRINK * c.max_bytes * (2 if host_short else 1)
-            shrunk = max(c.floor_bytes, c.target_bytes - int(step))
-            why = "idle" + (", host short of memory or a sandbox waiting for room" if host_short else "")
-            return shrunk, f"{why} (PSI some {psi:.1f}%, MemAvailable {available // MIB} MiB)"
-        return c.target_bytes, c.reason
-
-    def _apply(self, c: Control, vm: Any, target: int, reason: str) -> None:
+    def _actual(self, c: Control, vm: Any) -> int | None:
+        """The balloon's `actual` (guest RAM the balloon leaves the guest), from QMP; None if QMP fails."""
         try:
-            with QMP(vm.qmp_path) as qmp:
+            with QMP(vm.qmp_path, "memvisor-supervisor") as qmp:
+                return int(qmp.execute("query-balloon", timeout=2.0)["actual"])
+        except (MemvisorError, KeyError, TypeError, ValueError) as exc:
+            log.debug("sandbox %s: query-balloon failed: %s", c.id, exc)
+            return None
+
+    def _steer(self, c: Control, vm: Any, target: int, reason: str) -> None:
+        """Set the balloon target, log and keep the decision."""
+        try:
+            with QMP(vm.qmp_path, "memvisor-supervisor") as qmp:
                 qmp.execute("balloon", {"value": target}, timeout=2.0)
         except MemvisorError as exc:
             log.warning("sandbox %s: balloon to %d MiB failed: %s", c.id, target // MIB, exc)
             return
         log.info("sandbox %s: balloon target %d -> %d MiB: %s", c.id, c.target_bytes // MIB, target // MIB, reason)
         c.history.append({"time": round(time.time(), 1), "from_bytes": c.target_bytes, "to_bytes": target,
-                          "reason": reason})
+                          "reason": reason, "floor_bytes": c.floor_bytes,
+                          "report_uptime": c.last_report[0] if c.last_report else None})
         c.target_bytes, c.reason = target, reason
-        if vm.dir is not None:
-            runtime.write_json(Path(vm.dir) / SUPERVISOR_FILE, c.to_json())
+        if target > (c.last_actual or 0):
+            c.last_actual = None  # a deflation the supervisor asked for is not the guest's
+        _save(c, vm)
+
+
+def _save(c: Control, vm: Any) -> None:
+    """The decision where `memvisor stats` (another process) reads it."""
+    if vm.dir is not None:
+        runtime.write_json(Path(vm.dir) / SUPERVISOR_FILE, c.to_json())
 
 
 def cgroup_usage(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
@@ -315,11 +318,6 @@ def _guest_rss(vm: Any) -> int | None:
     from memvisor.host import stats
 
     return stats.guest_ram_rss(process.pid, vm.policy.memory_mib)
-
-
-def _available(stats: dict[str, Any]) -> int:
-    value = (stats.get("meminfo") or {}).get("MemAvailable", 0)
-    return int(value) * 1024 if isinstance(value, int) and value >= 0 else 0
 
 
 def parse_budget(text: str) -> int:

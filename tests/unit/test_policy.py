@@ -175,12 +175,17 @@ def test_swap_discard_is_refused_with_authenticated_swap_or_without_swap() -> No
 
 
 def test_memory_floor_default_and_bounds() -> None:
-    assert policy.merge(("t", {"memory_mib": 1024})).floor_mib == 256
-    assert policy.merge(("t", {"memory_mib": 128})).floor_mib == 64
-    assert policy.merge(("t", {"memory_mib": 64})).floor_mib == 64
-    assert policy.merge(("t", {"memory_mib": 256, "memory_floor_mib": 200})).floor_mib == 200
+    # No floor of its own by default: the supervisor's floor is then what the guest needs (service/need.py).
+    assert policy.merge(("t", {"memory_mib": 1024})).memory_floor_mib is None
+    assert policy.merge(("t", {"memory_mib": 256, "memory_floor_mib": 200})).memory_floor_mib == 200
     with pytest.raises(PolicyError, match="above --memory"):
         policy.merge(("t", {"memory_mib": 128, "memory_floor_mib": 200}))
+
+
+def test_deflate_on_oom_is_on_with_the_balloon_unless_turned_off() -> None:
+    assert policy.merge(("t", {})).balloon_deflates_on_oom
+    assert not policy.merge(("t", {"deflate_on_oom": False})).balloon_deflates_on_oom
+    assert not policy.merge(("t", {"balloon": False})).balloon_deflates_on_oom
 
 
 def test_memctl_and_ksm_are_refused_together() -> None:
