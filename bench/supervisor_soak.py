@@ -170,9 +170,10 @@ def one_run(index: int, args: argparse.Namespace, workdir: Path) -> RunCounts:
                 elif "no room" in made.stderr:
                     counts.refusals += 1
                     refused = True
-                    print(f"[run {index}] refused: {made.stderr.strip()[:200]}", file=sys.stderr, flush=True)
+                    last = made.stderr.strip().splitlines()[-1]  # the error, after --debug's own log lines
+                    print(f"[run {index}] refused: {last[:300]}", file=sys.stderr, flush=True)
                 else:
-                    counts.notes.append(f"create failed: {made.stderr.strip()[:300]}")
+                    counts.notes.append(f"create failed: {made.stderr.strip().splitlines()[-1:]}")
                     refused = True
                 next_try = time.monotonic() + (args.retry if refused else args.settle)
             if started is None and refused:
