@@ -254,7 +254,8 @@ class Instance:
         self.spawned_at = time.monotonic()
         fds = [s.fileno() for s in self._vmm_socks] + self._fds + ([self.memctl.fd] if self.memctl else [])
         self.process = launch.spawn_vmm(self.argv, pass_fds=tuple(fds), user=self._vmm_user,
-                                        log=self.dir / "vmm.log", ksm=self.ksm_in_effect())
+                                        log=self.dir / "vmm.log", ksm=self.ksm_in_effect(),
+                                        huge_pages=not self.policy.balloon)
         self._stack.callback(self._stop_vmm)
         assert self.channel is not None
         self.session = Session(self.channel, self.process.pid, on_stats=self._store_guest_stats,

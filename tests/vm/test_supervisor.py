@@ -40,6 +40,10 @@ def balloon_bytes(qmp_path: Path) -> int:
 def test_a_guest_squeezed_below_its_need_takes_memory_back_rather_than_kill(image: Image) -> None:
     with Sandbox(memory_mib=192).start() as live:  # balloon on, deflate-on-oom by default, no swap
         vm = live._vm
+        assert vm.process is not None
+        # No transparent huge pages in a ballooned VMM: khugepaged would refill the balloon's holes.
+        with open(f"/proc/{vm.process.pid}/status") as f:
+            assert "THP_enabled:\t0" in f.read()
         with QMP(vm.qmp_path) as qmp:  # far below what it needs (~90 MiB): what the old supervisor did
             qmp.execute("balloon", {"value": 64 * MIB})
         time.sleep(3)  # let the balloon take what it can
