@@ -80,9 +80,10 @@ def read_settings(ctx: Context) -> None:
     ctx.kernel_version = info["kernel"]
 
 
-def load_group(ctx: Context, group: str) -> list[str]:
+def load_group(ctx: Context, group: str, params: dict[str, str] | None = None) -> list[str]:
     """Load a group's modules in dependency order (loaded ones are skipped); return the names that failed
-    (e.g. refused by the module_blacklist= kernel parameter). A module whose dependency failed is not tried."""
+    (e.g. refused by the module_blacklist= kernel parameter). A module whose dependency failed is not tried.
+    `params`: module name -> its load-time parameters (brd's size, for the confidential swap's tag store)."""
     base = f"/lib/modules/{ctx.kernel_version}"
     failed: list[str] = []
     for relpath in ctx.modules[group]:
@@ -91,7 +92,7 @@ def load_group(ctx: Context, group: str) -> list[str]:
             failed.append(name)
             continue
         try:
-            linux.finit_module(f"{base}/{relpath}")
+            linux.finit_module(f"{base}/{relpath}", (params or {}).get(name, ""))
         except OSError as exc:
             log(f"module {name}: {exc.strerror}")
             failed.append(name)
@@ -120,7 +121,7 @@ def setup_swap(ctx: Context) -> None:
     # Imported here, not at boot: a sandbox without swap should not pay for it (image/python.py ships it).
     from memvisor.guest import swapstack
 
-    stack = swapstack.SwapStack(ctx.settings, lambda group: load_group(ctx, group), log)
+    stack = swapstack.SwapStack(ctx.settings, lambda group, params: load_group(ctx, group, params), log)
     # PID 1 must never fault on a swapped page: a tampered page would kill init, and with it the VM. On a shared
     # root mlock does not cover DAX mappings: stage 0 put PID 1 in a cgroup that may not swap as well.
     linux.mlockall()

@@ -34,11 +34,12 @@ def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "")
                        data.encode() or None), f"mount {fstype}", target)
 
 
-def finit_module(path: str) -> bool:
-    """Load a kernel module from a file; False if it was already loaded (EEXIST)."""
+def finit_module(path: str, params: str = "") -> bool:
+    """Load a kernel module from a file with its parameters (`name=value` words, as modprobe would pass them:
+    they are read once, at load); False if it was already loaded (EEXIST: then `params` were not applied)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        if _libc.syscall(SYS_finit_module, fd, b"", 0) == 0:
+        if _libc.syscall(SYS_finit_module, fd, params.encode(), 0) == 0:
             return True
         err = ctypes.get_errno()
         if err == 17:  # EEXIST
