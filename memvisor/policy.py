@@ -23,12 +23,18 @@ from memvisor.errors import ConfigError, PolicyError
 
 
 class SwapMode(enum.StrEnum):
-    """How the guest swaps to its host-backed disk."""
+    """How the guest swaps to its host-backed disk, weakest first (host/sandbox.py compares modes by this order)."""
 
     OFF = "off"
     PLAIN = "plain"
     ENCRYPTED = "encrypted"
     AUTHENTICATED = "authenticated"
+    CONFIDENTIAL = "confidential"  # authenticated, with the tags in guest RAM: no replay (docs/swap.md)
+
+
+# Modes whose freed swap may be discarded down to the host file. Not authenticated: its tags live in the host file,
+# and dm-integrity serves a block whose tag is its discard marker unchecked (docs/swap.md, "Giving freed swap back").
+DISCARD_MODES = (SwapMode.PLAIN, SwapMode.ENCRYPTED, SwapMode.CONFIDENTIAL)
 
 
 ZRAM_ALGORITHMS = ("lzo-rle", "lzo", "lz4", "zstd")
@@ -154,11 +160,12 @@ SETTINGS: tuple[Setting, ...] = (
             "swap mode (default: authenticated when a size is given)", cmdline="swap_mode",
             choices=tuple(m.value for m in SwapMode), optional=True),
     Setting("allow_weaker_swap", "swap", "allow_weaker", "--allow-weaker-swap", bool,
-            "step down authenticated -> encrypted -> plain if the guest kernel lacks the mode",
+            "step down confidential -> authenticated -> encrypted -> plain if the guest kernel lacks the mode",
             cmdline="allow_weaker_swap"),
     Setting("swap_discard", "swap", "discard", "--swap-discard", bool,
-            "give freed swap back: the guest discards freed swap clusters and the host file shrinks (plain and "
-            "encrypted only; tells the host which slots are free)", cmdline="swap_discard"),
+            "give freed swap back: the guest discards freed swap clusters and the host file shrinks (plain, "
+            "encrypted and confidential; not authenticated; tells the host which slots are free)",
+            cmdline="swap_discard"),
     Setting("zram_percent", "zram", "percent", "--zram-pct", int, "zram device size as a percent of guest RAM",
             cmdline="zram_percent", minimum=0, maximum=400),
     Setting("zram_algorithm", "zram", "algorithm", "--zram-algorithm", str, "zram compression algorithm",
@@ -272,11 +279,12 @@ def validate(policy: Policy) -> None:
                           hint="the floor is the part of the guest's memory it always keeps")
     if policy.swap_discard and policy.effective_swap_mode is SwapMode.OFF:
         raise PolicyError("--swap-discard needs disk swap", hint="add --swap-size MiB or drop --swap-discard")
-    if policy.swap_discard and policy.effective_swap_mode is SwapMode.AUTHENTICATED:
+    if policy.swap_discard and policy.effective_swap_mode not in DISCARD_MODES:
         raise PolicyError(
             "--swap-discard cannot be used with authenticated swap: dm-integrity passes discards only with its own "
-            "internal hash, and it serves a block whose tag reads all 0xf6 (its discard marker) as authentic, so "
-            "a host could forge one", hint="use --swap-mode encrypted or plain with --swap-discard, or drop it")
+            "internal hash, and it serves a block whose tag reads all 0xf6 (its discard marker) as authentic; with "
+            "the tags in the host file, a host could forge one",
+            hint="use --swap-mode confidential (its tags stay in guest RAM) with --swap-discard, or drop it")
     if policy.memctl and policy.ksm:
         raise PolicyError("--memctl and --ksm cannot be used together: memctl backs guest RAM with shared memory "
                           "(a memfd memvisor also maps), and KSM merges only private memory",

@@ -4,7 +4,12 @@ Formatting is O(1) in the device size: zero the first 4 KiB (so a stale superblo
 a one-block temporary integrity target over the whole device. dm-integrity writes a fresh superblock for the
 full device when it finds none, computing `provided_data_sectors` (data space left after the interleaved tag
 areas). Mode D (direct writes, no journal) and no wipe: sectors never written have no valid tags, and swap never
-reads a slot it did not write. Guest only, stdlib only.
+reads a slot it did not write.
+
+With a metadata device (`meta_device:`, confidential swap: guest/tagstore.py) the superblock, the journal and
+every tag live on that device, and the data device holds nothing but data, sector for sector
+(drivers/md/dm-integrity.c: get_data_sector() returns the logical sector as is); `provided_data_sectors` is then
+the data device's size in whole blocks. Guest only, stdlib only.
 """
 
 from __future__ import annotations
@@ -35,11 +40,21 @@ JOURNAL_SECTORS = 8
 BUFFER_SECTORS = 8
 
 
-def target_params(device: str, tag_size: int) -> bytearray:
-    """`<dev> <offset> <tag size> D <#opts> block_size:4096 journal_sectors:8 buffer_sectors:8`: mode D, 4 KiB
-    blocks, the smallest journal (unused in mode D) and 4 KiB metadata buffers."""
-    return bytearray(f"{device} 0 {tag_size} D 3 block_size:{BLOCK_SIZE} journal_sectors:{JOURNAL_SECTORS} "
-                     f"buffer_sectors:{BUFFER_SECTORS}".encode())
+def target_params(device: str, tag_size: int, meta_device: str | None = None, internal_hash: str | None = None,
+                  discards: bool = False) -> bytearray:
+    """`<dev> <offset> <tag size> D <#opts> block_size:4096 journal_sectors:8 buffer_sectors:8 [...]`: mode D,
+    4 KiB blocks, the smallest journal (unused in mode D) and 4 KiB metadata buffers. `meta_device`: tags,
+    superblock and journal on that device instead of interleaved with the data. `internal_hash`: dm-integrity
+    computes and checks the tags itself (an upper target's tags are then refused); `discards`: pass discards down
+    (the kernel takes them only with an internal hash)."""
+    options = [f"block_size:{BLOCK_SIZE}", f"journal_sectors:{JOURNAL_SECTORS}", f"buffer_sectors:{BUFFER_SECTORS}"]
+    if meta_device is not None:
+        options.append(f"meta_device:{meta_device}")
+    if internal_hash is not None:
+        options.append(f"internal_hash:{internal_hash}")
+    if discards:
+        options.append("allow_discards")
+    return bytearray(f"{device} 0 {tag_size} D {len(options)} {' '.join(options)}".encode())
 
 
 def zero_first_block(device: str) -> None:
@@ -62,17 +77,22 @@ def read_superblock(device: str) -> tuple[int, int]:
 
 
 def format_device(ctl: dm.DeviceMapper, device: str, major_minor: tuple[int, int], tag_size: int,
-                  name: str) -> int:
-    """Format `device` for dm-integrity with `tag_size`-byte tags; return provided_data_sectors."""
-    zero_first_block(device)
+                  name: str, meta: tuple[str, tuple[int, int]] | None = None) -> int:
+    """Format `device` for dm-integrity with `tag_size`-byte tags; return provided_data_sectors. `meta`: the
+    metadata device (its node and (major, minor)), which then holds the superblock; the data device is then
+    neither read nor written."""
+    sb_device = meta[0] if meta is not None else device
+    zero_first_block(sb_device)
     ref = f"{major_minor[0]}:{major_minor[1]}"
+    meta_ref = f"{meta[1][0]}:{meta[1][1]}" if meta is not None else None
     ctl.create(name)
     try:
-        ctl.load(name, [dm.Target(0, BLOCK_SIZE // 512, "integrity", target_params(ref, tag_size))])
+        params = target_params(ref, tag_size, meta_ref)
+        ctl.load(name, [dm.Target(0, BLOCK_SIZE // 512, "integrity", params)])
         ctl.resume(name)
     finally:
         ctl.remove(name)
-    got_tag, provided = read_superblock(device)
+    got_tag, provided = read_superblock(sb_device)
     if got_tag != tag_size or provided <= 0:
         raise OSError(errno.EINVAL, f"dm-integrity superblock has tag size {got_tag}, {provided} data sectors", device)
     return provided

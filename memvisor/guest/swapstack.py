@@ -1,9 +1,13 @@
-"""Build the guest's swap stack from its settings: disk swap in one of three modes, zram in front.
+"""Build the guest's swap stack from its settings: disk swap in one of four modes, zram in front.
 
     plain:          /dev/vdX                                    swap header, swapon prio 10
     encrypted:      /dev/vdX -> crypt aes-xts-plain64 (512-bit)  swap header, swapon prio 10
     authenticated:  /dev/vdX -> integrity (D, no journal) -> crypt capi:aegis128-random (AEAD, 32-byte tags;
                     capi:gcm(aes)-random if aegis128 is missing)  swap header, swapon prio 10
+    confidential:   as authenticated, with integrity's tags, superblock and journal on a RAM disk in guest memory
+                    (meta_device: /dev/ram0, guest/tagstore.py): the host file holds only ciphertext. With discards
+                    (which dm-integrity passes only when it hashes itself): /dev/vdX -> integrity (internal_hash
+                    sha256, tags on /dev/ram0, allow_discards) -> crypt aes-xts-plain64 allow_discards
     zram:           /dev/zram0, N% of guest RAM                 swapon prio 100 (used first)
 
 Both crypt tables carry `no_read_workqueue no_write_workqueue`: with the default workqueues, authenticated swap
@@ -13,10 +17,11 @@ the crypto in the submitting context removed the hang.
 Keys: getrandom(2) straight into a private page, handed to the kernel keyring as a `logon` key (user space can
 never read it back) and zeroed; the crypt table names the key (`:<size>:logon:memvisor:swap-crypt`), so no key
 text ever exists, and once dm-crypt has loaded it the keyring entry is invalidated. A key is never logged, never
-in a str, never sent to the host, and not in DM_TABLE_STATUS.
+in a str, never sent to the host, and not in DM_TABLE_STATUS. (The discard variant's SHA-256 is unkeyed: its
+tags never leave guest RAM, and the host cannot find other data with the same hash.)
 
 If the kernel lacks what the asked mode needs, setup fails with a SetupError naming the missing feature, unless
-allow_weaker_swap: then it steps down authenticated -> encrypted -> plain and records a warning.
+allow_weaker_swap: then it steps down confidential -> authenticated -> encrypted -> plain and records a warning.
 Guest only, stdlib only.
 """
 
@@ -29,14 +34,14 @@ import time
 
 from memvisor import cmdline, contract
 from memvisor.errors import SetupError
-from memvisor.guest import blockio, dm, integrity, swap, zram
+from memvisor.guest import blockio, dm, integrity, swap, tagstore, zram
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
-MODES = ("authenticated", "encrypted", "plain")
+MODES = ("confidential", "authenticated", "encrypted", "plain")  # strongest first: the step-down order
 DISK_SERIAL = contract.SWAP_DISK_SERIAL
 DISK_PRIORITY = 10
 ZRAM_PRIORITY = 100
@@ -45,13 +50,19 @@ CRYPT_FLAGS = ("no_read_workqueue", "no_write_workqueue")
 # (dm-crypt cipher, /proc/crypto name, key bytes, integrity tag bytes = stored random IV + auth tag)
 AEADS = (("capi:aegis128-random", "aegis128", 16, 32), ("capi:gcm(aes)-random", "gcm(aes)", 32, 28))
 XTS = ("aes-xts-plain64", 64)
-DISCARD_MODES = ("plain", "encrypted")  # where freed swap may be discarded down to the host file
+# Where freed swap may be discarded down to the host file (memvisor.policy.DISCARD_MODES, not imported: boot cost).
+DISCARD_MODES = ("plain", "encrypted", "confidential")
+# confidential with discards: dm-integrity's own hash over the ciphertext, its 32-byte digest the tag. Unkeyed is
+# enough: the tags stay in guest RAM, and passing the check with other data means a second preimage of SHA-256.
+INTERNAL_HASH = ("sha256", 32)
+AEAD_MODES = ("authenticated", "confidential")
 INTEGRITY_NAME = "memvisor-swap-integrity"
 CRYPT_NAME = "memvisor-swap-crypt"
 
 # Which module groups (memvisor/image/kernel.py) each part needs.
 NEEDS = {"plain": ("block",), "encrypted": ("block", "dm", "crypt"),
-         "authenticated": ("block", "dm", "crypt", "integrity")}
+         "authenticated": ("block", "dm", "crypt", "integrity"),
+         "confidential": ("block", "dm", "crypt", "integrity", "ramdisk")}
 
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 
@@ -133,8 +144,10 @@ def crypto_available(name: str) -> bool:
 class SwapStack:
     """Builds the stack; `report` describes it for the host (no keys in it)."""
 
-    def __init__(self, settings: dict[str, str], load_group: Callable[[str], list[str]],
+    def __init__(self, settings: dict[str, str], load_group: Callable[[str, dict[str, str] | None], list[str]],
                  log: Callable[[str], None]) -> None:
+        """`load_group(group, params)` loads a module group of the image (memvisor/image/kernel.py), each module
+        with its params if named there, and returns the modules that failed."""
         # Every value as the host decided it (memvisor/contract.py): no default of the guest's own.
         self.size_mib = int(contract.require(settings, "swap_size_mib"))
         self.asked = contract.require(settings, "swap_mode")
@@ -169,7 +182,7 @@ class SwapStack:
         return self.report
 
     def _zram(self, memtotal_kib: int) -> None:
-        failed = self.load_group("zram")
+        failed = self.load_group("zram", None)
         if "zram" in failed:
             raise SetupError("zram needs the kernel module zram, which could not be loaded; remove --zram-pct")
         try:
@@ -198,14 +211,17 @@ class SwapStack:
                 self.report["warnings"].append(warning)
                 self.log(warning)
                 continue
-            self._build(mode)
+            self._build(mode, blockio.find_disk(DISK_SERIAL))
             self.report["effective"] = mode
             return
 
     def _require(self, mode: str) -> None:
         """Raise Missing naming the first kernel feature `mode` lacks (loading what it needs)."""
         for group in NEEDS[mode]:
-            failed = self.load_group(group)
+            params = None
+            if group == "ramdisk":  # sized from the swap disk (virtio_blk is loaded by then: "block" comes first)
+                params = tagstore.module_params(self._tag_store_kib(blockio.find_disk(DISK_SERIAL)[2]))
+            failed = self.load_group(group, params)
             if failed:
                 raise Missing(f"kernel module {failed[0]} could not be loaded")
         if mode == "plain":
@@ -218,22 +234,34 @@ class SwapStack:
             targets = ctl.target_versions()
         finally:
             ctl.close()
-        for target in ("crypt", "integrity") if mode == "authenticated" else ("crypt",):
+        for target in ("crypt", "integrity") if mode in AEAD_MODES else ("crypt",):
             if target not in targets:
                 raise Missing(f"device-mapper target {target} is not registered")
-        if mode == "authenticated":
-            self.load_group("aegis")  # aegis128_aesni may fail without AES-NI; the generic aegis128 still works
-            if crypto_available("aegis128"):
-                self.aead = AEADS[0]
-            elif not self.load_group("gcm"):  # gcm(aes) is a template: listed in /proc/crypto only once used
-                self.aead = AEADS[1]
-            else:
-                raise Missing("no AEAD cipher: neither aegis128 nor gcm(aes) can be loaded")
+        if mode == "confidential" and self.discard:
+            self.load_group("sha256", None)  # the SIMD versions; the generic sha256 is built in
+            if not crypto_available(INTERNAL_HASH[0]):
+                raise Missing(f"no {INTERNAL_HASH[0]} hash for dm-integrity")
+        elif mode in AEAD_MODES:
+            self._choose_aead()
 
-    def _build(self, mode: str) -> None:
-        device, major_minor, sectors = blockio.find_disk(DISK_SERIAL)
-        top, table = device, list[str]()
-        # Never under authenticated: dm-integrity takes discards only with an internal hash (policy.validate).
+    def _choose_aead(self) -> None:
+        """The strongest AEAD the kernel has (docs/swap.md, "Which AEAD"): aegis128, else gcm(aes)."""
+        self.load_group("aegis", None)  # aegis128_aesni may fail without AES-NI; the generic aegis128 still works
+        if crypto_available("aegis128"):
+            self.aead = AEADS[0]
+        elif not self.load_group("gcm", None):  # gcm(aes) is a template: listed in /proc/crypto only once used
+            self.aead = AEADS[1]
+        else:
+            raise Missing("no AEAD cipher: neither aegis128 nor gcm(aes) can be loaded")
+
+    @staticmethod
+    def _tag_store_kib(disk_sectors: int) -> int:
+        """The tag store's size for this disk: room for the largest tag any confidential stack uses."""
+        return tagstore.capacity_kib(disk_sectors, max(INTERNAL_HASH[1], *(a[3] for a in AEADS)))
+
+    def _build(self, mode: str, disk: tuple[str, tuple[int, int], int]) -> None:
+        device, major_minor, sectors = disk
+        # Never under authenticated: its tags are in the host file (policy.validate, DISCARD_MODES).
         discard = self.discard and mode in DISCARD_MODES
         if discard:
             swap.mark_nonrotational(device.removeprefix("/dev/"))
@@ -241,7 +269,7 @@ class SwapStack:
         if mode != "plain":
             ctl = dm.DeviceMapper()
             try:
-                top, usable, table = self._crypt_stack(ctl, mode, device, major_minor, usable, discard)
+                top, usable, table = self._crypt_stack(ctl, mode, disk, usable, discard)
             except OSError as exc:
                 for name in (CRYPT_NAME, INTEGRITY_NAME):
                     try:
@@ -251,6 +279,8 @@ class SwapStack:
                 raise SetupError(f"swap mode {mode} setup failed: {exc.strerror or exc}") from None
             finally:
                 ctl.close()
+        else:
+            top, table = device, []
         swap.write_header(top, usable * 512, os.urandom(16))
         self._lap("swap_header")
         swap.swapon(top, DISK_PRIORITY, discard)
@@ -259,26 +289,20 @@ class SwapStack:
                                        "backing": device, "size_bytes": usable * 512, "table": table,
                                        "discard": discard})
 
-    def _crypt_stack(self, ctl: dm.DeviceMapper, mode: str, device: str, disk: tuple[int, int],
+    def _crypt_stack(self, ctl: dm.DeviceMapper, mode: str, disk: tuple[str, tuple[int, int], int],
                      sectors: int, discard: bool) -> tuple[str, int, list[str]]:
-        """integrity (authenticated only) and crypt over the disk; returns (top node, sectors, tables)."""
-        lower = f"{disk[0]}:{disk[1]}"
+        """integrity (authenticated, confidential) and crypt over the disk; returns (top node, sectors, tables)."""
+        lower = f"{disk[1][0]}:{disk[1][1]}"
         table: list[str] = []
-        if mode == "authenticated":
-            cipher, _name, key_size, tag_size = self.aead
-            provided = integrity.format_device(ctl, device, disk, tag_size, "memvisor-swap-format")
-            self._lap("integrity_format")
-            sectors = provided - provided % SECTOR_ALIGN
-            integ = ctl.create(INTEGRITY_NAME)
-            ctl.load(INTEGRITY_NAME, [dm.Target(0, sectors, "integrity", integrity.target_params(lower, tag_size))])
-            ctl.resume(INTEGRITY_NAME)
-            self._lap("integrity_device")
+        cipher, key_size = XTS
+        options: tuple[str, ...] = ("sector_size:4096", *CRYPT_FLAGS, *(("allow_discards",) if discard else ()))
+        if mode in AEAD_MODES:
+            integ, sectors = self._integrity(ctl, mode, disk, discard)
             table.append(describe(ctl, INTEGRITY_NAME))
             lower = f"{integ[0]}:{integ[1]}"
-            options: tuple[str, ...] = (f"integrity:{tag_size}:aead", "sector_size:4096", *CRYPT_FLAGS)
-        else:
-            cipher, key_size = XTS
-            options = ("sector_size:4096", *CRYPT_FLAGS, *(("allow_discards",) if discard else ()))
+            if not discard:  # the AEAD's tags go down to dm-integrity (discard: dm-integrity hashes itself)
+                cipher, _name, key_size, tag_size = self.aead
+                options = (f"integrity:{tag_size}:aead", "sector_size:4096", *CRYPT_FLAGS)
         serial = logon_key(key_size, blockio.find_disk(contract.KEY_HANDOVER_SERIAL)[0] if self.key_handover else None)
         params = crypt_params(cipher, key_size, lower, options)
         try:
@@ -291,6 +315,33 @@ class SwapStack:
         self.report["cipher"] = cipher
         table.append(describe(ctl, CRYPT_NAME))
         return ctl.node(crypt), sectors, table
+
+    def _integrity(self, ctl: dm.DeviceMapper, mode: str, disk: tuple[str, tuple[int, int], int],
+                   discard: bool) -> tuple[tuple[int, int], int]:
+        """The dm-integrity device over the disk: tags interleaved in the host file (authenticated) or on the
+        tag store in guest RAM (confidential). Returns its (major, minor) and size in sectors."""
+        device, major_minor, _sectors = disk
+        meta: tuple[str, tuple[int, int]] | None = None
+        internal_hash = None
+        tag_size = self.aead[3]
+        if mode == "confidential":
+            kib = self._tag_store_kib(disk[2])
+            meta = tagstore.device(kib)
+            tagstore.mount_debugfs()
+            if discard:
+                internal_hash, tag_size = INTERNAL_HASH
+            self.report["tag_store"] = {"device": meta[0], "capacity_bytes": kib * 1024,
+                                        "tags": internal_hash or "aead", "tag_bytes": tag_size}
+        provided = integrity.format_device(ctl, device, major_minor, tag_size, "memvisor-swap-format", meta)
+        self._lap("integrity_format")
+        sectors = provided - provided % SECTOR_ALIGN
+        integ = ctl.create(INTEGRITY_NAME)
+        params = integrity.target_params(f"{major_minor[0]}:{major_minor[1]}", tag_size,
+                                         f"{meta[1][0]}:{meta[1][1]}" if meta else None, internal_hash, discard)
+        ctl.load(INTEGRITY_NAME, [dm.Target(0, sectors, "integrity", params)])
+        ctl.resume(INTEGRITY_NAME)
+        self._lap("integrity_device")
+        return integ, sectors
 
 
 def describe(ctl: dm.DeviceMapper, name: str) -> str:

@@ -27,6 +27,11 @@ MODULE_GROUPS: dict[str, tuple[str, ...]] = {
     "dm": ("dm_mod",),
     "crypt": ("dm_crypt", "xts", "aesni_intel"),
     "integrity": ("dm_integrity",),
+    # confidential swap: the RAM disk that holds dm-integrity's tags in guest memory (loaded with its size), and
+    # the SIMD SHA-256 its discard variant hashes with (only the generic one is built in; nothing in the guest
+    # would load the faster ones on demand: there is no modprobe)
+    "ramdisk": ("brd",),
+    "sha256": ("sha256_ssse3",),
     "aegis": ("aegis128", "aegis128_aesni"),
     "gcm": ("gcm", "ghash_clmulni_intel"),
     "zram": ("zram", "lz4", "lzo_rle", "zstd"),

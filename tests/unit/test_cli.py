@@ -17,7 +17,7 @@ from memvisor import cli
     (["run", "--swap-size", "8", "--", "true"], "--swap-size 8 MiB is too small"),
     (["run", "--memory", "192", "--swap-size", "32768", "--", "true"], "use at most 12288 MiB of swap"),
     (["run", "--swap-mode", "plain", "--", "true"], "--swap-mode plain needs a swap size"),
-    (["run", "--swap-mode", "secure", "--", "true"], "choose one of off, plain, encrypted, authenticated"),
+    (["run", "--swap-mode", "secure", "--", "true"], "choose one of off, plain, encrypted, authenticated, confidenti"),
     (["run", "--kernel-arg", "a b", "--", "true"], "kernel argument 'a b' must be one word"),
     (["run"], "no command given"),
     (["run", "--env", "NOEQUALS", "--", "true"], "--env 'NOEQUALS' is not NAME=VALUE"),

@@ -36,6 +36,18 @@ def test_a_weaker_swap_mode_from_the_guest_is_refused(tmp_path: Path, monkeypatc
     allowed._swap_ready({"asked": "authenticated", "effective": effective})
 
 
+@pytest.mark.parametrize("effective", ["authenticated", "encrypted"])
+def test_a_step_down_from_confidential_is_refused_unless_allowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 effective: str) -> None:
+    monkeypatch.setenv("MEMVISOR_RUNTIME_DIR", str(tmp_path))
+    vm = instance(tmp_path, swap_size_mib=64, swap_mode="confidential")
+    with pytest.raises(GuestError, match=f"swap mode {effective}, weaker than confidential"):
+        vm._swap_ready({"effective": effective})
+    instance(tmp_path, swap_size_mib=64, swap_mode="confidential", allow_weaker_swap=True)._swap_ready(
+        {"effective": effective})
+    instance(tmp_path, swap_size_mib=64)._swap_ready({"effective": "confidential"})  # stronger than asked: fine
+
+
 def test_a_swap_mode_that_is_not_one_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MEMVISOR_RUNTIME_DIR", str(tmp_path))
     with pytest.raises(GuestError, match="which is not a mode"):

@@ -131,7 +131,7 @@ def test_settings_that_conflict() -> None:
     ("cpus", "1.5", "invalid value"),
     ("timeout", "-1", "below the minimum"),
     ("root", "maybe", "invalid value 'maybe'"),
-    ("swap_mode", "fancy", "choose one of off, plain, encrypted, authenticated"),
+    ("swap_mode", "fancy", "choose one of off, plain, encrypted, authenticated, confidential"),
     ("zram_algorithm", "gzip", "choose one of"),
 ])
 def test_bad_values_name_the_flag_and_value(field: str, raw: str, match: str) -> None:
@@ -167,11 +167,21 @@ def test_cmdline_values_cannot_inject_words() -> None:
 
 
 def test_swap_discard_is_refused_with_authenticated_swap_or_without_swap() -> None:
-    with pytest.raises(PolicyError, match="authenticated"):
+    with pytest.raises(PolicyError, match="authenticated") as info:
         policy.merge(("test", {"swap_size_mib": 64, "swap_discard": True}))
+    assert "confidential" in (info.value.hint or "")
     with pytest.raises(PolicyError, match="needs disk swap"):
         policy.merge(("test", {"swap_discard": True}))
-    assert policy.merge(("test", {"swap_size_mib": 64, "swap_mode": "encrypted", "swap_discard": True})).swap_discard
+    for mode in ("plain", "encrypted", "confidential"):  # confidential's tags are in guest RAM: no forged marker
+        assert policy.merge(("test", {"swap_size_mib": 64, "swap_mode": mode, "swap_discard": True})).swap_discard
+
+
+def test_swap_modes_are_ordered_weakest_first() -> None:
+    # host/sandbox.py refuses an effective mode weaker than the one asked for by this order
+    assert list(SwapMode) == [SwapMode.OFF, SwapMode.PLAIN, SwapMode.ENCRYPTED, SwapMode.AUTHENTICATED,
+                              SwapMode.CONFIDENTIAL]
+    assert policy.to_cmdline(policy.merge(("t", {"swap_size_mib": 64, "swap_mode": "confidential"}))).count(
+        "memvisor.swap_mode=confidential") == 1
 
 
 def test_memory_floor_default_and_bounds() -> None:
