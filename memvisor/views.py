@@ -41,6 +41,10 @@ def stats_table(snapshot: dict[str, Any]) -> Table:
     decisions = [f"{sb['id']}: {sb['supervisor']['reason']}" for sb in snapshot["sandboxes"] if sb.get("supervisor")]
     if decisions:
         table.caption += "\nsupervisor: " + "; ".join(printable(d) for d in decisions)
+    tags = [f"{sb['id']}: {mib(sb['guest']['swap_tags_bytes'])} MiB" for sb in snapshot["sandboxes"]
+            if (sb.get("guest") or {}).get("swap_tags_bytes")]
+    if tags:  # confidential swap: guest RAM its integrity tags take (docs/swap.md)
+        table.caption += "\nswap tag store (guest RAM): " + "; ".join(tags)
     memctl = [f"{sb['id']}: " + memctl_text(sb["memctl"]) for sb in snapshot["sandboxes"] if sb.get("memctl")]
     if memctl:
         table.caption += "\nmemctl: " + "; ".join(memctl)

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 ZRAM_SYS = "/sys/block/zram0"
 INIT_CGROUP_STAT = "/sys/fs/cgroup/memvisor-init/memory.stat"  # contract.INIT_CGROUP (not imported: boot cost)
 WORKLOAD_PRESSURE = "/sys/fs/cgroup/memvisor-workloads/memory.pressure"  # guest/cgroups.py WORKLOADS
+TAG_STORE_PAGES = "/sys/kernel/debug/ramdisk_pages/ram0"  # guest/tagstore.py PAGES_FILE (confidential swap)
 VMSTAT_KEYS = ("pswpin", "pswpout", "oom_kill", "balloon_inflate", "balloon_deflate")
 PAGE_KIB = 4
 # Pages swapped to zram still cost their compressed size: count zram's free room at half its size.
@@ -79,6 +80,15 @@ def stall_us() -> int:
     return 0
 
 
+def tag_store_kib() -> int:
+    """Guest RAM the confidential swap's tag store holds (brd's own count of its pages; 0 without one)."""
+    try:
+        with open(TAG_STORE_PAGES) as f:
+            return int(f.read()) * PAGE_KIB
+    except (OSError, ValueError):
+        return 0
+
+
 def vmstat() -> dict[str, int]:
     """The /proc/vmstat counters the host reads (swap traffic, OOM kills, balloon pages in and out)."""
     out = {}
@@ -100,7 +110,7 @@ def cgroup_stat(path: str) -> dict[str, int]:
 
 
 def reclaim(info: dict[str, int], counters: dict[str, int], devices: list[dict[str, object]],
-            store: dict[str, int], init: dict[str, int]) -> dict[str, int]:
+            store: dict[str, int], init: dict[str, int], tags_kib: int = 0) -> dict[str, int]:
     """What of its memory the guest cannot give back, in KiB, from its own figures: the host's balloon must
     never leave it less than `unreclaimable_kib` (plus the kernel's watermarks) of the memory it booted with.
 
@@ -110,6 +120,7 @@ def reclaim(info: dict[str, int], counters: dict[str, int], devices: list[dict[s
       init         PID 1's anonymous memory (its cgroup may not swap: memvisor-init, image/rootfs.py)
       mlocked      unevictable pages: mlock()ed memory (PID 1 after mlockall, memctl's MLOCK), ramfs
       zram         zram's compressed store
+      tags         the confidential swap's tag store (brd pages: kernel memory on no page list, `tags_kib`)
       unswappable  anonymous and tmpfs pages no swap has room for (all of them without swap)
     Besides: `reclaimable_kib` (file cache, reclaimable slab, what swap can take), `balloon_kib` (what the
     balloon holds now; never counted as used), `boot_memtotal_kib`, `watermark_kib` (what the kernel keeps
@@ -137,10 +148,10 @@ def reclaim(info: dict[str, int], counters: dict[str, int], devices: list[dict[s
     to_disk = min(movable, disk_room)
     swappable = to_disk + int(min(movable - to_disk, zram_room) * ZRAM_GAIN)
     zram_kib = store.get("mem_used_total", 0) // 1024
-    kernel = max(0, used - anon - file - unevictable - slab - zram_kib)
+    kernel = max(0, used - anon - file - unevictable - slab - zram_kib - tags_kib)
     unswappable = movable - swappable
     parts = {"kernel_kib": kernel, "init_kib": pinned, "mlocked_kib": unevictable, "zram_kib": zram_kib,
-             "unswappable_kib": unswappable}
+             "tags_kib": tags_kib, "unswappable_kib": unswappable}
     try:
         with open("/proc/sys/vm/min_free_kbytes") as f:
             minimum = int(f.read())
@@ -155,5 +166,5 @@ def report() -> dict[str, Any]:
     """Everything the host gets in STATS and EXIT."""
     info, counters, devices, store = meminfo(), vmstat(), swaps(), zram()
     return {"meminfo": info, "swaps": devices, "vmstat": counters, "zram": store, "psi": pressure(),
-            "reclaim": {**reclaim(info, counters, devices, store, cgroup_stat(INIT_CGROUP_STAT)),
+            "reclaim": {**reclaim(info, counters, devices, store, cgroup_stat(INIT_CGROUP_STAT), tag_store_kib()),
                         "stall_us": stall_us()}}

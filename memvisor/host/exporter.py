@@ -39,6 +39,8 @@ SANDBOX_GAUGES = (
     ("memvisor_guest_unreclaimable_bytes", "Guest memory that nothing can reclaim (kernel, PID 1, mlocked, zram)",
      ("guest", "unreclaimable_bytes")),
     ("memvisor_guest_oom_kills", "Processes the guest's OOM killer ended since boot", ("guest", "oom_kills")),
+    ("memvisor_guest_swap_tags_bytes", "Guest RAM holding the confidential swap's integrity tags (its tag store)",
+     ("guest", "swap_tags_bytes")),
 )
 HOST_GAUGES = (
     ("memvisor_host_memtotal_bytes", "Host MemTotal", ("memtotal_bytes",)),

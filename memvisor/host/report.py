@@ -42,6 +42,7 @@ def swap_section(policy: pol.Policy, hello: dict[str, Any] | None,
         "setup_seconds": setup.get("setup_seconds"),
         "setup_timings": _dict(setup.get("timings")),
         "cipher": setup.get("cipher"),
+        "tag_store": _dict(setup.get("tag_store")) or None,  # confidential: the tags' RAM disk in the guest
         "warnings": [w for w in _list(setup.get("warnings")) if isinstance(w, str)],
         "devices": [d for d in _list(setup.get("devices")) if isinstance(d, dict) and isinstance(d.get("device"), str)],
     }
@@ -55,6 +56,8 @@ def swap_section(policy: pol.Policy, hello: dict[str, Any] | None,
             device["size_kib"] = active.get("size_kib")
             if active:
                 device["priority"] = active.get("priority")
+        if out["tag_store"] is not None:  # guest RAM the tags took, at the command's end
+            out["tag_store"]["used_bytes"] = _dict(exit_body.get("reclaim")).get("tags_kib", 0) * 1024
         vmstat = _dict(exit_body.get("vmstat"))
         for key in ("pswpin", "pswpout"):  # named fields only: a guest key never replaces one of the host's
             out[key] = vmstat.get(key)

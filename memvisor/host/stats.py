@@ -112,6 +112,8 @@ def sandbox(state: runtime.SandboxState) -> dict[str, Any]:
             "pswpout": vmstat.get("pswpout"),
             "oom_kills": vmstat.get("oom_kill"),  # processes the guest's OOM killer ended since boot
             "unreclaimable_bytes": guestdata.figures(guest.get("reclaim")).get("unreclaimable_kib", 0) * 1024,
+            # guest RAM holding the confidential swap's tags (docs/swap.md): part of the unreclaimable bytes
+            "swap_tags_bytes": guestdata.figures(guest.get("reclaim")).get("tags_kib", 0) * 1024,
         }
         zram = guestdata.figures(guest.get("zram"))
         if zram.get("compr_data_size"):
