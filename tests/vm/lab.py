@@ -18,11 +18,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from memvisor import policy
 from memvisor.host.sandbox import Instance
 
 LAB = (Path(__file__).parent / "swaplab.py").read_text()
 BLOCK = 4096
 SECTOR = 512
+
+
+def lab_policy(mode: str, swap_mib: int = 64, discard: bool = False) -> policy.Policy:
+    """A root guest with the initramfs root: on the shared (DAX) root the kernel ignores mlock for the
+    interpreter's data pages, which would then swap out and be rolled back with the workload's."""
+    return policy.merge(("test", {"memory_mib": 192, "swap_size_mib": swap_mib, "swap_mode": mode, "root": True,
+                                  "rootfs": "initramfs", "swap_discard": discard, "timeout": 280}))
 
 
 class Lab:
@@ -119,6 +127,23 @@ class SwapFile:
         if self.layout is None:
             return [(slot * BLOCK, BLOCK)]
         return [(self.layout.data(slot), BLOCK), (self.layout.tag(slot), self.layout.tag_size)]
+
+    def holes(self, slots: list[int]) -> list[int]:
+        """The slots whose data block the file no longer holds (discarded: QEMU punched a hole)."""
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            out = []
+            for slot in slots:
+                offset = self.spans(slot)[0][0]
+                try:
+                    found = os.lseek(fd, offset, os.SEEK_DATA)
+                except OSError:  # ENXIO: no data from there to the end
+                    found = -1
+                if found != offset:
+                    out.append(slot)
+            return out
+        finally:
+            os.close(fd)
 
     def read(self, offset: int, length: int) -> bytes:
         fd = os.open(self.path, os.O_RDONLY)

@@ -8,9 +8,6 @@ slots: swaplab reads before it writes), dm-bufio's cache of tags is emptied as m
 writes its copy back, and the workload reads every page in forked children. `authenticated` serves version A
 without an error: the proof that it misses replays. `confidential` refuses every page: SIGBUS, and the guest
 kernel logs the failed authentication.
-
-The guests boot with the initramfs root: on the shared (DAX) root the kernel ignores mlock for the interpreter's
-data pages, which would then swap out and be rolled back too.
 """
 
 from __future__ import annotations
@@ -19,18 +16,12 @@ from collections import Counter
 
 import pytest
 
-from memvisor import policy
 from memvisor.host.sandbox import Instance
 from memvisor.image.build import Image
-from tests.vm.lab import BLOCK, Lab, SwapFile
+from tests.vm.lab import BLOCK, Lab, SwapFile, lab_policy
 
 PAGES = 1024  # 4 MiB of version A, then B
 PROBE_PAGES = 16  # the region the move, flip and truncate act on
-
-
-def lab_policy(mode: str, discard: bool = False) -> policy.Policy:
-    return policy.merge(("test", {"memory_mib": 192, "swap_size_mib": 64, "swap_mode": mode, "root": True,
-                                  "rootfs": "initramfs", "swap_discard": discard, "timeout": 280}))
 
 
 def replay(lab: Lab, swap: SwapFile) -> list[str]:
