@@ -126,6 +126,8 @@ def setup_swap(ctx: Context) -> None:
     # root mlock does not cover DAX mappings: stage 0 put PID 1 in a cgroup that may not swap as well.
     linux.mlockall()
     ctx.swap = stack.build(memstats.meminfo()["MemTotal"])
+    if stack.segments is not None:  # confidential: more swap areas, swapped on as the first ones fill
+        stack.segments.watch()
     for device in ctx.swap["devices"]:
         log(f"swap on {device['device']} ({device.get('mode', device['kind'])}, priority {device['priority']})")
 

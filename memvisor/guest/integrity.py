@@ -96,3 +96,13 @@ def format_device(ctl: dm.DeviceMapper, device: str, major_minor: tuple[int, int
     if got_tag != tag_size or provided <= 0:
         raise OSError(errno.EINVAL, f"dm-integrity superblock has tag size {got_tag}, {provided} data sectors", device)
     return provided
+
+
+def metadata_start(table_params: str) -> int:
+    """Where the tags begin on a metadata device, in bytes, from the live target's parameters: after the
+    superblock (8 sectors) and the journal, whose size dm-integrity reports as `journal_sectors:N`
+    (drivers/md/dm-integrity.c: initial_sectors = SB_SECTORS + journal sections; the bufio client's offset)."""
+    for word in table_params.split():
+        if word.startswith("journal_sectors:"):
+            return (8 + int(word.partition(":")[2])) * 512
+    raise OSError(errno.EINVAL, f"no journal_sectors in the integrity table {table_params[:120]!r}")

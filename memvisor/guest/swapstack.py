@@ -34,7 +34,7 @@ import time
 
 from memvisor import cmdline, contract
 from memvisor.errors import SetupError
-from memvisor.guest import blockio, dm, integrity, swap, tagstore, zram
+from memvisor.guest import blockio, dm, integrity, segments, swap, tagstore, zram
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -161,6 +161,8 @@ class SwapStack:
         self.log = log
         self.report: dict[str, Any] = {"asked": self.asked, "effective": "off", "warnings": [], "devices": []}
         self.aead = AEADS[0]
+        self.crypt_dev = (0, 0)
+        self.segments: segments.Segments | None = None  # confidential: its swap areas, grown by PID 1 (watch())
         self.timings: dict[str, float] = {}
         self.report["timings"] = self.timings
         self._mark = time.monotonic()
@@ -266,12 +268,19 @@ class SwapStack:
         if discard:
             swap.mark_nonrotational(device.removeprefix("/dev/"))
         usable = sectors - sectors % SECTOR_ALIGN
-        if mode != "plain":
+        table: list[str] = []
+        if mode == "plain":
+            top = device
+        else:
             ctl = dm.DeviceMapper()
             try:
                 top, usable, table = self._crypt_stack(ctl, mode, disk, usable, discard)
+                if mode == "confidential":
+                    self._segments(ctl, usable, table, device, discard)
+                    return
             except OSError as exc:
-                for name in (CRYPT_NAME, INTEGRITY_NAME):
+                names = [segments.NAME.format(k) for k in range(segments.MAX_SEGMENTS)] + [CRYPT_NAME, INTEGRITY_NAME]
+                for name in names:
                     try:
                         ctl.remove(name)
                     except OSError:
@@ -279,8 +288,6 @@ class SwapStack:
                 raise SetupError(f"swap mode {mode} setup failed: {exc.strerror or exc}") from None
             finally:
                 ctl.close()
-        else:
-            top, table = device, []
         swap.write_header(top, usable * 512, os.urandom(16))
         self._lap("swap_header")
         swap.swapon(top, DISK_PRIORITY, discard)
@@ -288,6 +295,24 @@ class SwapStack:
         self.report["devices"].append({"device": top, "kind": "disk", "priority": DISK_PRIORITY, "mode": mode,
                                        "backing": device, "size_bytes": usable * 512, "table": table,
                                        "discard": discard})
+
+    def _segments(self, ctl: dm.DeviceMapper, sectors: int, table: list[str], device: str, discard: bool) -> None:
+        """confidential: the crypt device in slices, each a swap area (guest/segments.py); the first two swapped
+        on now, the rest by PID 1's watcher (`self.segments.watch()`) as they fill."""
+        tags_at = integrity.metadata_start(table[0])
+        tag_size = INTERNAL_HASH[1] if discard else self.aead[3]
+        self.segments = segments.Segments(self.crypt_dev, sectors, tags_at, tag_size, DISK_PRIORITY, discard,
+                                          self.log)
+        nodes = self.segments.create(ctl)
+        for _ in range(min(2, len(nodes))):
+            self.segments.activate()
+        self._lap("swapon")
+        self.report["tag_store"]["setup_bytes"] = tagstore.used_bytes()  # superblock, journal, first segments
+        for k, ((start, length), node) in enumerate(zip(self.segments.slices, nodes, strict=True)):
+            self.report["devices"].append({
+                "device": node, "kind": "disk", "priority": DISK_PRIORITY, "mode": "confidential", "backing": device,
+                "size_bytes": length * 512, "table": [*table, describe(ctl, segments.NAME.format(k))],
+                "discard": discard, "segment": k, "offset_bytes": start * 512})
 
     def _crypt_stack(self, ctl: dm.DeviceMapper, mode: str, disk: tuple[str, tuple[int, int], int],
                      sectors: int, discard: bool) -> tuple[str, int, list[str]]:
@@ -311,6 +336,7 @@ class SwapStack:
         finally:
             invalidate_key(serial)  # dm-crypt copied it at table load; nothing else may ever find it
         ctl.resume(CRYPT_NAME)
+        self.crypt_dev = crypt
         self._lap("crypt_device")
         self.report["cipher"] = cipher
         table.append(describe(ctl, CRYPT_NAME))

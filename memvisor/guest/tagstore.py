@@ -6,17 +6,19 @@ A tag the host cannot reach is what stops a replay: with `authenticated`, a host
 the guest holds, and the read fails (docs/swap.md, "What the host can do").
 
 brd allocates a page the first time a sector of it is written (drivers/block/brd.c, brd_insert_page) and, in
-the guest's 6.1 kernel, never gives one back (it has no discard), so the store costs what swap has ever used at
-once: one tag per 4 KiB block written (32 bytes: 0.8%) plus the superblock and the one journal section written
-at format. Its pages are kernel memory, neither swapped (a tag on the host disk would undo the point) nor
-reclaimed. brd counts them itself, in debugfs (ramdisk_pages/ram0), which memstats reports. Its module
-parameters are read once, at load: the size is decided before loading, from the swap disk's size.
-Guest only, stdlib only.
+the guest's 6.1 kernel, never gives one back (it has no discard). That first write must never come from
+dm-integrity: it would allocate (GFP_NOIO) inside the swap-out path, exactly when memory is gone, and loop in
+direct reclaim while swap-out waits for it (guest/segments.py). So the store is written ahead of use, one swap
+segment's tags at a time (`prefill`), before that segment can be swapped to. Its pages are kernel memory,
+neither swapped (a tag on the host disk would undo the point) nor reclaimed. brd counts them itself, in debugfs
+(ramdisk_pages/ram0), which memstats reports. Its module parameters are read once, at load: the size is
+decided before loading, from the swap disk's size. Guest only, stdlib only.
 """
 
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import time
 
@@ -72,3 +74,31 @@ def mount_debugfs() -> None:
     """Mount debugfs (root only; nothing else in the guest uses it) so memstats can read the store's size."""
     if not os.path.exists(PAGES_FILE):
         linux.mount("debugfs", DEBUGFS, "debugfs", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+
+
+def used_bytes() -> int:
+    """Guest RAM the store holds now (brd's count of its pages)."""
+    with open(PAGES_FILE) as f:
+        return int(f.read()) * BLOCK
+
+
+def prefill(offset: int, length: int) -> None:
+    """Write zeros over [offset, offset + length) of the store (whole pages; what an unwritten tag reads as), so
+    brd allocates those pages now rather than on the swap-out path. Each page is read first and must be zero: a
+    page that holds a tag is in use, and overwriting it would lose that block (OSError instead)."""
+    if offset % BLOCK or length % BLOCK:
+        raise OSError(errno.EINVAL, f"tag store range {offset}+{length} is not in whole pages", f"/dev/{NAME}")
+    chunk = 1 << 20
+    buf = mmap.mmap(-1, chunk)  # page-aligned, for O_DIRECT
+    fd = os.open(f"/dev/{NAME}", os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
+    try:
+        for at in range(offset, offset + length, chunk):
+            size = min(chunk, offset + length - at)
+            with memoryview(buf)[:size] as view:
+                if os.preadv(fd, [view], at) != size or buf[:size].count(0) != size:
+                    raise OSError(errno.EEXIST, f"tag store range at {at} is already in use", f"/dev/{NAME}")
+                if os.pwritev(fd, [view], at) != size:
+                    raise OSError(errno.EIO, f"short write at {at}", f"/dev/{NAME}")
+    finally:
+        os.close(fd)
+        buf.close()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from memvisor import policy
-from memvisor.guest import integrity, memstats, swapstack, tagstore
+from memvisor.guest import integrity, memstats, segments, swapstack, tagstore
 from memvisor.host import report
 
 
@@ -51,3 +51,23 @@ def test_the_report_carries_the_tag_store_and_what_it_holds() -> None:
     section = report.swap_section(pol, hello, {"reclaim": {"tags_kib": 168}})
     assert section["tag_store"] == {**store, "used_bytes": 168 << 10}
     assert report.swap_section(pol, {"swap": {"effective": "authenticated"}}, {})["tag_store"] is None
+
+
+def test_confidential_segments_start_small_and_double() -> None:
+    mib = 2048  # sectors
+    assert segments.plan(16 * mib) == [(0, 16 * mib)]
+    assert segments.plan(128 * mib) == [(0, 64 * mib), (64 * mib, 64 * mib)]
+    assert [n // mib for _, n in segments.plan(512 * mib)] == [64, 64, 128, 256]
+    assert [n // mib for _, n in segments.plan(100 * mib)] == [64, 36]
+    big = segments.plan(32 * 1024 * mib)
+    assert [n // mib for _, n in big] == [64, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+    huge = segments.plan(1 << 36)  # the kernel has few swap types: the last segment takes the rest
+    assert len(huge) == segments.MAX_SEGMENTS and sum(n for _, n in huge) == 1 << 36
+    for plan in (big, huge, segments.plan(777 * mib + 8)):
+        assert all(start % segments.ALIGN_SECTORS == 0 for start, _ in plan)  # no tag page serves two segments
+        assert [s for s, _ in plan[1:]] == [s + n for s, n in plan[:-1]]
+
+
+def test_the_tags_start_after_the_superblock_and_the_journal() -> None:
+    live = "254:0 0 32 D 5 meta_device:1:0 block_size:4096 journal_sectors:264 interleave_sectors:1 buffer_sectors:8"
+    assert integrity.metadata_start(live) == (8 + 264) * 512 == 34 * 4096

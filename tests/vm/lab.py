@@ -2,9 +2,10 @@
 hostile host could (copy and write back, move a block, flip bytes, truncate), knowing exactly which 4 KiB block
 of the file holds which of the workload's pages.
 
-Where a swap slot lies in the host file depends on the mode: plain, encrypted and confidential map swap slot N to
-the file's block N (confidential keeps its tags on a RAM disk in the guest: the file holds nothing else);
-authenticated interleaves dm-integrity's tag areas with the data (`IntegrityLayout`).
+Where a swap slot (swap type, offset) lies in the host file depends on the mode: plain and encrypted map offset N
+to the file's block N; confidential too, from the start of its swap area's segment (it keeps its tags on a RAM
+disk in the guest: the file holds nothing else); authenticated interleaves dm-integrity's tag areas with the data
+(`IntegrityLayout`).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from memvisor.host.sandbox import Instance
 LAB = (Path(__file__).parent / "swaplab.py").read_text()
 BLOCK = 4096
 SECTOR = 512
+Slot = tuple[int, int]  # (swap type, offset), as /proc/self/pagemap gives them
 
 
-def lab_policy(mode: str, swap_mib: int = 64, discard: bool = False) -> policy.Policy:
+def lab_policy(mode: str, swap_mib: int = 128, discard: bool = False) -> policy.Policy:
     """A root guest with the initramfs root: on the shared (DAX) root the kernel ignores mlock for the
     interpreter's data pages, which would then swap out and be rolled back with the workload's."""
     return policy.merge(("test", {"memory_mib": 192, "swap_size_mib": swap_mib, "swap_mode": mode, "root": True,
@@ -43,16 +45,17 @@ class Lab:
         self.vm = vm
         self.swap = ready["swap"]
         self.replies: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.out = bytearray()
+        self.areas: list[str] = []  # the guest's swap areas by swap type, as of the last `out`
+        self.pending = bytearray()  # stdout not yet split into lines
         self.err = bytearray()
         self.command = vm.session.begin(["python3", "-S", "-c", LAB], uid=0, stdin=True, on_stdout=self._stdout,
                                         on_stderr=self.err.extend)
 
     def _stdout(self, data: bytes) -> None:
-        self.out.extend(data)
-        while b"\n" in self.out:
-            line, _, rest = bytes(self.out).partition(b"\n")
-            self.out[:] = rest
+        self.pending.extend(data)
+        while b"\n" in self.pending:
+            line, _, rest = bytes(self.pending).partition(b"\n")
+            self.pending[:] = rest
             if line.startswith(b"R "):
                 self.replies.put(json.loads(line[2:]))
 
@@ -68,6 +71,12 @@ class Lab:
                 continue
         ended = f"it ended: {self.command.exit}" if self.command.done.is_set() else f"none in {timeout:g} s"
         raise AssertionError(f"swaplab gave no answer to {words} ({ended}): {self.err.decode(errors='replace')}")
+
+    def out(self, region: str) -> list[Slot]:
+        """Push `region` to swap: the slot of each of its pages (and the swap areas, for SwapFile.bind)."""
+        reply = self("out", region)
+        self.areas = reply["areas"]
+        return [(s[0], s[1]) for s in reply["slots"]]
 
     def close(self) -> None:
         assert self.vm.session is not None
@@ -117,24 +126,32 @@ class IntegrityLayout:
 class SwapFile:
     """The host's view of a sandbox's swap file: blocks by swap slot, and what a hostile host can do to them."""
 
-    def __init__(self, vm: Instance, mode: str) -> None:
-        self.path = vm.swap_path
+    def __init__(self, lab: Lab, mode: str) -> None:
+        self.path = lab.vm.swap_path
+        self.lab = lab
         self.layout = IntegrityLayout.read(self.path) if mode == "authenticated" else None
+        # where each of the guest's disk swap devices starts in the file (confidential: one per segment)
+        self.starts = {d["device"]: d.get("offset_bytes", 0) for d in lab.swap["devices"] if d["kind"] == "disk"}
 
-    def spans(self, slot: int) -> list[tuple[int, int]]:
+    def spans(self, slot: Slot) -> list[tuple[int, int]]:
         """(offset, length) of everything the file holds of swap slot `slot`: its data, and its tag if the tag is
         in the file."""
+        start = self.starts[self.lab.areas[slot[0]]]
         if self.layout is None:
-            return [(slot * BLOCK, BLOCK)]
-        return [(self.layout.data(slot), BLOCK), (self.layout.tag(slot), self.layout.tag_size)]
+            return [(start + slot[1] * BLOCK, BLOCK)]
+        return [(self.layout.data(slot[1]), BLOCK), (self.layout.tag(slot[1]), self.layout.tag_size)]
 
-    def holes(self, slots: list[int]) -> list[int]:
+    def data(self, slot: Slot) -> int:
+        """Where the slot's data is in the file."""
+        return self.spans(slot)[0][0]
+
+    def holes(self, slots: list[Slot]) -> list[Slot]:
         """The slots whose data block the file no longer holds (discarded: QEMU punched a hole)."""
         fd = os.open(self.path, os.O_RDONLY)
         try:
             out = []
             for slot in slots:
-                offset = self.spans(slot)[0][0]
+                offset = self.data(slot)
                 try:
                     found = os.lseek(fd, offset, os.SEEK_DATA)
                 except OSError:  # ENXIO: no data from there to the end
@@ -180,20 +197,20 @@ class SwapFile:
             os.close(fd)
         return changed
 
-    def move(self, src_slot: int, dst_slot: int) -> None:
+    def move(self, src_slot: Slot, dst_slot: Slot) -> None:
         """Copy slot `src_slot` (and its tag, where the file has it) over slot `dst_slot`."""
         for (src, length), (dst, _) in zip(self.spans(src_slot), self.spans(dst_slot), strict=True):
             self.write(dst, self.read(src, length))
 
-    def flip(self, slot: int) -> None:
+    def flip(self, slot: Slot) -> None:
         """Invert one byte in the middle of the slot's data."""
-        offset = self.spans(slot)[0][0] + BLOCK // 2
+        offset = self.data(slot) + BLOCK // 2
         self.write(offset, bytes([self.read(offset, 1)[0] ^ 0xFF]))
 
-    def truncate(self, slot: int) -> None:
+    def truncate(self, slot: Slot) -> None:
         """Cut the file at the slot and grow it back: from that slot on, the file reads as zeros."""
         size = self.path.stat().st_size
-        offset = self.spans(slot)[0][0]
+        offset = self.data(slot)
         with self.path.open("r+b") as f:
             f.truncate(offset)
             f.truncate(size)

@@ -5,7 +5,8 @@ It reads one command per line on stdin and answers each with one line, `R <json>
     alloc NAME PAGES          an anonymous region of PAGES pages, each holding version "A" of its contents
     write NAME VERSION        rewrite every page as VERSION (each page read first: see below)
     out NAME                  push the region to swap and wait until none of it is in guest RAM; answers the swap
-                              slot of every page (from /proc/self/pagemap) and flushes the swap device
+                              slot of every page (swap type and offset, from /proc/self/pagemap) and the swap
+                              areas by type, and flushes the swap devices
     evict                     empty dm-bufio's cache of dm-integrity tags (dm_bufio module parameters, then wait
                               for its cleanup to run), as memory pressure or a large swap would
     check NAME                read every page, each in a forked child; answers per page: "A"/"B"/... (that
@@ -80,10 +81,14 @@ def slots(region: mmap.mmap) -> list[list[int] | None]:
     return out
 
 
-def swap_device() -> str:
+def swap_areas() -> list[str]:
+    """The swap areas in the kernel's order: a slot's swap type is its index here."""
     with open("/proc/swaps") as f:
-        rows = [line.split() for line in f.readlines()[1:]]
-    return next(r[0] for r in rows if not r[0].startswith("/dev/zram"))
+        return [line.split()[0] for line in f.readlines()[1:]]
+
+
+def swap_devices() -> list[str]:
+    return [a for a in swap_areas() if not a.startswith("/dev/zram")]
 
 
 def cgroup_dir() -> str:
@@ -106,12 +111,13 @@ def push_out(region: mmap.mmap) -> dict[str, object]:
         except OSError:
             pass  # EAGAIN: it reclaimed less than asked
         time.sleep(0.2)
-    fd = os.open(swap_device(), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return {"slots": slots(region)}
+    for device in swap_devices():
+        fd = os.open(device, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return {"slots": slots(region), "areas": swap_areas()}
 
 
 def evict() -> dict[str, object]:

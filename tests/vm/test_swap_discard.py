@@ -90,15 +90,15 @@ def test_confidential_discards_and_never_serves_what_the_host_writes(image: Imag
     and random bytes over some of f's live blocks, and exactly those pages fail."""
     with Instance(lab_policy("confidential", swap_mib=16, discard=True), image) as vm:
         lab = Lab(vm)
-        swap = SwapFile(vm, "confidential")
-        [disk] = lab.swap["devices"]
-        assert disk["discard"] is True and "allow_discards" in disk["table"][-1]
+        swap = SwapFile(lab, "confidential")
+        [disk] = lab.swap["devices"]  # 16 MiB: one segment
+        assert disk["discard"] is True and "allow_discards" in disk["table"][1]
         assert "internal_hash:sha256" in disk["table"][0] and "meta_device:" in disk["table"][0]
         lab("alloc", "d", 1536)
-        d = [s[1] for s in lab("out", "d")["slots"]]
+        d = lab.out("d")
         lab("alloc", "filler", 2304)
-        lab("out", "filler")
-        old = {slot: swap.read(slot * BLOCK, BLOCK) for slot in d}
+        lab.out("filler")
+        old = {slot: swap.read(swap.data(slot), BLOCK) for slot in d}
         assert swap.holes(d) == []
         lab("free", "d")
         # Discards run after the free, asynchronously; the last freed slots (up to 64 per CPU) may wait in the
@@ -107,19 +107,19 @@ def test_confidential_discards_and_never_serves_what_the_host_writes(image: Imag
         while len(discarded := swap.holes(d)) < len(d) - 512 and time.monotonic() < deadline:
             time.sleep(0.2)
         for i, slot in enumerate(d):
-            swap.write(slot * BLOCK, old[slot] if i % 2 else os.urandom(BLOCK))
+            swap.write(swap.data(slot), old[slot] if i % 2 else os.urandom(BLOCK))
         lab("alloc", "f", 1024)
         lab("write", "f", "C")
-        f = [s[1] for s in lab("out", "f")["slots"]]
+        f = lab.out("f")
         reused = set(f) & set(discarded)
         first = lab("check", "f")["pages"]
-        assert lab("out", "f")["slots"] == [[0, slot] for slot in f]  # the checked pages out again, same slots
+        assert lab.out("f") == f  # the checked pages out again, to the same slots
         replayed = [i for i, slot in enumerate(f) if i % 4 == 0 and slot in old]
-        forged = [i for i in range(1, len(f), 4)]
+        forged = list(range(1, len(f), 4))
         for i in replayed:
-            swap.write(f[i] * BLOCK, old[f[i]])
+            swap.write(swap.data(f[i]), old[f[i]])
         for i in forged:
-            swap.write(f[i] * BLOCK, os.urandom(BLOCK))
+            swap.write(swap.data(f[i]), os.urandom(BLOCK))
         second = lab("check", "f")["pages"]
         lab.close()
     assert len(discarded) >= len(d) - 512, f"only {len(discarded)} of {len(d)} freed blocks left the host file"
