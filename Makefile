@@ -67,8 +67,8 @@ serve-soak: image
 soak-supervisor: image
 	$(BIN)/python -m bench.supervisor_soak $(SOAK_SUPERVISOR_ARGS)
 
-# The swap soak (issue 8's goal: 0 stalls in 100 authenticated runs, 0 in 50 of each other mode), two sandboxes at
-# a time; about 1.5 hours under TCG. SOAK_ARGS passes options, e.g. SOAK_ARGS="--runs authenticated=20 --load 1".
+# The swap soak (goals: 0 stalls in 100 confidential and 100 authenticated runs, 0 in 50 of each other mode), two
+# sandboxes at a time; about 2.5 hours under TCG. SOAK_ARGS passes options, e.g. SOAK_ARGS="--runs confidential=20".
 soak: image
 	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 

@@ -9,7 +9,8 @@ What is allowed, and why:
   - encrypted (aes-xts-plain64, a 64-byte key = two AES-256 keys): the raw key bytes may appear only as the first
     round keys of an AES-256 encryption key schedule, or as the last round key of a decryption schedule (the
     kernel's `struct crypto_aes_ctx` and aesni's equivalent); every occurrence is checked by expanding the key.
-  - authenticated (aegis128): the cipher's context is the raw 16-byte key itself, so at most one copy.
+  - authenticated and confidential (aegis128): the cipher's context is the raw 16-byte key itself, so at most
+    one copy.
 Never: the whole XTS key in one piece, the key as hex text, or any other copy (a Python buffer, a freed ioctl
 or keyring buffer). A copy that is still referenced makes the test fail (tried: a Python `bytes` of the key
 kept alive fails it). A copy freed early may be overwritten before the dump (freed pages are reused at once and
@@ -116,7 +117,7 @@ def dump_ram(vm: Instance, path: Path) -> bytes:
     return path.read_bytes()
 
 
-@pytest.mark.parametrize("mode", ["encrypted", "authenticated"])
+@pytest.mark.parametrize("mode", ["encrypted", "authenticated", "confidential"])
 def test_the_swap_key_exists_only_in_the_guest_kernels_cipher_state(image: Image, tmp_path: Path,
                                                                      mode: str) -> None:
     handover = tmp_path / "key"

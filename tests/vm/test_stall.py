@@ -3,8 +3,8 @@
 - A guest wedged on purpose (its swap disk throttled to one request a second through QMP while a hog needs
   swap) runs into its --timeout: memvisor asks PID 1 for a diagnostic dump, and the error names the guest's
   blocked tasks and memory state, shows the console tail and says where the whole console log was kept.
-- The small soak: six authenticated-swap hog runs, two sandboxes at a time (bench/soak.py, whose full run is
-  `make soak`): every run completes, none stalls.
+- The small soak: six hog runs, three with authenticated swap and three with confidential, two sandboxes at a
+  time (bench/soak.py, whose full run is `make soak`): every run completes, none stalls.
 """
 
 from __future__ import annotations
@@ -73,9 +73,9 @@ RUNS, PARALLEL, RUN_TIMEOUT = 6, 2, 300
 # that can happen (it did on a loaded host, three rounds of runs taking over 100 s each): this test's guard is
 # the soak's own bound, rounds x (per-run timeout + the dump and teardown).
 @pytest.mark.timeout(-(-RUNS // PARALLEL) * (RUN_TIMEOUT + 60))
-def test_small_soak_authenticated_never_stalls() -> None:
-    runs = soak.soak({"authenticated": RUNS}, parallel=PARALLEL, memory=128, hog_mib=192, swap_mib=512,
-                     timeout=RUN_TIMEOUT)
+def test_small_soak_authenticated_and_confidential_never_stall() -> None:
+    runs = soak.soak({"authenticated": RUNS // 2, "confidential": RUNS - RUNS // 2}, parallel=PARALLEL, memory=128,
+                     hog_mib=192, swap_mib=512, timeout=RUN_TIMEOUT)
     print("\n" + soak.table(runs))
     assert [r.outcome for r in runs] == ["completed"] * RUNS, json.dumps([vars(r) for r in runs], indent=1)
 

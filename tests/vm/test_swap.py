@@ -116,15 +116,46 @@ def test_each_mode_device_priority_and_table(memvisor: Runner, mode: str, tables
         aead = dev["table"][-1].split()[4]  # "<name>: <start> <length> crypt <cipher> <key> ..."
         tag = {"capi:aegis128-random": "32", "capi:gcm(aes)-random": "28"}[aead]
         assert dev["table"][0].split()[6] == tag, dev["table"]  # "<name>: <start> <length> integrity <dev> 0 <tag>"
-    if mode == "authenticated":
         # 4 KiB metadata buffers (order-0 allocations) instead of dm-integrity's 64 KiB: docs/swap.md, the stall.
         assert "buffer_sectors:8" in dev["table"][0]
+        assert rep["tag_store"] is None
     if mode != "plain":
         crypt = dev["table"][-1]
         assert "no_read_workqueue" in crypt and "no_write_workqueue" in crypt and "sector_size:4096" in crypt
         key = crypt.split()[5]
         assert key.endswith(":logon:memvisor:swap-crypt"), "the key is referenced in the keyring, never in the table"
     assert rep["setup_seconds"] is not None  # how long it takes is bench/swap.py's business
+
+
+def test_confidential_swap_segments_tables_and_growth(memvisor: Runner) -> None:
+    """256 MiB of confidential swap: segments of 64, 64 and 128 MiB (guest/segments.py), the first two swapped on at
+    setup, the third once a workload has half filled them; tags, superblock and journal on the RAM disk, so the
+    segments cover the whole host file."""
+    script = 'cat /proc/swaps; python3 -S -c "$0" 200 confidential-growth 0 >/dev/null; cat /proc/swaps'
+    r = memvisor("run", "--json", "--memory", "192", "--swap-size", "256", "--swap-mode", "confidential", "--",
+                 "sh", "-c", script, HOG)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.split("Filename")
+    before = [line.split() for line in out[1].splitlines()[1:]]
+    after = [line.split() for line in out[2].splitlines()[1:-1]]
+    rep = report(r.stdout)["swap"]
+    assert (rep["asked"], rep["effective"]) == ("confidential", "confidential")
+    devices = rep["devices"]
+    assert [(d["segment"], d["offset_bytes"] >> 20, d["size_bytes"] >> 20) for d in devices] == \
+        [(0, 0, 64), (1, 64, 64), (2, 128, 128)]
+    assert [row[0] for row in before] == [d["device"] for d in devices[:2]] and {row[4] for row in before} == {"10"}
+    assert [row[0] for row in after] == [d["device"] for d in devices], "the third segment was never swapped on"
+    integrity, crypt, linear = devices[2]["table"]
+    aead = crypt.split()[4]
+    tag = {"capi:aegis128-random": "32", "capi:gcm(aes)-random": "28"}[aead]
+    assert integrity.split()[6] == tag and "meta_device:1:0" in integrity and "buffer_sectors:8" in integrity
+    assert crypt.split()[5].endswith(":logon:memvisor:swap-crypt") and "no_write_workqueue" in crypt
+    assert linear.split()[3] == "linear" and linear.split()[5] == str(128 << 11), linear  # from 128 MiB on
+    store = rep["tag_store"]
+    assert store["device"] == "/dev/ram0" and store["tag_bytes"] == int(tag)
+    # setup wrote the superblock and journal (136 KiB) and the two first segments' tags; the third's came later
+    assert store["setup_bytes"] == 136 * 1024 + 2 * (64 << 20) // 4096 * int(tag)
+    assert store["used_bytes"] == store["setup_bytes"] + (128 << 20) // 4096 * int(tag)
 
 
 def test_zram_in_front_of_authenticated_disk(memvisor: Runner) -> None:
@@ -226,15 +257,30 @@ def test_missing_kernel_feature_errors_then_steps_down(memvisor: Runner) -> None
     assert r.returncode == 0
     assert report(r.stdout)["swap"]["effective"] == "plain"
 
+    # confidential without the RAM disk for its tags: refused, or authenticated when allowed
+    args = ["run", "--json", "--memory", "192", "--swap-size", "128", "--swap-mode", "confidential",
+            "--kernel-arg", "module_blacklist=brd"]
+    r = memvisor(*args, "--", "true")
+    assert r.returncode == 125
+    assert "swap mode confidential is not available: kernel module brd could not be loaded" in r.stderr
+    r = memvisor(*args, "--allow-weaker-swap", "--", "true")
+    assert r.returncode == 0, r.stderr
+    assert "warning: swap mode confidential is not available" in r.stderr
+    rep = report(r.stdout)["swap"]
+    assert (rep["asked"], rep["effective"], rep["tag_store"]) == ("confidential", "authenticated", None)
+
 
 def test_workload_cannot_reach_the_swap_stack(memvisor: Runner) -> None:
-    script = ("for d in /dev/vd* /dev/dm-* /dev/zram* /dev/mapper/*; do [ -e $d ] || continue; "
+    # confidential: every device authenticated has, and the RAM disk of tags
+    script = ("for d in /dev/vd* /dev/dm-* /dev/zram* /dev/ram* /dev/mapper/*; do [ -e $d ] || continue; "
               "head -c 1 $d >/dev/null 2>&1 && echo READ-OK $d; done; "
-              "mknod /tmp/disk b 254 0 2>/dev/null && echo MKNOD-OK; ls /dev/dm-1 /dev/vda")
-    r = memvisor("run", "--memory", "192", "--swap-size", "128", "--zram-pct", "25", "--", "sh", "-c", script)
+              "cat /sys/kernel/debug/ramdisk_pages/ram0 2>/dev/null && echo DEBUGFS-OK; "
+              "mknod /tmp/disk b 254 0 2>/dev/null && echo MKNOD-OK; ls /dev/dm-1 /dev/vda /dev/ram0")
+    r = memvisor("run", "--memory", "192", "--swap-size", "128", "--swap-mode", "confidential", "--zram-pct", "25",
+                 "--", "sh", "-c", script)
     assert r.returncode == 0, r.stderr
-    assert "READ-OK" not in r.stdout and "MKNOD-OK" not in r.stdout
-    assert "/dev/dm-1" in r.stdout  # the devices exist; the workload just cannot open them
+    assert "READ-OK" not in r.stdout and "MKNOD-OK" not in r.stdout and "DEBUGFS-OK" not in r.stdout
+    assert "/dev/dm-1" in r.stdout and "/dev/ram0" in r.stdout  # they exist; the workload just cannot open them
     r = memvisor("run", "--root", "--memory", "192", "--swap-size", "128", "--", "sh", "-c",
                  "head -c 1 /dev/dm-1 >/dev/null && echo ROOT-OK")
     assert "ROOT-OK" in r.stdout  # proves the check above could have failed
