@@ -7,9 +7,10 @@ direct reclaim (which may not do I/O, so cannot swap) while swap-out waits for t
 stalled at the first swap-out (the worker running in brd_insert_page -> __alloc_pages -> try_to_free_pages; the
 rest waiting on its buffer); with the whole store written at setup, 0 of 4. Writing the store ahead of use moves
 the allocation out of the I/O path, but is safe only where nothing can read or write a tag meanwhile, and a swap
-area the kernel does not use yet is such a place. So the crypt device is cut into slices (dm-linear), each a swap
-area of the same priority (the kernel spreads pages over them); a slice's tags are written (zeros, what an
-unwritten tag reads as) before its swap header, and it is swapped on when the active ones are half full.
+area the kernel does not use yet is such a place. So the crypt device is cut into slices (dm-linear), each a swap area
+whose priority is below the one before (the kernel fills them in order, as it would one area); a slice's tags
+are written (zeros, what an unwritten tag reads as) before its swap header, and it is swapped on when the active
+ones are half full.
 
 Sizes: 64 MiB, 64 MiB, then each as large as all before it, so setup does the same small work for any swap size
 (the first two) and the store holds at most about twice the tags of the swap in use; at most MAX_SEGMENTS areas
@@ -84,9 +85,15 @@ class Segments:
         end = self.tags_at + (start + length) // 8 * self.tag_size
         tagstore.prefill(first, -(-(end - first) // tagstore.BLOCK) * tagstore.BLOCK)
         swap.write_header(self.nodes[k], length * 512, os.urandom(16))
-        swap.swapon(self.nodes[k], self.priority, self.discard)
+        swap.swapon(self.nodes[k], self.priority_of(k), self.discard)
         self.active += 1
         return self.nodes[k]
+
+    def priority_of(self, k: int) -> int:
+        """Slice k's swap priority: each below the one before, down to `priority` for the last, so the kernel
+        fills them in order, as it would one area (at equal priorities it spreads pages over all of them, which
+        measured ~4% slower here), and a slice swapped on later takes only what the others cannot."""
+        return self.priority + len(self.slices) - 1 - k
 
     def full(self) -> bool:
         """Whether the active slices are half used (then the next one is due)."""

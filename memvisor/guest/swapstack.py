@@ -265,6 +265,10 @@ class SwapStack:
         device, major_minor, sectors = disk
         # Never under authenticated: its tags are in the host file (policy.validate, DISCARD_MODES).
         discard = self.discard and mode in DISCARD_MODES
+        if self.discard and not discard:  # stepped down from confidential: say what is lost with it
+            warning = f"swap discards are off: swap mode {mode} cannot take them safely"
+            self.report["warnings"].append(warning)
+            self.log(warning)
         if discard:
             swap.mark_nonrotational(device.removeprefix("/dev/"))
         usable = sectors - sectors % SECTOR_ALIGN

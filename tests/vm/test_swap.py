@@ -257,8 +257,9 @@ def test_missing_kernel_feature_errors_then_steps_down(memvisor: Runner) -> None
     assert r.returncode == 0
     assert report(r.stdout)["swap"]["effective"] == "plain"
 
-    # confidential without the RAM disk for its tags: refused, or authenticated when allowed
-    args = ["run", "--json", "--memory", "192", "--swap-size", "128", "--swap-mode", "confidential",
+    # confidential without the RAM disk for its tags: refused, or authenticated when allowed (and then without the
+    # discards asked for: authenticated cannot take them safely)
+    args = ["run", "--json", "--memory", "192", "--swap-size", "128", "--swap-mode", "confidential", "--swap-discard",
             "--kernel-arg", "module_blacklist=brd"]
     r = memvisor(*args, "--", "true")
     assert r.returncode == 125
@@ -266,8 +267,10 @@ def test_missing_kernel_feature_errors_then_steps_down(memvisor: Runner) -> None
     r = memvisor(*args, "--allow-weaker-swap", "--", "true")
     assert r.returncode == 0, r.stderr
     assert "warning: swap mode confidential is not available" in r.stderr
+    assert "warning: swap discards are off: swap mode authenticated cannot take them safely" in r.stderr
     rep = report(r.stdout)["swap"]
     assert (rep["asked"], rep["effective"], rep["tag_store"]) == ("confidential", "authenticated", None)
+    assert [d["discard"] for d in rep["devices"]] == [False]
 
 
 def test_workload_cannot_reach_the_swap_stack(memvisor: Runner) -> None:
