@@ -14,7 +14,7 @@ seconds from starting a VMM to the end of a first `true` in it, median over the 
 under TCG, N guests share 2 CPUs).
 
 Attachments: initramfs (a private copy of the root in each guest's RAM; memvisor's image only), pmem (the erofs
-file as virtio-pmem, DAX), blk (the erofs file as a read-only virtio-blk disk). Images: memvisor's default image,
+file as an emulated NVDIMM, DAX), blk (the erofs file as a read-only virtio-blk disk). Images: memvisor's default image,
 and --large (a user image built here from --large-packages unless it exists: ~470 MiB of files).
 
 Goals: the default image costs each guest <= 2 MiB of RAM for its root (vs ~16.5 MiB as an initramfs), the host

@@ -12,7 +12,9 @@ SWAP_DISK_SERIAL = "memvisor-swap"  # the virtio-blk serial of the swap disk (/d
 # The shared read-only root (memvisor/image/rootfs.py): how stage 0 finds it.
 ROOTFS_SETTING = "rootfs"  # pmem | blk; an initramfs-booted guest never reads it
 ROOTFS_DISK_SERIAL = "memvisor-rootfs"
-ROOTFS_PCI_SLOT = 0x10  # as virtio-pmem, memvisor's root sits at this PCI slot and the user's image at the next
+# As an emulated ACPI NVDIMM (QEMU `-device nvdimm,slot=N`), memvisor's root is in slot 0 and the user's image in
+# slot 1; the guest finds each by its NFIT device handle, which QEMU makes slot + 1 (hw/acpi/nvdimm.c).
+ROOTFS_NVDIMM_SLOT = 0
 # A scratch disk (policy scratch_mib) holds the root overlays' upper layers instead of tmpfs; stage 0 formats
 # it and leaves it mounted here.
 SCRATCH_DISK_SERIAL = "memvisor-scratch"
@@ -22,7 +24,7 @@ SCRATCH_MOUNT = "/mnt/scratch"
 INIT_CGROUP = "memvisor-init"
 # The user's image (memvisor/guest/userroot.py): none, or how it is attached (pmem | blk).
 USER_IMAGE_SETTING = "user_image"
-IMAGE_PCI_SLOT = 0x11
+IMAGE_NVDIMM_SLOT = 1
 IMAGE_DISK_SERIAL = "memvisor-image"
 # Tests only (tests/vm/test_keydump.py): the guest also writes its swap key to this disk, so the test can look for
 # copies of it in a dump of guest RAM. Never set by a policy; a user's --kernel-arg cannot set memvisor.* words.
@@ -32,6 +34,11 @@ WORKLOAD_UID = 1000  # the unprivileged user commands run as unless the policy s
 WORKLOAD_USER = "sandbox"
 WORKLOAD_HOME = "/home/sandbox"
 MEMCTL_SOCKET = "/run/memvisor/memctl.sock"  # where workloads ask PID 1 for memctl (docs/memctl.md)
+
+
+def nvdimm_handle(slot: int) -> str:
+    """The NFIT device handle of the NVDIMM in `slot`, as the guest's sysfs shows it (nmemN/nfit/handle)."""
+    return f"{slot + 1:#x}"
 
 
 class MissingSetting(Exception):

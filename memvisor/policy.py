@@ -38,7 +38,7 @@ DISCARD_MODES = (SwapMode.PLAIN, SwapMode.ENCRYPTED, SwapMode.CONFIDENTIAL)
 
 
 ZRAM_ALGORITHMS = ("lzo-rle", "lzo", "lz4", "zstd")
-# How the guest gets its root (docs/image.md): the image's shared read-only erofs as virtio-pmem with DAX, or as a
+# How the guest gets its root (docs/image.md): the image's shared read-only erofs as an NVDIMM with DAX, or as a
 # read-only virtio-blk disk, under a tmpfs overlay; or the older private initramfs copy (for comparison).
 ROOTFS_KINDS = ("pmem", "blk", "initramfs")
 # A user's image name (memvisor/image/store.py): it becomes a file name.
@@ -182,7 +182,7 @@ SETTINGS: tuple[Setting, ...] = (
             "let the sandbox's workload tell the host how to back its memory (free, lock, ...; docs/memctl.md): "
             "guest RAM becomes a shared memfd", cmdline="memctl"),
     Setting("rootfs", "image", "rootfs", "--rootfs", str,
-            "how the guest gets its root: the image's one shared read-only copy as virtio-pmem with DAX (pmem, "
+            "how the guest gets its root: the image's one shared read-only copy as an NVDIMM with DAX (pmem, "
             "default) or as a read-only virtio-blk disk (blk), or a private copy in guest RAM (initramfs)",
             cmdline="rootfs", choices=ROOTFS_KINDS),
     Setting("scratch_mib", "image", "scratch_mib", "--scratch", int,

@@ -22,18 +22,39 @@ MS_RDONLY, MS_BIND = 0x1, 0x1000
 
 
 def find_device(kind: str, timeout: float = 10.0) -> str:
-    """The user image's device: the virtio-pmem at its PCI slot, or the virtio-blk disk with its serial."""
+    """The user image's device: the pmem on the NVDIMM in its slot, or the virtio-blk disk with its serial."""
     if kind == "blk":
         return blockio.find_disk(contract.IMAGE_DISK_SERIAL, timeout)[0]
     deadline = time.monotonic() + timeout
-    slot = f"/0000:00:{contract.IMAGE_PCI_SLOT:02x}.0/"
+    handle = contract.nvdimm_handle(contract.IMAGE_NVDIMM_SLOT)
     while True:
         for name in sorted(os.listdir("/sys/block")):
-            if name.startswith("pmem") and slot in os.path.realpath(f"/sys/block/{name}"):
+            if name.startswith("pmem") and nvdimm_handle_of(name) == handle:
+                if read_sysfs(f"/sys/block/{name}/queue/dax") != "1":
+                    raise SetupError(f"the image's /dev/{name} has no DAX (no NVDIMM info block?): rebuild the image")
                 return f"/dev/{name}"
         if time.monotonic() > deadline:
             raise SetupError(f"the image's pmem device did not appear in the guest within {timeout:g} s")
         time.sleep(0.01)
+
+
+def read_sysfs(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read(64).strip()
+    except OSError:
+        return None
+
+
+def nvdimm_handle_of(block: str) -> str | None:
+    """The NFIT handle of the NVDIMM under /sys/block/`block` (.../regionN/pfnN.M/block/pmemN: the region's
+    first mapping names the nmem device), or None."""
+    region = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(f"/sys/block/{block}"))))
+    mapping = read_sysfs(f"{region}/mapping0") or ""
+    nmem = mapping.partition(",")[0]
+    if not nmem.startswith("nmem") or "/" in nmem:
+        return None
+    return read_sysfs(f"/sys/bus/nd/devices/{nmem}/nfit/handle")
 
 
 def set_readonly(device: str) -> None:

@@ -29,8 +29,9 @@ from memvisor.host.console import ConsoleLog
 from memvisor.host.result import TIMEOUT_EXIT, Collected, OutputFn, RunResult
 from memvisor.host.session import Session
 from memvisor.host.stall import Stall
-from memvisor.host.vmm import Disk, Pmem, VMMBackend, VMSpec, backend, qemu
+from memvisor.host.vmm import Disk, Nvdimm, VMMBackend, VMSpec, backend, qemu
 from memvisor.host.vmm.qmp import QMP
+from memvisor.image import rootfs as image_rootfs
 from memvisor.image import store
 from memvisor.image.build import Image
 
@@ -136,20 +137,21 @@ class Instance:
         initrd = self.image.initramfs if rootfs == "initramfs" else self.image.stage0
         self._fds = [self._open(self.image.vmlinux, os.O_RDONLY), self._open(initrd, os.O_RDONLY)]
         disks: tuple[Disk, ...] = ()
-        pmem: tuple[Pmem, ...] = ()
+        nvdimms: tuple[Nvdimm, ...] = ()
         # The image's one shared copy, and the user's image if any: opened read-only here, attached read-only
         # (docs/image.md); with an initramfs root the user's image goes on a disk.
-        shared = [(self.image.rootfs, contract.ROOTFS_PCI_SLOT, contract.ROOTFS_DISK_SERIAL)] \
+        shared = [(self.image.rootfs, contract.ROOTFS_NVDIMM_SLOT, contract.ROOTFS_DISK_SERIAL)] \
             if rootfs != "initramfs" else []
         if self.user_image is not None:
-            shared.append((self.user_image.rootfs, contract.IMAGE_PCI_SLOT, contract.IMAGE_DISK_SERIAL))
+            shared.append((self.user_image.rootfs, contract.IMAGE_NVDIMM_SLOT, contract.IMAGE_DISK_SERIAL))
         for path, slot, serial in shared:
+            offset = image_rootfs.erofs_offset(path)  # an image built before the NVDIMM header is refused here
             fd = self._open(path, os.O_RDONLY)
             self._fds.append(fd)
             if rootfs == "pmem":
-                pmem += (Pmem(fd, os.fstat(fd).st_size, slot),)
+                nvdimms += (Nvdimm(fd, os.fstat(fd).st_size, slot),)
             else:
-                disks += (Disk(path, serial, direct_io=False, fds=(fd,), readonly=True),)
+                disks += (Disk(path, serial, direct_io=False, fds=(fd,), readonly=True, offset=offset),)
         image_kind = "none" if self.user_image is None else "pmem" if rootfs == "pmem" else "blk"
         words: tuple[str, ...] = (f"memvisor.{contract.USER_IMAGE_SETTING}={image_kind}",)
         if self.policy.effective_swap_mode is not pol.SwapMode.OFF:
@@ -192,7 +194,7 @@ class Instance:
             cmdline=(f"memvisor.id={self.id}", *pol.to_cmdline(self.policy), *words, *self.kernel_args),
             console_fd=console_theirs.fileno(), qmp_fd=qmp_sock.fileno(), channel_fd=theirs.fileno(),
             ksm=self.ksm_in_effect(), disks=disks, balloon=self.policy.balloon,
-            deflate_on_oom=self.policy.balloon_deflates_on_oom, pmem=pmem,
+            deflate_on_oom=self.policy.balloon_deflates_on_oom, nvdimms=nvdimms,
             ram_fd=self.memctl.fd if self.memctl else None)
         self.argv = self.vmm.command(spec)
         return self.argv

@@ -39,7 +39,7 @@ GUEST_SOURCES = ("__init__.py", "errors.py", "cmdline.py", "contract.py", "proto
                  "guest/segments.py", "guest/zram.py", "guest/memstats.py", "guest/diag.py", "guest/memctld.py",
                  "guest/memctl.py", "guest/userroot.py", "guest/cgroups.py")
 BUILDER_SOURCES = ("image/__init__.py", "image/build.py", "image/cpio.py", "image/debs.py", "image/kernel.py",
-                   "image/python.py", "image/rootfs.py", "image/tree.py")
+                   "image/nvdimm.py", "image/python.py", "image/rootfs.py", "image/tree.py")
 UNPRIVILEGED = contract.WORKLOAD_UID
 STEPS = ("resolve packages", "download packages", "unpack packages", "kernel", "kernel modules",
          "python", "write initramfs", "write the shared root")

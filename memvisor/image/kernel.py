@@ -38,7 +38,8 @@ MODULE_GROUPS: dict[str, tuple[str, ...]] = {
     # stage 0 (image/rootfs.py) loads these before the root exists: the shared read-only root and its overlay.
     # erofs needs libcrc32c, whose init asks the crypto API for "crc32c" (a softdep on an alias, which no module
     # loader resolves in stage 0): crc32c_generic provides it.
-    "rootfs_pmem": ("virtio_pci", "virtio_pmem", "nd_pmem", "crc32c_generic", "erofs", "overlay"),
+    # pmem: the root on QEMU's emulated ACPI NVDIMM (nfit finds it, nd_pmem makes the fsdax /dev/pmemN).
+    "rootfs_pmem": ("nfit", "nd_pmem", "crc32c_generic", "erofs", "overlay"),
     "rootfs_blk": ("virtio_pci", "virtio_blk", "crc32c_generic", "erofs", "overlay"),
     # the scratch disk, only when the policy asks for one (ext4 also mounts ext2)
     "rootfs_scratch": ("virtio_pci", "virtio_blk", "ext4"),

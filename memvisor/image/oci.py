@@ -485,7 +485,7 @@ def import_image(path: Path, name: str, *, max_bytes: int = DEFAULT_MAX_BYTES,
     try:
         resolved = resolve(source)
         # The key: the image's digest and the code that turns it into a tree.
-        importer = build.source_key(("image/oci.py", "image/rootfs.py"))
+        importer = build.source_key(("image/oci.py", "image/rootfs.py", "image/nvdimm.py"))
         key = hashlib.sha256(f"oci:{importer}:{resolved.key_digest}".encode()).hexdigest()
         meta = {"kind": "oci", "path": str(path), "digest": resolved.key_digest, "layers": len(resolved.layers)}
         if store.find_object(key) is None:

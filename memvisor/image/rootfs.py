@@ -1,9 +1,12 @@
 """The shared read-only root: memvisor's guest tree as an erofs image, and the small stage-0 initramfs that mounts
 it (docs/image.md).
 
-Every guest of an image reads the same host file: attached as virtio-pmem it is mapped into the guest and erofs
-reads it with DAX (no copy in the guest's page cache; the host keeps one copy in its page cache for all guests);
-attached as a read-only virtio-blk disk each guest caches what it reads. Writable paths are an overlay whose upper
+Every guest of an image reads the same host file: attached as an emulated ACPI NVDIMM it is mapped into the guest
+and erofs reads it with DAX (no copy in the guest's page cache; the host keeps one copy in its page cache for all
+guests); attached as a read-only virtio-blk disk each guest caches what it reads. The file is a 2 MiB PFN info
+block (image/nvdimm.py: what lets the guest use the NVDIMM with DAX) followed by the erofs bytes; a virtio-blk
+attachment starts at the erofs (QEMU's raw driver with offset=2M). Not virtio-pmem: QEMU 7.2 cannot migrate it,
+and a sandbox whose root is an NVDIMM can be parked. Writable paths are an overlay whose upper
 layer is guest tmpfs. erofs because it is read-only by design (no journal, no write path to get wrong), mounts in
 microseconds, supports DAX on uncompressed images, and Debian's kernel has it; squashfs has no DAX.
 
@@ -14,14 +17,15 @@ which then boots exactly as from an initramfs. switch_root frees the stage-0 fil
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 from memvisor import contract, proc
-from memvisor.image import kernel
+from memvisor.errors import ImageError
+from memvisor.image import kernel, nvdimm
 from memvisor.image.tree import TreeWriter
 
-ALIGN = 2 << 20  # virtio-pmem maps the file as guest memory: a whole number of 2 MiB blocks
 ROOT_MODES = ("pmem", "blk")
 
 STAGE0 = r"""#!/bin/busybox sh
@@ -64,13 +68,22 @@ by_serial() {  # the virtio-blk disk the host gave serial $1, or nothing
     [ -b "/dev/${name##*/}" ] && echo "/dev/${name##*/}"
   done
 }
+by_nvdimm() {  # the /dev/pmemN on the NVDIMM whose NFIT handle is $1 (QEMU: slot + 1), or nothing
+  for block in /sys/block/pmem*; do
+    [ -e "$block" ] || continue
+    path="$(readlink -f "$block")"  # .../ndbus0/regionN/pfnN.M/block/pmemN
+    mapping=
+    read -r mapping < "${path%/*/block/*}/mapping0" 2>/dev/null  # nmemK,offset,length,position
+    handle=
+    read -r handle < "/sys/bus/nd/devices/${mapping%%,*}/nfit/handle" 2>/dev/null
+    [ "$handle" = "$1" ] && [ -b "/dev/${block##*/}" ] && echo "/dev/${block##*/}"
+  done
+}
 dev=
 tries=0
 while [ -z "$dev" ]; do
   if [ "$mode" = pmem ]; then
-    for block in /sys/block/pmem*; do  # memvisor's root is the virtio-pmem device at its own PCI slot
-      case "$(readlink -f "$block")" in */@SLOT@/*) [ -b "/dev/${block##*/}" ] && dev="/dev/${block##*/}" ;; esac
-    done
+    dev="$(by_nvdimm @HANDLE@)"
   else
     dev="$(by_serial @SERIAL@)"
   fi
@@ -82,6 +95,9 @@ mkdir -p /lower /upper /newroot
 if [ "$mode" = pmem ]; then
   # The host maps the file read-only and drops writes; marking the device read-only makes them fail loudly.
   blockdev --setro "$dev" || fail "cannot make $dev read-only"
+  dax=
+  read -r dax < "/sys/block/${dev#/dev/}/queue/dax"
+  [ "$dax" = 1 ] || fail "$dev has no DAX (the image has no NVDIMM info block?): rebuild the image"
   mount -t erofs -o ro,dax=always "$dev" /lower || fail "cannot mount $dev (erofs, dax)"
 else
   mount -t erofs -o ro "$dev" /lower || fail "cannot mount $dev (erofs)"
@@ -120,7 +136,7 @@ exec $bb switch_root /newroot /init
 
 def stage0_script() -> bytes:
     return (STAGE0.replace("@SETTING@", contract.ROOTFS_SETTING)
-            .replace("@SLOT@", f"0000:00:{contract.ROOTFS_PCI_SLOT:02x}.0")
+            .replace("@HANDLE@", contract.nvdimm_handle(contract.ROOTFS_NVDIMM_SLOT))
             .replace("@INIT_CGROUP@", contract.INIT_CGROUP).replace("@SCRATCH_MOUNT@", contract.SCRATCH_MOUNT)
             .replace("@SCRATCH@", contract.SCRATCH_DISK_SERIAL)
             .replace("@SERIAL@", contract.ROOTFS_DISK_SERIAL).encode())
@@ -145,8 +161,28 @@ def write_stage0(out: TreeWriter, busybox: Path, moddir: Path, modules: kernel.M
 
 
 def make_erofs(tree: Path, out: Path) -> None:
-    """An uncompressed erofs image of `tree` (DAX needs uncompressed blocks and no inline tails), owners and modes
-    kept, timestamps fixed so the same tree gives the same bytes; padded to ALIGN for virtio-pmem."""
-    proc.run([proc.which("mkfs.erofs"), "--quiet", "-T0", "-Enoinline_data", "-x-1", str(out), str(tree)], timeout=600)
-    size = out.stat().st_size
-    os.truncate(out, size + (-size % ALIGN))
+    """The root image of `tree`: the NVDIMM header, then an uncompressed erofs (DAX needs uncompressed blocks and no
+    inline tails), owners and modes kept, timestamps fixed so the same tree gives the same bytes (the header's uuid
+    is derived from them), zero-padded to 2 MiB."""
+    raw = out.with_name(f".{out.name}.erofs")
+    try:
+        proc.run([proc.which("mkfs.erofs"), "--quiet", "-T0", "-Enoinline_data", "-x-1", str(raw), str(tree)],
+                 timeout=600)
+        digest = hashlib.sha256()
+        with raw.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        nvdimm.write_image(raw, out, uuid=digest.digest()[:16])
+    finally:
+        raw.unlink(missing_ok=True)
+
+
+def erofs_offset(image: Path) -> int:
+    """Where the erofs bytes start in a root image file (after its NVDIMM header); raises ImageError for a file
+    without one (built before the header existed), naming the fix."""
+    try:
+        nvdimm.read(image)
+    except nvdimm.InfoBlockError as exc:
+        raise ImageError(f"{image} is not a memvisor root image of this version: {exc}",
+                         hint="rebuild it: `memvisor image build` (or import the OCI image again)") from None
+    return nvdimm.HEADER_BYTES

@@ -138,8 +138,8 @@ def _content_hash(path: Path) -> str:
 
 def spec_key(spec: BuildSpec, resolved: list[debs.Deb]) -> str:
     doc = {
-        "builder": build.source_key(("image/userbuild.py", "image/debs.py", "image/rootfs.py", "image/python.py",
-                                     "image/store.py", "contract.py")),
+        "builder": build.source_key(("image/userbuild.py", "image/debs.py", "image/rootfs.py", "image/nvdimm.py",
+                                     "image/python.py", "image/store.py", "contract.py")),
         "debs": [f"{d.name}={d.version}:{d.sha256}" for d in resolved],
         "pip": list(spec.pip),
         "requirements": spec.requirements.read_text() if spec.requirements else None,

@@ -207,3 +207,19 @@ def test_ndctl_read_infoblock_verifies(tmp_path: Path) -> None:
     assert (info["signature"], info["version"], info["mode"]) == ("NVDIMM_PFN_INFO", "1.4", 1)
     assert (info["dataoff"], info["npfns"], info["align"]) == (2 * MiB, 10 * MiB // 4096, 2 * MiB)
     assert info["uuid"] == str(uuidlib.UUID(bytes=UUID_A))
+
+
+def test_an_image_without_the_header_is_refused_with_the_fix(tmp_path: Path) -> None:
+    """A root image built before the NVDIMM header (bare erofs) is refused before any VMM starts, naming the fix;
+    one with the header gives the offset a virtio-blk attachment starts at."""
+    from memvisor.errors import ImageError
+    from memvisor.image import rootfs
+
+    old = tmp_path / "old.erofs"
+    old.write_bytes(b"\xe2\xe1\xf5\xe0" + bytes((2 << 20) - 4))
+    with pytest.raises(ImageError, match="rebuild it"):
+        rootfs.erofs_offset(old)
+    erofs = tmp_path / "new.raw"
+    erofs.write_bytes(bytes(5000))
+    nvdimm.write_image(erofs, tmp_path / "new.erofs")
+    assert rootfs.erofs_offset(tmp_path / "new.erofs") == 2 << 20

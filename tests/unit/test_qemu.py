@@ -9,7 +9,7 @@ import pytest
 from memvisor import proc
 from memvisor.errors import MemvisorError, MissingDependencyError
 from memvisor.host.vmm import qemu
-from memvisor.host.vmm.base import VMSpec
+from memvisor.host.vmm.base import Disk, Nvdimm, VMSpec
 
 
 def spec(**changes: object) -> VMSpec:
@@ -75,3 +75,29 @@ def test_kvm_needs_vmx_or_svm() -> None:
     flags = Path("/proc/cpuinfo").read_text()
     has_virt = " vmx" in flags or " svm" in flags
     assert qemu.kvm_usable() == (has_virt and Path("/dev/kvm").exists())
+
+
+def test_shared_root_is_a_read_only_nvdimm_and_a_blk_root_skips_its_header(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The root and the user's image go on emulated NVDIMMs (which QEMU 7.2 migrates, unlike virtio-pmem), in the
+    slots the guest looks for, mapped read-only; as a disk, the erofs starts after the 2 MiB NVDIMM header."""
+    monkeypatch.setattr(qemu, "kvm_usable", lambda: False)
+    two = (Nvdimm(fd=11, size=64 << 20, slot=0), Nvdimm(fd=12, size=(6 << 20), slot=1))
+    argv = qemu.QemuBackend().command(spec(nvdimms=two))
+    text = " ".join(argv)
+    assert "virtio-pmem" not in text
+    opts = options([a for a in argv if a not in ("-nodefaults", "-no-user-config", "-no-reboot")])
+    assert opts["-machine"] == ["q35,mem-merge=off,dump-guest-core=off,nvdimm=on"]
+    assert opts["-m"] == ["192M,slots=2,maxmem=262M"]
+    assert opts["-object"] == [
+        "memory-backend-file,id=nv0,size=67108864,mem-path=/proc/self/fd/11,share=on,readonly=on",
+        "memory-backend-file,id=nv1,size=6291456,mem-path=/proc/self/fd/12,share=on,readonly=on"]
+    assert [d for d in opts["-device"] if d.startswith("nvdimm,")] == [
+        "nvdimm,id=nvdimm0,memdev=nv0,unarmed=on,slot=0", "nvdimm,id=nvdimm1,memdev=nv1,unarmed=on,slot=1"]
+    assert "swiotlb=noforce" in opts["-append"][0]
+
+    disk = Disk(Path("/img/rootfs.erofs"), "memvisor-rootfs", direct_io=False, fds=(13,), readonly=True,
+                offset=2 << 20)
+    argv = qemu.QemuBackend().command(spec(disks=(disk,)))
+    drive = argv[argv.index("-drive") + 1]
+    assert "readonly=on," in drive and ",offset=2097152," in f",{drive},"
+    assert "nvdimm" not in " ".join(argv) and "swiotlb" not in " ".join(argv)

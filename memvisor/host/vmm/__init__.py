@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from memvisor.errors import MemvisorError
-from memvisor.host.vmm.base import Disk, Pmem, VMMBackend, VMSpec
+from memvisor.host.vmm.base import Disk, Nvdimm, VMMBackend, VMSpec
 from memvisor.host.vmm.qemu import QemuBackend
 
 BACKENDS: dict[str, type[VMMBackend]] = {QemuBackend.name: QemuBackend}
@@ -16,4 +16,4 @@ def backend(name: str = "qemu") -> VMMBackend:
     return BACKENDS[name]()
 
 
-__all__ = ["BACKENDS", "Disk", "Pmem", "VMMBackend", "VMSpec", "backend"]
+__all__ = ["BACKENDS", "Disk", "Nvdimm", "VMMBackend", "VMSpec", "backend"]

@@ -18,16 +18,18 @@ class Disk:
     discard: bool = False  # the guest's discards punch holes in the file (else they are ignored)
     fds: tuple[int, ...] = ()  # open fds the VMM inherits, O_RDWR and O_RDONLY (then `path` is only a record)
     readonly: bool = False  # the guest cannot write it (then `fds` is one O_RDONLY fd)
+    offset: int = 0  # the disk starts this many bytes into the file (a root image's NVDIMM header)
 
 
 @dataclass(frozen=True)
-class Pmem:
-    """A host file mapped into the guest as a virtio-pmem device, read-only: the guest reads the host's page cache
-    (with DAX, no copy in the guest), and the host file can never change (opened O_RDONLY, mapped read-only)."""
+class Nvdimm:
+    """A host file mapped into the guest as an emulated ACPI NVDIMM, read-only: the guest reads the host's page cache
+    (with DAX, no copy in the guest), and the host file can never change (opened O_RDONLY, mapped read-only). Not
+    virtio-pmem, which QEMU 7.2 cannot migrate (a parked guest's first flush would block forever)."""
 
     fd: int  # O_RDONLY, inherited by the VMM
-    size: int  # bytes, a multiple of 2 MiB
-    slot: int  # the PCI slot the guest finds it at (memvisor/contract.py)
+    size: int  # bytes, a multiple of 2 MiB, starting with the PFN info block (memvisor/image/nvdimm.py)
+    slot: int  # the NVDIMM slot the guest finds it by (memvisor/contract.py)
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class VMSpec:
     disks: tuple[Disk, ...] = ()
     balloon: bool = False
     deflate_on_oom: bool = False
-    pmem: tuple[Pmem, ...] = ()
+    nvdimms: tuple[Nvdimm, ...] = ()
     ram_fd: int | None = None  # memctl: guest RAM is this memfd (passed to the VMM at this number), mapped shared
 
 

@@ -24,7 +24,7 @@ KERNEL_ARGS = ("console=ttyS0", "quiet", "panic=-1", "no_timer_check")
 # (docs/density.md): VMM RssAnon 255 MiB at the default, 209 at 32, 190 at 16; 16 made a mixed workload ~20%
 # slower, 32 no measurable amount.
 TCG_TB_MIB = 32
-# With a virtio-pmem device the guest sees a memory region above 4 GiB, and its kernel then reserves a 64 MiB
+# With an NVDIMM the guest sees a memory region above 4 GiB, and its kernel then reserves a 64 MiB
 # swiotlb bounce buffer out of guest RAM (measured: MemTotal 144 MiB instead of 210 in a 256 MiB guest). Guest RAM
 # is all below 4 GiB and every device is virtio, which never bounces: no buffer.
 PMEM_KERNEL_ARGS = ("swiotlb=noforce",)
@@ -57,7 +57,7 @@ class QemuBackend(VMMBackend):
         return None
 
     def command(self, spec: VMSpec) -> list[str]:
-        kernel_cmdline = " ".join((*KERNEL_ARGS, *(PMEM_KERNEL_ARGS if spec.pmem else ()), *spec.cmdline))
+        kernel_cmdline = " ".join((*KERNEL_ARGS, *(PMEM_KERNEL_ARGS if spec.nvdimms else ()), *spec.cmdline))
         if len(kernel_cmdline) >= cmdline.COMMAND_LINE_MAX:
             raise MemvisorError(f"the kernel command line is {len(kernel_cmdline)} bytes, over the "
                                 f"{cmdline.COMMAND_LINE_MAX}-byte limit")
@@ -71,25 +71,29 @@ class QemuBackend(VMMBackend):
             disks += [
                 "-drive", f"file={f'/dev/fdset/{i + 1}' if disk.fds else disk.path},if=none,id=disk{i},"
                           f"format=raw,{'readonly=on,' if disk.readonly else ''}"
+                          f"{f'offset={disk.offset},' if disk.offset else ''}"
                           f"cache={'none' if disk.direct_io else 'writeback'},"
                           f"discard={'unmap' if disk.discard else 'ignore'}",
                 "-device", f"virtio-blk-pci,drive=disk{i},serial={disk.serial}",
             ]
         memory = f"{spec.memory_mib}M"
-        pmem: list[str] = []
-        if spec.pmem:
-            # Mapped read-only from an O_RDONLY fd: guest writes to it are dropped, the file cannot change. Memory
-            # devices need room above RAM (maxmem).
-            memory += f",maxmem={spec.memory_mib + sum(-(-p.size // (1 << 20)) for p in spec.pmem)}M"
-            for i, dev in enumerate(spec.pmem):
-                pmem += ["-object", f"memory-backend-file,id=pmem{i},size={dev.size},"
-                                    f"mem-path=/proc/self/fd/{dev.fd},share=on,readonly=on",
-                         "-device", f"virtio-pmem-pci,memdev=pmem{i},id=pmemdev{i},addr={dev.slot:#x}"]
+        nvdimms: list[str] = []
+        if spec.nvdimms:
+            # Mapped read-only from an O_RDONLY fd: guest writes to it are dropped, the file cannot change
+            # (`unarmed=on`: QEMU insists on it for a read-only backend). Memory devices need slots and room above
+            # RAM (maxmem). No label area: the guest sees one label-less namespace per NVDIMM.
+            memory += (f",slots={len(spec.nvdimms)},"
+                       f"maxmem={spec.memory_mib + sum(-(-d.size // (1 << 20)) for d in spec.nvdimms)}M")
+            for i, dev in enumerate(spec.nvdimms):
+                nvdimms += ["-object", f"memory-backend-file,id=nv{i},size={dev.size},"
+                                       f"mem-path=/proc/self/fd/{dev.fd},share=on,readonly=on",
+                            "-device", f"nvdimm,id=nvdimm{i},memdev=nv{i},unarmed=on,slot={dev.slot}"]
         return [
             proc.which(QEMU),
             "-name", f"guest={spec.name},process={spec.name},debug-threads=on",
             # Guest RAM never goes into a core dump of the VMM (a crash would hand it to the host's core handler).
             "-machine", f"q35,mem-merge={'on' if spec.ksm else 'off'},dump-guest-core=off"
+                        + (",nvdimm=on" if spec.nvdimms else "")
                         + (",memory-backend=ram0" if spec.ram_fd is not None else ""),
             *(["-object", f"memory-backend-file,id=ram0,size={spec.memory_mib}M,"
                           f"mem-path=/proc/self/fd/{spec.ram_fd},share=on,dump=off"]
@@ -115,7 +119,7 @@ class QemuBackend(VMMBackend):
             "-chardev", f"socket,id=ctl,fd={spec.channel_fd}",
             "-device", f"virtserialport,bus=vser0.0,chardev=ctl,name={proto.PORT_NAME}",
             *disks,
-            *pmem,
+            *nvdimms,
             *(["-device", f"virtio-balloon-pci,id=balloon0,free-page-reporting=on,"
                           f"deflate-on-oom={'on' if spec.deflate_on_oom else 'off'}"] if spec.balloon else []),
         ]
