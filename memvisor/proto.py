@@ -80,6 +80,9 @@ class Kind:
     SHUTDOWN = MessageKind(13, "SHUTDOWN")  # host -> guest: kill every command and power off
     MEMCTL = MessageKind(14, "MEMCTL")  # guest -> host: apply a memctl function code to guest-physical ranges
     MEMCTL_ACK = MessageKind(15, "MEMCTL_ACK")  # host -> guest: what was done with MEMCTL `seq`
+    PARK = MessageKind(16, "PARK")  # host -> guest: about to be parked: drop caches, sync, go quiet
+    PARKING = MessageKind(17, "PARKING")  # guest -> host: ready to be paused; sends nothing until RESUMED
+    RESUMED = MessageKind(18, "RESUMED")  # host -> guest: running again, here is the wall clock; guest -> host: done
 
     @staticmethod
     def from_wire(value: int) -> MessageKind:
@@ -154,6 +157,19 @@ SCHEMAS: dict[MessageKind, _Schema] = {
         "reason": ((str,), True),  # what was done, or why not
         "bytes": ((int,), True),  # how much memory the code was applied to
         "info": ((dict,), False),  # INFO: code -> "supported" or "unsupported: why"
+    },
+    Kind.PARK: {},
+    Kind.PARKING: {
+        "uptime": ((float, int), True),
+        "ok": ((bool,), True),  # false: the guest will not park (`reason`), and stays as it was
+        "reason": ((str,), False),
+        "seconds": ((float, int), False),  # how long dropping caches and syncing took
+    },
+    Kind.RESUMED: {
+        "realtime": ((float, int), False),  # host -> guest: the host's CLOCK_REALTIME, seconds
+        "uptime": ((float, int), False),  # guest -> host: its uptime (it continued: not a reboot)
+        "clock_step": ((float, int), False),  # guest -> host: how far the guest's wall clock was moved, seconds
+        "error": ((str,), False),  # guest -> host: the clock could not be set (why)
     },
     Kind.DUMPED: {
         "uptime": ((float, int), True),

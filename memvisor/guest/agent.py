@@ -147,6 +147,7 @@ class Agent:
         self.poller = select.poll()
         self.poller.register(channel.fd, select.POLLIN)
         self.stopping = False
+        self.parked = False  # between PARK and RESUMED: the VM is about to be (or is) paused; send nothing
         self.memctl = memctl  # memctl's socket server (memctld), when the policy enables it
         if memctl is not None:
             self.fds[memctl.listener.fileno()] = ("memctl-listen", None)
@@ -164,10 +165,10 @@ class Agent:
         """Serve until SHUTDOWN."""
         while not self.stopping:
             now = time.monotonic()
-            if now >= self.next_stats:
+            if now >= self.next_stats and not self.parked:
                 self.channel.send(proto.Kind.STATS, {"uptime": uptime(), **self.report()})
                 self.next_stats = now + (STATS_INTERVAL if self.commands else IDLE_STATS_INTERVAL)
-            wake = min([self.next_stats, *self._deadlines()])
+            wake = min([self.next_stats if not self.parked else now + IDLE_STATS_INTERVAL, *self._deadlines()])
             for fd, events in self.poller.poll(max(0, int((wake - time.monotonic()) * 1000)) + 1):
                 self._event(fd, events)
             self._reap(time.monotonic())
@@ -277,12 +278,53 @@ class Agent:
                 self._signal(command, body["signal"])
         elif frame.kind is proto.Kind.MEMCTL_ACK and body is not None and self.memctl is not None:
             self.memctl.ack(body)
+        elif frame.kind is proto.Kind.PARK:
+            self._park()
+        elif frame.kind is proto.Kind.RESUMED and body is not None:
+            self._resumed(body)
         elif frame.kind is proto.Kind.SHUTDOWN:
             self.channel.log("shutdown asked for")
             self.stopping = True
         elif not answer(self.channel, frame):
             self.channel.log(f"unexpected {frame.kind.name} from host")
             self._error(f"unexpected {frame.kind.name}", 0)
+
+    def _park(self) -> None:
+        """Get ready to be paused and saved (docs/parking.md): write dirty pages out, drop the page cache and
+        compact free memory, so the snapshot carries live pages only (free pages are zero pages in QEMU's
+        stream, or already handed back by free-page reporting); then go quiet until RESUMED, so no frame is
+        left in a VMM that is about to exit."""
+        if self.commands:
+            self.channel.send(proto.Kind.PARKING, {"uptime": uptime(), "ok": False,
+                                                   "reason": f"{len(self.commands)} command(s) still run"})
+            return
+        start = time.monotonic()
+        os.sync()
+        for knob, value in (("drop_caches", "3"), ("compact_memory", "1")):
+            try:
+                with open(f"/proc/sys/vm/{knob}", "w") as f:
+                    f.write(value)
+            except OSError as exc:  # a smaller snapshot is lost, not the park
+                self.channel.log(f"park: cannot write vm.{knob}: {exc.strerror}")
+        self.parked = True
+        self.channel.send(proto.Kind.PARKING, {"uptime": uptime(), "ok": True,
+                                               "seconds": round(time.monotonic() - start, 3)})
+
+    def _resumed(self, body: dict[str, Any]) -> None:
+        """Running again after a resume (or a park the host gave up): set the wall clock from the host's (it
+        stood still while the VM was parked), report again."""
+        answer: dict[str, Any] = {"uptime": uptime()}
+        realtime = body.get("realtime")
+        if realtime is not None:
+            step = float(realtime) - time.time()
+            try:
+                time.clock_settime(time.CLOCK_REALTIME, float(realtime))
+                answer["clock_step"] = round(step, 3)
+            except (OSError, ValueError, OverflowError) as exc:
+                answer["error"] = f"cannot set the clock: {exc}"
+        self.parked = False
+        self.next_stats = time.monotonic()
+        self.channel.send(proto.Kind.RESUMED, answer)
 
     def _exec(self, body: dict[str, Any]) -> None:
         exec_id = body["id"]

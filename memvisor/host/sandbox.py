@@ -108,6 +108,10 @@ class Instance:
         self.session: Session | None = None
         self.memctl: memctl.Backing | None = None  # guest RAM as a memfd (policy setting memctl)
         self._fds: list[int] = []  # files the VMM inherits
+        self.disk_fds: dict[str, int] = {}  # the sandbox's own disks ("swap.img", "scratch.img"): O_RDWR fds
+        # Resuming a parked sandbox (host/park.py): its disks, kept as files, instead of new ones.
+        self.kept_disks: dict[str, Path] = {}
+        self.resume_hello: dict[str, Any] | None = None  # ... and the HELLO its guest sent when it booted
         self._swap_fd: int | None = None
         self._vmm_user: tuple[int, int] | None = None
         self._hello_seen = False
@@ -195,7 +199,7 @@ class Instance:
             console_fd=console_theirs.fileno(), qmp_fd=qmp_sock.fileno(), channel_fd=theirs.fileno(),
             ksm=self.ksm_in_effect(), disks=disks, balloon=self.policy.balloon,
             deflate_on_oom=self.policy.balloon_deflates_on_oom, nvdimms=nvdimms,
-            ram_fd=self.memctl.fd if self.memctl else None)
+            ram_fd=self.memctl.fd if self.memctl else None, incoming=self.resume_hello is not None)
         self.argv = self.vmm.command(spec)
         return self.argv
 
@@ -225,17 +229,21 @@ class Instance:
         return Path(f"/proc/{os.getpid()}/fd/{self._swap_fd}")
 
     def _held_file(self, name: str, size_mib: int, what: str) -> tuple[tuple[int, int], bool]:
-        """A new sparse file in the runtime directory for the VMM, opened O_RDWR and O_RDONLY (QEMU dups one of
-        each from its fd set) and unlinked at once: held open, never on disk by name, so a SIGKILL leaves
-        nothing behind. Returns the two fds and whether the file's filesystem takes O_DIRECT."""
+        """The VMM's disk `name`, opened O_RDWR and O_RDONLY (QEMU dups one of each from its fd set): a new sparse
+        file in the runtime directory with no name (O_TMPFILE: held open, so a SIGKILL leaves nothing behind,
+        and a park can still name it), or, when resuming, the parked sandbox's file. Returns the two fds and
+        whether the file's filesystem takes O_DIRECT."""
         assert self.dir is not None
-        on_disk = self.dir / name
-        swapfile.create(on_disk, size_mib, what)
-        direct = swapfile.supports_direct_io(on_disk)
-        fds = (self._open(on_disk, os.O_RDWR), self._open(on_disk, os.O_RDONLY))
-        on_disk.unlink()
+        kept = self.kept_disks.get(name)
+        if kept is not None:
+            rw = self._open(kept, os.O_RDWR)
+        else:
+            rw = swapfile.create_unnamed(self.dir, size_mib, what)
+            self._stack.callback(os.close, rw)
+        fds = (rw, self._open(Path(f"/proc/self/fd/{rw}"), os.O_RDONLY))
         self._fds += fds
-        return fds, direct
+        self.disk_fds[name] = rw
+        return fds, swapfile.supports_direct_io(f"/proc/self/fd/{rw}")
 
     def _open(self, path: Path, flags: int) -> int:
         fd = os.open(path, flags | os.O_CLOEXEC)
@@ -263,7 +271,7 @@ class Instance:
         self.session = Session(self.channel, self.process.pid, on_stats=self._store_guest_stats,
                                on_memctl=self.memctl.handle if self.memctl else None,
                                console=(self._console_sock, self._console.write),
-                               max_bad_frames=self.policy.max_bad_frames)
+                               max_bad_frames=self.policy.max_bad_frames, hello=self.resume_hello)
         self._stack.callback(self.session.close)
         for sock in self._vmm_socks:  # the VMM has its copies now
             sock.close()

@@ -53,10 +53,11 @@ class Session:
     def __init__(self, channel: HostChannel, vmm_pid: int, on_stats: Callable[[dict[str, Any]], None],
                  on_memctl: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
                  console: tuple[socket.socket, Callable[[bytes], None]] | None = None,
-                 max_bad_frames: int = 32) -> None:
+                 max_bad_frames: int = 32, hello: dict[str, Any] | None = None) -> None:
         """`on_memctl`: answers a MEMCTL with its MEMCTL_ACK body (None: memctl is off, every MEMCTL refused).
         `console`: the guest console's socket and where its bytes go (read by the same thread, drained when
-        the VMM ends so its last words are kept)."""
+        the VMM ends so its last words are kept). `hello`: a resumed guest's HELLO, kept from its boot (it
+        sends no other)."""
         self.channel = channel
         self.console = console
         self.max_bad_frames = max_bad_frames
@@ -67,6 +68,9 @@ class Session:
         self.hello: dict[str, Any] | None = None
         self.hello_at = 0.0
         self.ready = threading.Event()  # HELLO arrived
+        # PARKING and RESUMED: the guest's one answer to a PARK or RESUMED, waited for by park.py
+        self._answers: dict[proto.MessageKind, dict[str, Any]] = {}
+        self._answered = threading.Condition(threading.Lock())
         self.gone = threading.Event()  # the VMM exited or the channel closed
         self.dumped: dict[str, Any] | None = None
         self.dump_done = threading.Event()
@@ -75,6 +79,9 @@ class Session:
         self._ids = itertools.cycle(range(1, proto.MAX_EXEC_ID + 1))
         self._lock = threading.Lock()  # commands and ids
         self._stop = threading.Event()
+        if hello is not None:
+            self.hello, self.hello_at = hello, time.monotonic()
+            self.ready.set()
         self._thread = threading.Thread(target=self._read_loop, name="memvisor-channel", daemon=True)
         self._thread.start()
 
@@ -114,6 +121,24 @@ class Session:
             self.finish(command)
             raise
         return command
+
+    def ask(self, kind: proto.MessageKind, body: dict[str, Any], answer: proto.MessageKind,
+            timeout: float) -> dict[str, Any]:
+        """Send `kind` and wait for the guest's `answer` (PARK -> PARKING, RESUMED -> RESUMED); TimeoutError if
+        it does not come within `timeout` seconds, ConnectionError if the guest goes away first."""
+        with self._answered:
+            self._answers.pop(answer, None)
+        self.send(kind, body)
+        deadline = time.monotonic() + timeout
+        with self._answered:
+            while answer not in self._answers:
+                left = deadline - time.monotonic()
+                if self.gone.is_set():
+                    raise ConnectionError(f"the guest went away before its {answer.name}")
+                if left <= 0:
+                    raise TimeoutError(f"the guest did not answer {kind.name} with {answer.name} within {timeout:g} s")
+                self._answered.wait(min(left, TICK_S))
+            return self._answers.pop(answer)
 
     def write_stdin(self, command: Command, data: bytes) -> None:
         """Feed the command's stdin (in CHUNK-sized frames); empty `data` ends it."""
@@ -242,6 +267,10 @@ class Session:
             else:
                 command.exit, command.ended_at = body, time.monotonic()
                 command.done.set()
+        elif kind in (proto.Kind.PARKING, proto.Kind.RESUMED) and body is not None:
+            with self._answered:
+                self._answers[kind] = body
+                self._answered.notify_all()
         elif kind is proto.Kind.DUMPED and body is not None:
             self.dumped = body
             self.dump_done.set()

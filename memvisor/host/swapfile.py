@@ -30,7 +30,70 @@ def create(path: Path, size_mib: int, what: str = "swap file") -> None:
         os.close(fd)
 
 
-def supports_direct_io(path: Path) -> bool:
+def create_unnamed(directory: Path, size_mib: int, what: str = "swap file") -> int:
+    """A sparse file of `size_mib` MiB, mode 0600, with no name (O_TMPFILE in `directory`): returns its O_RDWR fd.
+    Nothing is left on disk if memvisor dies, yet a park can still give it a name (keep()), which a file that
+    was created and then unlinked could never get again."""
+    try:
+        fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise MemvisorError(f"cannot create {what} in {directory}: {exc.strerror}",
+                            hint="the runtime directory's filesystem must support O_TMPFILE (ext4, xfs, btrfs, "
+                                 "tmpfs do)") from None
+    try:
+        os.ftruncate(fd, size_mib * 2**20)
+    except OSError as exc:
+        os.close(fd)
+        raise MemvisorError(f"cannot size {what} in {directory} to {size_mib} MiB: {exc.strerror}",
+                            hint="check free space and file size limits of that filesystem") from None
+    return fd
+
+
+def keep(fd: int, path: Path) -> None:
+    """Give the open file `fd` the name `path` (a parked sandbox's disk): a hard link when it has no name yet and
+    `path` is on the same filesystem, else a sparse copy of its data; nothing if `path` already is that file.
+    Raises OSError (ENOSPC, ...) with a partial copy removed."""
+    if path.exists() and os.path.samestat(os.fstat(fd), path.stat()):
+        return
+    try:
+        os.link(f"/proc/self/fd/{fd}", path, follow_symlinks=True)  # linkat(AT_SYMLINK_FOLLOW): O_TMPFILE files
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOENT, errno.EPERM):
+            raise
+    copy_sparse(fd, path)
+
+
+def copy_sparse(fd: int, path: Path) -> None:
+    """Copy the data of `fd` to a new file `path` (mode 0600), holes kept as holes."""
+    size = os.fstat(fd).st_size
+    out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data past offset
+                    break
+                raise
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            while start < end:
+                done = os.copy_file_range(fd, out, end - start, start, start)
+                if done == 0:
+                    break
+                start += done
+            offset = end
+        os.ftruncate(out, size)
+        os.fsync(out)
+    except BaseException:
+        os.close(out)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(out)
+
+
+def supports_direct_io(path: Path | str) -> bool:
     """Whether the file's filesystem accepts O_DIRECT (tmpfs does not)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)

@@ -13,6 +13,7 @@ import contextlib
 import json
 import queue
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Annotated, Any
 
@@ -25,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from memvisor import __version__, proto
 from memvisor import policy as pol
 from memvisor.errors import GuestError, MemvisorError
-from memvisor.host import exporter, stats
+from memvisor.host import exporter, statedir, stats
 from memvisor.service.registry import Conflict, Entry, NotFound, Registry
 from memvisor.service.supervisor import AdmissionRefused
 
@@ -62,6 +63,11 @@ class SandboxInfo(Strict):
     policy: dict[str, dict[str, Any]]
     execs: int
     supervisor: dict[str, Any] | None = None  # balloon target, floor, the last decision and its reason
+    parks: int = 0  # how often it was parked
+    parked_at: float | None = None  # while parked: when (seconds since the epoch)
+    snapshot_bytes: int | None = None  # while parked: what its sealed snapshot and kept disks take on disk
+    last_park_seconds: float | None = None
+    last_resume_seconds: float | None = None
 
 
 class ExecRequest(Strict):
@@ -89,12 +95,21 @@ class HostStatus(Strict):
 
 
 def info(entry: Entry, registry: Registry | None = None) -> SandboxInfo:
-    process = entry.vm.process
+    process = entry.vm.process if entry.vm else None
     control = registry.supervisor.controls.get(entry.id) if registry and registry.supervisor else None
+    meta = entry.parked
     return SandboxInfo(id=entry.id, name=entry.name, state=entry.state, created=entry.created,
                        vmm_pid=process.pid if process else None, summary=entry.policy.summary(),
                        policy=pol.to_json(entry.policy), execs=entry.execs,
-                       supervisor=control.to_json() if control else None)
+                       supervisor=control.to_json() if control else None, parks=entry.parks,
+                       parked_at=meta.parked_at if meta else None,
+                       snapshot_bytes=_disk_bytes(meta) if meta else None,
+                       last_park_seconds=entry.last_park.seconds if entry.last_park else None,
+                       last_resume_seconds=entry.last_resume.seconds if entry.last_resume else None)
+
+
+def _disk_bytes(meta: statedir.Meta) -> int:
+    return sum(s["file_bytes"] for s in meta.streams.values()) + sum(meta.files.values())
 
 
 def create_app(registry: Registry | None, token: str | None = None) -> FastAPI:
@@ -149,6 +164,16 @@ def create_app(registry: Registry | None, token: str | None = None) -> FastAPI:
     def stop(key: str) -> SandboxInfo:
         return info(sandboxes().stop(key))
 
+    @app.post("/v1/sandboxes/{key}/park", response_model=SandboxInfo)
+    def park(key: str) -> SandboxInfo:
+        """Park the sandbox: its state goes to a sealed snapshot on disk and its VMM exits (409 while commands
+        run); the next exec or resume brings it back."""
+        return info(sandboxes().park(key), registry)
+
+    @app.post("/v1/sandboxes/{key}/resume", response_model=SandboxInfo)
+    def resume(key: str) -> SandboxInfo:
+        return info(sandboxes().resume(key), registry)
+
     @app.post("/v1/sandboxes/{key}/exec")
     def exec_(key: str, request: ExecRequest) -> StreamingResponse:
         entry = sandboxes().get(key)
@@ -156,7 +181,7 @@ def create_app(registry: Registry | None, token: str | None = None) -> FastAPI:
             stdin = base64.b64decode(request.stdin, validate=True) if request.stdin is not None else None
         except ValueError:
             raise MemvisorError("stdin is not valid base64") from None
-        return StreamingResponse(_stream(entry, request, stdin), media_type="application/x-ndjson")
+        return StreamingResponse(_stream(sandboxes(), entry, request, stdin), media_type="application/x-ndjson")
 
     @app.get("/v1/host", response_model=HostStatus)
     def host() -> HostStatus:
@@ -164,7 +189,7 @@ def create_app(registry: Registry | None, token: str | None = None) -> FastAPI:
         rss = 0
         for e in entries:
             try:
-                rss += psutil.Process(e.vm.process.pid).memory_info().rss if e.vm.process else 0
+                rss += psutil.Process(e.vm.process.pid).memory_info().rss if e.vm and e.vm.process else 0
             except psutil.Error:
                 pass
         figures = stats.host()
@@ -186,8 +211,9 @@ def create_app(registry: Registry | None, token: str | None = None) -> FastAPI:
 STREAM_END_TIMEOUT_S = 600.0  # how long an exec's end waits for a client that stopped reading
 
 
-def _stream(entry: Entry, request: ExecRequest, stdin: bytes | None) -> Iterator[bytes]:
-    """Run the command on a worker thread and yield its output as it comes, then its exit."""
+def _stream(registry: Registry, entry: Entry, request: ExecRequest, stdin: bytes | None) -> Iterator[bytes]:
+    """Run the command on a worker thread (resuming the sandbox first if it is parked) and yield its output as
+    it comes, then its exit."""
     # Bounded (256 chunks of at most 64 KiB). The callbacks run on the sandbox's channel reader, which must
     # never wait for an HTTP client: output a slow or vanished client has not taken is dropped and counted.
     lines: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=256)
@@ -207,17 +233,22 @@ def _stream(entry: Entry, request: ExecRequest, stdin: bytes | None) -> Iterator
 
     def work() -> None:
         try:
-            result = entry.vm.exec(list(request.argv), env=dict(request.env), cwd=request.cwd,
+            resumed = registry.ensure_running(entry)
+            vm = entry.running()
+            result = vm.exec(list(request.argv), env=dict(request.env), cwd=request.cwd,
                                    uid=0 if request.root else None, stdin=stdin, timeout=request.timeout,
                                    on_stdout=out, on_stderr=err)
             entry.execs += 1
             end: dict[str, Any] = {"exit": {"exit_code": result.exit_code, "code": result.code,
                                             "signal": result.signal, "timed_out": result.timed_out,
                                             "oom_kills": result.oom_kills}}
+            if resumed is not None:  # the sandbox was parked: this long went into resuming it first
+                end["exit"]["resume_seconds"] = resumed
             if dropped[0]:
                 end["exit"]["dropped_chunks"] = dropped[0]  # the client read too slowly to get them all
         except (MemvisorError, OSError, RuntimeError) as exc:
             end = {"error": str(exc)}
+        entry.used = time.monotonic()
         for item in (end, None):  # this worker may wait for the client, but not for ever
             with contextlib.suppress(queue.Full):
                 lines.put(item, timeout=STREAM_END_TIMEOUT_S)

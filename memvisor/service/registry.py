@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from memvisor import policy as pol
 from memvisor.errors import MemvisorError
-from memvisor.host import runtime
+from memvisor.host import park, runtime, statedir
 from memvisor.host.sandbox import Instance
 from memvisor.image.build import Image
 from memvisor.service import need
@@ -44,10 +44,23 @@ class Entry:
     id: str
     name: str
     policy: pol.Policy
-    vm: Instance
+    vm: Instance | None  # None while parked
     created: float = field(default_factory=time.time)
-    state: str = "booting"  # booting | running | stopping
+    state: str = "booting"  # booting | running | parking | parked | resuming | stopping
     execs: int = 0  # commands run so far
+    parked: statedir.Meta | None = None  # the committed snapshot while parked
+    parks: int = 0  # parks so far
+    last_park: park.Figures | None = None
+    last_resume: park.Figures | None = None
+    used: float = field(default_factory=time.monotonic)  # when a command last ran or ended here
+    # park, resume and stop of one sandbox happen one at a time; an exec holds it while it resumes the sandbox
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def running(self) -> Instance:
+        """The sandbox's VM; Conflict if it is not running."""
+        if self.vm is None or self.state != "running":
+            raise Conflict(f"sandbox {self.id} is {self.state}")
+        return self.vm
 
 
 class Registry:
@@ -115,13 +128,101 @@ class Registry:
     def stop(self, key: str) -> Entry:
         """Power the sandbox off and release everything it had."""
         entry = self.get(key)
-        entry.state = "stopping"
-        try:
-            entry.vm.shutdown()
-        finally:
-            self._drop(entry)
+        with entry.lock:
+            entry.state = "stopping"
+            try:
+                if entry.vm is not None:
+                    entry.vm.shutdown()
+            finally:
+                self._drop(entry)
+                # A parked snapshot, or the disks a resumed sandbox keeps in the state directory; and its
+                # generation: the id is never parked again.
+                statedir.remove(entry.id)
+                statedir.forget(entry.id)
         log.info("sandbox %s (%s) stopped", entry.id, entry.name)
         return entry
+
+    # -- parking ----------------------------------------------------------------------------------------------
+    def park(self, key: str) -> Entry:
+        """Park a running sandbox (host/park.py): its VMM exits, its state goes to a sealed snapshot, and it no
+        longer counts in the memory budget. Conflict if it is not running or runs commands."""
+        entry = self.get(key)
+        with entry.lock:
+            vm = entry.running()
+            if vm.session is not None and vm.session.commands:
+                raise Conflict(f"sandbox {entry.id} runs {len(vm.session.commands)} command(s)",
+                               hint="park it when they have ended (a parked sandbox resumes on its next exec)")
+            entry.state = "parking"
+            try:
+                meta, figures = park.park(vm, self._kept(entry), on_step=lambda s: log.debug("park %s: %s",
+                                                                                                 entry.id, s))
+            except BaseException:
+                entry.state = "running"
+                raise
+            entry.state, entry.vm, entry.parked = "parked", None, meta
+            entry.parks += 1
+            entry.last_park = figures
+            if self.supervisor is not None:
+                self.supervisor.release(entry.id)
+            # The VMM has quit; the rest of the teardown runs where the VMM was spawned.
+            self._spawner.submit(vm.close).result()
+        log.info("sandbox %s (%s) parked in %.2f s: %d MiB of state", entry.id, entry.name, figures.seconds,
+                 figures.file_bytes >> 20)
+        return entry
+
+    def resume(self, key: str) -> Entry:
+        """Resume a parked sandbox; a running one is left as it is."""
+        entry = self.get(key)
+        with entry.lock:
+            self._resume_locked(entry)
+        return entry
+
+    def ensure_running(self, entry: Entry) -> float | None:
+        """The sandbox, running: resumed first if it is parked (an exec on a parked sandbox). Returns the resume's
+        seconds, or None if it was running."""
+        with entry.lock:
+            if entry.state != "parked":
+                entry.running()
+                return None
+            return self._resume_locked(entry)
+
+    def _resume_locked(self, entry: Entry) -> float | None:
+        if entry.state != "parked":
+            entry.running()
+            return None
+        meta = entry.parked
+        assert meta is not None
+        image = self._image()
+        parked_with = meta.sandbox.get("image")
+        if parked_with != image.manifest.get("key"):
+            raise Conflict(f"sandbox {entry.id} was parked by a daemon with guest image {parked_with}, not this "
+                           f"daemon's {image.manifest.get('key')}", hint="resume it with the memvisor it was "
+                                                                        "parked with, or delete it")
+        if self.supervisor is not None:
+            size = entry.policy.memory_mib * MIB
+            floor = (entry.policy.memory_floor_mib or 0) * MIB if entry.policy.balloon else size
+            self.supervisor.admit(entry.id, size, floor, need.estimate(entry.policy))
+        vm = Instance(entry.policy, image, sandbox_id=entry.id, on_warning=log.warning)
+        entry.state = "resuming"
+        try:
+            figures = park.resume(vm, meta, start=lambda: self._spawner.submit(vm.start).result())
+        except BaseException:
+            entry.state = "parked"
+            if self.supervisor is not None:
+                self.supervisor.release(entry.id)
+            self._spawner.submit(vm.close).result()
+            raise
+        entry.state, entry.vm, entry.parked, entry.last_resume = "running", vm, None, figures
+        entry.used = time.monotonic()
+        if self.supervisor is not None and entry.policy.balloon:
+            self.supervisor.attach(entry.id, vm)
+        log.info("sandbox %s (%s) resumed in %.2f s", entry.id, entry.name, figures.seconds)
+        return figures.seconds
+
+    def _kept(self, entry: Entry) -> dict[str, object]:
+        """What meta.json keeps for a resume by this or a later daemon."""
+        return {"name": entry.name, "created": entry.created, "policy": pol.to_json(entry.policy),
+                "image": self._image().manifest.get("key"), "execs": entry.execs, "parks": entry.parks + 1}
 
     def close(self) -> None:
         """Stop every sandbox (the daemon is ending) and say so."""
@@ -142,4 +243,5 @@ class Registry:
             self.supervisor.release(entry.id)
         # Teardown (quit, kill, remove files) runs on the spawner thread too: never from a thread that may
         # have been the VMM's parent and be gone already.
-        self._spawner.submit(entry.vm.close).result()
+        if entry.vm is not None:
+            self._spawner.submit(entry.vm.close).result()

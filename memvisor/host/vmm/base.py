@@ -50,6 +50,7 @@ class VMSpec:
     balloon: bool = False
     deflate_on_oom: bool = False
     nvdimms: tuple[Nvdimm, ...] = ()
+    incoming: bool = False  # start paused, waiting for a migration stream (a parked sandbox's resume)
     ram_fd: int | None = None  # memctl: guest RAM is this memfd (passed to the VMM at this number), mapped shared
 
 

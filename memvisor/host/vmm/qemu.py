@@ -120,6 +120,7 @@ class QemuBackend(VMMBackend):
             "-device", f"virtserialport,bus=vser0.0,chardev=ctl,name={proto.PORT_NAME}",
             *disks,
             *nvdimms,
+            *(["-incoming", "defer"] if spec.incoming else []),
             *(["-device", f"virtio-balloon-pci,id=balloon0,free-page-reporting=on,"
                           f"deflate-on-oom={'on' if spec.deflate_on_oom else 'off'}"] if spec.balloon else []),
         ]

@@ -39,6 +39,11 @@ class QMP:
             self.execute("send-key", {"keys": [{"type": "qcode", "data": "alt"}, {"type": "qcode", "data": "sysrq"},
                                                {"type": "qcode", "data": key}]}, timeout)
 
+    def pass_fd(self, fd: int, name: str) -> None:
+        """Hand `fd` to the VMM under `name` (SCM_RIGHTS + getfd): it opens no path itself (-sandbox)."""
+        self._client.send_fd_scm(fd)
+        self.execute("getfd", {"fdname": name})
+
     def dump_memory(self, fd: int, timeout: float = 120.0) -> None:
         """Write the guest's RAM as an ELF core to `fd` (an open writable file: the VMM opens no path), with the
         guest paused while it is written. For tests that look into guest memory (tests/vm/test_keydump.py)."""
