@@ -119,7 +119,7 @@ def measure(name: str, args: argparse.Namespace, workdir: Path) -> Outcome:
     budget = str(args.limit * 9 // 10 if config["supervise"] else 10**7)
     # Started stopped, moved into the cgroup, then let go: no VMM can start outside it.
     daemon = subprocess.Popen(["sh", "-c", 'kill -STOP $$; exec "$@"', "sh", sys.executable, "-m", "memvisor", "-q",
-                               "serve", "--budget", budget], env=env, stdin=subprocess.DEVNULL,
+                               "serve", "--on-exit", "stop", "--budget", budget], env=env, stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)
     cgroup.add(daemon.pid)

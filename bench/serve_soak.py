@@ -79,7 +79,8 @@ def main() -> int:
     env = {**os.environ, "MEMVISOR_RUNTIME_DIR": str(work / "run"), "MEMVISOR_SOCKET": str(work / "serve.sock"),
            "MEMVISOR_LOG_DIR": str(work / "logs"), "MEMVISOR_CONFIG": str(work / "none.toml")}
     memvisor = [sys.executable, "-m", "memvisor", "-q"]
-    daemon = subprocess.Popen([*memvisor, "serve", "--budget", str(budget)], env=env, stdin=subprocess.DEVNULL,
+    daemon = subprocess.Popen([*memvisor, "serve", "--on-exit", "stop", "--budget", str(budget)], env=env,
+                              stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL, stderr=open(work / "serve.log", "wb"))  # noqa: SIM115
     ran: Counter[str] = Counter()
     failed: Counter[str] = Counter()

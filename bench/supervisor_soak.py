@@ -135,7 +135,7 @@ def one_run(index: int, args: argparse.Namespace, workdir: Path) -> RunCounts:
     with log_path.open("w") as log:
         # Started stopped, moved into the cgroup, then let go: no VMM can start outside it.
         daemon = subprocess.Popen(["sh", "-c", 'kill -STOP $$; exec "$@"', "sh", sys.executable, "-m", "memvisor",
-                                   "serve", "--budget", str(args.limit * 9 // 10)], env=env,
+                                   "serve", "--on-exit", "stop", "--budget", str(args.limit * 9 // 10)], env=env,
                                   stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     time.sleep(0.5)
     cgroup.add(daemon.pid)

@@ -423,6 +423,7 @@ def cmd_ksm(args: argparse.Namespace, con: Console) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace, Console], int]] = {
     "run": cmd_run, "image": cmd_image, "ps": cmd_ps, "stats": cmd_stats, "ksm": cmd_ksm,
     "serve": cli_daemon.cmd_serve, "exec": cli_daemon.cmd_exec, "stop": cli_daemon.cmd_stop,
+    "park": cli_daemon.cmd_park, "resume": cli_daemon.cmd_resume,
     "create": lambda args, con: cli_daemon.cmd_create(args, con, policy_from_args),
 }
 

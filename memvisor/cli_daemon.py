@@ -20,12 +20,16 @@ def add_parsers(sub: Any, add_policy_flags: Add) -> None:
     socket_help = f"the daemon's unix socket (default: $MEMVISOR_SOCKET or {paths.service_socket()})"
     serve = sub.add_parser("serve", help="run the daemon that owns long-lived sandboxes (HTTP/JSON API)",
                            description="Serve the API on a unix socket (mode 0660) and, with --listen, on a "
-                           "loopback TCP port that requires a bearer token. SIGTERM stops every sandbox.")
+                           "loopback TCP port that requires a bearer token. SIGTERM parks every running sandbox "
+                           "(--on-exit), and the next `memvisor serve` lists them parked.")
     serve.add_argument("--socket", type=Path, help=socket_help)
     serve.add_argument("--listen", metavar="127.0.0.1:PORT", help="also serve on this loopback address")
     serve.add_argument("--budget", default="80%", help="host memory the sandboxes may use, in MiB or as a share "
                        "of MemTotal (default 80%%): admission reserves each sandbox's floor, the supervisor keeps "
                        "the balloon targets inside it")
+    serve.add_argument("--on-exit", choices=("park", "stop"), default="park",
+                       help="what SIGTERM does to running sandboxes: park them to sealed snapshots, which the next "
+                       "daemon resumes on demand (default; one that cannot be parked is stopped), or stop them")
     serve.add_argument("--openapi", action="store_true", help="print the API's OpenAPI document and exit")
     serve.add_argument("--token-file", type=Path, help="bearer token for --listen (created, mode 0600, if missing;"
                        " default: a random token printed nowhere: pass a file to use TCP)")
@@ -48,6 +52,14 @@ def add_parsers(sub: Any, add_policy_flags: Add) -> None:
     ex.add_argument("-i", "--stdin", action="store_true", help="feed this process's stdin to the command")
     ex.add_argument("--socket", type=Path, help=socket_help)
     ex.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+
+    for verb, text in (("park", "park a daemon sandbox: its state goes to a sealed snapshot on disk and its VMM "
+                                "exits; the next exec (or `memvisor resume`) brings it back"),
+                       ("resume", "resume a parked daemon sandbox now (an exec would resume it too)")):
+        parked = sub.add_parser(verb, help=text, description=text)
+        parked.add_argument("sandbox", help="id or name")
+        parked.add_argument("--json", action="store_true", help="print the sandbox as JSON")
+        parked.add_argument("--socket", type=Path, help=socket_help)
 
     stop = sub.add_parser("stop", help="stop a daemon sandbox and release its resources")
     stop.add_argument("sandbox", help="id or name")
@@ -80,7 +92,7 @@ def cmd_serve(args: argparse.Namespace, _con: Any) -> int:
 
         print(json.dumps(create_app(None).openapi(), indent=1, sort_keys=True))
         return 0
-    server.serve(args.socket or paths.service_socket(), args.listen, args.token_file, args.budget)
+    server.serve(args.socket or paths.service_socket(), args.listen, args.token_file, args.budget, args.on_exit)
     return 0
 
 
@@ -122,6 +134,34 @@ def cmd_exec(args: argparse.Namespace, _con: Any) -> int:
     if oom:
         print(f"memvisor: error: {oom}", file=sys.stderr)
     return int(result["exit_code"])
+
+
+def cmd_park(args: argparse.Namespace, con: Any) -> int:
+    from memvisor.service.client import Client
+
+    with Client(args.socket or paths.service_socket()) as client:
+        info = client.park(args.sandbox)
+    if args.json:
+        print(json.dumps(info))
+    else:
+        con.notice(f"parked {info['id']} in {info['last_park_seconds']:.2f} s: "
+                   f"{(info['snapshot_bytes'] or 0) / 2**20:.1f} MiB on disk, no host memory")
+        print(info["id"])
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace, con: Any) -> int:
+    from memvisor.service.client import Client
+
+    with Client(args.socket or paths.service_socket()) as client:
+        info = client.resume(args.sandbox)
+    if args.json:
+        print(json.dumps(info))
+    else:
+        if info.get("last_resume_seconds") is not None:
+            con.notice(f"{info['id']} is running (resumed in {info['last_resume_seconds']:.2f} s)")
+        print(info["id"])
+    return 0
 
 
 def cmd_stop(args: argparse.Namespace, _con: Any) -> int:

@@ -35,9 +35,9 @@ from memvisor.host.sandbox import Instance
 from memvisor.host.vmm.qmp import QMP
 
 log = logging.getLogger("memvisor")
-PARK_ANSWER_S = 60.0  # the guest's PARKING: a sync of its dirty pages, under TCG
+PARK_ANSWER_S = 30.0  # the guest's PARKING: a sync of its dirty pages, under TCG
 RESUMED_ANSWER_S = 30.0
-MIGRATION_S = 600.0  # save or load of the stream (RAM-sized, under TCG at ~100+ MiB/s)
+MIGRATION_S = 120.0  # save or load of the stream (RAM-sized: ~0.2 s for 100 MB here); bounds a daemon's exit
 # Free-page reporting hands pages back at most every 2 s (the guest's PAGE_REPORTING_DELAY): wait that long after
 # the guest dropped its caches, so the pages it freed are zero pages in the stream, not copies of stale data.
 REPORTING_SETTLE_S = 2.5
@@ -47,6 +47,10 @@ STREAM = "vm"
 FD_NAME = "memvisor-stream"
 
 StepFn = Callable[[str], None]
+
+
+class ParkError(MemvisorError):
+    """A park or resume failed on the VMM's or the guest's side (the sandbox stays as it was: running or parked)."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,7 @@ def park(inst: Instance, sandbox: dict[str, Any], on_step: StepFn | None = None)
     try:
         answer = session.ask(proto.Kind.PARK, {}, proto.Kind.PARKING, PARK_ANSWER_S)
     except (OSError, TimeoutError, ConnectionError) as exc:
-        raise MemvisorError(f"sandbox {inst.id} did not get ready to park: {exc}") from None
+        raise ParkError(f"sandbox {inst.id} did not get ready to park: {exc}") from None
     if not answer.get("ok"):
         _unpark_guest(inst)
         raise MemvisorError(f"sandbox {inst.id} will not park: {answer.get('reason', 'no reason given')}")
@@ -121,7 +125,7 @@ def park(inst: Instance, sandbox: dict[str, Any], on_step: StepFn | None = None)
             _continue(inst)
         if isinstance(exc, MemvisorError | OSError):
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise MemvisorError(f"parking sandbox {inst.id} failed: {reason}; it keeps running") from None
+            raise ParkError(f"parking sandbox {inst.id} failed: {reason}; it keeps running") from None
         raise
     inst.close()
     figures = Figures(round(time.monotonic() - start, 3), writer.plaintext_bytes,
@@ -202,10 +206,13 @@ def _unpark_guest(inst: Instance) -> None:
 def check(meta: statedir.Meta) -> bytes:
     """Everything about a parked snapshot that can be checked without a VMM, with every chunk authenticated:
     returns its key. Raises SealError (MemvisorError) naming what is wrong; nothing is changed."""
-    latest = statedir.generation(meta.sandbox_id)
-    if latest != meta.generation:
-        raise seal.SealError(f"the snapshot of sandbox {meta.sandbox_id} is generation {meta.generation}, but its "
-                             f"latest park was generation {latest}: an older snapshot is never resumed")
+    on_disk = statedir.load(meta.sandbox_id)  # StateError if it is not of the ledger's generation
+    if on_disk is None:
+        raise seal.SealError(f"sandbox {meta.sandbox_id} has no committed snapshot in {statedir.root()}")
+    if on_disk.generation != meta.generation:
+        raise seal.SealError(f"the snapshot of sandbox {meta.sandbox_id} is generation {on_disk.generation}, not "
+                             f"{meta.generation} as parked: an older or newer snapshot is never resumed")
+    meta = on_disk
     ident = seal.Ident(meta.sandbox_id, meta.generation)
     try:
         wrapped = base64.b64decode(meta.wrapped_key, validate=True)
@@ -257,7 +264,9 @@ def resume(inst: Instance, meta: statedir.Meta, on_step: StepFn | None = None,
         inst.failed = True
         inst.close()
         if isinstance(exc, MemvisorError | OSError | TimeoutError | ConnectionError):
-            raise MemvisorError(f"resuming sandbox {meta.sandbox_id} failed: {exc}") from None
+            if isinstance(exc, seal.SealError | statedir.StateError):
+                raise
+            raise ParkError(f"resuming sandbox {meta.sandbox_id} failed: {exc}; it stays parked") from None
         raise
     if answer.get("error"):
         inst.warn(f"sandbox {meta.sandbox_id} resumed, but its clock: {answer['error']}")

@@ -26,7 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from memvisor import __version__, proto
 from memvisor import policy as pol
 from memvisor.errors import GuestError, MemvisorError
-from memvisor.host import exporter, statedir, stats
+from memvisor.host import exporter, seal, statedir, stats
+from memvisor.host import park as park_
 from memvisor.service.registry import Conflict, Entry, NotFound, Registry
 from memvisor.service.supervisor import AdmissionRefused
 
@@ -140,8 +141,12 @@ def create_app(registry: Registry | None, token: str | None = None) -> FastAPI:
 
     @app.exception_handler(MemvisorError)
     async def memvisor_error(_request: Request, exc: MemvisorError) -> JSONResponse:
-        status = 404 if isinstance(exc, NotFound) else 409 if isinstance(exc, Conflict) else \
-            503 if isinstance(exc, Unavailable | AdmissionRefused) else 502 if isinstance(exc, GuestError) else 400
+        # A damaged or stale snapshot is a conflict with the sandbox's state; a VMM or guest that fails is the
+        # backend's fault, not the request's.
+        status = 404 if isinstance(exc, NotFound) else \
+            409 if isinstance(exc, Conflict | seal.SealError | statedir.StateError) else \
+            503 if isinstance(exc, Unavailable | AdmissionRefused) else \
+            502 if isinstance(exc, GuestError | park_.ParkError) else 400
         body = {"detail": exc.message, "hint": exc.hint}
         if isinstance(exc, GuestError) and exc.console_tail:
             body["console_tail"] = exc.console_tail

@@ -48,6 +48,12 @@ class Client:
     def list(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/v1/sandboxes"))
 
+    def park(self, key: str) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/sandboxes/{key}/park", {}))
+
+    def resume(self, key: str) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/sandboxes/{key}/resume", {}))
+
     def stop(self, key: str) -> dict[str, Any]:
         return dict(self._call("DELETE", f"/v1/sandboxes/{key}"))
 

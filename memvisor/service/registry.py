@@ -26,6 +26,7 @@ from memvisor.service.supervisor import Supervisor
 log = logging.getLogger("memvisor")
 NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 MAX_SANDBOXES = 256
+ON_EXIT = ("park", "stop")
 MIB = 1 << 20
 
 
@@ -66,7 +67,13 @@ class Entry:
 class Registry:
     """Every sandbox of this daemon, by id."""
 
-    def __init__(self, image: Callable[[], Image], supervisor: Supervisor | None = None) -> None:
+    def __init__(self, image: Callable[[], Image], supervisor: Supervisor | None = None,
+                 on_exit: str = "park") -> None:
+        """`on_exit`: what close() does with running sandboxes: park them (the next daemon lists them parked) or
+        stop them."""
+        if on_exit not in ON_EXIT:
+            raise MemvisorError(f"--on-exit {on_exit!r} is not one of {', '.join(ON_EXIT)}")
+        self.on_exit = on_exit
         self._image = image
         self.supervisor = supervisor
         self._entries: dict[str, Entry] = {}
@@ -76,6 +83,31 @@ class Registry:
         if removed:
             log.warning("removed %d sandbox(es) left by a daemon or command that is gone: %s", len(removed),
                         ", ".join(removed))
+        self._adopt_parked()
+
+    def _adopt_parked(self) -> None:
+        """List every complete parked snapshot in the state directory as a parked sandbox of this daemon (it
+        resumes on demand); remove partial ones (a park cut short by a crash) and say so."""
+        metas, notes = statedir.scan()
+        for note in notes:
+            log.warning("%s", note)
+        for meta in metas:
+            kept = meta.sandbox
+            try:
+                policy = pol.merge(("parked", pol.layer_from_mapping(kept.get("policy") or {}, "parked snapshot")))
+            except MemvisorError as exc:
+                log.warning("sandbox %s stays parked but unlisted: its policy: %s", meta.sandbox_id, exc)
+                continue
+            name = kept.get("name") if isinstance(kept.get("name"), str) else meta.sandbox_id
+            created = kept.get("created")
+            entry = Entry(meta.sandbox_id, str(name), policy, None,
+                          created=float(created) if isinstance(created, int | float) else meta.parked_at,
+                          state="parked", parked=meta)
+            parks = kept.get("parks")
+            entry.parks = parks if isinstance(parks, int) else 1
+            self._entries[entry.id] = entry
+        if metas:
+            log.warning("%d parked sandbox(es) found: %s", len(metas), ", ".join(m.sandbox_id for m in metas))
 
     def create(self, policy: pol.Policy, name: str | None = None, debug: bool = False) -> Entry:
         """Boot a sandbox and wait until its agent is up; raises MemvisorError (GuestError) if it cannot.
@@ -225,9 +257,20 @@ class Registry:
                 "image": self._image().manifest.get("key"), "execs": entry.execs, "parks": entry.parks + 1}
 
     def close(self) -> None:
-        """Stop every sandbox (the daemon is ending) and say so."""
+        """The daemon is ending: park every running sandbox (or stop it, with on_exit "stop"; a sandbox that
+        cannot be parked is stopped), and say so. Parked sandboxes stay parked for the next daemon."""
         for entry in self.list():
-            log.warning("stopping sandbox %s (%s): the daemon is ending", entry.id, entry.name)
+            if entry.state == "parked":
+                continue
+            if self.on_exit == "park":
+                log.warning("parking sandbox %s (%s): the daemon is ending", entry.id, entry.name)
+                try:
+                    self.park(entry.id)
+                    continue
+                except MemvisorError as exc:
+                    log.warning("sandbox %s cannot be parked (%s): stopping it", entry.id, exc)
+            else:
+                log.warning("stopping sandbox %s (%s): the daemon is ending", entry.id, entry.name)
             try:
                 self.stop(entry.id)
             except MemvisorError as exc:

@@ -108,15 +108,15 @@ def token_from(path: Path | None) -> str:
 
 
 def serve(socket_path: Path, listen: str | None = None, token_file: Path | None = None,
-          budget: str = DEFAULT_BUDGET) -> None:
-    """Serve until SIGTERM/SIGINT; then stop every sandbox."""
+          budget: str = DEFAULT_BUDGET, on_exit: str = "park") -> None:
+    """Serve until SIGTERM/SIGINT; then park (or stop, `on_exit`) every running sandbox."""
     tcp = parse_listen(listen) if listen else None
     token = token_from(token_file) if tcp else None
     supervisor = Supervisor(parse_budget(budget))
     # The image is fixed when the daemon starts: its guest code must be the daemon's own (an upgrade of
     # memvisor on disk would otherwise boot new guests that speak a protocol the running daemon does not).
     image = build.ensure()
-    registry = Registry(lambda: image, supervisor)
+    registry = Registry(lambda: image, supervisor, on_exit=on_exit)
     # Both listeners exist before the unix socket appears on disk: whoever waits for that path may use either.
     # uvicorn serves the sockets as they are (never binding anything itself).
     listeners = [(create_app(registry, token), bind_tcp(*tcp))] if tcp is not None else []

@@ -48,7 +48,10 @@ def free_port() -> int:
 
 
 def start_daemon(tmp_path: Path, *extra: str) -> Daemon:
+    """A daemon on this test's socket; SIGTERM stops its sandboxes unless `extra` says --on-exit park."""
     sock = Path(os.environ["MEMVISOR_SOCKET"])
+    if "--on-exit" not in extra:
+        extra = ("--on-exit", "stop", *extra)
     token_file = tmp_path / "token"
     port = free_port()
     proc = subprocess.Popen(memvisor_argv("serve", "--listen", f"127.0.0.1:{port}", "--token-file", str(token_file),
