@@ -332,19 +332,47 @@ def cmd_user_image(args: argparse.Namespace, con: Console) -> int:
     return 0
 
 
+def parked_sandboxes() -> list[Any]:
+    """The committed snapshots in the state directory, read only (a daemon's, or an SDK user's)."""
+    from memvisor.host import runtime, statedir
+
+    base = statedir.root(create=False)
+    if not base.is_dir():
+        return []
+    found = []
+    for path in sorted(base.iterdir()):
+        if not path.is_dir() or not runtime.SAFE_ID.fullmatch(path.name):
+            continue
+        try:
+            meta = statedir.load(path.name)
+        except MemvisorError:
+            continue
+        if meta is not None:
+            found.append(meta)
+    return found
+
+
 def cmd_ps(args: argparse.Namespace, con: Console) -> int:
     from memvisor.host import runtime
 
     states = runtime.live()
+    parked = parked_sandboxes()
     if args.json:
-        print(json.dumps([s.to_json() for s in states], indent=2))
+        print(json.dumps([{**s.to_json(), "state": "running"} for s in states]
+                         + [{"id": m.sandbox_id, "state": "parked", "parked_at": m.parked_at,
+                             "generation": m.generation, "snapshot_bytes": m.disk_bytes()} for m in parked],
+                         indent=2))
         return 0
-    if not states:
-        con.notice("no sandboxes running")
+    if not states and not parked:
+        con.notice("no sandboxes running or parked")
         return 0
-    rows = [("ID", "VMM PID", "AGE", "POLICY", "RUNTIME DIR")]
+    rows = [("ID", "STATE", "VMM PID", "AGE", "POLICY", "RUNTIME DIR")]
     for s in states:
-        rows.append((s.id, str(s.vmm_pid or "-"), f"{time.time() - s.created:.0f}s", s.summary, s.runtime_dir))
+        rows.append((s.id, "running", str(s.vmm_pid or "-"), f"{time.time() - s.created:.0f}s", s.summary,
+                     s.runtime_dir))
+    for m in parked:
+        summary = f"parked {time.time() - m.parked_at:.0f}s ago, {m.disk_bytes() / 2**20:.1f} MiB on disk"
+        rows.append((m.sandbox_id, "parked", "-", "-", summary, "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from memvisor import config, policy
+from memvisor.host import park, statedir
 from memvisor.host.result import OutputFn, RunResult
 from memvisor.host.sandbox import Instance
 from memvisor.image import build
@@ -117,21 +118,51 @@ class LiveSandbox:
     def __init__(self, vm: Instance) -> None:
         self._vm = vm
         self.id = vm.id
+        self._parked: statedir.Meta | None = None
+        self._ever_parked = False  # then the state directory may hold its snapshot or kept disks
+
+    @property
+    def parked(self) -> bool:
+        return self._parked is not None
+
+    def park(self) -> None:
+        """Park the sandbox (docs/parking.md): its state goes to a sealed snapshot in memvisor's state directory
+        and its VMM exits, so it holds no host memory; `resume()` or the next `exec()` brings it back. Raises
+        MemvisorError while a command runs (the sandbox then keeps running)."""
+        if self._parked is None:
+            self._parked, _ = park.park(self._vm, {"policy": policy.to_json(self._vm.policy),
+                                                   "image": self._vm.image.manifest.get("key")})
+            self._ever_parked = True
+
+    def resume(self) -> float | None:
+        """Resume a parked sandbox; returns the seconds it took (None if it was running). On failure it stays
+        parked and MemvisorError says why."""
+        if self._parked is None:
+            return None
+        vm = Instance(self._vm.policy, self._vm.image, sandbox_id=self.id, kernel_args=self._vm.kernel_args)
+        figures = park.resume(vm, self._parked)
+        self._vm, self._parked = vm, None
+        return figures.seconds
 
     def exec(self, argv: list[str], *, env: Mapping[str, str] | None = None, cwd: str | None = None,
              root: bool = False, stdin: bytes | None = None, timeout: float | None = DEFAULT_TIMEOUT_S,
              stdout: OutputFn | None = None, stderr: OutputFn | None = None) -> RunResult:
         """Run one command and wait for it; its output goes to the callbacks if given, else into the result
         (at most the policy's output_limit_mib per stream: `result.truncated`). `timeout`: kill it after that
-        many seconds (exit 124, `timed_out`); None: no limit."""
+        many seconds (exit 124, `timed_out`); None: no limit. A parked sandbox is resumed first."""
+        self.resume()
         return self._vm.exec(list(argv), env=dict(env or {}), cwd=cwd, uid=0 if root else None, stdin=stdin,
                              timeout=timeout, on_stdout=stdout, on_stderr=stderr)
 
     def stop(self) -> None:
-        """Power the guest off and release everything (safe to call twice)."""
+        """Power the guest off and release everything, a parked snapshot included (safe to call twice)."""
         if self._vm.process is not None and self._vm.process.poll() is None:
             self._vm.shutdown()
         self._vm.close()
+        if self._ever_parked:
+            statedir.remove(self.id)  # a parked snapshot, or the disks a resumed sandbox keeps there
+            statedir.forget(self.id)
+            self._parked, self._ever_parked = None, False
 
     def __enter__(self) -> LiveSandbox:
         return self

@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from memvisor import proto
@@ -96,6 +97,8 @@ def park(inst: Instance, sandbox: dict[str, Any], on_step: StepFn | None = None)
     stream_path.unlink(missing_ok=True)  # an older generation's, never committed
     key = seal.new_key()
     stopped = False
+    files: dict[str, int] = {}
+    linked: list[Path] = []  # disks this park gave a name (a resumed sandbox's are named already)
     try:
         with QMP(inst.qmp_path) as qmp:
             step("pause")
@@ -103,9 +106,10 @@ def park(inst: Instance, sandbox: dict[str, Any], on_step: StepFn | None = None)
             stopped = True
             writer = _save_stream(qmp, stream_path, key, ident, step)
             step("disks")
-            files: dict[str, int] = {}
             for name, fd in inst.disk_fds.items():
                 os.fsync(fd)
+                if not (directory / name).exists():
+                    linked.append(directory / name)
                 swapfile.keep(fd, directory / name)
                 files[name] = os.fstat(fd).st_size
             meta = statedir.Meta(
@@ -121,6 +125,8 @@ def park(inst: Instance, sandbox: dict[str, Any], on_step: StepFn | None = None)
             process.wait(timeout=5.0)
     except BaseException as exc:
         stream_path.unlink(missing_ok=True)
+        for path in linked:
+            path.unlink(missing_ok=True)
         if stopped:
             _continue(inst)
         if isinstance(exc, MemvisorError | OSError):

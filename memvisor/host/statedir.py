@@ -325,6 +325,10 @@ class Meta:
         """The snapshot key, unwrapped with `host_key`; SealError if it does not unwrap."""
         return seal.unwrap_key(host_key, base64.b64decode(self.wrapped_key), self.ident)
 
+    def disk_bytes(self) -> int:
+        """What the parked sandbox takes on disk: its sealed streams and its kept files."""
+        return sum(s["file_bytes"] for s in self.streams.values()) + sum(self.files.values())
+
     def to_json(self) -> dict[str, Any]:
         """The meta.json document."""
         return asdict(self)

@@ -104,13 +104,9 @@ def info(entry: Entry, registry: Registry | None = None) -> SandboxInfo:
                        policy=pol.to_json(entry.policy), execs=entry.execs,
                        supervisor=control.to_json() if control else None, parks=entry.parks,
                        parked_at=meta.parked_at if meta else None,
-                       snapshot_bytes=_disk_bytes(meta) if meta else None,
+                       snapshot_bytes=meta.disk_bytes() if meta else None,
                        last_park_seconds=entry.last_park.seconds if entry.last_park else None,
                        last_resume_seconds=entry.last_resume.seconds if entry.last_resume else None)
-
-
-def _disk_bytes(meta: statedir.Meta) -> int:
-    return sum(s["file_bytes"] for s in meta.streams.values()) + sum(meta.files.values())
 
 
 def create_app(registry: Registry | None, token: str | None = None) -> FastAPI:

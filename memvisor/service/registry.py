@@ -167,10 +167,9 @@ class Registry:
                     entry.vm.shutdown()
             finally:
                 self._drop(entry)
-                # A parked snapshot, or the disks a resumed sandbox keeps in the state directory; and its
-                # generation: the id is never parked again.
-                statedir.remove(entry.id)
-                statedir.forget(entry.id)
+                if entry.parks:  # a parked snapshot, or the disks a resumed sandbox keeps in the state directory
+                    statedir.remove(entry.id)
+                    statedir.forget(entry.id)
         log.info("sandbox %s (%s) stopped", entry.id, entry.name)
         return entry
 

@@ -227,3 +227,20 @@ def test_a_daemon_that_ends_parks_its_sandboxes_and_the_next_resumes_them(image:
                 assert api.delete(f"/v1/sandboxes/{info['id']}").status_code == 200
     finally:
         stop_daemon(second)
+
+
+def test_the_sdk_parks_and_an_exec_resumes(image: Image) -> None:
+    """Without the daemon: LiveSandbox.park() and an exec that resumes it; `memvisor ps` lists it as parked."""
+    from memvisor.sdk import Sandbox
+    from tests.vm.conftest import ps
+
+    with Sandbox(memory_mib=192).start() as box:
+        assert box.exec(["sh", "-c", "echo kept > /tmp/f"]).exit_code == 0
+        box.park()
+        assert box.parked
+        [listed] = [s for s in ps() if s["id"] == box.id]
+        assert listed["state"] == "parked" and listed["snapshot_bytes"] > 0
+        result = box.exec(["cat", "/tmp/f"])
+        assert (result.exit_code, result.stdout) == (0, b"kept\n") and not box.parked
+        assert [s["state"] for s in ps() if s["id"] == box.id] == ["running"]
+    assert not any(p.is_dir() for p in Path(os.environ["MEMVISOR_STATE_DIR"]).iterdir())
