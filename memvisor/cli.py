@@ -332,31 +332,11 @@ def cmd_user_image(args: argparse.Namespace, con: Console) -> int:
     return 0
 
 
-def parked_sandboxes() -> list[Any]:
-    """The committed snapshots in the state directory, read only (a daemon's, or an SDK user's)."""
+def cmd_ps(args: argparse.Namespace, con: Console) -> int:
     from memvisor.host import runtime, statedir
 
-    base = statedir.root(create=False)
-    if not base.is_dir():
-        return []
-    found = []
-    for path in sorted(base.iterdir()):
-        if not path.is_dir() or not runtime.SAFE_ID.fullmatch(path.name):
-            continue
-        try:
-            meta = statedir.load(path.name)
-        except MemvisorError:
-            continue
-        if meta is not None:
-            found.append(meta)
-    return found
-
-
-def cmd_ps(args: argparse.Namespace, con: Console) -> int:
-    from memvisor.host import runtime
-
     states = runtime.live()
-    parked = parked_sandboxes()
+    parked = statedir.committed()
     if args.json:
         print(json.dumps([{**s.to_json(), "state": "running"} for s in states]
                          + [{"id": m.sandbox_id, "state": "parked", "parked_at": m.parked_at,

@@ -30,6 +30,10 @@ def add_parsers(sub: Any, add_policy_flags: Add) -> None:
     serve.add_argument("--on-exit", choices=("park", "stop"), default="park",
                        help="what SIGTERM does to running sandboxes: park them to sealed snapshots, which the next "
                        "daemon resumes on demand (default; one that cannot be parked is stopped), or stop them")
+    serve.add_argument("--park-after-idle", type=int, default=0, metavar="SECONDS",
+                       help="park a sandbox after this many seconds without a running command, unless its policy "
+                       "says otherwise (park_after_idle_s); 0: never (default). Idle sandboxes are also parked, "
+                       "least recently used first, when a new or resuming sandbox needs room in the budget")
     serve.add_argument("--openapi", action="store_true", help="print the API's OpenAPI document and exit")
     serve.add_argument("--token-file", type=Path, help="bearer token for --listen (created, mode 0600, if missing;"
                        " default: a random token printed nowhere: pass a file to use TCP)")
@@ -92,7 +96,8 @@ def cmd_serve(args: argparse.Namespace, _con: Any) -> int:
 
         print(json.dumps(create_app(None).openapi(), indent=1, sort_keys=True))
         return 0
-    server.serve(args.socket or paths.service_socket(), args.listen, args.token_file, args.budget, args.on_exit)
+    server.serve(args.socket or paths.service_socket(), args.listen, args.token_file, args.budget, args.on_exit,
+                 args.park_after_idle)
     return 0
 
 

@@ -79,6 +79,7 @@ class Policy:
 
     memory_mib: int = 256
     memory_floor_mib: int | None = None
+    park_after_idle_s: int | None = None  # None: the daemon's default (serve --park-after-idle); 0: never
     cpus: int = 1
     timeout: float | None = None
     root: bool = False
@@ -136,6 +137,10 @@ class Policy:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("memory_mib", "vm", "memory_mib", "--memory", int, "guest RAM in MiB", minimum=64, maximum=1 << 20),
+    Setting("park_after_idle_s", "vm", "park_after_idle_s", "--park-after-idle", int,
+            "seconds a daemon sandbox may stay idle (no command running) before the daemon parks it to a sealed "
+            "snapshot (docs/parking.md); 0: never; default: the daemon's --park-after-idle",
+            minimum=0, maximum=30 * 86400, optional=True),
     Setting("memory_floor_mib", "vm", "floor_mib", "--memory-floor", int,
             "guest RAM in MiB the daemon's supervisor never takes back, beyond what the guest needs (which it "
             "never takes either: its kernel, PID 1, locked memory and a margin; docs/service.md); admission control "

@@ -85,6 +85,24 @@ class StatsCollector(Collector):
             if value is not None:
                 yield GaugeMetricFamily(name, help_, value=value)
         yield GaugeMetricFamily("memvisor_sandboxes", "Running sandboxes", value=len(snapshot["sandboxes"]))
+        yield from _parked_families()
+
+
+def _parked_families() -> Iterator[Metric]:
+    """Parked sandboxes (docs/parking.md): how many, and per sandbox what it takes on disk and since when."""
+    from memvisor.host import statedir
+
+    metas = statedir.committed()
+    yield GaugeMetricFamily("memvisor_parked_sandboxes", "Parked sandboxes (no VMM, no host memory)",
+                            value=len(metas))
+    size = GaugeMetricFamily("memvisor_parked_snapshot_bytes", "What a parked sandbox takes on disk: its sealed "
+                             "snapshot and kept disks", labels=["sandbox"])
+    since = GaugeMetricFamily("memvisor_parked_since_seconds", "When the sandbox was parked (Unix time)",
+                              labels=["sandbox"])
+    for meta in metas:
+        size.add_metric([meta.sandbox_id], meta.disk_bytes())
+        since.add_metric([meta.sandbox_id], meta.parked_at)
+    yield from (size, since)
 
 
 def _memctl_families(sandboxes: list[dict[str, Any]]) -> Iterator[Metric]:

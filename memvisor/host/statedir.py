@@ -553,3 +553,22 @@ def remove(sandbox_id: str) -> None:
         _fsync_dir(folder)
     if not _remove_tree(folder):
         raise StateError(f"cannot remove the snapshot of sandbox {sandbox_id} in {folder}")
+
+
+def committed() -> list[Meta]:
+    """Every parked sandbox's committed snapshot, read only (for `memvisor ps` and the exporter, which must not
+    remove what a daemon's park is still writing, as scan() would): stale or malformed ones are left out."""
+    base = root(create=False)
+    if not base.is_dir():
+        return []
+    found = []
+    for path in sorted(base.iterdir()):
+        if not path.is_dir() or not SAFE_ID.fullmatch(path.name):
+            continue
+        try:
+            meta = load(path.name)
+        except MemvisorError:
+            continue
+        if meta is not None:
+            found.append(meta)
+    return found

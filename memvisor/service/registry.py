@@ -21,12 +21,13 @@ from memvisor.host import park, runtime, statedir
 from memvisor.host.sandbox import Instance
 from memvisor.image.build import Image
 from memvisor.service import need
-from memvisor.service.supervisor import Supervisor
+from memvisor.service.supervisor import AdmissionRefused, Supervisor
 
 log = logging.getLogger("memvisor")
 NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 MAX_SANDBOXES = 256
 ON_EXIT = ("park", "stop")
+IDLE_CHECK_S = 2.0  # how often idle sandboxes are looked for
 MIB = 1 << 20
 
 
@@ -68,9 +69,11 @@ class Registry:
     """Every sandbox of this daemon, by id."""
 
     def __init__(self, image: Callable[[], Image], supervisor: Supervisor | None = None,
-                 on_exit: str = "park") -> None:
+                 on_exit: str = "park", park_after_idle_s: int = 0) -> None:
         """`on_exit`: what close() does with running sandboxes: park them (the next daemon lists them parked) or
-        stop them."""
+        stop them. `park_after_idle_s`: the default idle time before a sandbox is parked (0: never)."""
+        self.park_after_idle_s = park_after_idle_s
+        self._idle_stop = threading.Event()
         if on_exit not in ON_EXIT:
             raise MemvisorError(f"--on-exit {on_exit!r} is not one of {', '.join(ON_EXIT)}")
         self.on_exit = on_exit
@@ -84,6 +87,15 @@ class Registry:
             log.warning("removed %d sandbox(es) left by a daemon or command that is gone: %s", len(removed),
                         ", ".join(removed))
         self._adopt_parked()
+        self._idle_thread = threading.Thread(target=self._idle_loop, name="memvisor-idle", daemon=True)
+        self._idle_thread.start()
+
+    def _idle_loop(self) -> None:
+        while not self._idle_stop.wait(IDLE_CHECK_S):
+            try:
+                self.park_idle()
+            except Exception:  # a bug here must not stop the daemon
+                log.exception("parking idle sandboxes failed")
 
     def _adopt_parked(self) -> None:
         """List every complete parked snapshot in the state directory as a parked sandbox of this daemon (it
@@ -125,10 +137,7 @@ class Registry:
             self._entries[entry.id] = entry  # holds the name while admission decides
         if self.supervisor is not None:
             try:  # outside the registry's lock: admission may wait for room, and a stop must be able to make it
-                # Without a balloon nothing can squeeze it: it is admitted at its maximum, which it will hold.
-                size = policy.memory_mib * MIB
-                floor = (policy.memory_floor_mib or 0) * MIB if policy.balloon else size
-                self.supervisor.admit(entry.id, size, floor, need.estimate(policy))
+                self._admit(entry.id, policy)
             except BaseException:
                 with self._lock:
                     self._entries.pop(entry.id, None)
@@ -174,11 +183,14 @@ class Registry:
         return entry
 
     # -- parking ----------------------------------------------------------------------------------------------
-    def park(self, key: str) -> Entry:
+    def park(self, key: str, unused_since: float | None = None) -> Entry:
         """Park a running sandbox (host/park.py): its VMM exits, its state goes to a sealed snapshot, and it no
-        longer counts in the memory budget. Conflict if it is not running or runs commands."""
+        longer counts in the memory budget. Conflict if it is not running or runs commands, or (`unused_since`,
+        for the daemon's own parks) if an exec used it after that moment."""
         entry = self.get(key)
         with entry.lock:
+            if unused_since is not None and entry.used > unused_since:
+                raise Conflict(f"sandbox {entry.id} was used again")
             vm = entry.running()
             if vm.session is not None and vm.session.commands:
                 raise Conflict(f"sandbox {entry.id} runs {len(vm.session.commands)} command(s)",
@@ -212,6 +224,7 @@ class Registry:
         """The sandbox, running: resumed first if it is parked (an exec on a parked sandbox). Returns the resume's
         seconds, or None if it was running."""
         with entry.lock:
+            entry.used = time.monotonic()  # under the lock: the daemon's own parks see the exec coming
             if entry.state != "parked":
                 entry.running()
                 return None
@@ -230,9 +243,7 @@ class Registry:
                            f"daemon's {image.manifest.get('key')}", hint="resume it with the memvisor it was "
                                                                         "parked with, or delete it")
         if self.supervisor is not None:
-            size = entry.policy.memory_mib * MIB
-            floor = (entry.policy.memory_floor_mib or 0) * MIB if entry.policy.balloon else size
-            self.supervisor.admit(entry.id, size, floor, need.estimate(entry.policy))
+            self._admit(entry.id, entry.policy)
         vm = Instance(entry.policy, image, sandbox_id=entry.id, on_warning=log.warning)
         entry.state = "resuming"
         try:
@@ -250,6 +261,56 @@ class Registry:
         log.info("sandbox %s (%s) resumed in %.2f s", entry.id, entry.name, figures.seconds)
         return figures.seconds
 
+    def _admit(self, sandbox_id: str, policy: pol.Policy) -> None:
+        """Reserve room in the budget for a sandbox about to boot or resume. When it does not fit, the least
+        recently used idle sandboxes are parked first, one at a time (a parked sandbox counts 0), before the
+        supervisor's own wait for the squeeze and its refusal (503)."""
+        assert self.supervisor is not None
+        # Without a balloon nothing can squeeze it: it is admitted at its maximum, which it will hold.
+        size = policy.memory_mib * MIB
+        floor = (policy.memory_floor_mib or 0) * MIB if policy.balloon else size
+        tried: set[str] = {sandbox_id}
+        while (victim := self._coldest_idle(tried)) is not None:
+            try:
+                self.supervisor.admit(sandbox_id, size, floor, need.estimate(policy), wait_s=0)
+                return
+            except AdmissionRefused:
+                pass
+            tried.add(victim.id)
+            log.warning("parking sandbox %s (%s), idle for %.0f s, to make room for %s", victim.id, victim.name,
+                        time.monotonic() - victim.used, sandbox_id)
+            try:
+                self.park(victim.id, unused_since=victim.used)
+            except MemvisorError as exc:
+                log.warning("sandbox %s could not be parked to make room: %s", victim.id, exc)
+        self.supervisor.admit(sandbox_id, size, floor, need.estimate(policy))
+
+    def _coldest_idle(self, skip: set[str]) -> Entry | None:
+        """The running sandbox with no command in flight that was used least recently, or None."""
+        idle = [e for e in self.list() if e.id not in skip and e.state == "running" and e.vm is not None
+                and e.vm.session is not None and not e.vm.session.commands]
+        return min(idle, key=lambda e: e.used, default=None)
+
+    def park_idle(self) -> None:
+        """Park every running sandbox idle for longer than its park_after_idle_s (the policy's, else the
+        daemon's default; 0: never). The daemon calls this every few seconds."""
+        now = time.monotonic()
+        for entry in self.list():
+            limit = entry.policy.park_after_idle_s
+            limit = self.park_after_idle_s if limit is None else limit
+            vm = entry.vm
+            if not limit or entry.state != "running" or vm is None or vm.session is None or vm.session.commands:
+                continue
+            used = entry.used
+            if now - used < limit:
+                continue
+            log.info("sandbox %s (%s) idle for %.0f s: parking it", entry.id, entry.name, now - used)
+            try:
+                self.park(entry.id, unused_since=used)
+            except MemvisorError as exc:
+                entry.used = now  # try again after another idle period, not at once
+                log.warning("sandbox %s could not be parked: %s", entry.id, exc)
+
     def _kept(self, entry: Entry) -> dict[str, object]:
         """What meta.json keeps for a resume by this or a later daemon."""
         return {"name": entry.name, "created": entry.created, "policy": pol.to_json(entry.policy),
@@ -258,6 +319,8 @@ class Registry:
     def close(self) -> None:
         """The daemon is ending: park every running sandbox (or stop it, with on_exit "stop"; a sandbox that
         cannot be parked is stopped), and say so. Parked sandboxes stay parked for the next daemon."""
+        self._idle_stop.set()
+        self._idle_thread.join(timeout=60)
         for entry in self.list():
             if entry.state == "parked":
                 continue

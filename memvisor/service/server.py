@@ -108,15 +108,17 @@ def token_from(path: Path | None) -> str:
 
 
 def serve(socket_path: Path, listen: str | None = None, token_file: Path | None = None,
-          budget: str = DEFAULT_BUDGET, on_exit: str = "park") -> None:
+          budget: str = DEFAULT_BUDGET, on_exit: str = "park", park_after_idle_s: int = 0) -> None:
     """Serve until SIGTERM/SIGINT; then park (or stop, `on_exit`) every running sandbox."""
+    if park_after_idle_s < 0:
+        raise MemvisorError(f"--park-after-idle {park_after_idle_s} is negative", hint="give seconds, or 0 for never")
     tcp = parse_listen(listen) if listen else None
     token = token_from(token_file) if tcp else None
     supervisor = Supervisor(parse_budget(budget))
     # The image is fixed when the daemon starts: its guest code must be the daemon's own (an upgrade of
     # memvisor on disk would otherwise boot new guests that speak a protocol the running daemon does not).
     image = build.ensure()
-    registry = Registry(lambda: image, supervisor, on_exit=on_exit)
+    registry = Registry(lambda: image, supervisor, on_exit=on_exit, park_after_idle_s=park_after_idle_s)
     # Both listeners exist before the unix socket appears on disk: whoever waits for that path may use either.
     # uvicorn serves the sockets as they are (never binding anything itself).
     listeners = [(create_app(registry, token), bind_tcp(*tcp))] if tcp is not None else []

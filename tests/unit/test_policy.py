@@ -14,7 +14,8 @@ from memvisor.policy import SETTINGS, Policy, SwapMode
 
 # A non-default value for every setting, as its Python value.
 SAMPLE: dict[str, object] = {
-    "memory_mib": 192, "memory_floor_mib": 96, "cpus": 2, "timeout": 12.5, "root": True, "swap_size_mib": 1024,
+    "memory_mib": 192, "memory_floor_mib": 96, "park_after_idle_s": 300,
+    "cpus": 2, "timeout": 12.5, "root": True, "swap_size_mib": 1024,
     "output_limit_mib": 4, "console_log_kib": 64, "max_bad_frames": 3,
     "swap_mode": SwapMode.ENCRYPTED, "allow_weaker_swap": True, "swap_discard": True, "zram_percent": 50,
     "zram_algorithm": "zstd",

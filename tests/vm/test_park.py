@@ -244,3 +244,23 @@ def test_the_sdk_parks_and_an_exec_resumes(image: Image) -> None:
         assert (result.exit_code, result.stdout) == (0, b"kept\n") and not box.parked
         assert [s["state"] for s in ps() if s["id"] == box.id] == ["running"]
     assert not any(p.is_dir() for p in Path(os.environ["MEMVISOR_STATE_DIR"]).iterdir())
+
+
+def test_an_idle_sandbox_is_parked_by_itself_and_the_metrics_say_so(parking_daemon: Daemon) -> None:
+    with parking_daemon.unix() as api:
+        made = api.post("/v1/sandboxes", json={"name": "idler", "policy": {
+            "vm": {"memory_mib": 192, "park_after_idle_s": 3}}})
+        assert made.status_code == 201, made.text
+        key = made.json()["id"]
+        run(api, key, "echo here > /tmp/f")
+        deadline = time.monotonic() + 60
+        while api.get(f"/v1/sandboxes/{key}").json()["state"] != "parked":
+            assert time.monotonic() < deadline, "an idle sandbox with park_after_idle_s = 3 was not parked"
+            time.sleep(0.5)
+        assert not alive(made.json()["vmm_pid"])
+        metrics = api.get("/metrics").text
+        assert "memvisor_parked_sandboxes 1.0" in metrics
+        assert f'memvisor_parked_snapshot_bytes{{sandbox="{key}"}}' in metrics
+        out, end = run(api, key, "cat /tmp/f")
+        assert out == b"here\n" and end["resume_seconds"] > 0
+        api.delete(f"/v1/sandboxes/{key}")
