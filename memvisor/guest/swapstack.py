@@ -314,7 +314,8 @@ class SwapStack:
         self.report["tag_store"]["setup_bytes"] = tagstore.used_bytes()  # superblock, journal, first segments
         for k, ((start, length), node) in enumerate(zip(self.segments.slices, nodes, strict=True)):
             self.report["devices"].append({
-                "device": node, "kind": "disk", "priority": DISK_PRIORITY, "mode": "confidential", "backing": device,
+                "device": node, "kind": "disk", "priority": self.segments.priority_of(k), "mode": "confidential",
+                "backing": device,
                 "size_bytes": length * 512, "table": [*table, describe(ctl, segments.NAME.format(k))],
                 "discard": discard, "segment": k, "offset_bytes": start * 512})
 

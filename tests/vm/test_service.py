@@ -169,8 +169,10 @@ def test_a_killed_daemon_leaves_no_vmm_socket_or_swap_file(image: Image, tmp_pat
     info = made.json()
     swap = Path(os.environ["MEMVISOR_RUNTIME_DIR"]) / info["id"] / "swap.img"
     assert not swap.exists()  # never on disk by name: the VMM holds the only reference
-    held = [os.readlink(f) for f in Path(f"/proc/{info['vmm_pid']}/fd").iterdir()]
-    assert any(link.endswith("swap.img (deleted)") for link in held), held
+    # an O_TMPFILE in the sandbox's runtime directory: no name, 64 MiB, and only the VMM holds it
+    held = [(os.readlink(f), f.stat()) for f in Path(f"/proc/{info['vmm_pid']}/fd").iterdir()]
+    assert any(link.startswith(str(swap.parent) + "/#") and link.endswith(" (deleted)") and st.st_size == 64 << 20
+               for link, st in held), held
     first.proc.kill()
     first.proc.communicate(timeout=30)
     wait_for(lambda: not alive(info["vmm_pid"]), 30, "the VMM to die with its daemon")

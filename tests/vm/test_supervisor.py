@@ -114,8 +114,21 @@ def test_the_daemon_squeezes_to_the_guests_need_and_gives_back_on_the_report_tha
                 "vm": {"memory_mib": 192}, "swap": {"size_mib": 256, "mode": "authenticated"}}})
             assert made.status_code == 201, made.text
             sid = made.json()["id"]
-            # Admission reserves the same figure: what the running guest needs, and the newcomer's own floor.
+            # Admission reserves the same figure: what the running guest needs, and the newcomer's own floor. The
+            # guest runs a command meanwhile: an idle one would be parked to make room (test_park.py).
+            busy = threading.Event()
+
+            def hold() -> None:
+                with d.unix() as other, other.stream("POST", f"/v1/sandboxes/{sid}/exec", json={
+                        "argv": ["sh", "-c", "echo busy; sleep 15"]}) as held:
+                    for _ in held.iter_lines():
+                        busy.set()
+
+            holder = threading.Thread(target=hold)
+            holder.start()
+            assert busy.wait(60), "the holding command never started"
             refused = api.post("/v1/sandboxes", json={"policy": {"vm": {"memory_mib": 1024, "floor_mib": 1000}}})
+            holder.join()
             assert refused.status_code == 503 and "no room for a sandbox with a 1000 MiB floor" in refused.text
             out, err, end = exec_api(api, sid, {"argv": ["sh", "-c", FILL], "root": True})
             assert out == b"FILLED\n", (err, end)
