@@ -264,3 +264,25 @@ def test_an_idle_sandbox_is_parked_by_itself_and_the_metrics_say_so(parking_daem
         out, end = run(api, key, "cat /tmp/f")
         assert out == b"here\n" and end["resume_seconds"] > 0
         api.delete(f"/v1/sandboxes/{key}")
+
+
+def test_a_sandbox_that_does_not_fit_parks_the_least_recently_used_idle_one(image: Image, tmp_path: Path) -> None:
+    """Budget 1200 MiB: a running 192 MiB guest leaves no room for a 1000 MiB floor (test_supervisor.py), so the
+    newcomer parks it; resuming it then needs the room back, and the newcomer, idle now, is parked for it."""
+    d = start_daemon(tmp_path, "--budget", "1200", "--on-exit", "stop")
+    try:
+        with d.unix() as api:
+            first = create(api, "first")["id"]
+            run(api, first, "echo kept > /tmp/f")
+            big = api.post("/v1/sandboxes", json={"name": "big", "policy": {
+                "vm": {"memory_mib": 1024, "floor_mib": 1000}}})
+            assert big.status_code == 201, big.text
+            second = big.json()["id"]
+            assert api.get(f"/v1/sandboxes/{first}").json()["state"] == "parked"
+            out, end = run(api, first, "cat /tmp/f")
+            assert out == b"kept\n" and end["resume_seconds"] > 0
+            assert api.get(f"/v1/sandboxes/{second}").json()["state"] == "parked"
+            for key in (first, second):
+                assert api.delete(f"/v1/sandboxes/{key}").status_code == 200
+    finally:
+        stop_daemon(d)
