@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test deps image lint typecheck unit vm bench bench-boot bench-swap bench-density bench-memctl bench-image soak serve-soak soak-supervisor clean
+.PHONY: run test deps image lint typecheck unit vm bench bench-boot bench-swap bench-density bench-memctl bench-image bench-park soak serve-soak soak-supervisor clean
 
 deps: $(STAMP)
 
@@ -57,6 +57,10 @@ bench-memctl: image
 # One shared read-only image vs a copy per guest: 1, 4 and 8 guests of the default and a ~200 MiB image (issue 13).
 bench-image: image
 	$(BIN)/python -m bench.image $(IMAGE_ARGS)
+
+# Parking (issue 20): park time, snapshot size, host memory parked, resume vs cold start; 256 and 1024 MiB guests.
+bench-park: image
+	$(BIN)/python -m bench.park $(PARK_ARGS)
 
 # The daemon soak: `memvisor serve`, ten sandboxes, commands into any of them for an hour (issue 9).
 serve-soak: image
