@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import logging
 import os
 import subprocess
@@ -52,6 +53,14 @@ StepFn = Callable[[str], None]
 
 class ParkError(MemvisorError):
     """A park or resume failed on the VMM's or the guest's side (the sandbox stays as it was: running or parked)."""
+
+
+class NoSpace(ParkError):
+    """A park failed because the state directory's filesystem is full (or the quota is): the sandbox runs on."""
+
+
+def _no_space(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass(frozen=True)
@@ -92,6 +101,7 @@ def park(inst: Instance, sandbox: dict[str, Any], on_step: StepFn | None = None)
 
     generation = statedir.next_generation(inst.id)
     ident = seal.Ident(inst.id, generation)
+    fresh = not statedir.sandbox_dir(inst.id).exists()
     directory = statedir.sandbox_dir(inst.id, create=True)
     stream_path = directory / f"{STREAM}.snap"
     stream_path.unlink(missing_ok=True)  # an older generation's, never committed
@@ -127,8 +137,15 @@ def park(inst: Instance, sandbox: dict[str, Any], on_step: StepFn | None = None)
         stream_path.unlink(missing_ok=True)
         for path in linked:
             path.unlink(missing_ok=True)
+        if fresh:  # a first park leaves no trace; a resumed sandbox's directory holds its disks' names
+            with contextlib.suppress(OSError):
+                directory.rmdir()
         if stopped:
             _continue(inst)
+        cause = exc.__cause__ if isinstance(exc, MemvisorError) and exc.__cause__ is not None else exc
+        if _no_space(cause):
+            raise NoSpace(f"parking sandbox {inst.id} failed: no space left in {directory.parent}; it keeps running",
+                          hint="free space on the state directory's filesystem (MEMVISOR_STATE_DIR)") from None
         if isinstance(exc, MemvisorError | OSError):
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise ParkError(f"parking sandbox {inst.id} failed: {reason}; it keeps running") from None
@@ -154,6 +171,10 @@ def _save_stream(qmp: QMP, path: Any, key: bytes, ident: seal.Ident, step: StepF
                     writer.write(data)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller
             failure.append(exc)
+            # Drain the rest so QEMU finishes at once rather than blocking on a full pipe until MIGRATION_S.
+            with contextlib.suppress(OSError):
+                while os.read(read_end, 1 << 20):
+                    pass
 
     thread = threading.Thread(target=pump, name="memvisor-park", daemon=True)
     thread.start()
@@ -175,7 +196,7 @@ def _save_stream(qmp: QMP, path: Any, key: bytes, ident: seal.Ident, step: StepF
         thread.join(5.0)
     if failure:
         exc = failure[0]
-        raise MemvisorError(f"cannot write the snapshot: {exc.strerror if isinstance(exc, OSError) else exc}")
+        raise MemvisorError(f"cannot write the snapshot: {exc.strerror if isinstance(exc, OSError) else exc}") from exc
     return writer
 
 
@@ -194,6 +215,11 @@ def _continue(inst: Instance) -> None:
     """Undo a park that failed after the pause: run the VM again and let the guest report again."""
     try:
         with QMP(inst.qmp_path) as qmp:
+            # A migration reports "completed" a moment before the VM's run state leaves finish-migrate; a `cont`
+            # in between would race QEMU's own move to postmigrate.
+            deadline = time.monotonic() + 5.0
+            while qmp.execute("query-status").get("status") == "finish-migrate" and time.monotonic() < deadline:
+                time.sleep(POLL_S)
             qmp.execute("cont")
     except MemvisorError as exc:
         log.warning("sandbox %s: cannot continue the VM after a failed park: %s", inst.id, exc)

@@ -55,12 +55,17 @@ def keep(fd: int, path: Path) -> None:
     Raises OSError (ENOSPC, ...) with a partial copy removed."""
     if path.exists() and os.path.samestat(os.fstat(fd), path.stat()):
         return
+    # linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/N names an O_TMPFILE file. Python calls link(2), which does not
+    # follow the magic link (and fails with EXDEV), unless a dir fd is given: it is, so Python calls linkat(2).
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.link(f"/proc/self/fd/{fd}", path, follow_symlinks=True)  # linkat(AT_SYMLINK_FOLLOW): O_TMPFILE files
+        os.link(f"/proc/self/fd/{fd}", path.name, dst_dir_fd=directory, follow_symlinks=True)
         return
     except OSError as exc:
         if exc.errno not in (errno.EXDEV, errno.ENOENT, errno.EPERM):
             raise
+    finally:
+        os.close(directory)
     copy_sparse(fd, path)
 
 
@@ -79,7 +84,7 @@ def copy_sparse(fd: int, path: Path) -> None:
                 raise
             end = os.lseek(fd, start, os.SEEK_HOLE)
             while start < end:
-                done = os.copy_file_range(fd, out, end - start, start, start)
+                done = _copy_range(fd, out, start, end - start)
                 if done == 0:
                     break
                 start += done
@@ -91,6 +96,18 @@ def copy_sparse(fd: int, path: Path) -> None:
         path.unlink(missing_ok=True)
         raise
     os.close(out)
+
+
+def _copy_range(src: int, dst: int, offset: int, count: int) -> int:
+    """Copy up to `count` bytes at `offset` of `src` to the same offset of `dst`: copy_file_range(2), which the
+    kernel refuses across filesystems (EXDEV: a state directory on another one), else sendfile(2)."""
+    try:
+        return os.copy_file_range(src, dst, count, offset, offset)
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+    os.lseek(dst, offset, os.SEEK_SET)
+    return os.sendfile(dst, src, offset, min(count, 1 << 30))
 
 
 def supports_direct_io(path: Path | str) -> bool:

@@ -140,6 +140,7 @@ def create_app(registry: Registry | None, token: str | None = None) -> FastAPI:
         # A damaged or stale snapshot is a conflict with the sandbox's state; a VMM or guest that fails is the
         # backend's fault, not the request's.
         status = 404 if isinstance(exc, NotFound) else \
+            507 if isinstance(exc, park_.NoSpace) else \
             409 if isinstance(exc, Conflict | seal.SealError | statedir.StateError) else \
             503 if isinstance(exc, Unavailable | AdmissionRefused) else \
             502 if isinstance(exc, GuestError | park_.ParkError) else 400

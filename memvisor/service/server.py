@@ -30,6 +30,7 @@ from memvisor.service.supervisor import Supervisor, parse_budget
 log = logging.getLogger("memvisor")
 SOCKET_MODE = 0o660
 DEFAULT_BUDGET = "80%"
+SHUTDOWN_GRACE_S = 10  # seconds requests in flight get to end after SIGTERM
 
 
 class _Server(uvicorn.Server):
@@ -123,7 +124,10 @@ def serve(socket_path: Path, listen: str | None = None, token_file: Path | None 
     # uvicorn serves the sockets as they are (never binding anything itself).
     listeners = [(create_app(registry, token), bind_tcp(*tcp))] if tcp is not None else []
     listeners.insert(0, (create_app(registry), bind_unix(socket_path)))
-    servers = [_Server(uvicorn.Config(app, log_level="warning", lifespan="off")) for app, _ in listeners]
+    # On SIGTERM, requests in flight (an exec's output stream) get SHUTDOWN_GRACE_S to end; then they are cut and
+    # the sandboxes parked or stopped, so a command that never ends cannot keep the daemon from exiting.
+    servers = [_Server(uvicorn.Config(app, log_level="warning", lifespan="off",
+                                      timeout_graceful_shutdown=SHUTDOWN_GRACE_S)) for app, _ in listeners]
     log.warning("memvisor serve: listening on %s%s; memory budget %d MiB", socket_path,
                 f" and http://{tcp[0]}:{tcp[1]} (bearer token required)" if tcp else "",
                 supervisor.budget_bytes >> 20)

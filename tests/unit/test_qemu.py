@@ -100,4 +100,6 @@ def test_shared_root_is_a_read_only_nvdimm_and_a_blk_root_skips_its_header(monke
     argv = qemu.QemuBackend().command(spec(disks=(disk,)))
     drive = argv[argv.index("-drive") + 1]
     assert "readonly=on," in drive and ",offset=2097152," in f",{drive},"
+    # a disk from fds is the VMM's own: no image locks (a `cont` after a failed park could not take them back)
+    assert drive.startswith("file=/dev/fdset/1,") and ",file.locking=off," in drive
     assert "nvdimm" not in " ".join(argv) and "swiotlb" not in " ".join(argv)

@@ -47,6 +47,15 @@ def free_port() -> int:
         return port
 
 
+def accepts(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+        return True
+
+
 def start_daemon(tmp_path: Path, *extra: str) -> Daemon:
     """A daemon on this test's socket; SIGTERM stops its sandboxes unless `extra` says --on-exit park."""
     sock = Path(os.environ["MEMVISOR_SOCKET"])
@@ -57,7 +66,8 @@ def start_daemon(tmp_path: Path, *extra: str) -> Daemon:
     proc = subprocess.Popen(memvisor_argv("serve", "--listen", f"127.0.0.1:{port}", "--token-file", str(token_file),
                                           *extra),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
-    wait_for(lambda: proc.poll() is None and sock.is_socket() and token_file.exists(), 30, "the daemon's socket")
+    # A socket that accepts, not one that exists: a daemon killed before this one left its socket file behind.
+    wait_for(lambda: proc.poll() is None and accepts(sock) and token_file.exists(), 30, "the daemon's socket")
     return Daemon(proc, sock, port, token_file.read_text().strip())
 
 

@@ -70,7 +70,10 @@ class QemuBackend(VMMBackend):
                 disks += ["-add-fd", f"fd={fd},set={i + 1},opaque={disk.serial}"]
             disks += [
                 "-drive", f"file={f'/dev/fdset/{i + 1}' if disk.fds else disk.path},if=none,id=disk{i},"
-                          f"format=raw,{'readonly=on,' if disk.readonly else ''}"
+                          # A disk from fds is this VMM's alone: no image locks, which a `cont` after a saved
+                          # (completed) migration could not take back across the two descriptors.
+                          f"format=raw,{'file.locking=off,' if disk.fds else ''}"
+                          f"{'readonly=on,' if disk.readonly else ''}"
                           f"{f'offset={disk.offset},' if disk.offset else ''}"
                           f"cache={'none' if disk.direct_io else 'writeback'},"
                           f"discard={'unmap' if disk.discard else 'ignore'}",
