@@ -198,6 +198,25 @@ class Backing:
             return "the pages are no longer locked"
         return DONE_BY_DESIGN[code]
 
+    # -- parking (host/park_ram.py) ----------------------------------------------------------------------------
+    def locked_ranges(self) -> list[tuple[int, int]]:
+        """The memfd ranges memvisor holds locked for the guest, as (offset, length)."""
+        with self._lock:
+            ranges: list[tuple[int, int]] = []
+            page = 0
+            while (page := self._locked.find(1, page)) >= 0:
+                end = self._locked.find(0, page)
+                end = len(self._locked) if end < 0 else end
+                ranges.append((page * PAGE, (end - page) * PAGE))
+                page = end
+            return ranges
+
+    def lock_ranges(self, ranges: list[tuple[int, int]]) -> None:
+        """Lock `ranges` again after a resume (what the guest had locked before its park). OSError if the
+        kernel refuses."""
+        with self._lock:
+            self._apply("MLOCK", ranges)
+
     # -- helpers (called with the lock held) -----------------------------------------------------------------
     def _offset(self, start: int, length: int) -> tuple[int, int]:
         """A guest-physical range as (offset, length) in the memfd; ValueError unless it lies in one RAM region."""

@@ -32,7 +32,7 @@ from typing import Any
 
 from memvisor import proto
 from memvisor.errors import MemvisorError
-from memvisor.host import seal, statedir, swapfile
+from memvisor.host import park_ram, seal, statedir, swapfile
 from memvisor.host.sandbox import Instance
 from memvisor.host.vmm.qmp import QMP
 
@@ -46,6 +46,7 @@ REPORTING_SETTLE_S = 2.5
 MAX_BANDWIDTH = 100 << 30  # bytes/s: QEMU's default (128 MiB/s) throttles even a paused VM
 POLL_S = 0.02
 STREAM = "vm"
+RAM_STREAM = "ram"  # memctl's guest RAM (host/park_ram.py)
 FD_NAME = "memvisor-stream"
 
 StepFn = Callable[[str], None]
@@ -85,9 +86,6 @@ def park(inst: Instance, sandbox: dict[str, Any], on_step: StepFn | None = None)
     if session.commands:
         raise MemvisorError(f"sandbox {inst.id} runs {len(session.commands)} command(s)",
                             hint="park it when they have ended")
-    if inst.memctl is not None:
-        raise MemvisorError(f"sandbox {inst.id} uses memctl, whose guest RAM (a shared memfd) parking does not "
-                            "carry yet", hint="create it without --memctl to park it")
     step("guest")
     try:
         answer = session.ask(proto.Kind.PARK, {}, proto.Kind.PARKING, PARK_ANSWER_S)
@@ -104,7 +102,9 @@ def park(inst: Instance, sandbox: dict[str, Any], on_step: StepFn | None = None)
     fresh = not statedir.sandbox_dir(inst.id).exists()
     directory = statedir.sandbox_dir(inst.id, create=True)
     stream_path = directory / f"{STREAM}.snap"
-    stream_path.unlink(missing_ok=True)  # an older generation's, never committed
+    ram_path = directory / f"{RAM_STREAM}.snap"
+    for path in (stream_path, ram_path):
+        path.unlink(missing_ok=True)  # an older generation's, never committed
     key = seal.new_key()
     stopped = False
     files: dict[str, int] = {}
@@ -115,6 +115,12 @@ def park(inst: Instance, sandbox: dict[str, Any], on_step: StepFn | None = None)
             qmp.execute("stop")
             stopped = True
             writer = _save_stream(qmp, stream_path, key, ident, step)
+            streams = {STREAM: {"plaintext_bytes": writer.plaintext_bytes, "file_bytes": writer.file_bytes}}
+            if inst.memctl is not None:  # guest RAM in a shared memfd, which QEMU's stream skipped
+                step("ram")
+                with seal.SealWriter(ram_path, key, ident, RAM_STREAM) as ram:
+                    park_ram.save(inst.memctl, ram)
+                streams[RAM_STREAM] = {"plaintext_bytes": ram.plaintext_bytes, "file_bytes": ram.file_bytes}
             step("disks")
             for name, fd in inst.disk_fds.items():
                 os.fsync(fd)
@@ -125,7 +131,7 @@ def park(inst: Instance, sandbox: dict[str, Any], on_step: StepFn | None = None)
             meta = statedir.Meta(
                 sandbox_id=inst.id, generation=generation, parked_at=time.time(),
                 wrapped_key=base64.b64encode(seal.wrap_key(statedir.host_key(), key, ident)).decode(),
-                streams={STREAM: {"plaintext_bytes": writer.plaintext_bytes, "file_bytes": writer.file_bytes}},
+                streams=streams,
                 files=files, sandbox={**sandbox, "hello": session.hello})
             step("commit")
             statedir.commit(meta)
@@ -134,8 +140,7 @@ def park(inst: Instance, sandbox: dict[str, Any], on_step: StepFn | None = None)
         with contextlib.suppress(subprocess.TimeoutExpired):  # then close() has nothing left to stop
             process.wait(timeout=5.0)
     except BaseException as exc:
-        stream_path.unlink(missing_ok=True)
-        for path in linked:
+        for path in (stream_path, ram_path, *linked):
             path.unlink(missing_ok=True)
         if fresh:  # a first park leaves no trace; a resumed sandbox's directory holds its disks' names
             with contextlib.suppress(OSError):
@@ -151,8 +156,8 @@ def park(inst: Instance, sandbox: dict[str, Any], on_step: StepFn | None = None)
             raise ParkError(f"parking sandbox {inst.id} failed: {reason}; it keeps running") from None
         raise
     inst.close()
-    figures = Figures(round(time.monotonic() - start, 3), writer.plaintext_bytes,
-                      writer.file_bytes + sum(files.values()), answer)
+    figures = Figures(round(time.monotonic() - start, 3), sum(s["plaintext_bytes"] for s in streams.values()),
+                      sum(s["file_bytes"] for s in streams.values()) + sum(files.values()), answer)
     return meta, figures
 
 
@@ -277,11 +282,18 @@ def resume(inst: Instance, meta: statedir.Meta, on_step: StepFn | None = None,
     hello = meta.sandbox.get("hello")
     if not isinstance(hello, dict):
         raise seal.SealError(f"the snapshot of sandbox {meta.sandbox_id} has no HELLO of its guest")
+    if (RAM_STREAM in meta.streams) != inst.policy.memctl:
+        carried = "carries" if RAM_STREAM in meta.streams else "lacks"
+        raise seal.SealError(f"the snapshot of sandbox {meta.sandbox_id} {carried} memctl's RAM stream, but its "
+                             f"policy has memctl {'on' if inst.policy.memctl else 'off'}")
     inst.kept_disks = {name: directory / name for name in meta.files}
     inst.resume_hello = hello
     try:
         step("start")
         (start or inst.start)()
+        if inst.memctl is not None:  # before QEMU loads its stream: it expects the shared RAM filled
+            step("ram")
+            park_ram.load(inst.memctl, directory / f"{RAM_STREAM}.snap", key, ident)
         with QMP(inst.qmp_path) as qmp:
             step("load")
             _load_stream(qmp, inst, directory / f"{STREAM}.snap", key, ident)
@@ -302,8 +314,8 @@ def resume(inst: Instance, meta: statedir.Meta, on_step: StepFn | None = None,
         raise
     if answer.get("error"):
         inst.warn(f"sandbox {meta.sandbox_id} resumed, but its clock: {answer['error']}")
-    stream = meta.streams[STREAM]
-    return Figures(round(time.monotonic() - began, 3), stream["plaintext_bytes"], stream["file_bytes"], answer)
+    return Figures(round(time.monotonic() - began, 3), sum(s["plaintext_bytes"] for s in meta.streams.values()),
+                   sum(s["file_bytes"] for s in meta.streams.values()), answer)
 
 
 def _load_stream(qmp: QMP, inst: Instance, path: Any, key: bytes, ident: seal.Ident) -> None:

@@ -286,3 +286,26 @@ def test_a_sandbox_that_does_not_fit_parks_the_least_recently_used_idle_one(imag
                 assert api.delete(f"/v1/sandboxes/{key}").status_code == 200
     finally:
         stop_daemon(d)
+
+
+def test_a_memctl_sandbox_parks_with_its_ram_in_a_sealed_stream_of_its_own(parking_daemon: Daemon) -> None:
+    """memctl's guest RAM is a shared memfd that QEMU's stream skips: memvisor carries it (ram.snap), sealed."""
+    marker = secrets.token_hex(16)
+    with parking_daemon.unix() as api:
+        made = api.post("/v1/sandboxes", json={"name": "memctl", "policy": {
+            "vm": {"memory_mib": 192}, "memctl": {"enable": True}}})
+        assert made.status_code == 201, made.text
+        key = made.json()["id"]
+        run(api, key, f"python3 -c '{COUNTER}' {marker} </dev/null >/dev/null 2>&1 & echo $! > /tmp/pid; "
+                      "head -c 33554432 /dev/urandom > /tmp/data; sha256sum /tmp/data | cut -d' ' -f1 > /tmp/data.sum")
+        before = fields(run(api, key, LOOK)[0])
+        park(api, key)
+        folder = Path(os.environ["MEMVISOR_STATE_DIR"]) / key
+        assert (folder / "ram.snap").stat().st_size > 32 << 20  # the data file lives in guest RAM (tmpfs)
+        for path in files_under(Path(os.environ["MEMVISOR_STATE_DIR"]), Path(os.environ["MEMVISOR_RUNTIME_DIR"])):
+            assert marker.encode() not in path.read_bytes(), f"the guest's marker is in {path}"
+        out, end = run(api, key, CHECK)
+        now = fields(out)
+        assert end["resume_seconds"] > 0 and now["pid"] == before["pid"] and "alive" in now, now
+        assert int(now["count"][0]) > int(before["count"][0]) and now["sum"][0] == now["sum"][1]
+        assert api.delete(f"/v1/sandboxes/{key}").status_code == 200
