@@ -3,14 +3,17 @@
 For each guest size (--sizes, default 256 and 1024 MiB), a sandbox of the daemon's registry (in this process, no
 HTTP) with 256 MiB of authenticated swap gets --live MiB (default 64) of live data: a process that holds it in
 RAM, written from /dev/urandom so it neither compresses nor merges. Then, --cycles times (default 3):
-  - guest used memory (MemTotal - MemAvailable) and the VMM's RSS just before the park
+  - guest used memory just before the park, after dropping its caches as the park does: its RAM but its free
+    pages (what it really holds, its kernel's reserved memory included; MemTotal - MemAvailable is kept beside
+    it in the JSON); and the VMM's RSS
   - park seconds (PARK to the VMM gone: the guest's sync, free-page reporting's settle, the sealed stream)
   - snapshot bytes (the sealed stream) ÷ guest used memory; the kept swap file's allocated blocks apart
   - the host memory the sandbox holds while parked (its VMM's RSS: the process is gone, so 0 if nothing leaks)
   - resume to first exec output (an exec of `true` on the parked sandbox, resume included) ÷ a cold create to the
     first exec output of the same sandbox
 Goals under TCG: snapshot <= 1.1x guest used memory; resume <= 0.2x cold. Prints a table, writes park.json and
-park.png to --out. Not a test.
+park.png to --out. Also what zstd -1 would make of the stream, and at what CPU cost (memvisor does not
+compress: see docs/parking.md). Not a test.
 """
 
 from __future__ import annotations
@@ -29,17 +32,39 @@ from typing import Any
 import psutil
 
 from memvisor import policy as pol
-from memvisor.host import statedir
+from memvisor.host import seal, statedir
+from memvisor.host.park import STREAM
 from memvisor.image import build
 from memvisor.service.registry import Entry, Registry
 
 HOLD = "import sys, time; d = open('/dev/urandom', 'rb').read({n} << 20); print('ready', flush=True); time.sleep(1e9)"
 
 
-def used_kib(reg: Registry, entry: Entry) -> int:
+def used_kib(reg: Registry, entry: Entry, memory_mib: int) -> tuple[int, int]:
+    """The guest's used memory in KiB after dropping its caches, as a park does: all its RAM but its free pages
+    (the kernel's own reserved memory included, which MemTotal leaves out); and MemTotal - MemAvailable."""
     assert entry.vm is not None
-    out = entry.vm.exec(["sh", "-c", "grep -E 'MemTotal|MemAvailable' /proc/meminfo"]).stdout.decode().split()
-    return int(out[1]) - int(out[4])
+    script = "sync; echo 3 > /proc/sys/vm/drop_caches; grep -E 'MemTotal|MemFree|MemAvailable' /proc/meminfo"
+    out = entry.vm.exec(["sh", "-c", script], uid=0).stdout.decode().split()
+    total, free, available = int(out[1]), int(out[4]), int(out[7])
+    return (memory_mib << 10) - free, total - available
+
+
+def compressibility(meta: statedir.Meta) -> dict[str, float]:
+    """What zstd (level 1, one thread) would make of the parked stream: its bytes and the CPU seconds it took,
+    read back through the seal (the plaintext never reaches the disk)."""
+    import zstandard
+
+    key = meta.key(statedir.host_key())
+    compressor = zstandard.ZstdCompressor(level=1)
+    plain = packed = 0
+    cpu = 0.0
+    for chunk in seal.read_chunks(statedir.stream_path(meta.sandbox_id, STREAM), key, meta.ident, STREAM):
+        began = time.process_time()
+        packed += len(compressor.compress(chunk))
+        cpu += time.process_time() - began
+        plain += len(chunk)
+    return {"plaintext_bytes": float(plain), "zstd1_bytes": float(packed), "zstd1_cpu_seconds": cpu}
 
 
 def first_output(reg: Registry, entry: Entry) -> float:
@@ -64,7 +89,7 @@ def measure(reg: Registry, size: int, live: int, cycles: int) -> dict[str, Any]:
                    " while ! grep -q ready /tmp/held; do sleep 0.2; done"])
     rows: list[dict[str, float]] = []
     for _ in range(cycles):
-        used = used_kib(reg, entry) << 10
+        used, counted = (kib << 10 for kib in used_kib(reg, entry, size))
         assert entry.vm is not None and entry.vm.process is not None
         pid = entry.vm.process.pid
         rss = psutil.Process(pid).memory_info().rss
@@ -74,12 +99,14 @@ def measure(reg: Registry, size: int, live: int, cycles: int) -> dict[str, Any]:
         assert entry.parked is not None
         stream = entry.parked.streams["vm"]["file_bytes"]
         held = psutil.Process(pid).memory_info().rss if psutil.pid_exists(pid) else 0
-        resume = first_output(reg, entry)
         folder = statedir.sandbox_dir(entry.id)  # what the parked sandbox holds on disk: blocks, not sizes
         kept = float(sum(f.stat().st_blocks * 512 for f in folder.iterdir() if f.is_file())) - stream
-        rows.append({"used_bytes": float(used), "vmm_rss_bytes": float(rss), "park_seconds": park_s,
+        packing = compressibility(entry.parked)
+        resume = first_output(reg, entry)
+        rows.append({"used_bytes": float(used), "meminfo_used_bytes": float(counted), "vmm_rss_bytes": float(rss),
+                     "park_seconds": park_s,
                      "snapshot_bytes": float(stream), "kept_disk_bytes": kept, "parked_host_bytes": float(held),
-                     "resume_seconds": resume, "cold_seconds": cold})
+                     "resume_seconds": resume, "cold_seconds": cold, **packing})
     reg.stop(entry.id)
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     return {"memory_mib": size, "live_mib": live, "runs": rows, "median": med,
@@ -149,6 +176,10 @@ def main() -> None:
           f"median of {args.cycles} cycles")
     print(table(results))
     for r in results:
+        m = r["median"]
+        print(f"{r['memory_mib']} MiB: zstd -1 would make the {m['plaintext_bytes'] / 2**20:.1f} MiB stream "
+              f"{m['zstd1_bytes'] / 2**20:.1f} MiB ({m['zstd1_bytes'] / m['plaintext_bytes']:.2f}x) for "
+              f"{m['zstd1_cpu_seconds']:.2f} s of CPU")
         print(f"{r['memory_mib']} MiB: snapshot {r['snapshot_per_used']:.2f}x guest used memory (goal <= 1.1), "
               f"resume {r['resume_per_cold']:.2f}x cold (goal <= 0.2)")
     (args.out / "park.json").write_text(json.dumps(results, indent=1))
