@@ -47,6 +47,7 @@ bench-swap: image
 	$(BIN)/python bench/swap.py
 
 # How many idle-agent sandboxes fit in a 1.5 GiB memory cgroup: plain QEMU vs memvisor vs memvisor+KSM (root).
+# Issue 20's parking figure: DENSITY_ARGS='--configs plain-bursty,parking' (sandboxes idle but for a short command).
 bench-density: image
 	$(BIN)/python -m bench.density $(DENSITY_ARGS)
 
