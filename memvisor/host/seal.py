@@ -223,6 +223,9 @@ class SealWriter:
             self._buffer.clear()
             self._file.flush()
             os.fsync(self._file.fileno())
+            # Written and durable: its pages need not stay in the page cache, where they would be charged to
+            # the daemon's memory (cgroup) for every parked sandbox. A resume reads it once.
+            os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         except BaseException:
             self.abort()
             raise

@@ -21,13 +21,14 @@ from memvisor.host import park, runtime, statedir
 from memvisor.host.sandbox import Instance
 from memvisor.image.build import Image
 from memvisor.service import need
-from memvisor.service.supervisor import AdmissionRefused, Supervisor
+from memvisor.service.supervisor import ADMIT_WAIT_S, AdmissionRefused, Supervisor
 
 log = logging.getLogger("memvisor")
 NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 MAX_SANDBOXES = 256
 ON_EXIT = ("park", "stop")
 IDLE_CHECK_S = 2.0  # how often idle sandboxes are looked for
+BUSY_POLL_S = 0.2  # how often an admission that waits for a busy sandbox to become idle looks again
 MIB = 1 << 20
 
 
@@ -73,6 +74,7 @@ class Registry:
         """`on_exit`: what close() does with running sandboxes: park them (the next daemon lists them parked) or
         stop them. `park_after_idle_s`: the default idle time before a sandbox is parked (0: never)."""
         self.park_after_idle_s = park_after_idle_s
+        self.admit_wait_s = ADMIT_WAIT_S  # how long an admission may wait for room (parks, squeezes)
         self._idle_stop = threading.Event()
         if on_exit not in ON_EXIT:
             raise MemvisorError(f"--on-exit {on_exit!r} is not one of {', '.join(ON_EXIT)}")
@@ -263,19 +265,29 @@ class Registry:
 
     def _admit(self, sandbox_id: str, policy: pol.Policy) -> None:
         """Reserve room in the budget for a sandbox about to boot or resume. When it does not fit, the least
-        recently used idle sandboxes are parked first, one at a time (a parked sandbox counts 0), before the
-        supervisor's own wait for the squeeze and its refusal (503)."""
+        recently used idle sandboxes are parked first, one at a time (a parked sandbox counts 0); while none is
+        idle but some run commands, it waits (up to admit_wait_s) for one to become idle; then the supervisor's
+        own wait for the squeeze, and its refusal (503)."""
         assert self.supervisor is not None
         # Without a balloon nothing can squeeze it: it is admitted at its maximum, which it will hold.
         size = policy.memory_mib * MIB
         floor = (policy.memory_floor_mib or 0) * MIB if policy.balloon else size
+        deadline = time.monotonic() + self.admit_wait_s
         tried: set[str] = {sandbox_id}
-        while (victim := self._coldest_idle(tried)) is not None:
+        while True:
             try:
                 self.supervisor.admit(sandbox_id, size, floor, need.estimate(policy), wait_s=0)
                 return
             except AdmissionRefused:
                 pass
+            victim = self._coldest_idle(tried)
+            if victim is None:
+                # A command that ends frees its sandbox to be parked: an agent's next command should wait a
+                # moment for that, not fail.
+                if time.monotonic() >= deadline or not self._busy(tried):
+                    break
+                time.sleep(BUSY_POLL_S)
+                continue
             tried.add(victim.id)
             log.warning("parking sandbox %s (%s), idle for %.0f s, to make room for %s", victim.id, victim.name,
                         time.monotonic() - victim.used, sandbox_id)
@@ -283,7 +295,13 @@ class Registry:
                 self.park(victim.id, unused_since=victim.used)
             except MemvisorError as exc:
                 log.warning("sandbox %s could not be parked to make room: %s", victim.id, exc)
-        self.supervisor.admit(sandbox_id, size, floor, need.estimate(policy))
+        self.supervisor.admit(sandbox_id, size, floor, need.estimate(policy),
+                              wait_s=max(0.0, deadline - time.monotonic()))
+
+    def _busy(self, skip: set[str]) -> bool:
+        """Whether a running sandbox not in `skip` runs commands now (it may be parked once they end)."""
+        return any(e.id not in skip and e.state == "running" and e.vm is not None and e.vm.session is not None
+                   and e.vm.session.commands for e in self.list())
 
     def _coldest_idle(self, skip: set[str]) -> Entry | None:
         """The running sandbox with no command in flight that was used least recently, or None."""

@@ -3,6 +3,7 @@ parked (memvisor/service/registry.py)."""
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -78,10 +79,20 @@ def test_room_is_made_by_parking_the_least_recently_used_idle_sandbox(registry: 
 
 def test_with_nothing_idle_left_admission_refuses(registry: Any) -> None:
     reg, _, parked = registry
+    reg.admit_wait_s = 0.5
     add(reg, "busy", used_ago=1000, commands=2)
+    began = time.monotonic()
     with pytest.raises(AdmissionRefused):
         reg._admit("new", pol.DEFAULT)
-    assert parked == []
+    assert parked == [] and time.monotonic() - began >= 0.5  # it waited for the commands to end
+
+
+def test_admission_waits_for_a_busy_sandbox_to_become_idle_and_parks_it(registry: Any) -> None:
+    reg, sup, parked = registry
+    busy = add(reg, "busy", used_ago=1000, commands=1)
+    threading.Timer(0.3, busy.vm.session.commands.clear).start()  # type: ignore[union-attr]
+    reg._admit("new", pol.DEFAULT)
+    assert parked == ["busy"] and sup.admitted == ["new"]
 
 
 def test_idle_sandboxes_are_parked_after_their_own_or_the_daemons_time(registry: Any) -> None:
