@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from memvisor import __version__, cli_daemon, cli_image, config, policy
+from memvisor import __version__, cli_daemon, cli_image, cli_template, config, policy
 from memvisor.errors import GuestError, MemvisorError
 
 EXIT_FAILURE = 125
@@ -152,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--serve", metavar="ADDR:PORT", help="serve the figures as Prometheus metrics at /metrics")
 
     cli_daemon.add_parsers(sub, add_policy_flags)
+    cli_template.add_parsers(sub, add_policy_flags)
 
     k = sub.add_parser("ksm", help="ksmd state and counters; start or stop it (never done implicitly)")
     k_sub = k.add_subparsers(dest="ksm_command", required=True, metavar="ACTION")
@@ -333,6 +334,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Console], int]] = {
     "serve": cli_daemon.cmd_serve, "exec": cli_daemon.cmd_exec, "stop": cli_daemon.cmd_stop,
     "park": cli_daemon.cmd_park, "resume": cli_daemon.cmd_resume,
     "create": lambda args, con: cli_daemon.cmd_create(args, con, policy_from_args),
+    "template": lambda args, con: cli_template.cmd_template(args, con, policy_from_args),
 }
 
 

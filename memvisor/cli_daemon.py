@@ -43,6 +43,8 @@ def add_parsers(sub: Any, add_policy_flags: Add) -> None:
     create.add_argument("--name", help="a name to address it by (a-z 0-9 _ . -)")
     create.add_argument("--socket", type=Path, help=socket_help)
     create.add_argument("--json", action="store_true", help="print the sandbox as JSON")
+    create.add_argument("--template", metavar="NAME", help="start it as a clone of this template (its policy is the "
+                        "template's: no policy flags; docs/templates.md)")
     create.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="boot the guest with kernel messages on its console (OOM reports, panics) and "
                         "hung-task reports after 10 s (same as `memvisor --debug create`)")
@@ -104,9 +106,11 @@ def cmd_serve(args: argparse.Namespace, _con: Any) -> int:
 def cmd_create(args: argparse.Namespace, _con: Any, policy_from_args: Callable[[argparse.Namespace], Any]) -> int:
     from memvisor.service.client import Client
 
-    pol = policy_from_args(args)
     with Client(args.socket or paths.service_socket()) as client:
-        info = client.create(policy.to_json(pol), args.name, debug=args.debug)
+        if args.template is not None:
+            info = client.create({}, args.name, template=args.template)
+        else:
+            info = client.create(policy.to_json(policy_from_args(args)), args.name, debug=args.debug)
     print(json.dumps(info) if args.json else info["id"])
     return 0
 

@@ -96,6 +96,7 @@ class Policy:
     balloon: bool = True
     deflate_on_oom: bool | None = None
     memctl: bool = False
+    templatable: bool = False
     rootfs: str = "pmem"
     scratch_mib: int = 0
     image: str | None = None
@@ -128,6 +129,8 @@ class Policy:
             parts.append("ksm")
         if self.memctl:
             parts.append("memctl")
+        if self.templatable:
+            parts.append("templatable")
         if self.balloon:
             parts.append("balloon")
         if self.root:
@@ -186,6 +189,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("memctl", "memctl", "enable", "--memctl", bool,
             "let the sandbox's workload tell the host how to back its memory (free, lock, ...; docs/memctl.md): "
             "guest RAM becomes a shared memfd", cmdline="memctl"),
+    Setting("templatable", "template", "ready", "--templatable", bool,
+            "the sandbox may become a template (`memvisor template create NAME --from ID`; docs/templates.md): "
+            "guest RAM is a memfd memvisor owns, there is no balloon, and swap is set up in its clones only",
+            cmdline="templatable"),
     Setting("rootfs", "image", "rootfs", "--rootfs", str,
             "how the guest gets its root: the image's one shared read-only copy as an NVDIMM with DAX (pmem, "
             "default) or as a read-only virtio-blk disk (blk), or a private copy in guest RAM (initramfs)",
@@ -270,6 +277,9 @@ def merge(*layers: tuple[str, Mapping[str, object]]) -> Policy:
                 raise KeyError(f"unknown policy field {key!r} in layer {name}")
             values[key] = value
             sources[key] = name
+    if values.get("templatable") and "balloon" not in values:
+        # A clone's balloon would punch holes in the template's sealed RAM: a templatable sandbox has none.
+        values["balloon"], sources["balloon"] = False, "templatable"
     policy = Policy(**values, sources=tuple(sorted(sources.items())))  # type: ignore[arg-type]
     validate(policy)
     return policy
@@ -294,6 +304,16 @@ def validate(policy: Policy) -> None:
         raise PolicyError("--memctl and --ksm cannot be used together: memctl backs guest RAM with shared memory "
                           "(a memfd memvisor also maps), and KSM merges only private memory",
                           hint="drop --ksm or --memctl")
+    if policy.templatable:
+        clash = [flag for flag, on in (("--balloon", policy.balloon), ("--ksm", policy.ksm),
+                                       ("--memctl", policy.memctl), ("--scratch", policy.scratch_mib > 0),
+                                       ("--rootfs initramfs", policy.rootfs == "initramfs")) if on]
+        if clash:
+            raise PolicyError(
+                f"--templatable cannot be used with {', '.join(clash)}: a template's RAM is one sealed memfd that "
+                "its clones map copy-on-write (no balloon may punch holes in it, KSM merges private memory only, "
+                "memctl owns guest RAM itself, a scratch disk and an initramfs root would be one copy shared by "
+                "every clone)", hint=f"drop {', '.join(clash)}")
     if policy.image is not None and (not IMAGE_NAME.match(policy.image) or ".." in policy.image):
         raise PolicyError(f"--image {policy.image[:80]!r} is not an image name",
                           hint="names are 1-63 characters: a-z, 0-9, '.', '_', '-'; see `memvisor image ls`")

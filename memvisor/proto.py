@@ -83,6 +83,7 @@ class Kind:
     PARK = MessageKind(16, "PARK")  # host -> guest: about to be parked: drop caches, sync, go quiet
     PARKING = MessageKind(17, "PARKING")  # guest -> host: ready to be paused; sends nothing until RESUMED
     RESUMED = MessageKind(18, "RESUMED")  # host -> guest: running again, here is the wall clock; guest -> host: done
+    CLONED = MessageKind(19, "CLONED")  # host -> guest: you are a template's clone, be your own; guest -> host: done
 
     @staticmethod
     def from_wire(value: int) -> MessageKind:
@@ -171,6 +172,21 @@ SCHEMAS: dict[MessageKind, _Schema] = {
         "clock_step": ((float, int), False),  # guest -> host: how far the guest's wall clock was moved, seconds
         "error": ((str,), False),  # guest -> host: the clock could not be set (why)
     },
+    Kind.CLONED: {
+        # host -> guest
+        "sandbox_id": ((str,), False),  # the clone's sandbox id (its hostname is memvisor-<id>)
+        "entropy": ((str,), False),  # hex of CLONE_ENTROPY random bytes, mixed into the guest's RNG
+        "realtime": ((float, int), False),  # the host's CLOCK_REALTIME, seconds
+        # guest -> host
+        "uptime": ((float, int), False),
+        "clock_step": ((float, int), False),
+        "reseeded": ((bool,), False),  # the RNG was reseeded with the host's entropy (RNDRESEEDCRNG)
+        "vmgenid": ((bool,), False),  # the kernel announced the new VM generation ID (NEW_VMGENID uevent)
+        "hostname": ((str,), False),
+        "swap": ((dict,), False),  # the swap set up after the wake (as HELLO's)
+        "seconds": ((float, int), False),
+        "error": ((str,), False),  # what failed: the host stops the clone
+    },
     Kind.DUMPED: {
         "uptime": ((float, int), True),
         "blocked": ((list,), True),  # [[pid, comm, state, wchan], ...], at most MAX_BLOCKED
@@ -178,6 +194,9 @@ SCHEMAS: dict[MessageKind, _Schema] = {
     },
 }
 MAX_BLOCKED = 32
+CLONE_ENTROPY = 32  # bytes of host randomness a clone mixes into its RNG
+MAX_SANDBOX_ID = 32
+MAX_TEXT = 4096  # characters of a CLONED's hostname or error
 # memctl function codes (docs/memctl.md): the Cloud Hypervisor RFC's, named on the wire.
 MEMCTL_CODES = ("INFO", "FREE", "REMOVE", "DONTNEED", "PAGEOUT", "MERGEABLE", "UNMERGEABLE", "DONTDUMP", "MLOCK",
                 "MUNLOCK", "MPROTECT_NONE", "MPROTECT_R", "MPROTECT_W", "MPROTECT_RW", "SET_VMA_ANON_NAME")
@@ -294,6 +313,15 @@ def check(kind: MessageKind, body: dict[str, Any]) -> None:
         raise ProtocolError(f"{kind.name}: unknown field(s) {', '.join(sorted(unknown))}")
     if "id" in schema and "id" in body and not 1 <= body["id"] <= MAX_EXEC_ID:
         raise ProtocolError(f"{kind.name}: exec id {body['id']} is not in 1..{MAX_EXEC_ID}")
+    if kind is Kind.CLONED:
+        sandbox_id = body.get("sandbox_id", "x")
+        if not (sandbox_id.isascii() and sandbox_id.isalnum() and len(sandbox_id) <= MAX_SANDBOX_ID):
+            raise ProtocolError(f"CLONED: sandbox_id must be 1..{MAX_SANDBOX_ID} ASCII letters and digits")
+        entropy = body.get("entropy", "00" * CLONE_ENTROPY)
+        if len(entropy) != 2 * CLONE_ENTROPY or not all(c in "0123456789abcdef" for c in entropy):
+            raise ProtocolError(f"CLONED: entropy must be {CLONE_ENTROPY} bytes in lowercase hex")
+        if any(len(body.get(name, "")) > MAX_TEXT for name in ("hostname", "error")):
+            raise ProtocolError(f"CLONED: hostname and error are at most {MAX_TEXT} characters")
     if kind is Kind.EXEC:
         argv = body["argv"]
         if not argv or not all(is_text(a) for a in argv):

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
+    from memvisor.guest.clone import Waker as CloneHooks
     from memvisor.guest.memctld import Memctld
 
 PORTS = "/sys/class/virtio-ports"
@@ -136,8 +137,10 @@ class Agent:
     """The command server: one poll loop over the channel and every command's pipes and pidfd."""
 
     def __init__(self, channel: Channel, uid: int, report: Callable[[], dict[str, Any]],
-                 memctl: Memctld | None = None, chroot: str | None = None, exec_cgroups: bool = False) -> None:
+                 memctl: Memctld | None = None, chroot: str | None = None, exec_cgroups: bool = False,
+                 clone: CloneHooks | None = None) -> None:
         self.channel = channel
+        self.clone = clone  # a templatable sandbox's (and so its clones') park and wake steps (guest/init.py)
         self.chroot = chroot
         self.exec_cgroups = exec_cgroups  # a cgroup per command (guest/cgroups.py; init mounted the tree)
         self.uid = uid
@@ -282,6 +285,8 @@ class Agent:
             self._park()
         elif frame.kind is proto.Kind.RESUMED and body is not None:
             self._resumed(body)
+        elif frame.kind is proto.Kind.CLONED and body is not None:
+            self._cloned(body)
         elif frame.kind is proto.Kind.SHUTDOWN:
             self.channel.log("shutdown asked for")
             self.stopping = True
@@ -306,6 +311,8 @@ class Agent:
                     f.write(value)
             except OSError as exc:  # a smaller snapshot is lost, not the park
                 self.channel.log(f"park: cannot write vm.{knob}: {exc.strerror}")
+        if self.clone is not None:
+            self.clone.park()
         self.parked = True
         self.channel.send(proto.Kind.PARKING, {"uptime": uptime(), "ok": True,
                                                "seconds": round(time.monotonic() - start, 3)})
@@ -314,17 +321,28 @@ class Agent:
         """Running again after a resume (or a park the host gave up): set the wall clock from the host's (it
         stood still while the VM was parked), report again."""
         answer: dict[str, Any] = {"uptime": uptime()}
-        realtime = body.get("realtime")
-        if realtime is not None:
-            step = float(realtime) - time.time()
-            try:
-                time.clock_settime(time.CLOCK_REALTIME, float(realtime))
-                answer["clock_step"] = round(step, 3)
-            except (OSError, ValueError, OverflowError) as exc:
-                answer["error"] = f"cannot set the clock: {exc}"
+        set_clock(body, answer)
         self.parked = False
         self.next_stats = time.monotonic()
         self.channel.send(proto.Kind.RESUMED, answer)
+
+    def _cloned(self, body: dict[str, Any]) -> None:
+        """Running for the first time as a template's clone: the wall clock, then PID 1's wake steps (a new RNG
+        state, id, hostname, swap, the FORKED event: guest/clone.py); any failure is sent back (the host stops the
+        clone rather than let it run as a copy)."""
+        answer: dict[str, Any] = {"uptime": uptime()}
+        set_clock(body, answer)
+        if "error" not in answer:
+            if self.clone is None:
+                answer["error"] = "this guest was not started templatable: it cannot wake as a clone"
+            else:
+                try:
+                    answer.update(self.clone.wake(body))
+                except Exception as exc:  # noqa: BLE001 - reported to the host, which stops the clone
+                    answer["error"] = f"waking as a clone failed: {exc}"[:proto.MAX_TEXT]
+        self.parked = False
+        self.next_stats = time.monotonic()
+        self.channel.send(proto.Kind.CLONED, answer)
 
     def _exec(self, body: dict[str, Any]) -> None:
         exec_id = body["id"]
@@ -432,8 +450,20 @@ def psi_trigger(log: Callable[[str], None], path: str) -> int | None:
     return fd
 
 
+def set_clock(body: dict[str, Any], answer: dict[str, Any]) -> None:
+    """Set the wall clock to the host's `realtime` (RESUMED, CLONED): `clock_step` or `error` in `answer`."""
+    realtime = body.get("realtime")
+    if realtime is not None:
+        step = float(realtime) - time.time()
+        try:
+            time.clock_settime(time.CLOCK_REALTIME, float(realtime))
+            answer["clock_step"] = round(step, 3)
+        except (OSError, ValueError, OverflowError) as exc:
+            answer["error"] = f"cannot set the clock: {exc}"
+
+
 def serve(channel: Channel, uid: int, report: Callable[[], dict[str, Any]], memctl: bool = False,
-          chroot: str | None = None, exec_cgroups: bool = False) -> None:
+          chroot: str | None = None, exec_cgroups: bool = False, clone: CloneHooks | None = None) -> None:
     """Serve the host's commands until it asks for a shutdown; with `memctl`, workloads' memctl requests too
     (memctl needs `exec_cgroups`). `chroot`: the user's image root every command runs in (guest/userroot.py).
     `exec_cgroups`: run each command in a cgroup of its own (guest/cgroups.py), which tells OOM kills apart."""
@@ -442,4 +472,4 @@ def serve(channel: Channel, uid: int, report: Callable[[], dict[str, Any]], memc
         from memvisor.guest import memctld
 
         server = memctld.Memctld(memctld.setup(), lambda body: channel.send(proto.Kind.MEMCTL, body), channel.log)
-    Agent(channel, uid, report, server, chroot, exec_cgroups).serve()
+    Agent(channel, uid, report, server, chroot, exec_cgroups, clone).serve()

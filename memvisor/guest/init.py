@@ -36,6 +36,7 @@ class Context:
         self.steps: list[tuple[str, float]] = []
         self.swap: dict[str, Any] = {}
         self.chroot: str | None = None  # the user's image root commands run in (guest/userroot.py), if any
+        self.waker: Any = None  # a templatable sandbox's clone.Waker (guest/clone.py)
 
     def flag(self, key: str) -> bool:
         """A boolean setting the host sent (memvisor/contract.py: never a default of the guest's own)."""
@@ -115,7 +116,23 @@ def open_channel(ctx: Context) -> None:
 
 
 def setup_swap(ctx: Context) -> None:
-    """zram and the disk swap stack, as the settings ask (nothing when they ask for none)."""
+    """zram and the disk swap stack, as the settings ask (nothing when they ask for none). A templatable sandbox
+    is frozen with swap off: each of its clones sets up its own when it wakes (guest/clone.py), with a key from
+    its own reseeded RNG."""
+    if ctx.flag("templatable"):
+        from memvisor.guest import clone  # only in a templatable sandbox
+
+        def later() -> dict[str, Any]:
+            build_swap(ctx)
+            return ctx.swap
+
+        ctx.waker = clone.Waker(later, log)
+        log("templatable: swap is set up in each clone, when it wakes")
+        return
+    build_swap(ctx)
+
+
+def build_swap(ctx: Context) -> None:
     if contract.require(ctx.settings, "swap_size_mib") == "0" and contract.require(ctx.settings, "zram_percent") == "0":
         return
     # Imported here, not at boot: a sandbox without swap should not pay for it (image/python.py ships it).
@@ -145,6 +162,8 @@ def setup_user_image(ctx: Context) -> None:
     from memvisor.guest import userroot  # only with an image
 
     ctx.chroot = userroot.setup(kind, ctx.flag("memctl"))
+    if ctx.waker is not None:
+        ctx.waker.chroot = ctx.chroot
     log(f"image root at {ctx.chroot} ({kind})")
 
 
@@ -206,7 +225,8 @@ def main() -> None:
             "swap": ctx.swap,
         })
         agent.serve(ctx.channel, uid=0 if ctx.flag("root") else contract.WORKLOAD_UID,
-                    report=memstats.report, memctl=ctx.flag("memctl"), chroot=ctx.chroot, exec_cgroups=True)
+                    report=memstats.report, memctl=ctx.flag("memctl"), chroot=ctx.chroot, exec_cgroups=True,
+                    clone=ctx.waker)
     except (SetupError, contract.MissingSetting) as exc:  # a clear, expected failure: no traceback
         log(f"FATAL: {exc}")
         report_fatal(ctx, str(exc))

@@ -63,3 +63,8 @@ def mlockall() -> None:
 def reboot(cmd: int) -> None:
     """reboot(2); only returns on failure."""
     _check(_libc.reboot(ctypes.c_int(cmd)), "reboot")
+
+
+def ioctl(fd: int, request: int) -> int:
+    """ioctl(2) with no argument (fcntl.ioctl would be one more module in the image)."""
+    return _check(_libc.ioctl(ctypes.c_int(fd), ctypes.c_ulong(request), None), f"ioctl {request:#x}")

@@ -105,10 +105,11 @@ class Counters:
 class Backing:
     """A guest's RAM as a memfd, memvisor's mapping of it, and the codes applied to it."""
 
-    def __init__(self, memory_mib: int, name: str = "memvisor-guest-ram") -> None:
+    def __init__(self, memory_mib: int, name: str = "memvisor-guest-ram", sealable: bool = False) -> None:
+        """`sealable`: the memfd may be sealed later (a template's RAM, host/template.py)."""
         self.size = memory_mib << 20
         self.layout = q35_layout(self.size)
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if sealable else 0))
         self.counters = Counters()
         self._locked = bytearray(self.size // PAGE)  # 1 per page memvisor holds locked
         self._lock = threading.Lock()
@@ -124,6 +125,15 @@ class Backing:
         except OSError as exc:
             self.close()
             raise MemvisorError(f"cannot set up memctl's guest RAM ({memory_mib} MiB memfd): {exc}") from None
+
+    def detach(self) -> int:
+        """Give up memvisor's mapping and return the memfd, which the caller now owns (a template seals it:
+        F_SEAL_WRITE needs no writable shared mapping left)."""
+        if self.addr:
+            _libc.munmap(self.addr, self.size)
+            self.addr = 0
+        fd, self.fd = self.fd, -1
+        return fd
 
     def close(self) -> None:
         if self.addr:

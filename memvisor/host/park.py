@@ -80,23 +80,9 @@ def park(inst: Instance, sandbox: dict[str, Any], on_step: StepFn | None = None)
     why. `sandbox` is kept opaque in meta.json for whoever resumes it (policy, name, image...)."""
     step = on_step or (lambda _s: None)
     start = time.monotonic()
+    answer = quiesce(inst, step)
     session, process = inst.session, inst.process
-    if session is None or process is None or process.poll() is not None or session.gone.is_set():
-        raise MemvisorError(f"sandbox {inst.id} is not running")
-    if session.commands:
-        raise MemvisorError(f"sandbox {inst.id} runs {len(session.commands)} command(s)",
-                            hint="park it when they have ended")
-    step("guest")
-    try:
-        answer = session.ask(proto.Kind.PARK, {}, proto.Kind.PARKING, PARK_ANSWER_S)
-    except (OSError, TimeoutError, ConnectionError) as exc:
-        raise ParkError(f"sandbox {inst.id} did not get ready to park: {exc}") from None
-    if not answer.get("ok"):
-        _unpark_guest(inst)
-        raise MemvisorError(f"sandbox {inst.id} will not park: {answer.get('reason', 'no reason given')}")
-    if inst.policy.balloon:
-        time.sleep(REPORTING_SETTLE_S)
-
+    assert session is not None and process is not None
     generation = statedir.next_generation(inst.id)
     ident = seal.Ident(inst.id, generation)
     fresh = not statedir.sandbox_dir(inst.id).exists()
@@ -114,7 +100,7 @@ def park(inst: Instance, sandbox: dict[str, Any], on_step: StepFn | None = None)
             step("pause")
             qmp.execute("stop")
             stopped = True
-            writer = _save_stream(qmp, stream_path, key, ident, step)
+            writer = save_stream(qmp, stream_path, key, ident, step)
             streams = {STREAM: {"plaintext_bytes": writer.plaintext_bytes, "file_bytes": writer.file_bytes}}
             if inst.memctl is not None:  # guest RAM in a shared memfd, which QEMU's stream skipped
                 step("ram")
@@ -146,7 +132,7 @@ def park(inst: Instance, sandbox: dict[str, Any], on_step: StepFn | None = None)
             with contextlib.suppress(OSError):
                 directory.rmdir()
         if stopped:
-            _continue(inst)
+            continue_vm(inst)
         cause = exc.__cause__ if isinstance(exc, MemvisorError) and exc.__cause__ is not None else exc
         if _no_space(cause):
             raise NoSpace(f"parking sandbox {inst.id} failed: no space left in {directory.parent}; it keeps running",
@@ -161,7 +147,30 @@ def park(inst: Instance, sandbox: dict[str, Any], on_step: StepFn | None = None)
     return meta, figures
 
 
-def _save_stream(qmp: QMP, path: Any, key: bytes, ident: seal.Ident, step: StepFn) -> seal.SealWriter:
+def quiesce(inst: Instance, step: StepFn, what: str = "park") -> dict[str, Any]:
+    """Get a running sandbox with no command in flight ready to be saved (the guest's PARK; with a balloon, the
+    wait for free-page reporting): its PARKING answer. MemvisorError if it is not running, runs commands or will
+    not; then it runs on as it was."""
+    session, process = inst.session, inst.process
+    if session is None or process is None or process.poll() is not None or session.gone.is_set():
+        raise MemvisorError(f"sandbox {inst.id} is not running")
+    if session.commands:
+        raise MemvisorError(f"sandbox {inst.id} runs {len(session.commands)} command(s)",
+                            hint=f"{what} it when they have ended")
+    step("guest")
+    try:
+        answer = session.ask(proto.Kind.PARK, {}, proto.Kind.PARKING, PARK_ANSWER_S)
+    except (OSError, TimeoutError, ConnectionError) as exc:
+        raise ParkError(f"sandbox {inst.id} did not get ready to {what}: {exc}") from None
+    if not answer.get("ok"):
+        unpark_guest(inst)
+        raise MemvisorError(f"sandbox {inst.id} will not {what}: {answer.get('reason', 'no reason given')}")
+    if inst.policy.balloon:
+        time.sleep(REPORTING_SETTLE_S)
+    return answer
+
+
+def save_stream(qmp: QMP, path: Any, key: bytes, ident: seal.Ident, step: StepFn) -> seal.SealWriter:
     """Migrate the paused VM into a pipe, sealing what comes out of it into `path`; returns the closed writer."""
     qmp.execute("migrate-set-capabilities", {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
     qmp.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
@@ -216,7 +225,7 @@ def _wait_migration(qmp: QMP) -> dict[str, Any]:
     raise MemvisorError(f"saving the VM took over {MIGRATION_S:g} s")
 
 
-def _continue(inst: Instance) -> None:
+def continue_vm(inst: Instance) -> None:
     """Undo a park that failed after the pause: run the VM again and let the guest report again."""
     try:
         with QMP(inst.qmp_path) as qmp:
@@ -228,10 +237,10 @@ def _continue(inst: Instance) -> None:
             qmp.execute("cont")
     except MemvisorError as exc:
         log.warning("sandbox %s: cannot continue the VM after a failed park: %s", inst.id, exc)
-    _unpark_guest(inst)
+    unpark_guest(inst)
 
 
-def _unpark_guest(inst: Instance) -> None:
+def unpark_guest(inst: Instance) -> None:
     assert inst.session is not None
     try:
         inst.session.ask(proto.Kind.RESUMED, {"realtime": time.time()}, proto.Kind.RESUMED, RESUMED_ANSWER_S)
@@ -282,10 +291,13 @@ def resume(inst: Instance, meta: statedir.Meta, on_step: StepFn | None = None,
     hello = meta.sandbox.get("hello")
     if not isinstance(hello, dict):
         raise seal.SealError(f"the snapshot of sandbox {meta.sandbox_id} has no HELLO of its guest")
-    if (RAM_STREAM in meta.streams) != inst.policy.memctl:
+    # memctl's and a templatable sandbox's RAM is a memfd of memvisor's: its own stream. A clone's RAM maps its
+    # template privately: QEMU's stream carries it.
+    owned = inst.policy.memctl or (inst.policy.templatable and inst.clone_ram_fd is None)
+    if (RAM_STREAM in meta.streams) != owned:
         carried = "carries" if RAM_STREAM in meta.streams else "lacks"
-        raise seal.SealError(f"the snapshot of sandbox {meta.sandbox_id} {carried} memctl's RAM stream, but its "
-                             f"policy has memctl {'on' if inst.policy.memctl else 'off'}")
+        raise seal.SealError(f"the snapshot of sandbox {meta.sandbox_id} {carried} a RAM stream of its own, but "
+                             f"its guest RAM {'is' if owned else 'is not'} a memfd of memvisor's")
     inst.kept_disks = {name: directory / name for name in meta.files}
     inst.resume_hello = hello
     try:
@@ -296,7 +308,7 @@ def resume(inst: Instance, meta: statedir.Meta, on_step: StepFn | None = None,
             park_ram.load(inst.memctl, directory / f"{RAM_STREAM}.snap", key, ident)
         with QMP(inst.qmp_path) as qmp:
             step("load")
-            _load_stream(qmp, inst, directory / f"{STREAM}.snap", key, ident)
+            load_stream(qmp, inst, directory / f"{STREAM}.snap", key, ident)
             # From here the guest may change its disks: the snapshot must never be resumed again.
             statedir.uncommit(meta.sandbox_id)
             step("continue")
@@ -318,7 +330,7 @@ def resume(inst: Instance, meta: statedir.Meta, on_step: StepFn | None = None,
                    sum(s["file_bytes"] for s in meta.streams.values()), answer)
 
 
-def _load_stream(qmp: QMP, inst: Instance, path: Any, key: bytes, ident: seal.Ident) -> None:
+def load_stream(qmp: QMP, inst: Instance, path: Any, key: bytes, ident: seal.Ident) -> None:
     """Feed the sealed stream to the paused VMM through a pipe, checking each chunk on the way; returns when
     the VM is loaded (paused)."""
     qmp.execute("migrate-set-capabilities", {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})

@@ -106,12 +106,15 @@ class Instance:
         # the daemon's supervisor decides on it at once.
         self.on_report: Callable[[], None] | None = None
         self.session: Session | None = None
-        self.memctl: memctl.Backing | None = None  # guest RAM as a memfd (policy setting memctl)
+        # Guest RAM as a memfd memvisor owns (policy memctl, or templatable: host/template.py seals it)
+        self.memctl: memctl.Backing | None = None
         self._fds: list[int] = []  # files the VMM inherits
         self.disk_fds: dict[str, int] = {}  # the sandbox's own disks ("swap.img", "scratch.img"): O_RDWR fds
         # Resuming a parked sandbox (host/park.py): its disks, kept as files, instead of new ones.
         self.kept_disks: dict[str, Path] = {}
         self.resume_hello: dict[str, Any] | None = None  # ... and the HELLO its guest sent when it booted
+        # A template's clone (host/template.py): the template's sealed RAM memfd, mapped copy-on-write.
+        self.clone_ram_fd: int | None = None
         self._swap_fd: int | None = None
         self._vmm_user: tuple[int, int] | None = None
         self._hello_seen = False
@@ -189,9 +192,15 @@ class Instance:
         self._console = ConsoleLog(self.console_log, self.policy.console_log_kib << 10)
         self._stack.callback(self._console.close)
         self._vmm_socks = [qmp_sock, theirs, console_theirs]
-        if self.policy.memctl:
-            self.memctl = memctl.Backing(self.policy.memory_mib)
+        if self.clone_ram_fd is not None:
+            ram_fd, ram_shared = self._open(Path(f"/proc/self/fd/{self.clone_ram_fd}"), os.O_RDONLY), False
+            self._fds.append(ram_fd)
+        elif self.policy.memctl or self.policy.templatable:  # guest RAM in a memfd memvisor owns
+            self.memctl = memctl.Backing(self.policy.memory_mib, sealable=self.policy.templatable)
             self._stack.callback(self.memctl.close)
+            ram_fd, ram_shared = self.memctl.fd, True
+        else:
+            ram_fd, ram_shared = None, True
         spec = VMSpec(
             name=self.name, memory_mib=self.policy.memory_mib, cpus=self.policy.cpus,
             kernel=Path(f"/proc/self/fd/{self._fds[0]}"), initrd=Path(f"/proc/self/fd/{self._fds[1]}"),
@@ -199,7 +208,7 @@ class Instance:
             console_fd=console_theirs.fileno(), qmp_fd=qmp_sock.fileno(), channel_fd=theirs.fileno(),
             ksm=self.ksm_in_effect(), disks=disks, balloon=self.policy.balloon,
             deflate_on_oom=self.policy.balloon_deflates_on_oom, nvdimms=nvdimms,
-            ram_fd=self.memctl.fd if self.memctl else None, incoming=self.resume_hello is not None)
+            ram_fd=ram_fd, ram_shared=ram_shared, incoming=self.resume_hello is not None)
         self.argv = self.vmm.command(spec)
         return self.argv
 
@@ -269,7 +278,7 @@ class Instance:
         self._stack.callback(self._stop_vmm)
         assert self.channel is not None
         self.session = Session(self.channel, self.process.pid, on_stats=self._store_guest_stats,
-                               on_memctl=self.memctl.handle if self.memctl else None,
+                               on_memctl=self.memctl.handle if self.memctl and self.policy.memctl else None,
                                console=(self._console_sock, self._console.write),
                                max_bad_frames=self.policy.max_bad_frames, hello=self.resume_hello)
         self._stack.callback(self.session.close)
@@ -468,7 +477,7 @@ class Instance:
         runtime.write_json(self.dir / stats.GUEST_STATS, body)
         if self.on_report is not None:
             self.on_report()
-        if self.memctl is not None:  # the host's own memctl counters, at the guest's STATS pace
+        if self.memctl is not None and self.policy.memctl:  # the host's own memctl counters, at STATS pace
             runtime.write_json(self.dir / stats.MEMCTL, self.memctl.counters.to_json())
 
     def _swap_ready(self, swap: dict[str, Any]) -> None:
@@ -555,7 +564,7 @@ class Instance:
             "policy": pol.to_json(self.policy),
             "swap": report.swap_section(self.policy, hello, exit_body),
             "protocol_errors": self.channel.errors,
-            "memctl": self.memctl.counters.to_json() if self.memctl else None,
+            "memctl": self.memctl.counters.to_json() if self.memctl and self.policy.memctl else None,
         }
 
     # -- tearing down --------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ log = logging.getLogger("memvisor")
 HOST_KEY: Final = "host.key"
 LEDGER: Final = "ledger.json"
 LOCK: Final = ".lock"
+TEMPLATES: Final = "templates"  # host/template.py's directory (not a sandbox id: those are hex)
 META: Final = "meta.json"
 SNAP_SUFFIX: Final = ".snap"
 JSON_LIMIT: Final = 16 << 20  # ledger.json and meta.json are small; a bigger one is not ours
@@ -65,7 +66,7 @@ def _check_id(sandbox_id: str) -> None:
         raise StateError(f"sandbox id {sandbox_id!r} is not 1-32 of a-z, 0-9, '_' and '-'")
 
 
-def _own_dir(path: Path, what: str, hint: str) -> bool:
+def own_dir(path: Path, what: str, hint: str) -> bool:
     """True if `path` is a real directory owned by this user with mode exactly 0700, False if it does not exist;
     StateError otherwise (never trust what another user could have planted or read)."""
     try:
@@ -80,7 +81,7 @@ def _own_dir(path: Path, what: str, hint: str) -> bool:
     return True
 
 
-def _make_dir(path: Path) -> bool:
+def make_dir(path: Path) -> bool:
     """mkdir `path` with mode exactly 0700 (whatever the umask); True if this call created it."""
     try:
         path.mkdir(mode=0o700)
@@ -99,17 +100,17 @@ def root(create: bool = True) -> Path:
     if create:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            if _make_dir(path):
-                _fsync_dir(path.parent)
+            if make_dir(path):
+                fsync_dir(path.parent)
         except OSError as exc:
             raise StateError(f"cannot create the state directory {path}: {exc.strerror}") from None
-    _own_dir(path, "the state directory",
+    own_dir(path, "the state directory",
              hint=f"it must be a directory owned by uid {os.geteuid()} with mode 0700 (chmod 700 {path}), or set "
                   "MEMVISOR_STATE_DIR")
     return path
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -144,7 +145,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def write_json_atomic(path: Path, doc: object) -> None:
@@ -152,7 +153,7 @@ def write_json_atomic(path: Path, doc: object) -> None:
     write_atomic(path, (json.dumps(doc, indent=2) + "\n").encode())
 
 
-def _read_own(path: Path, limit: int) -> tuple[bytes, os.stat_result]:
+def read_own(path: Path, limit: int) -> tuple[bytes, os.stat_result]:
     """The contents of regular file `path`, which must be this user's own and at most `limit` bytes (checked on
     the open file, so it cannot be swapped in between); FileNotFoundError passes through."""
     try:
@@ -177,7 +178,7 @@ def _read_host_key(path: Path) -> bytes | None:
     hint = ("every parked snapshot's key is wrapped under it: restore it from a backup, or remove it together with "
             "the parked snapshots, which cannot be resumed without it")
     try:
-        data, st = _read_own(path, seal.KEY_BYTES)
+        data, st = read_own(path, seal.KEY_BYTES)
     except FileNotFoundError:
         return None
     except StateError as exc:
@@ -206,7 +207,7 @@ def host_key() -> bytes:
         pass
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(base)
+    fsync_dir(base)
     key = _read_host_key(path)
     if key is None:
         raise StateError(f"the host key {path} vanished while it was being created")
@@ -224,7 +225,7 @@ def _locked(base: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _parse_json(data: bytes, source: Path) -> Any:
+def parse_json(data: bytes, source: Path) -> Any:
     try:
         return json.loads(data)
     except ValueError as exc:
@@ -234,10 +235,10 @@ def _parse_json(data: bytes, source: Path) -> Any:
 def _read_ledger(base: Path) -> dict[str, int]:
     path = base / LEDGER
     try:
-        data, _ = _read_own(path, JSON_LIMIT)
+        data, _ = read_own(path, JSON_LIMIT)
     except FileNotFoundError:
         return {}
-    doc = _parse_json(data, path)
+    doc = parse_json(data, path)
     gens = doc.get("generations") if isinstance(doc, dict) else None
     if not isinstance(gens, dict) or set(doc) != {"generations"} or not all(
             isinstance(k, str) and SAFE_ID.fullmatch(k) and type(v) is int and v >= 1 for k, v in gens.items()):
@@ -288,9 +289,9 @@ def sandbox_dir(sandbox_id: str, create: bool = False) -> Path:
     base = root(create=create)
     path = base / sandbox_id
     if create:
-        if _make_dir(path):
-            _fsync_dir(base)
-        _own_dir(path, f"the state directory of sandbox {sandbox_id}",
+        if make_dir(path):
+            fsync_dir(base)
+        own_dir(path, f"the state directory of sandbox {sandbox_id}",
                  hint=f"remove it, or chmod 700 {path} if it is memvisor's")
     return path
 
@@ -371,7 +372,7 @@ class Meta:
                    streams={k: dict(v) for k, v in streams.items()}, files=dict(files), sandbox=doc["sandbox"])
 
 
-def _missing(folder: Path, meta: Meta) -> str | None:
+def missing(folder: Path, meta: Meta) -> str | None:
     """Why the files of `meta` in `folder` are not all there with the sizes it records, or None."""
     wanted = {f"{name}{SNAP_SUFFIX}": sizes["file_bytes"] for name, sizes in meta.streams.items()}
     wanted.update(meta.files)
@@ -398,7 +399,7 @@ def commit(meta: Meta) -> None:
         raise StateError(f"cannot commit generation {meta.generation} of sandbox {meta.sandbox_id}: the ledger is "
                          f"at {current}")
     folder = sandbox_dir(meta.sandbox_id, create=True)
-    why = _missing(folder, meta)
+    why = missing(folder, meta)
     if why is not None:
         raise StateError(f"cannot commit the snapshot of sandbox {meta.sandbox_id}: {why}")
     write_json_atomic(folder / META, doc)
@@ -406,10 +407,10 @@ def commit(meta: Meta) -> None:
 
 def _load(folder: Path, sandbox_id: str) -> Meta | None:
     try:
-        data, _ = _read_own(folder / META, JSON_LIMIT)
+        data, _ = read_own(folder / META, JSON_LIMIT)
     except FileNotFoundError:
         return None
-    meta = Meta.from_json(_parse_json(data, folder / META), str(folder / META))
+    meta = Meta.from_json(parse_json(data, folder / META), str(folder / META))
     if meta.sandbox_id != sandbox_id:
         raise StateError(f"{folder / META} names sandbox {meta.sandbox_id}, not {sandbox_id}")
     return meta
@@ -420,7 +421,7 @@ def load(sandbox_id: str) -> Meta | None:
     or its generation is not the ledger's (an old snapshot is never resumed). The files are checked by scan(),
     their contents by seal.verify()."""
     folder = sandbox_dir(sandbox_id)
-    if not _own_dir(folder, f"the state directory of sandbox {sandbox_id}", hint=f"remove {folder}"):
+    if not own_dir(folder, f"the state directory of sandbox {sandbox_id}", hint=f"remove {folder}"):
         return None
     meta = _load(folder, sandbox_id)
     if meta is None:
@@ -438,7 +439,7 @@ def uncommit(sandbox_id: str) -> None:
     directory is refused), and its stream files deleted to free the space. The kept files stay: the resumed VM
     uses them, and a later park keeps them again."""
     folder = sandbox_dir(sandbox_id)
-    if not _own_dir(folder, f"the state directory of sandbox {sandbox_id}", hint=f"remove {folder}"):
+    if not own_dir(folder, f"the state directory of sandbox {sandbox_id}", hint=f"remove {folder}"):
         return
     try:
         meta = _load(folder, sandbox_id)
@@ -446,7 +447,7 @@ def uncommit(sandbox_id: str) -> None:
         meta = None  # a malformed meta.json was never resumable: just remove it
     with contextlib.suppress(FileNotFoundError):
         (folder / META).unlink()
-    _fsync_dir(folder)
+    fsync_dir(folder)
     if meta is not None and generation(sandbox_id) == meta.generation:
         next_generation(sandbox_id)
     for name in seal.STREAMS:
@@ -470,13 +471,13 @@ def _examine(folder: Path, sandbox_id: str, ledger: dict[str, int]) -> tuple[Met
     if meta.generation > current:
         return None, (f"a snapshot of sandbox {sandbox_id} newer than the ledger (generation {meta.generation}; the "
                       f"ledger is at {current})")
-    why = _missing(folder, meta)
+    why = missing(folder, meta)
     if why is not None:
         return None, f"a partial snapshot of sandbox {sandbox_id} ({why})"
     return meta, ""
 
 
-def _remove_tree(folder: Path) -> bool:
+def remove_tree(folder: Path) -> bool:
     """rmtree `folder` if it is a real directory (never a symlink) of this user's; True if removed."""
     st = os.lstat(folder)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
@@ -487,7 +488,7 @@ def _remove_tree(folder: Path) -> bool:
     except OSError as exc:
         log.warning("could not remove %s: %s", folder, exc)
         return False
-    _fsync_dir(folder.parent)
+    fsync_dir(folder.parent)
     return True
 
 
@@ -517,7 +518,7 @@ def scan() -> tuple[list[Meta], list[str]]:
         names = sorted(entry.name for entry in it)
     for name in names:
         path = base / name
-        if name in (HOST_KEY, LEDGER, LOCK):
+        if name in (HOST_KEY, LEDGER, LOCK, TEMPLATES):
             continue
         if _TMP.fullmatch(name):
             # Another process may be writing the ledger or host key right now: only old ones are leftovers.
@@ -530,7 +531,7 @@ def scan() -> tuple[list[Meta], list[str]]:
             continue
         meta, why = _examine(path, name, ledger)
         if meta is None:
-            if _remove_tree(path):
+            if remove_tree(path):
                 notes.append(f"removed {why}")
             continue
         for inner in sorted(os.listdir(path)):
@@ -545,13 +546,13 @@ def remove(sandbox_id: str) -> None:
     snapshot, never a damaged complete one). The ledger keeps its generation, so an old copy of the snapshot
     stays refused; forget() drops that. StateError if the directory is not this user's own."""
     folder = sandbox_dir(sandbox_id)
-    if not _own_dir(folder, f"the state directory of sandbox {sandbox_id}",
+    if not own_dir(folder, f"the state directory of sandbox {sandbox_id}",
                     hint=f"it was not made by memvisor: remove {folder} by hand"):
         return
     with contextlib.suppress(FileNotFoundError):
         (folder / META).unlink()
-        _fsync_dir(folder)
-    if not _remove_tree(folder):
+        fsync_dir(folder)
+    if not remove_tree(folder):
         raise StateError(f"cannot remove the snapshot of sandbox {sandbox_id} in {folder}")
 
 
@@ -563,7 +564,7 @@ def committed() -> list[Meta]:
         return []
     found = []
     for path in sorted(base.iterdir()):
-        if not path.is_dir() or not SAFE_ID.fullmatch(path.name):
+        if not path.is_dir() or not SAFE_ID.fullmatch(path.name) or path.name == TEMPLATES:
             continue
         try:
             meta = load(path.name)

@@ -26,10 +26,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from memvisor import __version__, proto
 from memvisor import policy as pol
 from memvisor.errors import GuestError, MemvisorError
-from memvisor.host import exporter, seal, statedir, stats
+from memvisor.host import exporter, seal, statedir, stats, template
 from memvisor.host import park as park_
-from memvisor.service.registry import Conflict, Entry, NotFound, Registry
+from memvisor.service.errors import Conflict, NotFound
+from memvisor.service.registry import Entry, Registry
 from memvisor.service.supervisor import AdmissionRefused
+from memvisor.service.templates import TemplateEntry
 
 MAX_BODY = 1 << 20  # bytes of a request body (stdin included)
 MAX_ARGS = 4096
@@ -52,6 +54,33 @@ class CreateRequest(Strict):
     policy: dict[str, dict[str, Any]] = Field(default_factory=dict)
     debug: bool = Field(default=False, description="boot the guest with kernel messages on its console (OOM "
                         "reports, panics with their stacks) and hung-task reports after 10 s")
+    template: str | None = Field(default=None, max_length=30, description="start the sandbox as a clone of this "
+                                 "template (docs/templates.md): its policy is the template's, so `policy` must be "
+                                 "empty")
+
+
+class TemplateRequest(Strict):
+    """A template to make: of a running templatable sandbox (`source`), or of a new one booted with `policy`
+    (templatable is implied) and warmed up by running `argv` in it (as root)."""
+
+    name: str = Field(min_length=1, max_length=30)
+    source: str | None = Field(default=None, max_length=63, description="id or name of a running sandbox "
+                               "created with templatable on; it becomes the template (its VMM exits)")
+    policy: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    argv: list[Text] | None = Field(default=None, min_length=1, max_length=MAX_ARGS)
+    timeout: float | None = Field(default=None, gt=0, le=86400, description="seconds the warm-up may take")
+
+
+class TemplateInfo(Strict):
+    name: str
+    created: float
+    source: str | None  # the sandbox it was made of
+    memory_mib: int
+    policy: dict[str, dict[str, Any]]
+    ram_bytes: int  # the guest RAM the template holds (one copy, shared by every clone)
+    snapshot_bytes: int  # what its sealed files take on disk
+    ram_loaded: bool  # whether this daemon holds its RAM in memory now
+    clones: list[str]  # the sandboxes cloned from it, running or parked
 
 
 class SandboxInfo(Strict):
@@ -64,6 +93,7 @@ class SandboxInfo(Strict):
     policy: dict[str, dict[str, Any]]
     execs: int
     supervisor: dict[str, Any] | None = None  # balloon target, floor, the last decision and its reason
+    template: str | None = None  # the template it was cloned from
     parks: int = 0  # how often it was parked
     parked_at: float | None = None  # while parked: when (seconds since the epoch)
     snapshot_bytes: int | None = None  # while parked: what its sealed snapshot and kept disks take on disk
@@ -103,10 +133,21 @@ def info(entry: Entry, registry: Registry | None = None) -> SandboxInfo:
                        vmm_pid=process.pid if process else None, summary=entry.policy.summary(),
                        policy=pol.to_json(entry.policy), execs=entry.execs,
                        supervisor=control.to_json() if control else None, parks=entry.parks,
+                       template=entry.template,
                        parked_at=meta.parked_at if meta else None,
                        snapshot_bytes=meta.disk_bytes() if meta else None,
                        last_park_seconds=entry.last_park.seconds if entry.last_park else None,
                        last_resume_seconds=entry.last_resume.seconds if entry.last_resume else None)
+
+
+def template_info(entry: TemplateEntry) -> TemplateInfo:
+    kept = entry.meta.sandbox
+    created, source = kept.get("created"), kept.get("source")
+    return TemplateInfo(name=entry.name, created=float(created) if isinstance(created, int | float) else 0.0,
+                        source=source if isinstance(source, str) else None, memory_mib=entry.policy.memory_mib,
+                        policy=pol.to_json(entry.policy), ram_bytes=template.ram_bytes(entry.meta),
+                        snapshot_bytes=entry.meta.disk_bytes(), ram_loaded=entry.ram_fd is not None,
+                        clones=sorted(entry.clones))
 
 
 def create_app(registry: Registry | None, token: str | None = None) -> FastAPI:
@@ -151,8 +192,42 @@ def create_app(registry: Registry | None, token: str | None = None) -> FastAPI:
 
     @app.post("/v1/sandboxes", status_code=201, response_model=SandboxInfo)
     def create(request: CreateRequest) -> SandboxInfo:
+        if request.template is not None and request.policy:
+            raise MemvisorError("a clone's policy is its template's: send no policy with a template",
+                                hint=f"GET /v1/templates/{request.template} shows it")
         policy = pol.merge(("request", pol.layer_from_mapping(request.policy, "request")))
-        return info(sandboxes().create(policy, request.name, debug=request.debug), registry)
+        return info(sandboxes().create(policy, request.name, debug=request.debug, template_name=request.template),
+                    registry)
+
+    @app.post("/v1/templates", status_code=201, response_model=TemplateInfo)
+    def make_template(request: TemplateRequest) -> TemplateInfo:
+        """Make a template: of a running templatable sandbox (`source`), or boot one with `policy` and warm it
+        up with `argv` (exactly one of the two)."""
+        if (request.source is None) == (request.argv is None):
+            raise MemvisorError("give either source (a running sandbox) or argv (a warm-up command)",
+                                hint="POST {\"name\": ..., \"source\": ID} or {\"name\": ..., \"argv\": [...]}")
+        if request.source is not None:
+            if request.policy:
+                raise MemvisorError("policy goes with argv: a source sandbox has its own")
+            return template_info(sandboxes().make_template(request.name, request.source))
+        policy = pol.merge(("request", pol.layer_from_mapping(request.policy, "request")),
+                           ("template", {"templatable": True}))
+        assert request.argv is not None
+        return template_info(sandboxes().template_from_command(request.name, policy, request.argv,
+                                                               request.timeout))
+
+    @app.get("/v1/templates", response_model=list[TemplateInfo])
+    def list_templates() -> list[TemplateInfo]:
+        return [template_info(t) for t in sandboxes().templates.list()]
+
+    @app.get("/v1/templates/{name}", response_model=TemplateInfo)
+    def inspect_template(name: str) -> TemplateInfo:
+        return template_info(sandboxes().templates.get(name))
+
+    @app.delete("/v1/templates/{name}", response_model=TemplateInfo)
+    def remove_template(name: str) -> TemplateInfo:
+        """Remove a template (409 while sandboxes cloned from it run or are parked)."""
+        return template_info(sandboxes().templates.remove(name))
 
     @app.get("/v1/sandboxes", response_model=list[SandboxInfo])
     def list_sandboxes() -> list[SandboxInfo]:

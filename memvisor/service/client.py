@@ -41,9 +41,25 @@ class Client:
                                 hint="start it with `memvisor serve`, or pass --socket") from None
         return _checked(response)
 
-    def create(self, policy: dict[str, dict[str, Any]], name: str | None = None, debug: bool = False
-               ) -> dict[str, Any]:
-        return dict(self._call("POST", "/v1/sandboxes", {"policy": policy, "name": name, "debug": debug}))
+    def create(self, policy: dict[str, dict[str, Any]], name: str | None = None, debug: bool = False,
+               template: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"policy": policy, "name": name, "debug": debug}
+        if template is not None:
+            body["template"] = template
+        return dict(self._call("POST", "/v1/sandboxes", body))
+
+    def make_template(self, name: str, source: str | None = None, policy: dict[str, dict[str, Any]] | None = None,
+                      argv: list[str] | None = None, timeout: float | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": name, "source": source, "argv": argv, "timeout": timeout}
+        if policy:
+            body["policy"] = policy
+        return dict(self._call("POST", "/v1/templates", body))
+
+    def templates(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/v1/templates"))
+
+    def remove_template(self, name: str) -> dict[str, Any]:
+        return dict(self._call("DELETE", f"/v1/templates/{name}"))
 
     def list(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/v1/sandboxes"))

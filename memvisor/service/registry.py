@@ -7,21 +7,25 @@ VMMs with it; the next start sweeps their runtime directories and says so.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from memvisor import policy as pol
 from memvisor.errors import MemvisorError
-from memvisor.host import park, runtime, statedir
+from memvisor.host import park, runtime, statedir, template
+from memvisor.host.result import RunResult
 from memvisor.host.sandbox import Instance
 from memvisor.image.build import Image
 from memvisor.service import need
+from memvisor.service.errors import Conflict, NotFound
 from memvisor.service.supervisor import ADMIT_WAIT_S, AdmissionRefused, Supervisor
+from memvisor.service.templates import TemplateEntry, Templates
 
 log = logging.getLogger("memvisor")
 NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
@@ -30,14 +34,6 @@ ON_EXIT = ("park", "stop")
 IDLE_CHECK_S = 2.0  # how often idle sandboxes are looked for
 BUSY_POLL_S = 0.2  # how often an admission that waits for a busy sandbox to become idle looks again
 MIB = 1 << 20
-
-
-class NotFound(MemvisorError):
-    """No sandbox by that id or name."""
-
-
-class Conflict(MemvisorError):
-    """The request clashes with the current state (a name in use, too many sandboxes)."""
 
 
 @dataclass
@@ -56,6 +52,7 @@ class Entry:
     last_park: park.Figures | None = None
     last_resume: park.Figures | None = None
     used: float = field(default_factory=time.monotonic)  # when a command last ran or ended here
+    template: str | None = None  # the template it was cloned from
     # park, resume and stop of one sandbox happen one at a time; an exec holds it while it resumes the sandbox
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -88,6 +85,8 @@ class Registry:
         if removed:
             log.warning("removed %d sandbox(es) left by a daemon or command that is gone: %s", len(removed),
                         ", ".join(removed))
+        self.templates = Templates()
+        self.templates.adopt()
         self._adopt_parked()
         self._idle_thread = threading.Thread(target=self._idle_loop, name="memvisor-idle", daemon=True)
         self._idle_thread.start()
@@ -119,18 +118,31 @@ class Registry:
                           state="parked", parked=meta)
             parks = kept.get("parks")
             entry.parks = parks if isinstance(parks, int) else 1
+            if isinstance(kept.get("template"), str):
+                entry.template = kept["template"]
+                try:
+                    self.templates.get(entry.template).clones.add(entry.id)
+                except NotFound:
+                    log.warning("sandbox %s is a clone of template %s, which is gone: it cannot resume",
+                                entry.id, entry.template)
             self._entries[entry.id] = entry
         if metas:
             log.warning("%d parked sandbox(es) found: %s", len(metas), ", ".join(m.sandbox_id for m in metas))
 
-    def create(self, policy: pol.Policy, name: str | None = None, debug: bool = False) -> Entry:
+    def create(self, policy: pol.Policy, name: str | None = None, debug: bool = False,
+               template_name: str | None = None) -> Entry:
         """Boot a sandbox and wait until its agent is up; raises MemvisorError (GuestError) if it cannot.
-        `debug`: kernel messages on its console (host/sandbox.py DEBUG_KERNEL_ARGS)."""
+        `debug`: kernel messages on its console (host/sandbox.py DEBUG_KERNEL_ARGS). `template_name`: start it as
+        a clone of that template instead (its policy is the template's; `policy` is not used)."""
         if name is not None and not NAME.fullmatch(name):
             raise MemvisorError(f"sandbox name {name!r} is not allowed",
                                 hint="use 1-63 of a-z 0-9 _ . - starting with a letter or digit")
-        vm = Instance(policy, self._image(), on_warning=log.warning, debug=debug)
-        entry = Entry(vm.id, name or vm.id, policy, vm)
+        origin = self.templates.get(template_name) if template_name is not None else None
+        if origin is not None:
+            self._same_image(f"template {origin.name}", origin.image)
+            policy = origin.policy
+        vm = Instance(policy, self._image(), on_warning=log.warning, debug=debug and origin is None)
+        entry = Entry(vm.id, name or vm.id, policy, vm, template=origin.name if origin else None)
         with self._lock:
             if len(self._entries) >= MAX_SANDBOXES:
                 raise Conflict(f"this daemon already runs {MAX_SANDBOXES} sandboxes")
@@ -145,8 +157,15 @@ class Registry:
                     self._entries.pop(entry.id, None)
                 raise
         try:
-            self._spawner.submit(vm.start).result()
-            vm.wait_ready()
+            if origin is not None:
+                with origin.lock:
+                    origin.clones.add(entry.id)
+                _, figures = template.clone(vm, origin.meta, self.templates.ram(origin),
+                                            start=lambda: self._spawner.submit(vm.start).result())
+                entry.last_resume = figures
+            else:
+                self._spawner.submit(vm.start).result()
+                vm.wait_ready()
         except BaseException:
             self._drop(entry)
             raise
@@ -239,14 +258,12 @@ class Registry:
         meta = entry.parked
         assert meta is not None
         image = self._image()
-        parked_with = meta.sandbox.get("image")
-        if parked_with != image.manifest.get("key"):
-            raise Conflict(f"sandbox {entry.id} was parked by a daemon with guest image {parked_with}, not this "
-                           f"daemon's {image.manifest.get('key')}", hint="resume it with the memvisor it was "
-                                                                        "parked with, or delete it")
+        self._same_image(f"sandbox {entry.id}", meta.sandbox.get("image"))
+        clone_ram = self.templates.ram(self.templates.get(entry.template)) if entry.template else None
         if self.supervisor is not None:
             self._admit(entry.id, entry.policy)
         vm = Instance(entry.policy, image, sandbox_id=entry.id, on_warning=log.warning)
+        vm.clone_ram_fd = clone_ram
         entry.state = "resuming"
         try:
             figures = park.resume(vm, meta, start=lambda: self._spawner.submit(vm.start).result())
@@ -332,7 +349,73 @@ class Registry:
     def _kept(self, entry: Entry) -> dict[str, object]:
         """What meta.json keeps for a resume by this or a later daemon."""
         return {"name": entry.name, "created": entry.created, "policy": pol.to_json(entry.policy),
-                "image": self._image().manifest.get("key"), "execs": entry.execs, "parks": entry.parks + 1}
+                "image": self._image().manifest.get("key"), "execs": entry.execs, "parks": entry.parks + 1,
+                "template": entry.template}
+
+    def _same_image(self, what: str, key: object) -> None:
+        """Conflict unless `what` was made with this daemon's guest image (its RAM holds that image's guest)."""
+        ours = self._image().manifest.get("key")
+        if key != ours:
+            raise Conflict(f"{what} was made by a daemon with guest image {key}, not this daemon's {ours}",
+                           hint="use it with the memvisor it was made with, or delete it")
+
+    # -- templates --------------------------------------------------------------------------------------------
+    def make_template(self, name: str, key: str) -> TemplateEntry:
+        """Freeze the running templatable sandbox `key` into template `name` (host/template.py): the sandbox
+        becomes the template (its VMM exits) and is no longer listed."""
+        template.check_name(name)
+        entry = self.get(key)
+        with entry.lock:
+            vm = entry.running()
+            if entry.template is not None:
+                raise Conflict(f"sandbox {entry.id} is a clone of template {entry.template}: its RAM is that "
+                               "template's, not its own", hint="make the template of a templatable sandbox")
+            with self._lock:
+                if any(t.name == name for t in self.templates.list()):
+                    raise Conflict(f"template {name} already exists", hint=f"memvisor template rm {name}")
+            entry.state = "freezing"
+            try:
+                meta, fd, figures = template.freeze(vm, name, {
+                    "policy": pol.to_json(entry.policy), "image": self._image().manifest.get("key"),
+                    "source": entry.id, "created": time.time()})
+            except BaseException:
+                entry.state = "running"
+                raise
+            entry.state = "stopping"
+            self._drop(entry)
+        made = TemplateEntry(name, meta, entry.policy, ram_fd=fd)
+        self.templates.add(made)
+        log.info("template %s made of sandbox %s in %.2f s: %d MiB of RAM", name, entry.id, figures.seconds,
+                 template.ram_bytes(meta) >> 20)
+        return made
+
+    def template_from_command(self, name: str, policy: pol.Policy, argv: Sequence[str],
+                              timeout: float | None = None) -> TemplateEntry:
+        """Boot a templatable sandbox, run `argv` in it to warm it up, and make it template `name`; a warm-up that
+        fails (exits non-zero) stops the sandbox and makes no template."""
+        template.check_name(name)
+        if not policy.templatable:
+            raise MemvisorError("a template's sandbox must be templatable", hint="add --templatable")
+        entry = self.create(policy)
+        try:
+            result = self.ensure_exec(entry, argv, timeout)
+        except BaseException:
+            self.stop(entry.id)
+            raise
+        if result.exit_code != 0:
+            self.stop(entry.id)
+            tail = result.stderr.decode(errors="replace")[-400:].strip()
+            raise MemvisorError(f"the warm-up command exited with {result.exit_code}: no template made"
+                                + (f" ({tail})" if tail else ""), hint="fix the command; it runs as root")
+        return self.make_template(name, entry.id)
+
+    def ensure_exec(self, entry: Entry, argv: Sequence[str], timeout: float | None) -> RunResult:
+        vm = entry.running()
+        entry.execs += 1
+        try:
+            return vm.exec(list(argv), uid=0, timeout=timeout)
+        finally:
+            entry.used = time.monotonic()
 
     def close(self) -> None:
         """The daemon is ending: park every running sandbox (or stop it, with on_exit "stop"; a sandbox that
@@ -358,10 +441,16 @@ class Registry:
         if self.supervisor is not None:
             self.supervisor.close()
         self._spawner.shutdown(wait=True)
+        self.templates.close()
 
     def _drop(self, entry: Entry) -> None:
         with self._lock:
             self._entries.pop(entry.id, None)
+        if entry.template is not None and entry.state != "parked":
+            with contextlib.suppress(NotFound):
+                origin = self.templates.get(entry.template)
+                with origin.lock:
+                    origin.clones.discard(entry.id)
         if self.supervisor is not None:
             self.supervisor.release(entry.id)
         # Teardown (quit, kill, remove files) runs on the spawner thread too: never from a thread that may

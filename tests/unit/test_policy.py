@@ -19,7 +19,8 @@ SAMPLE: dict[str, object] = {
     "output_limit_mib": 4, "console_log_kib": 64, "max_bad_frames": 3,
     "swap_mode": SwapMode.ENCRYPTED, "allow_weaker_swap": True, "swap_discard": True, "zram_percent": 50,
     "zram_algorithm": "zstd",
-    "ksm": True, "balloon": False, "deflate_on_oom": True, "memctl": True, "rootfs": "blk", "scratch_mib": 64,
+    "ksm": True, "balloon": False, "deflate_on_oom": True, "memctl": True, "templatable": True, "rootfs": "blk",
+    "scratch_mib": 64,
     "image": "tools",
 }
 IMPLEMENTED = list(SETTINGS)

@@ -54,8 +54,11 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     assert not leftover, f"VMM processes left behind: {[p.pid for p in leftover]}"
     assert not run_dir.exists() or not any(run_dir.iterdir()), f"runtime files left: {list(run_dir.iterdir())}"
     # The state directory may keep its host key and ledger; a sandbox's snapshot left there is a leak.
-    parked = [p.name for p in state_dir.iterdir() if p.is_dir()] if state_dir.exists() else []
+    parked = [p.name for p in state_dir.iterdir() if p.is_dir() and p.name != "templates"] \
+        if state_dir.exists() else []
     assert not parked, f"parked sandboxes left in the state directory: {parked}"
+    templates = [p.name for p in (state_dir / "templates").iterdir()] if (state_dir / "templates").exists() else []
+    assert not templates, f"templates left in the state directory: {templates}"
 
 
 def qemu_processes() -> list[psutil.Process]:

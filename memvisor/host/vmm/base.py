@@ -51,7 +51,10 @@ class VMSpec:
     deflate_on_oom: bool = False
     nvdimms: tuple[Nvdimm, ...] = ()
     incoming: bool = False  # start paused, waiting for a migration stream (a parked sandbox's resume)
-    ram_fd: int | None = None  # memctl: guest RAM is this memfd (passed to the VMM at this number), mapped shared
+    # Guest RAM in a memfd memvisor owns (memctl, a templatable sandbox: mapped shared; a template's clone: the
+    # template's sealed memfd, mapped private, so the clone's writes are its own copies), passed at this number.
+    ram_fd: int | None = None
+    ram_shared: bool = True
 
 
 class VMMBackend(abc.ABC):

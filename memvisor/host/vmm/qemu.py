@@ -99,7 +99,8 @@ class QemuBackend(VMMBackend):
                         + (",nvdimm=on" if spec.nvdimms else "")
                         + (",memory-backend=ram0" if spec.ram_fd is not None else ""),
             *(["-object", f"memory-backend-file,id=ram0,size={spec.memory_mib}M,"
-                          f"mem-path=/proc/self/fd/{spec.ram_fd},share=on,dump=off"]
+                          f"mem-path=/proc/self/fd/{spec.ram_fd},share={'on' if spec.ram_shared else 'off'},"
+                          "dump=off"]
               if spec.ram_fd is not None else []),
             # seccomp: no obsolete syscalls, no setuid/setgid/exec/fork, no scheduler or priority changes.
             "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
@@ -123,6 +124,9 @@ class QemuBackend(VMMBackend):
             "-device", f"virtserialport,bus=vser0.0,chardev=ctl,name={proto.PORT_NAME}",
             *disks,
             *nvdimms,
+            # A VM generation ID the guest kernel watches: a VMM that takes a migration stream in writes a new
+            # one, and the guest reseeds its RNG (a resumed or cloned guest must never repeat a random stream).
+            "-device", "vmgenid,id=vmgenid0,guid=auto",
             *(["-incoming", "defer"] if spec.incoming else []),
             *(["-device", f"virtio-balloon-pci,id=balloon0,free-page-reporting=on,"
                           f"deflate-on-oom={'on' if spec.deflate_on_oom else 'off'}"] if spec.balloon else []),
