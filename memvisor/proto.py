@@ -181,7 +181,7 @@ SCHEMAS: dict[MessageKind, _Schema] = {
         "uptime": ((float, int), False),
         "clock_step": ((float, int), False),
         "reseeded": ((bool,), False),  # the RNG was reseeded with the host's entropy (RNDRESEEDCRNG)
-        "vmgenid": ((bool,), False),  # the kernel announced the new VM generation ID (NEW_VMGENID uevent)
+        "vmgenid": ((bool,), False),  # the kernel logged its reseed on the new VM generation ID
         "hostname": ((str,), False),
         "swap": ((dict,), False),  # the swap set up after the wake (as HELLO's)
         "seconds": ((float, int), False),

@@ -5,7 +5,7 @@ sandbox id and whatever the workload generated. PID 1, on the host's CLONED (whi
 is still paused where it was frozen, and before the host runs a command in the clone):
   1. mixes 32 bytes from the host into the kernel's entropy pool and forces a reseed (RNDRESEEDCRNG), so
      getrandom() diverges at once; the kernel reseeds on its own when it sees the new VM generation ID that the
-     clone's VMM wrote (its vmgenid driver sends a NEW_VMGENID uevent, which this module waits for and reports);
+     clone's VMM wrote (it logs `crng reseeded due to virtual machine fork`, which this module waits for and reports);
   2. takes its new sandbox id and hostname;
   3. sets up swap (templates are frozen with swap off): its key comes from the reseeded RNG;
   4. writes FORKED, the event a workload watches to reseed its own state (its PRNGs, its session ids).
@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import select
-import socket
 import time
 
 from memvisor.guest import linux
@@ -28,43 +27,39 @@ if TYPE_CHECKING:
     from typing import Any
 
 RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07), include/uapi/linux/random.h
-NETLINK_KOBJECT_UEVENT = 15
 FORKED_DIR = "/run/memvisor"
 FORKED = f"{FORKED_DIR}/forked"  # written once the clone is its own machine: {"id", "hostname", "uptime"}
-VMGENID_EVENT = b"NEW_VMGENID=1"
+VMFORK_RESEED = b"crng reseeded due to virtual machine fork"
 VMGENID_WAIT_S = 5.0
 
 
-class UeventWatch:
-    """The kernel's uevents, heard from before the template is frozen, so that a clone sees its vmgenid change."""
+class KmsgWatch:
+    """The kernel log, read from before the template is frozen, so that a clone sees its own kernel reseed on the
+    new VM generation ID. Linux 6.1's vmgenid driver sends no uevent (that came in 6.10); random.c logs the
+    reseed (`add_vmfork_randomness`)."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
-                                  NETLINK_KOBJECT_UEVENT)
-        self.sock.bind((0, 1))  # the kernel's multicast group
+        self.fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        self.drain()
 
     def drain(self) -> None:
-        """Forget what came before (the template's own uevents)."""
-        while True:
-            try:
-                self.sock.recv(8192)
-            except BlockingIOError:
-                return
-            except OSError:  # ENOBUFS: some were lost; the rest is still there
-                continue
+        """Skip what the log holds now (the template's own messages)."""
+        os.lseek(self.fd, 0, os.SEEK_END)
 
-    def wait_vmgenid(self, timeout: float) -> bool:
-        """Whether the kernel announced a new VM generation ID within `timeout` seconds."""
+    def wait_reseed(self, timeout: float) -> bool:
+        """Whether the kernel logged its VM-fork reseed within `timeout` seconds."""
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
-            ready, _, _ = select.select([self.sock], [], [], left)
+            ready, _, _ = select.select([self.fd], [], [], left)
             if not ready:
                 continue
             try:
-                message = self.sock.recv(8192)
-            except (BlockingIOError, OSError):
+                record = os.read(self.fd, 8192)
+            except BlockingIOError:
                 continue
-            if VMGENID_EVENT in message.split(b"\0"):
+            except OSError:  # EPIPE: older records were overwritten while we read; go on from the next
+                continue
+            if VMFORK_RESEED in record:
                 return True
         return False
 
@@ -93,27 +88,27 @@ def write_forked(info: dict[str, object], roots: tuple[str, ...]) -> None:
 
 
 class Waker:
-    """PID 1's part in a templatable sandbox: hear uevents from boot on, forget them at the freeze (PARK), and
+    """PID 1's part in a templatable sandbox: read the kernel log from boot on, skip it at the freeze (PARK), and
     run the wake steps when the host says CLONED. `setup_swap` sets up the swap the template went without and
     returns its report; `chroot` is the user's image root, where FORKED is written too."""
 
     def __init__(self, setup_swap: Callable[[], dict[str, Any]], log: Callable[[str], None]) -> None:
-        self.uevents = UeventWatch()
+        self.kmsg = KmsgWatch()
         self.setup_swap = setup_swap
         self.log = log
         self.chroot: str | None = None
 
     def park(self) -> None:
-        self.uevents.drain()
+        self.kmsg.drain()
 
     def wake(self, body: dict[str, Any]) -> dict[str, Any]:
         """The steps of the module docstring; their report (the CLONED answer). Raises on a failed step."""
         start = time.monotonic()
         reseed(bytes.fromhex(body["entropy"]))
-        vmgenid = self.uevents.wait_vmgenid(VMGENID_WAIT_S)
+        vmgenid = self.kmsg.wait_reseed(VMGENID_WAIT_S)
         if not vmgenid:
-            self.log(f"clone: no new VM generation ID announced within {VMGENID_WAIT_S:g} s (the RNG was reseeded "
-                     "from the host's entropy all the same)")
+            self.log(f"clone: the kernel did not log its reseed on a new VM generation ID within {VMGENID_WAIT_S:g} s"
+                     " (the RNG was reseeded from the host's entropy all the same)")
         sandbox_id = body["sandbox_id"]
         hostname = f"memvisor-{sandbox_id}"
         linux.sethostname(hostname)

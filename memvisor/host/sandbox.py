@@ -335,7 +335,7 @@ class Instance:
             if hello["version"] != proto.VERSION:
                 raise GuestError(f"the guest speaks protocol {hello['version']}, the host {proto.VERSION}",
                                  hint="rebuild the image")
-            self._swap_ready(hello.get("swap") or {})
+            self.swap_ready(hello.get("swap") or {})
         return self.session.hello
 
     def exec(self, argv: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
@@ -480,8 +480,14 @@ class Instance:
         if self.memctl is not None and self.policy.memctl:  # the host's own memctl counters, at STATS pace
             runtime.write_json(self.dir / stats.MEMCTL, self.memctl.counters.to_json())
 
-    def _swap_ready(self, swap: dict[str, Any]) -> None:
-        """The guest reported its swap stack: pass on step-down warnings, show the mode in `memvisor ps`."""
+    def swap_ready(self, swap: dict[str, Any]) -> None:
+        """The guest reported its swap stack: pass on step-down warnings, show the mode in `memvisor ps`. A
+        templatable sandbox sets none up (its clones do, when they wake: host/template.py calls this then)."""
+        if self.policy.templatable and self.clone_ram_fd is None and not swap:
+            assert self.state is not None
+            self.state.summary = self.policy.summary(swap_in_effect="deferred")
+            runtime.write_state(self.state)
+            return
         for warning in swap.get("warnings", []):
             self.warn(warning)
         assert self.state is not None

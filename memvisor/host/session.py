@@ -68,7 +68,7 @@ class Session:
         self.hello: dict[str, Any] | None = None
         self.hello_at = 0.0
         self.ready = threading.Event()  # HELLO arrived
-        # PARKING and RESUMED: the guest's one answer to a PARK or RESUMED, waited for by park.py
+        # PARKING, RESUMED, CLONED: the guest's one answer to a PARK, RESUMED or CLONED (park.py, template.py)
         self._answers: dict[proto.MessageKind, dict[str, Any]] = {}
         self._answered = threading.Condition(threading.Lock())
         self.gone = threading.Event()  # the VMM exited or the channel closed
@@ -267,7 +267,7 @@ class Session:
             else:
                 command.exit, command.ended_at = body, time.monotonic()
                 command.done.set()
-        elif kind in (proto.Kind.PARKING, proto.Kind.RESUMED) and body is not None:
+        elif kind in (proto.Kind.PARKING, proto.Kind.RESUMED, proto.Kind.CLONED) and body is not None:
             with self._answered:
                 self._answers[kind] = body
                 self._answered.notify_all()

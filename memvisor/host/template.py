@@ -248,6 +248,10 @@ def clone(inst: Instance, meta: statedir.Meta, ram_fd: int, on_step: StepFn | No
         if answer.get("error"):
             raise ParkError(f"clone {inst.id} of template {name} could not become its own machine: "
                             f"{answer['error']}")
+        # The clone's HELLO is the template's, with the swap it set up when it woke (checked against the policy
+        # here: a weaker mode than asked stops the clone).
+        inst.session.hello = {**hello, "swap": answer.get("swap") or {}}
+        inst.wait_ready()
     except BaseException as exc:
         inst.failed = True
         inst.close()

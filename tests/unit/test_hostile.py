@@ -31,9 +31,9 @@ def test_a_weaker_swap_mode_from_the_guest_is_refused(tmp_path: Path, monkeypatc
     monkeypatch.setenv("MEMVISOR_RUNTIME_DIR", str(tmp_path))
     vm = instance(tmp_path, swap_size_mib=64)  # authenticated by default
     with pytest.raises(GuestError, match=f"the guest set up swap mode {effective}, weaker than authenticated"):
-        vm._swap_ready({"asked": "plain", "effective": effective})  # what the guest says it was asked: ignored
+        vm.swap_ready({"asked": "plain", "effective": effective})  # what the guest says it was asked: ignored
     allowed = instance(tmp_path, swap_size_mib=64, allow_weaker_swap=True)
-    allowed._swap_ready({"asked": "authenticated", "effective": effective})
+    allowed.swap_ready({"asked": "authenticated", "effective": effective})
 
 
 @pytest.mark.parametrize("effective", ["authenticated", "encrypted"])
@@ -42,17 +42,17 @@ def test_a_step_down_from_confidential_is_refused_unless_allowed(tmp_path: Path,
     monkeypatch.setenv("MEMVISOR_RUNTIME_DIR", str(tmp_path))
     vm = instance(tmp_path, swap_size_mib=64, swap_mode="confidential")
     with pytest.raises(GuestError, match=f"swap mode {effective}, weaker than confidential"):
-        vm._swap_ready({"effective": effective})
-    instance(tmp_path, swap_size_mib=64, swap_mode="confidential", allow_weaker_swap=True)._swap_ready(
+        vm.swap_ready({"effective": effective})
+    instance(tmp_path, swap_size_mib=64, swap_mode="confidential", allow_weaker_swap=True).swap_ready(
         {"effective": effective})
-    instance(tmp_path, swap_size_mib=64)._swap_ready({"effective": "confidential"})  # stronger than asked: fine
+    instance(tmp_path, swap_size_mib=64).swap_ready({"effective": "confidential"})  # stronger than asked: fine
 
 
 def test_a_swap_mode_that_is_not_one_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MEMVISOR_RUNTIME_DIR", str(tmp_path))
     with pytest.raises(GuestError, match="which is not a mode"):
-        instance(tmp_path, swap_size_mib=64)._swap_ready({"effective": "\x1b[31mquantum"})
-    instance(tmp_path, swap_size_mib=64)._swap_ready({"effective": "authenticated"})
+        instance(tmp_path, swap_size_mib=64).swap_ready({"effective": "\x1b[31mquantum"})
+    instance(tmp_path, swap_size_mib=64).swap_ready({"effective": "authenticated"})
 
 
 def test_the_console_log_keeps_a_bounded_tail(tmp_path: Path) -> None:
