@@ -28,6 +28,7 @@ from memvisor import policy as pol
 from memvisor.errors import GuestError, MemvisorError
 from memvisor.host import exporter, seal, statedir, stats, template
 from memvisor.host import park as park_
+from memvisor.service import templates
 from memvisor.service.errors import Conflict, NotFound
 from memvisor.service.registry import Entry, Registry
 from memvisor.service.supervisor import AdmissionRefused
@@ -80,6 +81,7 @@ class TemplateInfo(Strict):
     ram_bytes: int  # the guest RAM the template holds (one copy, shared by every clone)
     snapshot_bytes: int  # what its sealed files take on disk
     ram_loaded: bool  # whether this daemon holds its RAM in memory now
+    resident_bytes: int  # host memory its RAM holds now: once, however many clones map it (0 if not loaded)
     clones: list[str]  # the sandboxes cloned from it, running or parked
 
 
@@ -120,7 +122,8 @@ class HostStatus(Strict):
     targets_bytes: int  # the sum of their balloon targets
     sandboxes: int
     committed_mib: int  # sum of the sandboxes' memory_mib
-    resident_bytes: int  # sum of their VMMs' RSS
+    resident_bytes: int  # sum of their VMMs' RSS (a template's pages count in each clone that maps them)
+    templates_bytes: int = 0  # the loaded templates' RAM, once: what the budget counts for them
     memtotal_bytes: int
     memavailable_bytes: int
 
@@ -147,6 +150,7 @@ def template_info(entry: TemplateEntry) -> TemplateInfo:
                         source=source if isinstance(source, str) else None, memory_mib=entry.policy.memory_mib,
                         policy=pol.to_json(entry.policy), ram_bytes=template.ram_bytes(entry.meta),
                         snapshot_bytes=entry.meta.disk_bytes(), ram_loaded=entry.ram_fd is not None,
+                        resident_bytes=templates.resident(entry),
                         clones=sorted(entry.clones))
 
 
@@ -273,7 +277,8 @@ def create_app(registry: Registry | None, token: str | None = None) -> FastAPI:
         sup = sandboxes().supervisor
         status = sup.status() if sup else {"budget_bytes": None, "reserved_bytes": 0, "targets_bytes": 0}
         return HostStatus(**status, sandboxes=len(entries), committed_mib=sum(e.policy.memory_mib for e in entries),
-                          resident_bytes=rss, memtotal_bytes=figures["memtotal_bytes"],
+                          resident_bytes=rss, templates_bytes=sandboxes().templates.resident_bytes(),
+                          memtotal_bytes=figures["memtotal_bytes"],
                           memavailable_bytes=figures["memavailable_bytes"])
 
     @app.get("/metrics", response_class=Response)

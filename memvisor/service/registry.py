@@ -87,6 +87,8 @@ class Registry:
                         ", ".join(removed))
         self.templates = Templates()
         self.templates.adopt()
+        if supervisor is not None:
+            supervisor.shared_bytes = self.templates.resident_bytes
         self._adopt_parked()
         self._idle_thread = threading.Thread(target=self._idle_loop, name="memvisor-idle", daemon=True)
         self._idle_thread.start()
@@ -170,8 +172,7 @@ class Registry:
             self._drop(entry)
             raise
         entry.state = "running"
-        if self.supervisor is not None and policy.balloon:
-            self.supervisor.attach(entry.id, vm)
+        self._supervise(entry, vm)
         log.info("sandbox %s (%s) is up: %s", entry.id, entry.name, policy.summary())
         return entry
 
@@ -275,8 +276,7 @@ class Registry:
             raise
         entry.state, entry.vm, entry.parked, entry.last_resume = "running", vm, None, figures
         entry.used = time.monotonic()
-        if self.supervisor is not None and entry.policy.balloon:
-            self.supervisor.attach(entry.id, vm)
+        self._supervise(entry, vm)
         log.info("sandbox %s (%s) resumed in %.2f s", entry.id, entry.name, figures.seconds)
         return figures.seconds
 
@@ -351,6 +351,15 @@ class Registry:
         return {"name": entry.name, "created": entry.created, "policy": pol.to_json(entry.policy),
                 "image": self._image().manifest.get("key"), "execs": entry.execs, "parks": entry.parks + 1,
                 "template": entry.template}
+
+    def _supervise(self, entry: Entry, vm: Instance) -> None:
+        """Hand a running sandbox to the supervisor: steered through its balloon, or (without one) counted."""
+        if self.supervisor is None:
+            return
+        if entry.policy.balloon:
+            self.supervisor.attach(entry.id, vm)
+        else:
+            self.supervisor.measure(entry.id, vm)
 
     def _same_image(self, what: str, key: object) -> None:
         """Conflict unless `what` was made with this daemon's guest image (its RAM holds that image's guest)."""

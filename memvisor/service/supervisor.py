@@ -23,6 +23,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,11 @@ class Supervisor:
     def __init__(self, budget_bytes: int) -> None:
         self.budget_bytes = budget_bytes
         self.controls: dict[str, Control] = {}
-        self._sandboxes: dict[str, Any] = {}  # id -> Instance
+        self._sandboxes: dict[str, Any] = {}  # id -> Instance, steered through its balloon
+        self._measured: dict[str, Any] = {}  # id -> Instance without a balloon (a clone): counted, never steered
+        # The bytes of shared memory the daemon holds for its sandboxes once, whoever maps it: the templates' RAM
+        # (service/templates.py). A clone's VMM counts only its own pages (_rss); this counts the template's.
+        self.shared_bytes: Callable[[], int] = lambda: 0
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # notified after every tick (admission waits on it)
         self._waiting = 0  # creates waiting for room: idle guests are squeezed as if the host were short
@@ -113,8 +118,8 @@ class Supervisor:
         cache, page tables, socket buffers and the daemon itself count there too, and that is the figure the
         kernel OOM-kills by). Called with the lock held."""
         overhead = self._overhead()
-        booting = [c for i, c in self.controls.items() if i not in self._sandboxes]
-        vmms = sum(_rss(vm) for vm in self._sandboxes.values())
+        booting = [c for i, c in self.controls.items() if i not in self._sandboxes and i not in self._measured]
+        vmms = sum(_rss(vm) for vm in (*self._sandboxes.values(), *self._measured.values())) + self.shared_bytes()
         return max(vmms, cgroup_usage() or 0) + sum(c.target_bytes + overhead for c in booting)
 
     def _overhead(self) -> int:
@@ -139,10 +144,17 @@ class Supervisor:
             control.target_bytes = control.max_bytes  # what the guest has until the balloon takes the rest
             self._steer(control, vm, start, control.reason)
 
+    def measure(self, sandbox_id: str, vm: Any) -> None:
+        """Count a running sandbox without a balloon (a template's clone) in what the sandboxes hold, by what it
+        holds itself: nothing can squeeze it, so it keeps its admission at its full size."""
+        with self._lock:
+            self._measured[sandbox_id] = vm
+
     def release(self, sandbox_id: str) -> None:
         with self._lock:
             self.controls.pop(sandbox_id, None)
             self._sandboxes.pop(sandbox_id, None)
+            self._measured.pop(sandbox_id, None)
             self._asked.pop(sandbox_id, None)
 
     def status(self) -> dict[str, Any]:
@@ -299,13 +311,15 @@ def _rss(vm: Any) -> int:
     """The VMM's resident memory that is its own: anonymous (guest RAM, QEMU's heap, TCG's translation cache)
     plus shared memory (guest RAM when memctl backs it with a memfd), as the host measures it (0 if it
     cannot). File pages (the kernel and initramfs images) are left out: every VMM maps the same ones, and the
-    host holds them once."""
+    host holds them once. A template's clone counts its anonymous pages only (the ones it wrote, QEMU's own):
+    the template's RAM it maps is shared memory the daemon counts once (Supervisor.shared_bytes)."""
     process = getattr(vm, "process", None)
     if process is None:
         return 0
+    kinds = ("RssAnon:",) if getattr(vm, "clone_ram_fd", None) is not None else ("RssAnon:", "RssShmem:")
     try:
         with open(f"/proc/{process.pid}/status") as f:
-            kib = sum(int(x.split()[1]) for x in f if x.startswith(("RssAnon:", "RssShmem:")))
+            kib = sum(int(x.split()[1]) for x in f if x.startswith(kinds))
         return kib * 1024
     except (OSError, ValueError, IndexError):
         return 0

@@ -33,6 +33,17 @@ class TemplateEntry:
         return self.meta.sandbox.get("image")
 
 
+def resident(entry: TemplateEntry) -> int:
+    """The bytes of host memory the template's sealed memfd holds (0 while it is not loaded)."""
+    fd = entry.ram_fd
+    if fd is None:
+        return 0
+    try:
+        return os.fstat(fd).st_blocks * 512
+    except OSError:
+        return 0
+
+
 class Templates:
     """Every template in the state directory, by name."""
 
@@ -79,6 +90,10 @@ class Templates:
                 entry.ram_fd = template.open_ram(entry.meta, entry.policy.memory_mib)
                 log.info("template %s: RAM loaded (%d MiB)", entry.name, template.ram_bytes(entry.meta) >> 20)
             return entry.ram_fd
+
+    def resident_bytes(self) -> int:
+        """What the loaded templates' RAM holds in host memory (their memfds), each counted once."""
+        return sum(resident(t) for t in self.list())
 
     def remove(self, name: str) -> TemplateEntry:
         """Delete a template no sandbox uses; Conflict while clones run or are parked."""

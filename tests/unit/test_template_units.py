@@ -3,6 +3,8 @@ combined with), the CLONED message's checks, the VMM's RAM and vmgenid arguments
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from memvisor import policy, proto
@@ -62,3 +64,32 @@ def test_every_vmm_has_a_vm_generation_id_and_a_clone_maps_its_ram_privately(
 def test_bad_template_names_are_refused(name: str) -> None:
     with pytest.raises(MemvisorError, match="is not allowed"):
         template.check_name(name)
+
+
+def test_the_budget_counts_a_clone_by_its_own_pages_and_its_template_once() -> None:
+    from types import SimpleNamespace
+
+    from memvisor.service import supervisor as sup_mod
+
+    me = SimpleNamespace(pid=os.getpid())
+    plain = SimpleNamespace(process=me, clone_ram_fd=None)
+    clone = SimpleNamespace(process=me, clone_ram_fd=7)
+    status = {k: int(v.split()[0]) << 10 for k, v in (line.split(":", 1) for line in
+                                                      open(f"/proc/{me.pid}/status") if ":" in line)
+              if k in ("RssAnon", "RssShmem")}
+    assert sup_mod._rss(clone) == status["RssAnon"]  # the template's pages it maps are not its own
+    assert sup_mod._rss(plain) == status["RssAnon"] + status["RssShmem"]
+    sup = sup_mod.Supervisor(1 << 40)
+    try:
+        sup.shared_bytes = lambda: 100 << 20
+        sup.measure("a", clone)
+        sup.measure("b", clone)
+        with sup._lock:
+            held = sup._held()
+        assert held >= 2 * sup_mod._rss(clone) + (100 << 20) - (4 << 20)  # two clones, the template once
+        sup.release("a")
+        sup.release("b")
+        with sup._lock:
+            assert sup._held() >= 100 << 20 and not sup._measured
+    finally:
+        sup.close()
