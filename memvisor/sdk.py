@@ -12,17 +12,19 @@ LiveSandbox handle whose `exec()` may be called many times, from several threads
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
 from memvisor import config, policy
-from memvisor.host import park, statedir
+from memvisor.errors import MemvisorError
+from memvisor.host import park, statedir, template
 from memvisor.host.result import OutputFn, RunResult
 from memvisor.host.sandbox import Instance
 from memvisor.image import build
 
-__all__ = ["DEFAULT_TIMEOUT_S", "LiveSandbox", "RunResult", "Sandbox"]
+__all__ = ["DEFAULT_TIMEOUT_S", "LiveSandbox", "RunResult", "Sandbox", "Template"]
 # The SDK's blocking calls end within this by default (exit 124, `timed_out`): a workload that never ends must
 # not hang its caller. Pass a larger number, or timeout=None to wait without limit.
 DEFAULT_TIMEOUT_S = 600.0
@@ -144,6 +146,15 @@ class LiveSandbox:
         self._vm, self._parked = vm, None
         return figures.seconds
 
+    def freeze(self, name: str) -> Template:
+        """Make this sandbox (started with `templatable=True`) template `name` (docs/templates.md): it becomes
+        the template (its VMM exits; this handle is done). Raises MemvisorError if it cannot (it then runs on)."""
+        if self._parked is not None:
+            raise MemvisorError(f"sandbox {self.id} is parked", hint="resume it first")
+        meta, fd, _ = template.freeze(self._vm, name, {"policy": policy.to_json(self._vm.policy),
+                                                       "image": self._vm.image.manifest.get("key")})
+        return Template(name, meta, fd, self._vm.policy, self._vm.image)
+
     def exec(self, argv: list[str], *, env: Mapping[str, str] | None = None, cwd: str | None = None,
              root: bool = False, stdin: bytes | None = None, timeout: float | None = DEFAULT_TIMEOUT_S,
              stdout: OutputFn | None = None, stderr: OutputFn | None = None) -> RunResult:
@@ -172,3 +183,37 @@ class LiveSandbox:
 
     def __repr__(self) -> str:
         return f"LiveSandbox({self.id})"
+
+
+class Template:
+    """A frozen sandbox (from `LiveSandbox.freeze()`): `clone()` starts sandboxes that share its RAM, each its own
+    machine before its first command (docs/templates.md). `remove()` (or the end of a `with` block) deletes it;
+    stop its clones first."""
+
+    def __init__(self, name: str, meta: statedir.Meta, fd: int, pol: policy.Policy, image: build.Image) -> None:
+        self.name = name
+        self._meta, self._fd, self._policy, self._image = meta, fd, pol, image
+
+    def clone(self) -> LiveSandbox:
+        """Start a clone (seconds under TCG, not a boot). Raises MemvisorError if it cannot become its own
+        machine (it is then stopped)."""
+        if self._fd < 0:
+            raise MemvisorError(f"template {self.name} was removed")
+        vm = Instance(self._policy, self._image)
+        template.clone(vm, self._meta, self._fd)
+        return LiveSandbox(vm)
+
+    def remove(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            template.remove(self.name)
+
+    def __enter__(self) -> Template:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return f"Template({self.name})"

@@ -177,3 +177,21 @@ def test_the_template_ram_is_sealed_and_clones_share_it(frozen: Frozen, image: I
     finally:
         for vm in clones:
             vm.close()
+
+
+def test_the_sdk_freezes_a_sandbox_and_clones_it(image: Image) -> None:
+    from memvisor.sdk import Sandbox
+
+    live = Sandbox(memory_mib=160, templatable=True).start()
+    try:
+        assert live.exec(["sh", "-c", "echo from-the-template > /tmp/t"]).exit_code == 0
+        frozen = live.freeze("sdk")
+    except BaseException:
+        live.stop()
+        raise
+    with frozen:
+        with frozen.clone() as one, frozen.clone() as two:
+            assert one.id != two.id
+            for box in (one, two):
+                result = box.exec(["sh", "-c", "cat /tmp/t; hostname"])
+                assert result.stdout.decode().split() == ["from-the-template", f"memvisor-{box.id}"]
