@@ -18,6 +18,7 @@ from memvisor.host.vmm.qmp import QMP
 from memvisor.image.build import Image
 from memvisor.sdk import Sandbox
 from memvisor.service import control
+from memvisor.service.supervisor import ADMIT_WAIT_S
 from tests.vm.conftest import Runner, report, wait_for
 from tests.vm.test_service import exec_api, start_daemon, stop_daemon
 
@@ -115,12 +116,13 @@ def test_the_daemon_squeezes_to_the_guests_need_and_gives_back_on_the_report_tha
             assert made.status_code == 201, made.text
             sid = made.json()["id"]
             # Admission reserves the same figure: what the running guest needs, and the newcomer's own floor. The
-            # guest runs a command meanwhile: an idle one would be parked to make room (test_park.py).
+            # guest runs a command meanwhile, longer than admission waits for a busy sandbox to become idle: an
+            # idle one would be parked to make room (test_park.py).
             busy = threading.Event()
 
             def hold() -> None:
                 with d.unix() as other, other.stream("POST", f"/v1/sandboxes/{sid}/exec", json={
-                        "argv": ["sh", "-c", "echo busy; sleep 15"]}) as held:
+                        "argv": ["sh", "-c", f"echo busy; sleep {ADMIT_WAIT_S + 15:g}"]}) as held:
                     for _ in held.iter_lines():
                         busy.set()
 
@@ -160,7 +162,9 @@ def test_the_daemon_squeezes_to_the_guests_need_and_gives_back_on_the_report_tha
             out, err, end = exec_api(api, sid, {"argv": ["python3", "-S", "-c", NEED, "100"]})
             assert out == b"HELD 100\n" and end["exit_code"] == 0 and end["oom_kills"] == 0, (err, end)
             reports = recorder.stop()
-            grown = [h for h in supervisor()["history"] if "pressure" in h["reason"]]
+            # (decided after the steady state: while admission waited above, the squeeze pressed the guest too)
+            settled_at = steady["history"][-1]["time"]
+            grown = [h for h in supervisor()["history"] if h["time"] > settled_at and "pressure" in h["reason"]]
             assert grown and grown[0]["to_bytes"] > grown[0]["from_bytes"], supervisor()["history"]
             # The grow was decided on the first report that showed the pressure, not on a later one.
             assert grown[0]["report_uptime"] == first_pressed(reports), (grown[0], [
