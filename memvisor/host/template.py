@@ -185,11 +185,7 @@ def freeze(inst: Instance, name: str, sandbox: dict[str, Any], on_step: StepFn |
         raise
     fd = inst.memctl.detach()
     inst.close()  # F_SEAL_WRITE needs every writable shared mapping gone: QEMU's too
-    try:
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
-    except OSError:
-        os.close(fd)
-        raise
+    _seal(fd)
     figures = Figures(round(time.monotonic() - start, 3), sum(s["plaintext_bytes"] for s in streams.values()),
                       meta.disk_bytes(), answer)
     return meta, fd, figures
@@ -201,20 +197,26 @@ def open_ram(meta: statedir.Meta, memory_mib: int) -> int:
     name = meta.sandbox_id.removeprefix(ID_PREFIX)
     key = meta.key(statedir.host_key())
     path = folder(name)
-    for stream in meta.streams:
-        seal.verify(path / f"{stream}.snap", key, meta.ident, stream)
+    # The device stream is checked whole now (a clone feeds it to a running VMM); the RAM stream is checked chunk
+    # by chunk as load() writes it into a memfd that is thrown away if one fails: one read, not two.
+    seal.verify(path / f"{STREAM}.snap", key, meta.ident, STREAM)
     backing = memctl.Backing(memory_mib, f"memvisor-template-{name}", sealable=True)
     try:
         park_ram.load(backing, path / f"{RAM_STREAM}.snap", key, meta.ident)
         fd = backing.detach()
     finally:
         backing.close()
+    _seal(fd)
+    return fd
+
+
+def _seal(fd: int) -> None:
+    """Seal a template's RAM memfd against writes, growth, shrinking and further seals; closes it on failure."""
     try:
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
     except OSError:
         os.close(fd)
         raise
-    return fd
 
 
 # -- cloning -------------------------------------------------------------------------------------------------------
