@@ -62,12 +62,7 @@ def memory(entries: list[Entry]) -> tuple[int, int]:
         assert e.vm is not None and e.vm.process is not None
         pid = e.vm.process.pid
         total += psutil.Process(pid).memory_full_info().pss
-        inside = False
-        for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
-            if not line.split()[0].endswith(":"):
-                inside = "memfd:memvisor-" in line  # guest RAM: a memfd, the template's for a clone
-            elif inside and line.startswith("Pss:"):
-                guest += int(line.split()[1]) << 10
+        guest += stats.memfd_ram(pid)[1]  # guest RAM: a memfd, the template's for a clone
     return total, guest
 
 

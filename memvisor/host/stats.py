@@ -22,6 +22,25 @@ SUPERVISOR = "supervisor.json"  # the daemon's supervisor's latest decision (mem
 MIB = 2**20
 
 
+def memfd_ram(pid: int) -> tuple[int, int]:
+    """(Rss, Pss) in bytes of the VMM's mappings of memvisor's guest-RAM memfds (memctl, a templatable sandbox,
+    a clone's template), from /proc/PID/smaps; (0, 0) if it has none or is gone."""
+    try:
+        text = Path(f"/proc/{pid}/smaps").read_text()
+    except OSError:
+        return 0, 0
+    rss = pss = 0
+    inside = False
+    for line in text.splitlines():
+        first = line.split(maxsplit=1)[0] if line.strip() else ""
+        if not first.endswith(":"):  # a mapping's header; its fields are "Name: value"
+            inside = "memfd:memvisor-" in line
+        elif inside and first in ("Rss:", "Pss:"):
+            value = int(line.split()[1]) << 10
+            rss, pss = (rss + value, pss) if first == "Rss:" else (rss, pss + value)
+    return rss, pss
+
+
 def guest_ram_rss(pid: int, memory_mib: int) -> int | None:
     """Resident bytes of the VMM's guest-RAM mapping, from /proc/PID/smaps: the mapping of exactly the guest's
     size (QEMU maps guest RAM as one anonymous block), else the largest one at least that big."""

@@ -93,3 +93,24 @@ def test_the_budget_counts_a_clone_by_its_own_pages_and_its_template_once() -> N
             assert sup._held() >= 100 << 20 and not sup._measured
     finally:
         sup.close()
+
+
+def test_memfd_ram_counts_only_memvisors_guest_ram_memfds() -> None:
+    import mmap
+
+    from memvisor.host import stats
+
+    before = stats.memfd_ram(os.getpid())
+    fd = os.memfd_create("memvisor-test-ram")
+    other = os.memfd_create("someone-else")
+    try:
+        for f in (fd, other):
+            os.ftruncate(f, 1 << 20)
+        with mmap.mmap(fd, 1 << 20) as ram, mmap.mmap(other, 1 << 20) as not_ram:
+            ram[:] = b"x" * (1 << 20)
+            not_ram[:] = b"y" * (1 << 20)
+            rss, pss = stats.memfd_ram(os.getpid())
+            assert rss - before[0] == 1 << 20 and pss - before[1] == 1 << 20
+    finally:
+        os.close(fd)
+        os.close(other)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from memvisor import policy
-from memvisor.host import statedir, template
+from memvisor.host import statedir, stats, template
 from memvisor.host.sandbox import Instance
 from memvisor.host.vmm.qmp import QMP
 from memvisor.image.build import Image
@@ -75,15 +75,7 @@ def frozen(image: Image, tmp_path: Path) -> Iterator[Frozen]:
 def guest_ram(vm: Instance) -> tuple[int, int]:
     """(Rss, Pss) in bytes of the VMM's mapping of the template's memfd (its guest RAM)."""
     assert vm.process is not None
-    rss = pss = 0
-    inside = False
-    for line in Path(f"/proc/{vm.process.pid}/smaps").read_text().splitlines():
-        if not line.split()[0].endswith(":"):  # a mapping's header line (its fields are "Name: value")
-            inside = "memfd:memvisor-" in line
-        elif inside and line.startswith(("Rss:", "Pss:")):
-            value = int(line.split()[1]) << 10
-            rss, pss = (rss + value, pss) if line.startswith("Rss:") else (rss, pss + value)
-    return rss, pss
+    return stats.memfd_ram(vm.process.pid)
 
 
 def clone(frozen: Frozen, image: Image, handover: Path) -> tuple[Instance, dict[str, Any]]:
