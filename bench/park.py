@@ -32,10 +32,10 @@ from typing import Any
 import psutil
 
 from memvisor import policy as pol
-from memvisor.host import seal, statedir
-from memvisor.host.park import STREAM
 from memvisor.image import build
 from memvisor.service.registry import Entry, Registry
+from memvisor.snapshot import seal, statedir
+from memvisor.snapshot.park import STREAM
 
 HOLD = "import sys, time; d = open('/dev/urandom', 'rb').read({n} << 20); print('ready', flush=True); time.sleep(1e9)"
 

@@ -234,7 +234,8 @@ def cmd_run(args: argparse.Namespace, con: Console) -> int:
 
 
 def cmd_ps(args: argparse.Namespace, con: Console) -> int:
-    from memvisor.host import runtime, statedir
+    from memvisor.host import runtime
+    from memvisor.snapshot import statedir
 
     states = runtime.live()
     parked = statedir.committed()
@@ -275,7 +276,9 @@ def cmd_stats(args: argparse.Namespace, con: Console) -> int:
             raise MemvisorError(f"--serve {args.serve!r} is not ADDR:PORT", hint="e.g. --serve 127.0.0.1:9477")
         con.notice(f"serving Prometheus metrics on http://{addr or '0.0.0.0'}:{port}/metrics")
         try:
-            exporter.serve(addr or "0.0.0.0", int(port))
+            from memvisor.snapshot import metrics
+
+            exporter.serve(addr or "0.0.0.0", int(port), metrics.parked_families)
         except OSError as exc:
             raise MemvisorError(f"cannot listen on {args.serve}: {exc.strerror}") from None
         return 0

@@ -37,7 +37,8 @@ if TYPE_CHECKING:
     from typing import Any
 
 MAGIC = b"MVSR"
-VERSION = 4  # 2: DUMP/DUMPED; 3: many commands per boot (EXEC, STDIN, KILL, SHUTDOWN; exec ids); 4: MEMCTL
+VERSION = 5  # 2: DUMP/DUMPED; 3: many commands per boot (EXEC, STDIN, KILL, SHUTDOWN; exec ids); 4: MEMCTL;
+# 5: ADOPT/ADOPTED (a new daemon takes over a running guest)
 MAX_EXEC_ID = 0xFFFF  # exec ids are 1..MAX_EXEC_ID (they travel in the header's 16-bit stream field)
 MAX_EXECS = 64  # commands running at once in one guest
 HEADER = struct.Struct(">4sBBHI")
@@ -84,6 +85,8 @@ class Kind:
     PARKING = MessageKind(17, "PARKING")  # guest -> host: ready to be paused; sends nothing until RESUMED
     RESUMED = MessageKind(18, "RESUMED")  # host -> guest: running again, here is the wall clock; guest -> host: done
     CLONED = MessageKind(19, "CLONED")  # host -> guest: you are a template's clone, be your own; guest -> host: done
+    ADOPT = MessageKind(20, "ADOPT")  # host -> guest: a new daemon took over: end every command, forget its streams
+    ADOPTED = MessageKind(21, "ADOPTED")  # guest -> host: done; which commands were ended, and whether it is parked
 
     @staticmethod
     def from_wire(value: int) -> MessageKind:
@@ -187,6 +190,12 @@ SCHEMAS: dict[MessageKind, _Schema] = {
         "seconds": ((float, int), False),
         "error": ((str,), False),  # what failed: the host stops the clone
     },
+    Kind.ADOPT: {},
+    Kind.ADOPTED: {
+        "uptime": ((float, int), True),
+        "ended": ((list,), True),  # [[exec id, argv[0]], ...] of the commands it killed, at most MAX_EXECS
+        "parked": ((bool,), True),  # between PARKING and RESUMED (the new daemon must resume or park it)
+    },
     Kind.DUMPED: {
         "uptime": ((float, int), True),
         "blocked": ((list,), True),  # [[pid, comm, state, wchan], ...], at most MAX_BLOCKED
@@ -194,6 +203,11 @@ SCHEMAS: dict[MessageKind, _Schema] = {
     },
 }
 MAX_BLOCKED = 32
+# What a new daemon sends before its ADOPT: a dead daemon may have left a frame half written into the channel,
+# whose header makes the guest's decoder wait for up to MAX_PAYLOAD more bytes. This many zero bytes complete any
+# such frame (it is then refused, or its stdin goes to a command ADOPT ends) and resynchronise the decoder, which
+# skips zero bytes up to the next magic.
+ADOPT_FILLER = HEADER.size + MAX_PAYLOAD
 CLONE_ENTROPY = 32  # bytes of host randomness a clone mixes into its RNG
 MAX_SANDBOX_ID = 32
 MAX_TEXT = 4096  # characters of a CLONED's hostname or error
@@ -341,6 +355,11 @@ def check(kind: MessageKind, body: dict[str, Any]) -> None:
         check_memctl(body)
     elif kind is Kind.MEMCTL_ACK and not 1 <= body["seq"] <= MAX_MEMCTL_SEQ:
         raise ProtocolError(f"MEMCTL_ACK: seq {body['seq']} is not in 1..{MAX_MEMCTL_SEQ}")
+    elif kind is Kind.ADOPTED:
+        ended = body["ended"]
+        if len(ended) > MAX_EXECS or not all(_is_ended(row) for row in ended):
+            raise ProtocolError(f"ADOPTED: ended must be at most {MAX_EXECS} [exec id, argv0] rows of an id in "
+                                f"1..{MAX_EXEC_ID} and a string of at most 64 characters")
     elif kind is Kind.DUMPED:
         blocked = body["blocked"]
         if len(blocked) > MAX_BLOCKED or not all(_is_task(t) for t in blocked):
@@ -370,6 +389,12 @@ def check_memctl(body: dict[str, Any]) -> None:
     name = body.get("name")
     if name is not None and (not is_text(name) or len(name) > MAX_ANON_NAME):
         raise ProtocolError(f"MEMCTL: name must be text of at most {MAX_ANON_NAME} characters")
+
+
+def _is_ended(row: object) -> bool:
+    """One ADOPTED row: [exec id, argv0]."""
+    return (isinstance(row, list) and len(row) == 2 and isinstance(row[0], int) and not isinstance(row[0], bool)
+            and 1 <= row[0] <= MAX_EXEC_ID and isinstance(row[1], str) and len(row[1]) <= 64)
 
 
 def _is_task(row: object) -> bool:

@@ -19,10 +19,10 @@ from typing import Literal
 
 from memvisor import config, policy
 from memvisor.errors import MemvisorError
-from memvisor.host import park, statedir, template
 from memvisor.host.result import OutputFn, RunResult
 from memvisor.host.sandbox import Instance
 from memvisor.image import build
+from memvisor.snapshot import park, statedir, template
 
 __all__ = ["DEFAULT_TIMEOUT_S", "LiveSandbox", "RunResult", "Sandbox", "Template"]
 # The SDK's blocking calls end within this by default (exit 124, `timed_out`): a workload that never ends must

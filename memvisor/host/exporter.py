@@ -6,7 +6,7 @@ Served with prometheus-client's own HTTP server (`memvisor stats --serve ADDR:PO
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import start_http_server
@@ -61,7 +61,11 @@ def _get(doc: dict[str, object], path: tuple[str, ...]) -> float | None:
 
 
 class StatsCollector(Collector):
-    """Collects memvisor stats on each scrape."""
+    """Collects memvisor stats on each scrape; `extra` adds families of a layer above this one (the parked
+    sandboxes of memvisor/snapshot, the daemon's own), which this host-layer module must not import."""
+
+    def __init__(self, extra: Callable[[], Iterator[Metric]] | None = None) -> None:
+        self.extra = extra
 
     def collect(self) -> Iterator[Metric]:
         snapshot = stats.collect()
@@ -85,24 +89,8 @@ class StatsCollector(Collector):
             if value is not None:
                 yield GaugeMetricFamily(name, help_, value=value)
         yield GaugeMetricFamily("memvisor_sandboxes", "Running sandboxes", value=len(snapshot["sandboxes"]))
-        yield from _parked_families()
-
-
-def _parked_families() -> Iterator[Metric]:
-    """Parked sandboxes (docs/parking.md): how many, and per sandbox what it takes on disk and since when."""
-    from memvisor.host import statedir
-
-    metas = statedir.committed()
-    yield GaugeMetricFamily("memvisor_parked_sandboxes", "Parked sandboxes (no VMM, no host memory)",
-                            value=len(metas))
-    size = GaugeMetricFamily("memvisor_parked_snapshot_bytes", "What a parked sandbox takes on disk: its sealed "
-                             "snapshot and kept disks", labels=["sandbox"])
-    since = GaugeMetricFamily("memvisor_parked_since_seconds", "When the sandbox was parked (Unix time)",
-                              labels=["sandbox"])
-    for meta in metas:
-        size.add_metric([meta.sandbox_id], meta.disk_bytes())
-        since.add_metric([meta.sandbox_id], meta.parked_at)
-    yield from (size, since)
+        if self.extra is not None:
+            yield from self.extra()
 
 
 def _memctl_families(sandboxes: list[dict[str, Any]]) -> Iterator[Metric]:
@@ -128,9 +116,9 @@ def _memctl_families(sandboxes: list[dict[str, Any]]) -> Iterator[Metric]:
     yield from (*families.values(), rejects, locked)
 
 
-def serve(address: str, port: int) -> None:
+def serve(address: str, port: int, extra: Callable[[], Iterator[Metric]] | None = None) -> None:
     """Serve /metrics until interrupted."""
-    REGISTRY.register(StatsCollector())
+    REGISTRY.register(StatsCollector(extra))
     start_http_server(port, addr=address)
     while True:
         time.sleep(3600)

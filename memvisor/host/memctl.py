@@ -106,7 +106,7 @@ class Backing:
     """A guest's RAM as a memfd, memvisor's mapping of it, and the codes applied to it."""
 
     def __init__(self, memory_mib: int, name: str = "memvisor-guest-ram", sealable: bool = False) -> None:
-        """`sealable`: the memfd may be sealed later (a template's RAM, host/template.py)."""
+        """`sealable`: the memfd may be sealed later (a template's RAM, snapshot/template.py)."""
         self.size = memory_mib << 20
         self.layout = q35_layout(self.size)
         self.fd = os.memfd_create(name, os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if sealable else 0))
@@ -208,7 +208,7 @@ class Backing:
             return "the pages are no longer locked"
         return DONE_BY_DESIGN[code]
 
-    # -- parking (host/park_ram.py) ----------------------------------------------------------------------------
+    # -- parking (snapshot/park_ram.py) ----------------------------------------------------------------------------
     def locked_ranges(self) -> list[tuple[int, int]]:
         """The memfd ranges memvisor holds locked for the guest, as (offset, length)."""
         with self._lock:

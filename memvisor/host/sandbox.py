@@ -106,14 +106,14 @@ class Instance:
         # the daemon's supervisor decides on it at once.
         self.on_report: Callable[[], None] | None = None
         self.session: Session | None = None
-        # Guest RAM as a memfd memvisor owns (policy memctl, or templatable: host/template.py seals it)
+        # Guest RAM as a memfd memvisor owns (policy memctl, or templatable: snapshot/template.py seals it)
         self.memctl: memctl.Backing | None = None
         self._fds: list[int] = []  # files the VMM inherits
         self.disk_fds: dict[str, int] = {}  # the sandbox's own disks ("swap.img", "scratch.img"): O_RDWR fds
-        # Resuming a parked sandbox (host/park.py): its disks, kept as files, instead of new ones.
+        # Resuming a parked sandbox (snapshot/park.py): its disks, kept as files, instead of new ones.
         self.kept_disks: dict[str, Path] = {}
         self.resume_hello: dict[str, Any] | None = None  # ... and the HELLO its guest sent when it booted
-        # A template's clone (host/template.py): the template's sealed RAM memfd, mapped copy-on-write.
+        # A template's clone (snapshot/template.py): the template's sealed RAM memfd, mapped copy-on-write.
         self.clone_ram_fd: int | None = None
         self._swap_fd: int | None = None
         self._vmm_user: tuple[int, int] | None = None
@@ -482,7 +482,7 @@ class Instance:
 
     def swap_ready(self, swap: dict[str, Any]) -> None:
         """The guest reported its swap stack: pass on step-down warnings, show the mode in `memvisor ps`. A
-        templatable sandbox sets none up (its clones do, when they wake: host/template.py calls this then)."""
+        templatable sandbox sets none up (its clones do, when they wake: snapshot/template.py calls this then)."""
         if self.policy.templatable and self.clone_ram_fd is None and not swap:
             assert self.state is not None
             self.state.summary = self.policy.summary(swap_in_effect="deferred")

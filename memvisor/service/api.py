@@ -26,13 +26,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from memvisor import __version__, proto
 from memvisor import policy as pol
 from memvisor.errors import GuestError, MemvisorError
-from memvisor.host import exporter, seal, statedir, stats, template
-from memvisor.host import park as park_
+from memvisor.host import exporter, stats
 from memvisor.service import templates
 from memvisor.service.errors import Conflict, NotFound
 from memvisor.service.registry import Entry, Registry
 from memvisor.service.supervisor import AdmissionRefused
 from memvisor.service.templates import TemplateEntry
+from memvisor.snapshot import metrics as snapshot_metrics
+from memvisor.snapshot import park as park_
+from memvisor.snapshot import seal, statedir, template
 
 MAX_BODY = 1 << 20  # bytes of a request body (stdin included)
 MAX_ARGS = 4096
@@ -284,7 +286,7 @@ def create_app(registry: Registry | None, token: str | None = None) -> FastAPI:
     @app.get("/metrics", response_class=Response)
     def metrics() -> Response:
         metrics_registry = CollectorRegistry()
-        metrics_registry.register(exporter.StatsCollector())
+        metrics_registry.register(exporter.StatsCollector(snapshot_metrics.parked_families))
         return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from memvisor import policy as pol
 from memvisor.errors import MemvisorError
-from memvisor.host import park, runtime, statedir, template
+from memvisor.host import runtime
 from memvisor.host.result import RunResult
 from memvisor.host.sandbox import Instance
 from memvisor.image.build import Image
@@ -26,6 +26,7 @@ from memvisor.service import need
 from memvisor.service.errors import Conflict, NotFound
 from memvisor.service.supervisor import ADMIT_WAIT_S, AdmissionRefused, Supervisor
 from memvisor.service.templates import TemplateEntry, Templates
+from memvisor.snapshot import park, statedir, template
 
 log = logging.getLogger("memvisor")
 NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
@@ -206,7 +207,7 @@ class Registry:
 
     # -- parking ----------------------------------------------------------------------------------------------
     def park(self, key: str, unused_since: float | None = None) -> Entry:
-        """Park a running sandbox (host/park.py): its VMM exits, its state goes to a sealed snapshot, and it no
+        """Park a running sandbox (snapshot/park.py): its VMM exits, its state goes to a sealed snapshot, and it no
         longer counts in the memory budget. Conflict if it is not running or runs commands, or (`unused_since`,
         for the daemon's own parks) if an exec used it after that moment."""
         entry = self.get(key)
@@ -370,7 +371,7 @@ class Registry:
 
     # -- templates --------------------------------------------------------------------------------------------
     def make_template(self, name: str, key: str) -> TemplateEntry:
-        """Freeze the running templatable sandbox `key` into template `name` (host/template.py): the sandbox
+        """Freeze the running templatable sandbox `key` into template `name` (snapshot/template.py): the sandbox
         becomes the template (its VMM exits) and is no longer listed."""
         template.check_name(name)
         entry = self.get(key)

@@ -1,7 +1,7 @@
 """The daemon's templates (docs/templates.md): each one's committed files, its sealed RAM once loaded, and the
 sandboxes cloned from it (running or parked), which keep it from being removed.
 
-host/template.py freezes and clones; the registry (service/registry.py) decides when.
+snapshot/template.py freezes and clones; the registry (service/registry.py) decides when.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 from memvisor import policy as pol
 from memvisor.errors import MemvisorError
-from memvisor.host import statedir, template
 from memvisor.service.errors import Conflict, NotFound
+from memvisor.snapshot import statedir, template
 
 log = logging.getLogger("memvisor")
 

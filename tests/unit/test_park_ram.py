@@ -1,4 +1,4 @@
-"""memctl's guest RAM as the sealed "ram" stream of a parked snapshot (host/park_ram.py): what is carried comes
+"""memctl's guest RAM as the sealed "ram" stream of a parked snapshot (snapshot/park_ram.py): what is carried comes
 back byte for byte (holes and zero pieces skipped, locked ranges locked again); a stream for other RAM, cut, or
 with a record outside the memfd is refused before anything is written there."""
 
@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from memvisor.host import memctl, park_ram, seal
-from memvisor.host.seal import Ident, SealError, SealWriter
+from memvisor.host import memctl
+from memvisor.snapshot import park_ram, seal
+from memvisor.snapshot.seal import Ident, SealError, SealWriter
 
 MiB = 1 << 20
 IDENT = Ident("abc", 1)

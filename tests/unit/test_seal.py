@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from memvisor.host import seal
-from memvisor.host.seal import CHUNK_BYTES, Ident, SealError, SealWriter
+from memvisor.snapshot import seal
+from memvisor.snapshot.seal import CHUNK_BYTES, Ident, SealError, SealWriter
 
 MiB = 1 << 20
 IDENT = Ident("abc", 3)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from memvisor.host import seal, statedir
-from memvisor.host.statedir import Meta, StateError
+from memvisor.snapshot import seal, statedir
+from memvisor.snapshot.statedir import Meta, StateError
 
 
 @pytest.fixture(autouse=True)

@@ -9,8 +9,8 @@ import pytest
 
 from memvisor import policy, proto
 from memvisor.errors import MemvisorError, PolicyError, ProtocolError
-from memvisor.host import template
 from memvisor.host.vmm import qemu
+from memvisor.snapshot import template
 from tests.unit.test_qemu import options, spec
 
 

@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 
 from memvisor import policy
-from memvisor.host import statedir, stats, template
+from memvisor.host import stats
 from memvisor.host.sandbox import Instance
 from memvisor.host.vmm.qmp import QMP
 from memvisor.image.build import Image
+from memvisor.snapshot import statedir, template
 
 MIB = 1 << 20
 # A long-running process of the template: it imported a module the template paid for, and keeps saying so.

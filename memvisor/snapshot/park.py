@@ -1,8 +1,8 @@
 """Parking a running sandbox to a sealed snapshot, and resuming it (docs/parking.md).
 
 Park: the guest gets ready (PARK: sync, drop its caches, compact, go quiet), the VM is paused, and QEMU writes its
-migration stream into a pipe that memvisor reads and seals chunk by chunk (host/seal.py) into the sandbox's
-root-only state directory (host/statedir.py); the sandbox's disks (swap, scratch) are given names there; the
+migration stream into a pipe that memvisor reads and seals chunk by chunk (snapshot/seal.py) into the sandbox's
+root-only state directory (snapshot/statedir.py); the sandbox's disks (swap, scratch) are given names there; the
 snapshot is committed by writing meta.json last; only then does the VMM quit. Anything that fails before the
 commit leaves the sandbox running as it was: the VM is continued and the partial files are removed.
 
@@ -32,9 +32,10 @@ from typing import Any
 
 from memvisor import proto
 from memvisor.errors import MemvisorError
-from memvisor.host import park_ram, seal, statedir, swapfile
+from memvisor.host import swapfile
 from memvisor.host.sandbox import Instance
 from memvisor.host.vmm.qmp import QMP
+from memvisor.snapshot import park_ram, seal, statedir
 
 log = logging.getLogger("memvisor")
 PARK_ANSWER_S = 30.0  # the guest's PARKING: a sync of its dirty pages, under TCG
@@ -46,7 +47,7 @@ REPORTING_SETTLE_S = 2.5
 MAX_BANDWIDTH = 100 << 30  # bytes/s: QEMU's default (128 MiB/s) throttles even a paused VM
 POLL_S = 0.02
 STREAM = "vm"
-RAM_STREAM = "ram"  # memctl's guest RAM (host/park_ram.py)
+RAM_STREAM = "ram"  # memctl's guest RAM (snapshot/park_ram.py)
 FD_NAME = "memvisor-stream"
 
 StepFn = Callable[[str], None]

@@ -20,7 +20,8 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
-from memvisor.host import memctl, seal
+from memvisor.host import memctl
+from memvisor.snapshot import seal
 
 MAGIC = b"MVRAM001"
 HEADER = struct.Struct("<8sQI")  # magic, RAM bytes, locked ranges

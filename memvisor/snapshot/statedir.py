@@ -40,15 +40,15 @@ from typing import Any, Final, NoReturn
 
 from memvisor import paths
 from memvisor.errors import MemvisorError
-from memvisor.host import seal
 from memvisor.host.runtime import SAFE_ID
+from memvisor.snapshot import seal
 
 log = logging.getLogger("memvisor")
 
 HOST_KEY: Final = "host.key"
 LEDGER: Final = "ledger.json"
 LOCK: Final = ".lock"
-TEMPLATES: Final = "templates"  # host/template.py's directory (not a sandbox id: those are hex)
+TEMPLATES: Final = "templates"  # snapshot/template.py's directory (not a sandbox id: those are hex)
 META: Final = "meta.json"
 SNAP_SUFFIX: Final = ".snap"
 JSON_LIMIT: Final = 16 << 20  # ledger.json and meta.json are small; a bigger one is not ours

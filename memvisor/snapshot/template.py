@@ -3,7 +3,7 @@ a boot and share every page they do not write.
 
 Freeze: a templatable sandbox (guest RAM in a memfd memvisor owns, no balloon, swap deferred) gets ready as for a
 park, QEMU saves its device state into a sealed stream (x-ignore-shared: the RAM is not in it), memvisor seals the
-RAM into a stream of its own (host/park_ram.py), meta.json is written last; the VMM quits, memvisor drops its own
+RAM into a stream of its own (snapshot/park_ram.py), meta.json is written last; the VMM quits, memvisor drops its own
 mapping and seals the memfd against writes, growth and shrinking (F_SEAL_WRITE | GROW | SHRINK | SEAL). That memfd
 is the one copy of the template's RAM every clone maps; the sealed streams under <state>/templates/<name>/ let a
 later daemon rebuild it (open_ram).
@@ -32,10 +32,11 @@ from typing import Any
 
 from memvisor import proto
 from memvisor.errors import MemvisorError
-from memvisor.host import memctl, park, park_ram, seal, statedir
-from memvisor.host.park import RAM_STREAM, STREAM, Figures, ParkError, StepFn
+from memvisor.host import memctl
 from memvisor.host.sandbox import Instance
 from memvisor.host.vmm.qmp import QMP
+from memvisor.snapshot import park, park_ram, seal, statedir
+from memvisor.snapshot.park import RAM_STREAM, STREAM, Figures, ParkError, StepFn
 
 log = logging.getLogger("memvisor")
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,29}")
