@@ -68,7 +68,8 @@ class Session:
         self.hello: dict[str, Any] | None = None
         self.hello_at = 0.0
         self.ready = threading.Event()  # HELLO arrived
-        # PARKING, RESUMED, CLONED: the guest's one answer to a PARK, RESUMED or CLONED (park.py, template.py)
+        # PARKING, RESUMED, CLONED, ADOPTED: the guest's one answer to a PARK, RESUMED, CLONED or ADOPT
+        # (snapshot/park.py, snapshot/template.py, Instance.take_over)
         self._answers: dict[proto.MessageKind, dict[str, Any]] = {}
         self._answered = threading.Condition(threading.Lock())
         self.gone = threading.Event()  # the VMM exited or the channel closed
@@ -267,7 +268,8 @@ class Session:
             else:
                 command.exit, command.ended_at = body, time.monotonic()
                 command.done.set()
-        elif kind in (proto.Kind.PARKING, proto.Kind.RESUMED, proto.Kind.CLONED) and body is not None:
+        elif kind in (proto.Kind.PARKING, proto.Kind.RESUMED, proto.Kind.CLONED, proto.Kind.ADOPTED) \
+                and body is not None:
             with self._answered:
                 self._answers[kind] = body
                 self._answered.notify_all()

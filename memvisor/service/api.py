@@ -21,6 +21,7 @@ import psutil
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 from pydantic import BaseModel, ConfigDict, Field
 
 from memvisor import __version__, proto
@@ -103,6 +104,10 @@ class SandboxInfo(Strict):
     snapshot_bytes: int | None = None  # while parked: what its sealed snapshot and kept disks take on disk
     last_park_seconds: float | None = None
     last_resume_seconds: float | None = None
+    lost: str | None = None  # state "lost": why nothing of it is left (its VMM and its snapshot are gone)
+    # taken over from a daemon that died: {"at": seconds since the epoch, "ended": [[exec id, argv0], ...]}, the
+    # commands in flight at the crash, which the guest ended
+    recovered: dict[str, Any] | None = None
 
 
 class ExecRequest(Strict):
@@ -142,7 +147,8 @@ def info(entry: Entry, registry: Registry | None = None) -> SandboxInfo:
                        parked_at=meta.parked_at if meta else None,
                        snapshot_bytes=meta.disk_bytes() if meta else None,
                        last_park_seconds=entry.last_park.seconds if entry.last_park else None,
-                       last_resume_seconds=entry.last_resume.seconds if entry.last_resume else None)
+                       last_resume_seconds=entry.last_resume.seconds if entry.last_resume else None,
+                       lost=entry.lost, recovered=entry.recovered)
 
 
 def template_info(entry: TemplateEntry) -> TemplateInfo:
@@ -286,10 +292,19 @@ def create_app(registry: Registry | None, token: str | None = None) -> FastAPI:
     @app.get("/metrics", response_class=Response)
     def metrics() -> Response:
         metrics_registry = CollectorRegistry()
-        metrics_registry.register(exporter.StatsCollector(snapshot_metrics.parked_families))
+        metrics_registry.register(exporter.StatsCollector(lambda: _daemon_families(registry)))
         return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _daemon_families(registry: Registry | None) -> Iterator[Metric]:
+    """The daemon's own figures beside the host's: its parked sandboxes (the state directory's), and the lost ones
+    (nothing left to resume: docs/service.md, "A daemon that dies")."""
+    yield from snapshot_metrics.parked_families()
+    lost = [e for e in registry.list() if e.state == "lost"] if registry is not None else []
+    yield GaugeMetricFamily("memvisor_lost_sandboxes", "Sandboxes the daemon could not recover after a crash (their "
+                            "VMM and snapshot are gone); `memvisor stop ID` removes them", value=len(lost))
 
 
 STREAM_END_TIMEOUT_S = 600.0  # how long an exec's end waits for a client that stopped reading

@@ -1,8 +1,10 @@
 """The daemon's sandboxes: create (boot and wait for the agent), look up, run commands, stop.
 
-VMMs are spawned from one long-lived thread: memvisor's VMMs die with the thread that spawned them
-(PR_SET_PDEATHSIG, host/launch.py), and a request-handling thread may end at any time. A crashed daemon takes its
-VMMs with it; the next start sweeps their runtime directories and says so.
+A daemon's VMMs outlive it (host/launch.py): each sandbox's runtime directory records the daemon's own view of it
+(name, template, counts, and the phase it is in: booting, running, parking, resuming, freezing, stopping), so a
+daemon killed at any instant loses nothing: the next one takes every sandbox over or settles it
+(service/recovery.py), and what it cannot recover it lists as `lost` with the reason. VMMs are still spawned and
+torn down from one long-lived thread.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from memvisor.host import runtime
 from memvisor.host.result import RunResult
 from memvisor.host.sandbox import Instance
 from memvisor.image.build import Image
-from memvisor.service import need
+from memvisor.service import lostbook, need, recovery
 from memvisor.service.errors import Conflict, NotFound
 from memvisor.service.supervisor import ADMIT_WAIT_S, AdmissionRefused, Supervisor
 from memvisor.service.templates import TemplateEntry, Templates
@@ -31,7 +33,7 @@ from memvisor.snapshot import park, statedir, template
 log = logging.getLogger("memvisor")
 NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 MAX_SANDBOXES = 256
-ON_EXIT = ("park", "stop")
+ON_EXIT = ("park", "stop", "leave")
 IDLE_CHECK_S = 2.0  # how often idle sandboxes are looked for
 BUSY_POLL_S = 0.2  # how often an admission that waits for a busy sandbox to become idle looks again
 MIB = 1 << 20
@@ -46,7 +48,7 @@ class Entry:
     policy: pol.Policy
     vm: Instance | None  # None while parked
     created: float = field(default_factory=time.time)
-    state: str = "booting"  # booting | running | parking | parked | resuming | stopping
+    state: str = "booting"  # booting | running | parking | parked | resuming | stopping | lost
     execs: int = 0  # commands run so far
     parked: statedir.Meta | None = None  # the committed snapshot while parked
     parks: int = 0  # parks so far
@@ -54,14 +56,24 @@ class Entry:
     last_resume: park.Figures | None = None
     used: float = field(default_factory=time.monotonic)  # when a command last ran or ended here
     template: str | None = None  # the template it was cloned from
+    lost: str | None = None  # state "lost": why (its VMM and its snapshot are both gone)
+    recovered: dict[str, object] | None = None  # taken over from a daemon that died: when, and what it ended
     # park, resume and stop of one sandbox happen one at a time; an exec holds it while it resumes the sandbox
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def running(self) -> Instance:
         """The sandbox's VM; Conflict if it is not running."""
+        if self.state == "lost":
+            raise Conflict(f"sandbox {self.id} is lost: {self.lost}",
+                           hint=f"nothing of it is left to run; `memvisor stop {self.id}` removes the record")
         if self.vm is None or self.state != "running":
             raise Conflict(f"sandbox {self.id} is {self.state}")
         return self.vm
+
+    def record(self, phase: str, **extra: object) -> dict[str, object]:
+        """What the sandbox's runtime directory keeps of it for a next daemon (Instance.record)."""
+        return {"phase": phase, "name": self.name, "created": self.created, "template": self.template,
+                "execs": self.execs, "parks": self.parks, **extra}
 
 
 class Registry:
@@ -69,8 +81,9 @@ class Registry:
 
     def __init__(self, image: Callable[[], Image], supervisor: Supervisor | None = None,
                  on_exit: str = "park", park_after_idle_s: int = 0) -> None:
-        """`on_exit`: what close() does with running sandboxes: park them (the next daemon lists them parked) or
-        stop them. `park_after_idle_s`: the default idle time before a sandbox is parked (0: never)."""
+        """`on_exit`: what close() does with running sandboxes: park them (the next daemon lists them parked), stop
+        them, or leave them running for the next daemon to take over (an upgrade). `park_after_idle_s`: the
+        default idle time before a sandbox is parked (0: never)."""
         self.park_after_idle_s = park_after_idle_s
         self.admit_wait_s = ADMIT_WAIT_S  # how long an admission may wait for room (parks, squeezes)
         self._idle_stop = threading.Event()
@@ -82,6 +95,8 @@ class Registry:
         self._entries: dict[str, Entry] = {}
         self._lock = threading.Lock()
         self._spawner = ThreadPoolExecutor(1, thread_name_prefix="memvisor-spawner")
+        # First what a daemon that died left running or half done, before anything sweeps or scans.
+        outcomes = recovery.recover(image(), on_warning=log.warning)
         removed = runtime.sweep()
         if removed:
             log.warning("removed %d sandbox(es) left by a daemon or command that is gone: %s", len(removed),
@@ -91,6 +106,7 @@ class Registry:
         if supervisor is not None:
             supervisor.shared_bytes = self.templates.resident_bytes
         self._adopt_parked()
+        self._adopt_recovered(outcomes)
         self._idle_thread = threading.Thread(target=self._idle_loop, name="memvisor-idle", daemon=True)
         self._idle_thread.start()
 
@@ -132,6 +148,54 @@ class Registry:
         if metas:
             log.warning("%d parked sandbox(es) found: %s", len(metas), ", ".join(m.sandbox_id for m in metas))
 
+    def _adopt_recovered(self, outcomes: list[recovery.Outcome]) -> None:
+        """List what recovery settled: running sandboxes taken over, lost ones with the reason (parked ones are
+        in the state directory's scan already)."""
+        for outcome in outcomes:
+            record = outcome.record
+            name = record.get("name")
+            created = record.get("created")
+            template_name = record.get("template")
+            entry = Entry(outcome.id, name if isinstance(name, str) else outcome.id,
+                          outcome.vm.policy if outcome.vm else pol.merge(), outcome.vm,
+                          created=float(created) if isinstance(created, int | float) else time.time(),
+                          template=template_name if isinstance(template_name, str) else None)
+            for key in ("execs", "parks"):
+                value = record.get(key)
+                if isinstance(value, int) and value >= 0:
+                    setattr(entry, key, value)
+            if outcome.state == "running" and outcome.vm is not None:
+                entry.state = "running"
+                entry.recovered = {"at": time.time(), "ended": outcome.ended}
+                self._register_clone(entry)
+                self._supervise(entry, outcome.vm)
+            elif outcome.state == "lost":
+                if outcome.id in self._entries:  # its snapshot is complete after all: parked
+                    continue
+                entry.state, entry.lost = "lost", outcome.reason
+                lostbook.write(entry.id, entry.name, outcome.reason, entry.created, entry.template)
+            else:
+                continue
+            self._entries[entry.id] = entry
+        for record in lostbook.read_all():  # lost at an earlier start, and not removed since
+            if record["id"] in self._entries:
+                if self._entries[record["id"]].state != "lost":  # it came back (a snapshot put back): not lost
+                    lostbook.remove(record["id"])
+                continue
+            name, created = record.get("name"), record.get("created")
+            entry = Entry(record["id"], name if isinstance(name, str) else record["id"], pol.merge(), None,
+                          created=float(created) if isinstance(created, int | float) else 0.0, state="lost")
+            entry.lost = record["reason"]
+            self._entries[entry.id] = entry
+
+    def _register_clone(self, entry: Entry) -> None:
+        if entry.template is None:
+            return
+        try:
+            self.templates.get(entry.template).clones.add(entry.id)
+        except NotFound:
+            log.warning("sandbox %s is a clone of template %s, which is gone", entry.id, entry.template)
+
     def create(self, policy: pol.Policy, name: str | None = None, debug: bool = False,
                template_name: str | None = None) -> Entry:
         """Boot a sandbox and wait until its agent is up; raises MemvisorError (GuestError) if it cannot.
@@ -144,8 +208,10 @@ class Registry:
         if origin is not None:
             self._same_image(f"template {origin.name}", origin.image)
             policy = origin.policy
-        vm = Instance(policy, self._image(), on_warning=log.warning, debug=debug and origin is None)
+        vm = Instance(policy, self._image(), on_warning=log.warning, debug=debug and origin is None,
+                      outlive_owner=True)
         entry = Entry(vm.id, name or vm.id, policy, vm, template=origin.name if origin else None)
+        vm.service = entry.record("cloning" if origin is not None else "booting")
         with self._lock:
             if len(self._entries) >= MAX_SANDBOXES:
                 raise Conflict(f"this daemon already runs {MAX_SANDBOXES} sandboxes")
@@ -173,6 +239,7 @@ class Registry:
             self._drop(entry)
             raise
         entry.state = "running"
+        vm.record(**entry.record("running"))
         self._supervise(entry, vm)
         log.info("sandbox %s (%s) is up: %s", entry.id, entry.name, policy.summary())
         return entry
@@ -196,9 +263,12 @@ class Registry:
             entry.state = "stopping"
             try:
                 if entry.vm is not None:
+                    entry.vm.record(**entry.record("stopping"))
                     entry.vm.shutdown()
             finally:
                 self._drop(entry)
+                if entry.lost is not None:
+                    lostbook.remove(entry.id)
                 if entry.parks:  # a parked snapshot, or the disks a resumed sandbox keeps in the state directory
                     statedir.remove(entry.id)
                     statedir.forget(entry.id)
@@ -219,11 +289,14 @@ class Registry:
                 raise Conflict(f"sandbox {entry.id} runs {len(vm.session.commands)} command(s)",
                                hint="park it when they have ended (a parked sandbox resumes on its next exec)")
             entry.state = "parking"
+            vm.record(**entry.record("parking"))
             try:
                 meta, figures = park.park(vm, self._kept(entry), on_step=lambda s: log.debug("park %s: %s",
                                                                                                  entry.id, s))
             except BaseException:
                 entry.state = "running"
+                with contextlib.suppress(OSError):
+                    vm.record(**entry.record("running"))
                 raise
             entry.state, entry.vm, entry.parked = "parked", None, meta
             entry.parks += 1
@@ -264,7 +337,8 @@ class Registry:
         clone_ram = self.templates.ram(self.templates.get(entry.template)) if entry.template else None
         if self.supervisor is not None:
             self._admit(entry.id, entry.policy)
-        vm = Instance(entry.policy, image, sandbox_id=entry.id, on_warning=log.warning)
+        vm = Instance(entry.policy, image, sandbox_id=entry.id, on_warning=log.warning, outlive_owner=True,
+                      service=entry.record("resuming", generation=meta.generation))
         vm.clone_ram_fd = clone_ram
         entry.state = "resuming"
         try:
@@ -276,6 +350,7 @@ class Registry:
             self._spawner.submit(vm.close).result()
             raise
         entry.state, entry.vm, entry.parked, entry.last_resume = "running", vm, None, figures
+        vm.record(**entry.record("running"))
         entry.used = time.monotonic()
         self._supervise(entry, vm)
         log.info("sandbox %s (%s) resumed in %.2f s", entry.id, entry.name, figures.seconds)
@@ -384,12 +459,15 @@ class Registry:
                 if any(t.name == name for t in self.templates.list()):
                     raise Conflict(f"template {name} already exists", hint=f"memvisor template rm {name}")
             entry.state = "freezing"
+            vm.record(**entry.record("freezing", template_name=name))
             try:
                 meta, fd, figures = template.freeze(vm, name, {
                     "policy": pol.to_json(entry.policy), "image": self._image().manifest.get("key"),
                     "source": entry.id, "created": time.time()})
             except BaseException:
                 entry.state = "running"
+                with contextlib.suppress(OSError):
+                    vm.record(**entry.record("running"))
                 raise
             entry.state = "stopping"
             self._drop(entry)
@@ -433,7 +511,11 @@ class Registry:
         self._idle_stop.set()
         self._idle_thread.join(timeout=60)
         for entry in self.list():
-            if entry.state == "parked":
+            if entry.state in ("parked", "lost"):
+                continue
+            if self.on_exit == "leave" and entry.vm is not None and entry.state == "running":
+                log.warning("leaving sandbox %s (%s) running for the next daemon", entry.id, entry.name)
+                self._spawner.submit(entry.vm.release).result()
                 continue
             if self.on_exit == "park":
                 log.warning("parking sandbox %s (%s): the daemon is ending", entry.id, entry.name)

@@ -1,9 +1,10 @@
 """Run the daemon: the API on a unix socket (mode 0660, bound here before uvicorn gets it, so it is never
 reachable with looser permissions) and, only when asked, on a loopback TCP port that requires a bearer token.
 
-On SIGTERM/SIGINT uvicorn stops accepting requests; then every sandbox is stopped and logged, the socket is
-removed, and the process exits. A SIGKILLed daemon takes its VMMs with it (PR_SET_PDEATHSIG); the next start
-sweeps what they left.
+On SIGTERM/SIGINT uvicorn stops accepting requests; then every sandbox is parked, stopped or left running
+(--on-exit) and logged, the socket is removed, and the process exits. A daemon killed any other way (SIGKILL,
+the OOM killer, a crash) leaves its VMMs running: the next daemon on the same runtime directory takes them over
+(service/recovery.py). One daemon per runtime directory: it holds runtime.daemon_lock() while it runs.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 import uvicorn
 
 from memvisor.errors import MemvisorError
+from memvisor.host import runtime
 from memvisor.image import build
 from memvisor.service.api import create_app
 from memvisor.service.registry import Registry
@@ -115,7 +117,16 @@ def serve(socket_path: Path, listen: str | None = None, token_file: Path | None 
         raise MemvisorError(f"--park-after-idle {park_after_idle_s} is negative", hint="give seconds, or 0 for never")
     tcp = parse_listen(listen) if listen else None
     token = token_from(token_file) if tcp else None
-    supervisor = Supervisor(parse_budget(budget))
+    lock = runtime.daemon_lock()  # before anything is adopted, swept or scanned
+    try:
+        _serve(socket_path, tcp, token, parse_budget(budget), on_exit, park_after_idle_s)
+    finally:
+        runtime.daemon_unlock(lock)
+
+
+def _serve(socket_path: Path, tcp: tuple[str, int] | None, token: str | None, budget_bytes: int, on_exit: str,
+           park_after_idle_s: int) -> None:
+    supervisor = Supervisor(budget_bytes)
     # The image is fixed when the daemon starts: its guest code must be the daemon's own (an upgrade of
     # memvisor on disk would otherwise boot new guests that speak a protocol the running daemon does not).
     image = build.ensure()
