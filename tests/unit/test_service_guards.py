@@ -105,3 +105,40 @@ def test_the_api_answers_400_with_the_hint(reg: Registry) -> None:
     r = TestClient(api.create_app(reg)).post("/v1/sandboxes", json={"name": "cafe0123", "policy": {}})
     body: dict[str, Any] = r.json()
     assert r.status_code == 400 and "form of a sandbox id" in body["detail"] and "cafe0123-1" in body["hint"]
+
+
+PRIVATE = """
+import json, os, resource, subprocess
+from memvisor import proc
+fd = os.open("/dev/null", os.O_RDONLY)
+if os.geteuid() == 0:  # as an unprivileged user: that is where /proc/self/fd and /proc/PID ownership change
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+proc.keep_memory_private()
+again = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)  # as the daemon opens its kernel, initrd and disks
+child = subprocess.Popen(["sleep", "30"])  # a VMM: dumpable again after its execve
+try:
+    print(json.dumps({"dumpable": proc.prctl(proc.PR_GET_DUMPABLE, 0), "uid": os.getuid(),
+                      "core": resource.getrlimit(resource.RLIMIT_CORE),
+                      "same_file": os.fstat(again).st_rdev == os.fstat(fd).st_rdev,
+                      "owner": os.stat(f"/proc/{os.getpid()}/status").st_uid,
+                      "child_owner": os.stat(f"/proc/{child.pid}/status").st_uid}))
+finally:
+    child.kill()
+"""
+
+
+def test_the_daemon_process_cannot_be_dumped_or_traced() -> None:
+    """keep_memory_private(), which `memvisor serve` calls first: no core file, no ptrace (/proc/PID/* belongs to
+    root once a process is not dumpable); its own /proc/self/fd/N still opens, and a child's execve makes the child
+    dumpable again (the VMMs)."""
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", PRIVATE], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    seen = json.loads(r.stdout)
+    assert seen["dumpable"] == 0 and seen["core"] == [0, 0] and seen["same_file"]
+    assert seen["uid"] != 0 and seen["owner"] == 0 and seen["child_owner"] == seen["uid"]
