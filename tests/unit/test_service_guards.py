@@ -108,18 +108,25 @@ def test_the_api_answers_400_with_the_hint(reg: Registry) -> None:
 
 
 PRIVATE = """
-import json, os, resource, subprocess
+import json, os, resource, subprocess, time
 from memvisor import proc
 fd = os.open("/dev/null", os.O_RDONLY)
 if os.geteuid() == 0:  # as an unprivileged user: that is where /proc/self/fd and /proc/PID ownership change
     os.setgroups([])
     os.setgid(65534)
     os.setuid(65534)
+    proc.prctl(proc.PR_SET_DUMPABLE, 1)  # as a process started by that user (setuid cleared it)
+hard = resource.getrlimit(resource.RLIMIT_CORE)[1]
+resource.setrlimit(resource.RLIMIT_CORE, (hard, hard))  # core files allowed, as far as this user may
+before = proc.prctl(proc.PR_GET_DUMPABLE, 0), resource.getrlimit(resource.RLIMIT_CORE)
 proc.keep_memory_private()
 again = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)  # as the daemon opens its kernel, initrd and disks
 child = subprocess.Popen(["sleep", "30"])  # a VMM: dumpable again after its execve
+deadline = time.monotonic() + 10  # Popen may return (vfork) before the exec has made it dumpable
+while os.stat(f"/proc/{child.pid}/status").st_uid == 0 and time.monotonic() < deadline:
+    time.sleep(0.01)
 try:
-    print(json.dumps({"dumpable": proc.prctl(proc.PR_GET_DUMPABLE, 0), "uid": os.getuid(),
+    print(json.dumps({"before": before, "dumpable": proc.prctl(proc.PR_GET_DUMPABLE, 0), "uid": os.getuid(),
                       "core": resource.getrlimit(resource.RLIMIT_CORE),
                       "same_file": os.fstat(again).st_rdev == os.fstat(fd).st_rdev,
                       "owner": os.stat(f"/proc/{os.getpid()}/status").st_uid,
@@ -140,5 +147,6 @@ def test_the_daemon_process_cannot_be_dumped_or_traced() -> None:
     r = subprocess.run([sys.executable, "-c", PRIVATE], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     seen = json.loads(r.stdout)
+    assert seen["before"][0] == 1 and seen["before"][1][0] != 0  # what the call changes
     assert seen["dumpable"] == 0 and seen["core"] == [0, 0] and seen["same_file"]
     assert seen["uid"] != 0 and seen["owner"] == 0 and seen["child_owner"] == seen["uid"]
