@@ -113,6 +113,14 @@ def add_policy_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(s.flag, dest=s.field, default=None, metavar=metavar, help=s.help + note)
 
 
+def add_command_words(parser: argparse.ArgumentParser, usage: str) -> None:
+    """The command a subcommand runs: only the words after `--` (parse() puts them in `args.argv`), so that an
+    option written anywhere before `--` stays an option. argparse's REMAINDER would start the command at the first
+    bare word and swallow every option after it (`template create NAME --from X` ran `--from X`)."""
+    parser.add_argument("argv", nargs="*", metavar="-- CMD", help="the command and its arguments, after `--`")
+    parser.set_defaults(command_usage=usage)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memvisor", description="Secure memory oversubscription for microVM "
                                      "sandboxes: boot a sandbox VM with a memory policy and run a command in it.")
@@ -137,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                      help="also boot the guest with kernel messages on its console and hung-task reports after "
                      "10 s (same as `memvisor --debug run`)")
-    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    add_command_words(run, "memvisor run [OPTIONS] -- CMD [ARGS...]")
 
     cli_image.add_parsers(sub)
 
@@ -151,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
     st.add_argument("--serve", metavar="ADDR:PORT", help="serve the figures as Prometheus metrics at /metrics")
 
-    cli_daemon.add_parsers(sub, add_policy_flags)
-    cli_template.add_parsers(sub, add_policy_flags)
+    cli_daemon.add_parsers(sub, add_policy_flags, add_command_words)
+    cli_template.add_parsers(sub, add_policy_flags, add_command_words)
 
     k = sub.add_parser("ksm", help="ksmd state and counters; start or stop it (never done implicitly)")
     k_sub = k.add_subparsers(dest="ksm_command", required=True, metavar="ACTION")
@@ -354,9 +362,33 @@ def catch_signals() -> None:
             signal.signal(sig, terminate)
 
 
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    """Options and positionals are the words before the first `--`; the command (`args.argv`) is exactly the words
+    after it. A bare word before `--` where a command would go is refused with the line the user meant."""
+    words = list(argv)
+    cut = words.index("--") if "--" in words else len(words)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(words[:cut])
+    stray = [*getattr(args, "argv", []), *extra]
+    first = next((w for w in words[:cut] if w in stray), "")
+    if stray and (first.startswith("-") or not hasattr(args, "command_usage")):  # a mistyped option
+        parser.error(f"unrecognized arguments: {shlex.join([w for w in extra if w.startswith('-')] or stray)}")
+    if stray:
+        raise MemvisorError(f"`{shlex.join(stray)}` is not an option: the command goes after `--`",
+                            hint=f"usage: {args.command_usage}")
+    if cut < len(words) - 1 and not hasattr(args, "command_usage"):
+        parser.error(f"`memvisor {args.command}` takes no command after `--`")
+    args.argv = words[cut + 1:]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse(sys.argv[1:] if argv is None else argv)
+    except MemvisorError as exc:
+        Console(False).error(exc.message, exc.hint)
+        return EXIT_FAILURE
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="memvisor: %(levelname)s: %(message)s")
     con = Console(args.quiet)

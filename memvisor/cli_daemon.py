@@ -15,7 +15,8 @@ from memvisor import paths, policy
 Add = Callable[[argparse.ArgumentParser], None]
 
 
-def add_parsers(sub: Any, add_policy_flags: Add) -> None:
+def add_parsers(sub: Any, add_policy_flags: Add, add_command_words: Callable[[argparse.ArgumentParser, str], None]
+                ) -> None:
     """The subcommands, on the top-level parser's subparsers."""
     socket_help = f"the daemon's unix socket (default: $MEMVISOR_SOCKET or {paths.service_socket()})"
     serve = sub.add_parser("serve", help="run the daemon that owns long-lived sandboxes (HTTP/JSON API)",
@@ -59,7 +60,7 @@ def add_parsers(sub: Any, add_policy_flags: Add) -> None:
     ex.add_argument("--timeout", type=float, help="kill the command after this many seconds (exit 124)")
     ex.add_argument("-i", "--stdin", action="store_true", help="feed this process's stdin to the command")
     ex.add_argument("--socket", type=Path, help=socket_help)
-    ex.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    add_command_words(ex, "memvisor exec SANDBOX [OPTIONS] -- CMD [ARGS...]")
 
     for verb, text in (("park", "park a daemon sandbox: its state goes to a sealed snapshot on disk and its VMM "
                                 "exits; the next exec (or `memvisor resume`) brings it back"),
@@ -80,7 +81,7 @@ def command_and_env(args: argparse.Namespace, usage: str, allow_empty: bool = Fa
     command is fine (a user's image runs its Entrypoint/Cmd)."""
     from memvisor.errors import MemvisorError
 
-    argv: list[str] = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    argv: list[str] = args.argv
     if not argv and not allow_empty:
         raise MemvisorError("no command given", hint=f"usage: {usage}")
     env = {}

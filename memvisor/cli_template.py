@@ -14,7 +14,8 @@ from memvisor import paths, policy
 from memvisor.errors import MemvisorError
 
 
-def add_parsers(sub: Any, add_policy_flags: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_parsers(sub: Any, add_policy_flags: Callable[[argparse.ArgumentParser], None],
+                add_command_words: Callable[[argparse.ArgumentParser, str], None]) -> None:
     """`memvisor template ...`, on the top-level parser's subparsers."""
     socket_help = f"the daemon's unix socket (default: $MEMVISOR_SOCKET or {paths.service_socket()})"
     tpl = sub.add_parser("template", help="freeze a warm sandbox as a template; clone it with `create --template`",
@@ -32,7 +33,7 @@ def add_parsers(sub: Any, add_policy_flags: Callable[[argparse.ArgumentParser], 
     make.add_argument("--json", action="store_true", help="print the template as JSON")
     make.add_argument("--socket", type=Path, help=socket_help)
     add_policy_flags(make)
-    make.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    add_command_words(make, "memvisor template create NAME [OPTIONS] -- CMD [ARGS...]")
     ls = tpl_sub.add_parser("ls", help="list the daemon's templates")
     ls.add_argument("--json", action="store_true", help="print JSON")
     ls.add_argument("--socket", type=Path, help=socket_help)
@@ -46,7 +47,7 @@ def cmd_template(args: argparse.Namespace, con: Any, policy_from_args: Callable[
 
     with Client(args.socket or paths.service_socket()) as client:
         if args.template_command == "create":
-            argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+            argv = args.argv
             if (args.source is None) == (not argv):
                 raise MemvisorError("give either --from SANDBOX or a warm-up command",
                                     hint="memvisor template create NAME --from ID, or memvisor template create NAME "

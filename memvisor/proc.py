@@ -71,6 +71,22 @@ def prctl(option: int, arg: int) -> int:
     return result
 
 
+# include/uapi/linux/prctl.h
+PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4
+
+
+def keep_memory_private() -> None:
+    """No core dump and no ptrace of this process, for one whose heap holds secrets (the daemon: snapshot keys,
+    plaintext chunks of guest RAM). RLIMIT_CORE 0, soft and hard, so nothing later raises it; PR_SET_DUMPABLE 0,
+    which also stops a core_pattern pipe (that ignores RLIMIT_CORE) and denies ptrace, /proc/PID/mem and
+    process_vm_readv to other processes of the same user (root keeps CAP_SYS_PTRACE). The process's own
+    /proc/self/fd/N still opens, and its children's execve resets the flag: VMMs start as before."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    prctl(PR_SET_DUMPABLE, 0)
+
+
 # include/uapi/linux/sched.h
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWNET = 0x00020000, 0x04000000, 0x08000000, 0x40000000
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hmac
 import json
 import queue
 import threading
@@ -175,9 +176,13 @@ def create_app(registry: Registry | None, token: str | None = None) -> FastAPI:
     app = FastAPI(title="memvisor", version=__version__,
                   description="Long-lived sandbox microVMs with a memory policy (memvisor serve).")
 
+    expected = f"Bearer {token}".encode()
+
     @app.middleware("http")
     async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        if token is not None and request.headers.get("authorization") != f"Bearer {token}":
+        # In constant time: `!=` stops at the first differing byte, and its timing tells the token byte by byte.
+        given = request.headers.get("authorization", "").encode()
+        if token is not None and not hmac.compare_digest(given, expected):
             return JSONResponse({"detail": "missing or wrong bearer token",
                                  "hint": "send Authorization: Bearer <the daemon's token>"}, status_code=401)
         length = request.headers.get("content-length")

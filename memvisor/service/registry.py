@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import threading
 import time
@@ -18,6 +19,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from memvisor import paths
 from memvisor import policy as pol
 from memvisor.errors import MemvisorError
 from memvisor.host import runtime
@@ -32,6 +34,10 @@ from memvisor.snapshot import park, statedir, template
 
 log = logging.getLogger("memvisor")
 NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+# The form of every id runtime.new_id() draws (8 lowercase hex digits). A name may not have it: a lookup takes an id
+# before a name, so such a name could one day be shadowed by a new sandbox's id.
+ID_FORM = re.compile(r"[0-9a-f]{8}")
+ID_DRAWS = 8  # draws before giving up on a fresh id (each collides with a chance of about n / 2**32)
 MAX_SANDBOXES = 256
 ON_EXIT = ("park", "stop", "leave")
 IDLE_CHECK_S = 2.0  # how often idle sandboxes are looked for
@@ -74,6 +80,19 @@ class Entry:
         """What the sandbox's runtime directory keeps of it for a next daemon (Instance.record)."""
         return {"phase": phase, "name": self.name, "created": self.created, "template": self.template,
                 "execs": self.execs, "parks": self.parks, **extra}
+
+
+def check_name(name: str | None) -> None:
+    """A sandbox name: 1-63 of a-z 0-9 _ . -, starting with a letter or digit, and never the form of an id, so no
+    sandbox's id, now or later, can equal another's name."""
+    if name is None:
+        return
+    if not NAME.fullmatch(name):
+        raise MemvisorError(f"sandbox name {name!r} is not allowed",
+                            hint="use 1-63 of a-z 0-9 _ . - starting with a letter or digit")
+    if ID_FORM.fullmatch(name):
+        raise MemvisorError(f"sandbox name {name!r} has the form of a sandbox id (8 of 0-9 a-f): a sandbox made "
+                            "later could get it as its id", hint=f"choose another name, e.g. {name}-1 or sb-{name}")
 
 
 class Registry:
@@ -201,15 +220,13 @@ class Registry:
         """Boot a sandbox and wait until its agent is up; raises MemvisorError (GuestError) if it cannot.
         `debug`: kernel messages on its console (host/sandbox.py DEBUG_KERNEL_ARGS). `template_name`: start it as
         a clone of that template instead (its policy is the template's; `policy` is not used)."""
-        if name is not None and not NAME.fullmatch(name):
-            raise MemvisorError(f"sandbox name {name!r} is not allowed",
-                                hint="use 1-63 of a-z 0-9 _ . - starting with a letter or digit")
+        check_name(name)
         origin = self.templates.get(template_name) if template_name is not None else None
         if origin is not None:
             self._same_image(f"template {origin.name}", origin.image)
             policy = origin.policy
-        vm = Instance(policy, self._image(), on_warning=log.warning, debug=debug and origin is None,
-                      outlive_owner=True)
+        vm = Instance(policy, self._image(), sandbox_id=self.fresh_id(), on_warning=log.warning,
+                      debug=debug and origin is None, outlive_owner=True)
         entry = Entry(vm.id, name or vm.id, policy, vm, template=origin.name if origin else None)
         vm.service = entry.record("cloning" if origin is not None else "booting")
         with self._lock:
@@ -217,6 +234,9 @@ class Registry:
                 raise Conflict(f"this daemon already runs {MAX_SANDBOXES} sandboxes")
             if any(e.name == entry.name for e in self._entries.values()):
                 raise Conflict(f"a sandbox named {entry.name!r} already exists")
+            if entry.id in self._entries:  # two creates drew the same fresh id at once: never two sandboxes on it
+                raise Conflict(f"sandbox id {entry.id} was taken while this sandbox was being made",
+                               hint="try again")
             self._entries[entry.id] = entry  # holds the name while admission decides
         if self.supervisor is not None:
             try:  # outside the registry's lock: admission may wait for room, and a stop must be able to make it
@@ -243,6 +263,19 @@ class Registry:
         self._supervise(entry, vm)
         log.info("sandbox %s (%s) is up: %s", entry.id, entry.name, policy.summary())
         return entry
+
+    def fresh_id(self) -> str:
+        """A new sandbox id that is no sandbox's id or name here and has no runtime or state directory. 32 random
+        bits collide rarely, but a collision would give a new sandbox another's name, snapshot or ledger entry."""
+        for _ in range(ID_DRAWS):
+            candidate = runtime.new_id()
+            with self._lock:
+                known = any(candidate in (e.id, e.name) for e in self._entries.values())
+            if not known and not os.path.lexists(paths.runtime_root() / candidate) \
+                    and not os.path.lexists(statedir.sandbox_dir(candidate)):
+                return candidate
+            log.info("sandbox id %s is taken: drawing another", candidate)
+        raise MemvisorError(f"no free sandbox id in {ID_DRAWS} draws", hint="the id source is not random")
 
     def get(self, key: str) -> Entry:
         """By id or name; NotFound otherwise."""

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import uvicorn
 
+from memvisor import proc
 from memvisor.errors import MemvisorError
 from memvisor.host import runtime
 from memvisor.image import build
@@ -113,6 +114,7 @@ def token_from(path: Path | None) -> str:
 def serve(socket_path: Path, listen: str | None = None, token_file: Path | None = None,
           budget: str = DEFAULT_BUDGET, on_exit: str = "park", park_after_idle_s: int = 0) -> None:
     """Serve until SIGTERM/SIGINT; then park (or stop, `on_exit`) every running sandbox."""
+    proc.keep_memory_private()  # before the host key or any snapshot key is read
     if park_after_idle_s < 0:
         raise MemvisorError(f"--park-after-idle {park_after_idle_s} is negative", hint="give seconds, or 0 for never")
     tcp = parse_listen(listen) if listen else None
