@@ -34,8 +34,8 @@ from typing import Any
 import httpx
 
 POLICY = {"vm": {"memory_mib": 160}, "swap": {"size_mib": 64}}
-HOLDER = ("python3 -c 'import sys, time\nm = sys.argv[1] * 4096\nwhile True:\n    time.sleep(1)' \"$1\" "
-          "</dev/null >/dev/null 2>&1 & echo $! > /tmp/pid; echo \"$1\" > /tmp/marker")
+HOLDER = ("echo \"$1\" > /tmp/marker; python3 -c 'import sys, time; m = sys.argv[1] * 4096; time.sleep(1 << 20)' "
+          "\"$1\" </dev/null >/dev/null 2>&1 & echo $! > /tmp/pid")
 LOOK = "kill -0 $(cat /tmp/pid) && echo alive; cat /tmp/marker"
 
 

@@ -548,6 +548,9 @@ class Instance:
                 if time.monotonic() >= limit:
                     self.session.kill(command)
                     return RunResult.of(TIMEOUT_EXIT, None, None, True, out, err)
+            if command.refused is not None:
+                raise MemvisorError(f"sandbox {self.id} refused the command: {command.refused}",
+                                    hint="run it again: the sandbox is resumed first if it was being parked")
             if command.exit is None:
                 self._raise_death()
             return self._exit_result(command.exit, out, err)

@@ -42,6 +42,7 @@ class Command:
     started: dict[str, Any] | None = None
     exit: dict[str, Any] | None = None
     errors: list[str] = field(default_factory=list)
+    refused: str | None = None  # the guest would not start it: why
     started_at: float = 0.0
     ended_at: float = 0.0
     done: threading.Event = field(default_factory=threading.Event)
@@ -290,6 +291,9 @@ class Session:
         command = self.commands.get(body.get("id", 0))
         if command is not None:
             command.errors.append(message)
+            if command.started is None and command.exit is None:  # refused before it started (e.g. parking)
+                command.refused = message
+                command.done.set()
         log.warning("guest reports: %s", message.replace("\n", " | "))
         if body.get("fatal"):
             self.fatal = message

@@ -338,10 +338,13 @@ def _stream(registry: Registry, entry: Entry, request: ExecRequest, stdin: bytes
     def work() -> None:
         try:
             resumed = registry.ensure_running(entry)
-            vm = entry.running()
-            result = vm.exec(list(request.argv), env=dict(request.env), cwd=request.cwd,
-                                   uid=0 if request.root else None, stdin=stdin, timeout=request.timeout,
-                                   on_stdout=out, on_stderr=err)
+            try:
+                vm = entry.running()
+                result = vm.exec(list(request.argv), env=dict(request.env), cwd=request.cwd,
+                                 uid=0 if request.root else None, stdin=stdin, timeout=request.timeout,
+                                 on_stdout=out, on_stderr=err)
+            finally:
+                registry.exec_done(entry)
             entry.execs += 1
             end: dict[str, Any] = {"exit": {"exit_code": result.exit_code, "code": result.code,
                                             "signal": result.signal, "timed_out": result.timed_out,

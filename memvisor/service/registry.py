@@ -63,6 +63,9 @@ class Entry:
     used: float = field(default_factory=time.monotonic)  # when a command last ran or ended here
     template: str | None = None  # the template it was cloned from
     lost: str | None = None  # state "lost": why (its VMM and its snapshot are both gone)
+    # execs between ensure_running() and their command's end: a park in that window would freeze a command the
+    # guest has not been sent yet into the snapshot (and lose its session), so it is refused while any are held
+    starting: int = 0
     recovered: dict[str, object] | None = None  # taken over from a daemon that died: when, and what it ended
     # park, resume and stop of one sandbox happen one at a time; an exec holds it while it resumes the sandbox
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -318,6 +321,8 @@ class Registry:
             if unused_since is not None and entry.used > unused_since:
                 raise Conflict(f"sandbox {entry.id} was used again")
             vm = entry.running()
+            if entry.starting and not (vm.session is not None and vm.session.commands):
+                raise Conflict(f"sandbox {entry.id} is starting a command", hint="park it when its commands have ended")
             if vm.session is not None and vm.session.commands:
                 raise Conflict(f"sandbox {entry.id} runs {len(vm.session.commands)} command(s)",
                                hint="park it when they have ended (a parked sandbox resumes on its next exec)")
@@ -350,14 +355,24 @@ class Registry:
         return entry
 
     def ensure_running(self, entry: Entry) -> float | None:
-        """The sandbox, running: resumed first if it is parked (an exec on a parked sandbox). Returns the resume's
-        seconds, or None if it was running."""
+        """The sandbox, running, for an exec: resumed first if it is parked. Returns the resume's seconds, or None
+        if it was running. The exec is held against parks (Entry.starting) until exec_done(): call it in a
+        finally."""
         with entry.lock:
             entry.used = time.monotonic()  # under the lock: the daemon's own parks see the exec coming
             if entry.state != "parked":
                 entry.running()
+                entry.starting += 1
                 return None
-            return self._resume_locked(entry)
+            seconds = self._resume_locked(entry)
+            entry.starting += 1
+            return seconds
+
+    def exec_done(self, entry: Entry) -> None:
+        """An exec that ensure_running() let through has ended (or failed to start)."""
+        with entry.lock:
+            entry.starting -= 1
+            entry.used = time.monotonic()
 
     def _resume_locked(self, entry: Entry) -> float | None:
         if entry.state != "parked":
@@ -427,12 +442,12 @@ class Registry:
     def _busy(self, skip: set[str]) -> bool:
         """Whether a running sandbox not in `skip` runs commands now (it may be parked once they end)."""
         return any(e.id not in skip and e.state == "running" and e.vm is not None and e.vm.session is not None
-                   and e.vm.session.commands for e in self.list())
+                   and (e.vm.session.commands or e.starting) for e in self.list())
 
     def _coldest_idle(self, skip: set[str]) -> Entry | None:
         """The running sandbox with no command in flight that was used least recently, or None."""
         idle = [e for e in self.list() if e.id not in skip and e.state == "running" and e.vm is not None
-                and e.vm.session is not None and not e.vm.session.commands]
+                and e.vm.session is not None and not e.vm.session.commands and not e.starting]
         return min(idle, key=lambda e: e.used, default=None)
 
     def park_idle(self) -> None:
@@ -443,7 +458,8 @@ class Registry:
             limit = entry.policy.park_after_idle_s
             limit = self.park_after_idle_s if limit is None else limit
             vm = entry.vm
-            if not limit or entry.state != "running" or vm is None or vm.session is None or vm.session.commands:
+            if not limit or entry.state != "running" or vm is None or vm.session is None or vm.session.commands \
+                    or entry.starting:
                 continue
             used = entry.used
             if now - used < limit:
@@ -531,12 +547,13 @@ class Registry:
         return self.make_template(name, entry.id)
 
     def ensure_exec(self, entry: Entry, argv: Sequence[str], timeout: float | None) -> RunResult:
-        vm = entry.running()
-        entry.execs += 1
+        self.ensure_running(entry)
         try:
+            vm = entry.running()
+            entry.execs += 1
             return vm.exec(list(argv), uid=0, timeout=timeout)
         finally:
-            entry.used = time.monotonic()
+            self.exec_done(entry)
 
     def close(self) -> None:
         """The daemon is ending: park every running sandbox (or stop it, with on_exit "stop"; a sandbox that

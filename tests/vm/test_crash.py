@@ -15,15 +15,14 @@ from typing import Any
 import httpx
 
 from memvisor.image.build import Image
-from tests.vm.conftest import alive, wait_for
+from tests.vm.conftest import alive, ps, wait_for
 from tests.vm.test_service import Daemon, exec_api, start_daemon, stop_daemon
 
 POLICY = {"vm": {"memory_mib": 160}, "swap": {"size_mib": 64}}
-# A process that holds a marker in its own memory and counts; the marker is also in tmpfs.
-HOLDER = ("python3 -c 'import sys, time\nm = sys.argv[1] * 4096\ni = 0\nwhile True:\n    i += 1\n"
-          "    open(\"/tmp/count\", \"w\").write(str(i))\n    time.sleep(0.2)' \"$1\" </dev/null >/dev/null 2>&1 & "
-          "echo $! > /tmp/pid; echo \"$1\" > /tmp/marker")
-LOOK = "kill -0 $(cat /tmp/pid) && echo alive; cat /tmp/marker; cat /tmp/count"
+# A process that holds a marker in its own memory; the marker is also in tmpfs.
+HOLDER = ("echo \"$1\" > /tmp/marker; python3 -c 'import sys, time; m = sys.argv[1] * 4096; time.sleep(1 << 20)' "
+          "\"$1\" </dev/null >/dev/null 2>&1 & echo $! > /tmp/pid")
+LOOK = "kill -0 $(cat /tmp/pid) && echo alive; cat /tmp/marker"
 
 
 def create(api: httpx.Client, name: str) -> dict[str, Any]:
@@ -84,6 +83,14 @@ def test_a_killed_daemon_loses_no_sandbox(image: Image, tmp_path: Path) -> None:
     for thread in threads:
         thread.join(timeout=60)
     assert alive(idle["vmm_pid"]) and alive(busy["vmm_pid"]), "the VMMs died with their daemon"
+    # The swap file is an O_TMPFILE in the runtime directory: no name, and still held by the VMM.
+    swap = Path(os.environ["MEMVISOR_RUNTIME_DIR"]) / idle["id"] / "swap.img"
+    held = [(os.readlink(f), f.stat()) for f in Path(f"/proc/{idle['vmm_pid']}/fd").iterdir()]
+    assert not swap.exists() and any(link.startswith(str(swap.parent) + "/#") and link.endswith(" (deleted)")
+                                     and st.st_size == 64 << 20 for link, st in held), held
+    # No other command sweeps a daemon's sandboxes: they wait, running, for the next daemon.
+    orphans = {s["id"]: s["state"] for s in ps()}
+    assert orphans[idle["id"]] == orphans[busy["id"]] == "running (no daemon)", orphans
 
     second = start_daemon(tmp_path)
     try:
