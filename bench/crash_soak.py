@@ -2,10 +2,11 @@
 mid-park and mid-resume; counts sandboxes that went missing (issue 26's goal: 0 silently gone in 20 kills).
 
 One daemon on a private socket, runtime and state directory, with --sandboxes sandboxes (160 MiB guests, 64 MiB
-of swap), each holding a marker in a process's memory and in tmpfs. Each round: with the daemon up, start the
-round's work in background threads — a long command in one sandbox, a park of a running one, a resume (an exec)
-of a parked one — wait a random time (0 to --max-delay seconds), SIGKILL the daemon, start a new one, and check
-every sandbox known before the kill:
+of swap), each holding a marker in a process's memory and in tmpfs. Each round: with the daemon up (and one
+sandbox parked beforehand, if none is), start the round's work in background threads — a long command in one
+sandbox, a park of a running one, a resume of the parked one — wait a random time (0 to --max-delay seconds),
+SIGKILL the daemon, start a new one, and check every sandbox known before the kill (a running one by an exec that
+looks at its marker; a parked one is looked at once a later round resumes it):
     gone      not listed by the new daemon at all (a silent 404): must be 0
     lost      listed `lost`, with its reason (counted, printed; not a pass: nothing may be lost either)
     bad       listed running or parked but its marker process or file is not intact after an exec
@@ -102,7 +103,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--sandboxes", type=int, default=3)
-    parser.add_argument("--max-delay", type=float, default=3.0, help="seconds: the kill comes at a random instant "
+    parser.add_argument("--max-delay", type=float, default=5.0, help="seconds: the kill comes at a random instant "
                         "up to this long after the round's work started")
     parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args()
@@ -123,11 +124,15 @@ def main() -> int:
                 made.raise_for_status()
                 ids.append(made.json()["id"])
                 sh(api, ids[-1], HOLDER, f"marker-{ids[-1]}")
-        print(f"{'round':>5} {'delay':>6}  {'work':<38} {'running':>7} {'parked':>6} {'lost':>4} {'gone':>4} "
+        print(f"{'round':>5} {'delay':>6}  {'work':<46} {'running':>7} {'parked':>6} {'lost':>4} {'gone':>4} "
               f"{'bad':>3}")
         for round_ in range(1, args.rounds + 1):
             with daemon.client() as api:
                 states = {s["id"]: s["state"] for s in api.get("/v1/sandboxes").json()}
+                if "parked" not in states.values() and len(ids) > 2:  # something to resume in this round
+                    key = rng.choice(ids)
+                    api.post(f"/v1/sandboxes/{key}/park", json={}).raise_for_status()
+                    states[key] = "parked"
             running = [i for i in ids if states.get(i) == "running"]
             parked = [i for i in ids if states.get(i) == "parked"]
             rng.shuffle(running)
@@ -165,13 +170,15 @@ def main() -> int:
                         print(f"      sandbox {key} is lost: {found['lost']}")
                         continue
                     seen[found["state"]] += 1
+                    if found["state"] == "parked":
+                        continue
                     code, out = sh(api, key, LOOK)
                     if code != 0 or out.split()[:2] != ["alive", f"marker-{key}"]:
                         seen["bad"] += 1
                         print(f"      sandbox {key} is not intact: exit {code}: {out.strip()[:200]}")
                 ids = [key for key in ids if key in listed and listed[key]["state"] != "lost"]
             totals.update(seen)
-            print(f"{round_:>5} {delay:>5.2f}s  {', '.join(plan):<38} {seen['running']:>7} {seen['parked']:>6} "
+            print(f"{round_:>5} {delay:>5.2f}s  {', '.join(plan):<46} {seen['running']:>7} {seen['parked']:>6} "
                   f"{seen['lost']:>4} {seen['gone']:>4} {seen['bad']:>3}", flush=True)
             if not ids:
                 print("no sandbox left to kill around")
