@@ -53,6 +53,8 @@ API_PATH: Final = "/v3/"  # etcd >= 3.4 serves its gateway here; giving it saves
 MIN_VERSION: Final = (3, 4)
 DEFAULT_TIMEOUT: Final = 2.0  # seconds per request per endpoint: a healthy etcd answers in ~2 ms
 HINT: Final = "is it running? (--fleet)"
+TLS_HINT: Final = ("check --fleet-ca (the CA that signed etcd's certificate), --fleet-cert and --fleet-key (a client "
+                   "certificate etcd trusts)")
 _HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]")
 # gRPC codes (google.golang.org/grpc/codes) that the gateway puts in its JSON errors
 _NOT_FOUND, _PERMISSION_DENIED, _UNAVAILABLE, _DEADLINE, _UNAUTHENTICATED = 5, 7, 14, 4, 16
@@ -282,6 +284,8 @@ def _detail(exc: Etcd3Exception) -> tuple[str, int | None]:
     lowered = text.lower()
     if "connection refused" in lowered:
         return "connection refused", None
+    if "remotedisconnected" in lowered or "connection aborted" in lowered:
+        return "it closed the connection without an answer (if it speaks TLS, give --fleet-ca)", None
     if "ssl" in lowered or "certificate" in lowered:
         found = re.search(r"\[SSL[^\]]*\][^(')\"]*", text)
         return f"TLS failed: {found.group(0).strip() if found else text[-200:]}", None
@@ -386,7 +390,9 @@ class Etcd:
                 continue
             self._preferred = i
             return result, maybe_sent
-        raise EtcdUnavailable(f"etcd at {self.url} does not answer ({what}): {'; '.join(tried)}", hint=HINT)
+        tls = all(": TLS failed" in t for t in tried)
+        raise EtcdUnavailable(f"etcd at {self.url} does not answer ({what}): {'; '.join(tried)}",
+                              hint=TLS_HINT if tls else HINT)
 
     def _refused(self, what: str, exc: Etcd3Exception) -> Exception:
         message, code = _detail(exc)

@@ -108,7 +108,8 @@ class Fence:
                             hint="the node must rejoin the fleet; nothing was changed")
         if now is not None and now != current:
             check(now)  # usually raises the precise reason (another node claimed it, its generation moved...)
-        raise FenceLost(f"node {self.node} cannot {verb} sandbox {sandbox_id}: its record changed meanwhile"
+        what = "its record changed" if now != current else "what the move depends on changed"  # e.g. an owner back
+        raise FenceLost(f"node {self.node} cannot {verb} sandbox {sandbox_id}: {what} meanwhile"
                         + (f" (now {_where(now)})" if now else " (now gone)"),
                         hint="another node acted on it first; read it again")
 
@@ -216,6 +217,9 @@ class Fence:
             r = self._exists(sandbox_id, r)
             if r.state not in (State.RUNNING, State.PARKING, State.RESUMING):
                 raise FenceLost(f"sandbox {sandbox_id} is {_where(r)}: only one that runs can be lost")
+            if r.node is not None and self.etcd.get(layout.node(r.node)) is not None:
+                raise FenceLost(f"sandbox {sandbox_id} is not lost: its owner {r.node} is a live node of the fleet",
+                                hint="send the request to its owner")
 
         def owner_gone(r: SandboxRecord | None) -> Sequence[Compare]:
             assert r is not None and r.node is not None

@@ -29,6 +29,7 @@ import builtins
 import contextlib
 import errno
 import hashlib
+import logging
 import os
 import re
 import secrets
@@ -42,6 +43,9 @@ from typing import Final
 
 from memvisor.fleet.errors import BundleNotFound, StoreError, StoreFull
 from memvisor.fleet.records import check_id
+from memvisor.host.runtime import SAFE_ID
+
+log = logging.getLogger("memvisor")
 
 MANIFEST: Final = "manifest"
 BUNDLES: Final = "bundles"
@@ -400,15 +404,28 @@ class DirectoryStore(BundleStore):
             return
         with _fd(bundles):
             for bundle_id in sorted(os.listdir(bundles)):
-                if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", bundle_id):
+                if not SAFE_ID.fullmatch(bundle_id):
                     continue
-                with _fd(self._subdir(bundles, bundle_id, f"{BUNDLES}/{bundle_id}")[0]) as folder:
-                    for gen in sorted((g for g in os.listdir(folder) if g.isdigit() and int(g) > 0), key=int):
-                        with _fd(self._subdir(folder, gen, f"bundle {bundle_id}/{gen}")[0]) as target:
-                            names = os.listdir(target)
-                            sizes = {n: os.stat(n, dir_fd=target, follow_symlinks=False).st_size
-                                     for n in sorted(names) if FILE_NAME.fullmatch(n) and n != MANIFEST}
-                            yield Bundle(bundle_id, int(gen), sizes, MANIFEST in names)
+                try:
+                    folder = self._subdir(bundles, bundle_id, f"{BUNDLES}/{bundle_id}")[0]
+                except (StoreError, FileNotFoundError) as exc:  # one planted entry must not hide the others
+                    log.warning("skipping %s/%s in the store %s: %s", BUNDLES, bundle_id, self.root, exc)
+                    continue
+                with _fd(folder):
+                    yield from self._scan_id(folder, bundle_id)
+
+    def _scan_id(self, folder: int, bundle_id: str) -> Iterator[Bundle]:
+        for gen in sorted((g for g in os.listdir(folder) if g.isdigit() and int(g) > 0), key=int):
+            try:
+                target = self._subdir(folder, gen, f"bundle {bundle_id}/{gen}")[0]
+            except (StoreError, FileNotFoundError) as exc:
+                log.warning("skipping bundle %s/%s in the store %s: %s", bundle_id, gen, self.root, exc)
+                continue
+            with _fd(target):
+                names = os.listdir(target)
+                sizes = {n: os.stat(n, dir_fd=target, follow_symlinks=False).st_size
+                         for n in sorted(names) if FILE_NAME.fullmatch(n) and n != MANIFEST}
+                yield Bundle(bundle_id, int(gen), sizes, MANIFEST in names)
 
     def list(self) -> list[Bundle]:
         return [b for b in self._scan() if b.complete]
