@@ -5,6 +5,8 @@ REQUESTS_CA_BUNDLE trap."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import threading
 import time
@@ -314,8 +316,8 @@ def test_tls_with_client_certificates(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_missing_etcd_fails_and_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fleet_etcd.shutil, "which", lambda name: None)
-    monkeypatch.setattr(fleet_etcd.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
     with pytest.raises(pytest.fail.Exception, match="etcd is not installed: .*run `make deps`"):
         fleet_etcd.etcd_binary()
 
