@@ -119,19 +119,20 @@ def park(state: statedir.State, inst: Instance, sandbox: dict[str, Any], templat
     answer = quiesce(inst, step)
     session, process = inst.session, inst.process
     assert session is not None and process is not None
-    generation = state.generations.advance(inst.id, state.generations.current(inst.id))
-    ident = seal.Ident(inst.id, generation)
-    fresh = not state.sandbox_dir(inst.id).exists()
-    directory = state.sandbox_dir(inst.id, create=True)
+    directory = state.sandbox_dir(inst.id)
+    fresh = not directory.exists()
     stream_path = directory / f"{STREAM}.snap"
     ram_path = directory / f"{RAM_STREAM}.snap"
-    for path in (stream_path, ram_path):
-        path.unlink(missing_ok=True)  # an older generation's, never committed
     key = seal.new_key()
     stopped = False
     kept: dict[str, KeptFile] = {}
     linked: list[Path] = []  # disks this park gave a name (a resumed sandbox's are named already)
     try:
+        generation = state.generations.advance(inst.id, state.generations.current(inst.id))
+        ident = seal.Ident(inst.id, generation)
+        state.sandbox_dir(inst.id, create=True)
+        for path in (stream_path, ram_path):
+            path.unlink(missing_ok=True)  # an older generation's, never committed
         with QMP(inst.qmp_path) as qmp:
             step("pause")
             qmp.execute("stop")
@@ -169,6 +170,8 @@ def park(state: statedir.State, inst: Instance, sandbox: dict[str, Any], templat
                 directory.rmdir()
         if stopped:
             continue_vm(inst)
+        else:
+            unpark_guest(inst)  # told PARK, never paused: it must hear RESUMED to go on
         cause = exc.__cause__ if isinstance(exc, MemvisorError) and exc.__cause__ is not None else exc
         if _no_space(cause):
             raise NoSpace(f"parking sandbox {inst.id} failed: no space left in {directory.parent}; it keeps running",

@@ -475,6 +475,9 @@ def _adopt_key(base: Path, key_path: Path, create_key: bool) -> keys.HostKey:
     except keys.KeyMissing as missing:
         if legacy.exists() or legacy.is_symlink():
             secret = bytearray(read_own(legacy, keys.KEY_BYTES, f"the old host key {legacy}", modes=(0o600,))[0])
+            if len(secret) != keys.KEY_BYTES:
+                raise StateError(f"the old host key {legacy} is {len(secret)} bytes, not {keys.KEY_BYTES}",
+                                 hint=missing.hint) from None
             with keys.HostKey(key_path, secret) as old:
                 book = ledger.LocalLedger(base, old, keys.head_path(key_path))
                 try:

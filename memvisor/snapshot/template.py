@@ -180,12 +180,13 @@ def freeze(state: statedir.State, inst: Instance, name: str, sandbox: dict[str, 
     answer = park.quiesce(inst, step, "become a template")
     session, process = inst.session, inst.process
     assert session is not None and process is not None
-    path = folder(state, name, create=True)
+    path = folder(state, name)
     template_id = new_id()
-    ident = seal.Ident(template_id, state.generations.advance(template_id, None))
     key = seal.new_key()
     stopped = False
     try:
+        folder(state, name, create=True)
+        ident = seal.Ident(template_id, state.generations.advance(template_id, None))
         with QMP(inst.qmp_path) as qmp:
             step("pause")
             qmp.execute("stop")
@@ -205,11 +206,14 @@ def freeze(state: statedir.State, inst: Instance, name: str, sandbox: dict[str, 
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=5.0)
     except BaseException as exc:
-        files.remove_tree(path)
+        if path.exists():
+            files.remove_tree(path)
         with contextlib.suppress(MemvisorError):
             state.generations.forget(template_id)
         if stopped:
             park.continue_vm(inst)
+        else:
+            park.unpark_guest(inst)
         if isinstance(exc, MemvisorError | OSError):
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise ParkError(f"making template {name} of sandbox {inst.id} failed: {reason}; it keeps running"
