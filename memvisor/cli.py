@@ -239,10 +239,11 @@ def parked_sandboxes(con: Console) -> tuple[list[Any], list[Any]]:
     its key cannot be read."""
     from memvisor.snapshot import statedir
 
-    if not statedir.root(create=False).is_dir():
-        return [], []
     try:
-        with statedir.open(hold=False) as state:
+        state = statedir.open_to_read()
+        if state is None:
+            return [], []
+        with state:
             return state.committed()
     except MemvisorError as exc:
         con.warning(f"parked sandboxes are not listed: {exc.message}")

@@ -18,10 +18,11 @@ log = logging.getLogger("memvisor")
 def _parked(state: statedir.State | None) -> tuple[list[Manifest], list[statedir.Problem]]:
     if state is not None:
         return state.committed()
-    if not statedir.root(create=False).is_dir():
-        return [], []
     try:
-        with statedir.open(hold=False) as opened:
+        opened = statedir.open_to_read()
+        if opened is None:
+            return [], []
+        with opened:
             return opened.committed()
     except MemvisorError as exc:  # no key yet, or a state directory it cannot trust: nothing to count
         log.warning("parked sandboxes are not counted: %s", exc)

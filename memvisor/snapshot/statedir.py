@@ -552,3 +552,17 @@ def open(key_file: Path | None = None, create_key: bool = False, hold: bool = Tr
             os.close(inuse)
         raise
     return State(base, key, book, inuse)
+
+
+def open_to_read(key_file: Path | None = None) -> State | None:
+    """The state directory opened to read (`memvisor ps`, the metrics), or None when there is nothing to read: no
+    state directory, or no key and nothing wrapped under one. StateError if it cannot be trusted."""
+    base = root(create=False)
+    if not base.is_dir():
+        return None
+    try:
+        return open(key_file, hold=False)
+    except keys.KeyMissing:
+        if wrapped_things(base):
+            raise
+        return None

@@ -217,3 +217,19 @@ def test_a_lock_held_by_another_process_blocks_rotation(key_path: Path) -> None:
     shutil.rmtree(statedir.root())
     with pytest.raises(StateError, match="no state directory"):
         rotate.rotate()
+
+
+def test_reading_the_state_directory_needs_no_key_while_nothing_is_wrapped(key_path: Path) -> None:
+    assert statedir.open_to_read() is None  # no state directory
+    statedir.root()
+    assert statedir.open_to_read() is None  # no key, nothing wrapped: nothing to list
+    assert not key_path.exists()  # and no key made by a reader
+    with statedir.open(create_key=True) as state:
+        park(state, "abc")
+    opened = statedir.open_to_read()
+    assert opened is not None
+    with opened:
+        assert [m.id for m in opened.committed()[0]] == ["abc"]
+    key_path.unlink()
+    with pytest.raises(keys.KeyMissing):
+        statedir.open_to_read()
