@@ -8,7 +8,8 @@ parked sandboxes, against real guests and a real daemon (docs/security.md, "What
   swap the guest reads I/O errors, never the other data;
 - an older sandbox directory put back with the ledger of its time: the daemon refuses to start (the ledger's head,
   beside the key, disagrees); the key file removed or replaced: refused, naming it, nothing recreated;
-- an older template of the same name put back, and a template moved into a sandbox's place: refused.
+- an older template of the same name put back, and a template moved into a sandbox's place: refused;
+- and a resume that fails before the guest answers leaves the sandbox parked on its intact snapshot.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
+from memvisor.errors import MemvisorError
 from memvisor.image.build import Image
-from tests.vm.conftest import memvisor_argv
+from tests.vm.conftest import memvisor_argv, qemu_processes
 from tests.vm.test_park import park, refused, run
 from tests.vm.test_service import exec_api, start_daemon, stop_daemon
 
@@ -228,3 +231,28 @@ def test_an_older_template_put_back_or_a_template_in_a_sandboxs_place_is_refused
     finally:
         err = stop_daemon(second)
     assert "removed template py, which the ledger does not have" in err, err
+
+
+def test_a_resume_that_fails_before_the_guest_answers_leaves_it_parked_on_its_snapshot(
+        image: Image, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The snapshot stays committed until the guest answered RESUMED: a resume that fails before (here, the
+    answer takes longer than allowed) kills its VMM, and the sandbox resumes later from the same snapshot."""
+    from memvisor.sdk import Sandbox
+    from memvisor.snapshot import park as park_module
+    from memvisor.snapshot import statedir
+
+    with Sandbox(memory_mib=160).start() as box:
+        assert box.exec(["sh", "-c", "echo kept > /tmp/f"]).exit_code == 0
+        box.park()
+        before = {p.pid for p in qemu_processes()}
+        allowed = park_module.RESUMED_ANSWER_S
+        monkeypatch.setattr(park_module, "RESUMED_ANSWER_S", 0.0)
+        with pytest.raises(MemvisorError, match="it stays parked"):
+            box.resume()
+        monkeypatch.setattr(park_module, "RESUMED_ANSWER_S", allowed)
+        assert box.parked and {p.pid for p in qemu_processes()} <= before, "a failed resume left a VMM"
+        with statedir.open() as state:
+            kept = state.load(box.id)
+            assert kept is not None and kept.generation == 1 and state.generations.current(box.id) == 1
+        result = box.exec(["cat", "/tmp/f"])
+        assert (result.exit_code, result.stdout) == (0, b"kept\n") and not box.parked
