@@ -1,24 +1,14 @@
 """The root-only state directory that outlives the daemon: parked sandboxes' snapshots and templates, with the
-ledger of their generations. Its key is elsewhere (keys.py), and so is the ledger's head (ledger.py).
-
-Layout (<root> is $MEMVISOR_STATE_DIR, else <state home>/state; a directory of this user's, mode 0700):
-
-    ledger.json         the authenticated ledger: the one generation of each id that may be resumed (ledger.py)
-    .lock               flock'd around the ledger's read-modify-write
-    .inuse              flock'd shared by every process that uses the directory (a daemon, an SDK program), so
-                        `memvisor key rotate` (exclusive) never runs under them
-    <id>/<stream>.snap  the sealed streams (seal.py)
-    <id>/swap.img ...   kept files: a parked sandbox's disks
-    <id>/meta.json      its manifest (manifest.py), the commit point, written last: without it, a partial snapshot
-    templates/<name>/   a template's files (template.py)
-    lost/               reserved (crash recovery)
+ledger of their generations (its layout: layout.py). Its key is elsewhere (keys.py), and so is the ledger's head
+(ledger.py); opening it checks both (bootstrap.py).
 
 A snapshot is resumable only when its manifest is canonical, its wrapped key unwraps with the manifest's digest
 in the associated data (so every byte of it is authentic), its generation is the ledger's, and every file is there
-as recorded. `State.scan()` sorts the rest into Problems: partial (no manifest: a park cut short) and stale (an
-older generation) are removed; damaged (a manifest that is not authentic), unknown (an id or generation the ledger
-does not have) and files (a stream or kept file missing, replaced or changed in size or links) are kept and
-listed, never removed by a scan: the sandbox stays parked and resumes once what is wrong is put right.
+as recorded (a kept disk checked on its descriptor). `State.scan()` sorts the rest into Problems: partial (no
+manifest: a park cut short) and stale (an older generation) are removed; damaged (a manifest that is not
+authentic), unknown (an id or generation the ledger does not have) and files (a stream or kept file missing,
+replaced or changed in size or links) are kept and listed, never removed by a scan: the sandbox stays parked and
+resumes once what is wrong is put right.
 
 This module owns those files and their durability. It must not seal or unseal streams (seal.py), talk to QEMU,
 or decide when to park; it never follows a symlink and never removes a directory that is not this user's own.
@@ -36,25 +26,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from memvisor import paths
 from memvisor.host.runtime import SAFE_ID
-from memvisor.snapshot import files, keys, ledger, seal
-from memvisor.snapshot.files import StateError as StateError  # the name callers know it by
-from memvisor.snapshot.files import fsync_dir, make_dir, own_dir, parse_json, read_own, remove_tree, write_atomic
+from memvisor.snapshot import bootstrap, files, keys, ledger, seal
+from memvisor.snapshot.files import StateError as StateError  # the names callers know this module by
+from memvisor.snapshot.files import fsync_dir, make_dir, own_dir, read_own, remove_tree, write_atomic
+from memvisor.snapshot.layout import INUSE as INUSE
+from memvisor.snapshot.layout import JSON_LIMIT as JSON_LIMIT
+from memvisor.snapshot.layout import LEDGER as LEDGER
+from memvisor.snapshot.layout import LEGACY_KEY as LEGACY_KEY
+from memvisor.snapshot.layout import LOCK as LOCK
+from memvisor.snapshot.layout import LOST as LOST
+from memvisor.snapshot.layout import META as META
+from memvisor.snapshot.layout import RESERVED as RESERVED
+from memvisor.snapshot.layout import SNAP_SUFFIX as SNAP_SUFFIX
+from memvisor.snapshot.layout import TEMPLATES as TEMPLATES
+from memvisor.snapshot.layout import root as root
+from memvisor.snapshot.layout import wrapped_things as wrapped_things
 from memvisor.snapshot.manifest import Manifest
 
 log = logging.getLogger("memvisor")
 
-LEDGER: Final = ledger.LEDGER
-LOCK: Final = ledger.LOCK
-INUSE: Final = ".inuse"
-LEGACY_KEY: Final = "host.key"  # where an older memvisor kept the host key (moved out on first use)
-TEMPLATES: Final = "templates"
-LOST: Final = "lost"
-RESERVED: Final = frozenset({TEMPLATES, LOST})  # state-directory names that are never a sandbox's
-META: Final = "meta.json"
-SNAP_SUFFIX: Final = ".snap"
-JSON_LIMIT: Final = 16 << 20
 TMP_GRACE_S: Final = 60  # a temp file in the root this young may be another process's write in progress
 PROBLEM_KINDS: Final = ("partial", "stale", "damaged", "unknown", "files")
 Meta = Manifest  # the name earlier callers used
@@ -88,48 +79,6 @@ def _check_id(sandbox_id: str) -> None:
     if not isinstance(sandbox_id, str) or not SAFE_ID.fullmatch(sandbox_id) or sandbox_id in RESERVED:
         raise StateError(f"sandbox id {sandbox_id!r} is not 1-32 of a-z, 0-9, '_' and '-' (and not "
                          f"{' or '.join(sorted(RESERVED))})")
-
-
-def root(create: bool = True) -> Path:
-    """The state directory, after checking it is memvisor's own (a directory, not a symlink, owned by this user,
-    mode 0700); created with its parents when `create`. Without `create`, a missing one is returned unchecked
-    (there is nothing in it to trust)."""
-    env = os.environ.get("MEMVISOR_STATE_DIR")
-    path = Path(env) if env else paths.state_home() / "state"
-    if create:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if make_dir(path):
-                fsync_dir(path.parent)
-        except OSError as exc:
-            raise StateError(f"cannot create the state directory {path}: {exc.strerror}") from None
-    own_dir(path, "the state directory",
-            hint=f"it must be a directory owned by uid {os.geteuid()} with mode 0700 (chmod 700 {path}), or set "
-                 "MEMVISOR_STATE_DIR")
-    return path
-
-
-def wrapped_things(base: Path) -> list[str]:
-    """What in state directory `base` is wrapped under a host key (committed snapshots, templates, generations in
-    the ledger): a host key may be made only when this is empty."""
-    found: list[str] = []
-    if not base.is_dir():
-        return found
-    for entry in sorted(base.iterdir()):
-        if SAFE_ID.fullmatch(entry.name) and entry.name not in RESERVED and (entry / META).exists():
-            found.append(f"the snapshot of sandbox {entry.name}")
-    templates = base / TEMPLATES
-    if templates.is_dir() and not templates.is_symlink():
-        found += [f"template {t.name}" for t in sorted(templates.iterdir()) if (t / META).exists()]
-    path = base / LEDGER
-    if path.exists() or path.is_symlink():
-        try:
-            doc = parse_json(read_own(path, JSON_LIMIT)[0], path)
-            if not isinstance(doc, dict) or doc.get("generations") != {}:
-                found.append(f"the generations in {path}")
-        except StateError:
-            found.append(f"the ledger {path}")
-    return found
 
 
 class State:
@@ -458,61 +407,11 @@ def _drop_snapshot(folder: Path) -> None:
     fsync_dir(folder)
 
 
-def _interrupted_rotation(key_path: Path) -> None:
-    new = key_path.with_name(key_path.name + keys.NEW_SUFFIX)
-    if new.exists() or new.is_symlink():
-        raise StateError(f"a key rotation of {key_path} was interrupted ({new} exists)",
-                         hint="finish it: memvisor key rotate (with the same --key-file)")
-
-
-def _adopt_key(base: Path, key_path: Path, create_key: bool) -> keys.HostKey:
-    """The host key: read; or moved out of the state directory (an older memvisor's); or, when `create_key` and
-    nothing in the state directory is wrapped under a key, created. Migrates an older memvisor's ledger with its
-    key."""
-    legacy = base / LEGACY_KEY
-    try:
-        key = keys.read(key_path)
-    except keys.KeyMissing as missing:
-        if legacy.exists() or legacy.is_symlink():
-            secret = bytearray(read_own(legacy, keys.KEY_BYTES, f"the old host key {legacy}", modes=(0o600,))[0])
-            if len(secret) != keys.KEY_BYTES:
-                raise StateError(f"the old host key {legacy} is {len(secret)} bytes, not {keys.KEY_BYTES}",
-                                 hint=missing.hint) from None
-            with keys.HostKey(key_path, secret) as old:
-                book = ledger.LocalLedger(base, old, keys.head_path(key_path))
-                try:
-                    gens = book.legacy()
-                    if gens is not None:  # authenticated from here on; trusted once, with the key it came with
-                        (base / LEDGER).unlink()
-                        book.initialize(gens)
-                        log.warning("the ledger %s is authenticated from now on (its head is in %s)", base / LEDGER,
-                                    book.head)
-                finally:
-                    book.close()
-            keys.move_legacy(legacy, key_path)
-            return keys.read(key_path)
-        if not create_key:
-            raise
-        wrapped = wrapped_things(base)
-        if wrapped:
-            raise StateError(f"the key file {key_path} does not exist, but the state directory {base} holds "
-                             f"{len(wrapped)} thing(s) wrapped under a key ({', '.join(wrapped[:3])}): nothing was "
-                             "recreated", hint=missing.hint) from None
-        (base / LEDGER).unlink(missing_ok=True)  # an empty ledger of an earlier key: nothing to keep
-        return keys.create(key_path)
-    if legacy.exists() or legacy.is_symlink():
-        key.close()
-        raise StateError(f"the state directory holds an old host key {legacy} besides the key file {key_path}",
-                         hint=f"if {key_path} is the key this state directory's snapshots were wrapped with, remove "
-                              f"{legacy}; else move {legacy} to {key_path}")
-    return key
-
-
 def open(key_file: Path | None = None, create_key: bool = False, hold: bool = True) -> State:
     """Open the state directory with its host key and ledger (both checked now: a key file that was replaced, or a
-    ledger that was rolled back, is a StateError naming the file). `key_file`: serve's --key-file (default:
-    $MEMVISOR_KEY_FILE, then paths.key_file()). `create_key`: make the key if there is none and nothing in the
-    state directory is wrapped (serve, and an SDK program's first park). `hold`: keep a shared lock on the
+    ledger that was rolled back, is a StateError naming the file: bootstrap.py). `key_file`: serve's --key-file
+    (default: $MEMVISOR_KEY_FILE, then paths.key_file()). `create_key`: make the key if there is none and nothing
+    in the state directory is wrapped (serve, and an SDK program's first park). `hold`: keep a shared lock on the
     directory until close(), which `memvisor key rotate` waits for (ps and the metrics read without it)."""
     base = root(create=True)
     key_path = keys.locate(key_file)
@@ -526,27 +425,7 @@ def open(key_file: Path | None = None, create_key: bool = False, hold: bool = Tr
             raise StateError(f"the host key of {base} is being rotated (memvisor key rotate)",
                              hint="start again once it has finished") from None
     try:
-        _interrupted_rotation(key_path)
-        key = _adopt_key(base, key_path, create_key)
-        book = ledger.LocalLedger(base, key, keys.head_path(key_path))
-        try:
-            if not book.exists():
-                wrapped = wrapped_things(base)
-                if wrapped:
-                    raise StateError(f"the ledger {base / LEDGER} is missing, but the state directory holds "
-                                     f"{', '.join(wrapped[:3])}: it was damaged or rolled back",
-                                     hint="nothing is reset: restore the ledger, or remove the state directory to "
-                                          "start over")
-                book.initialize()
-            elif book.legacy() is not None:
-                raise StateError(f"the ledger {base / LEDGER} is an older memvisor's, unauthenticated, and no old "
-                                 "host key came with it: refusing to trust it",
-                                 hint="remove it together with every parked snapshot and template")
-            book.all()  # the MAC and the head, checked now
-        except BaseException:
-            book.close()
-            key.close()
-            raise
+        key, book = bootstrap.open_key_and_ledger(base, key_path, create_key)
     except BaseException:
         if inuse is not None:
             os.close(inuse)

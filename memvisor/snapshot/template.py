@@ -39,9 +39,10 @@ from memvisor.errors import MemvisorError
 from memvisor.host import memctl
 from memvisor.host.sandbox import Instance
 from memvisor.host.vmm.qmp import QMP
-from memvisor.snapshot import files, park, park_ram, seal, statedir
+from memvisor.snapshot import files, migration, park, park_ram, seal, statedir
 from memvisor.snapshot.manifest import Manifest
-from memvisor.snapshot.park import Figures, ParkError, StepFn
+from memvisor.snapshot.migration import ParkError, StepFn
+from memvisor.snapshot.park import Figures
 
 log = logging.getLogger("memvisor")
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,29}")
@@ -177,7 +178,7 @@ def freeze(state: statedir.State, inst: Instance, name: str, sandbox: dict[str, 
         raise TemplateError(f"template {name} exists but cannot be used ({exc.message})",
                             hint=f"remove {folder(state, name)} by hand") from None
     start = time.monotonic()
-    answer = park.quiesce(inst, step, "become a template")
+    answer = migration.quiesce(inst, step, "become a template")
     session, process = inst.session, inst.process
     assert session is not None and process is not None
     path = folder(state, name)
@@ -191,7 +192,7 @@ def freeze(state: statedir.State, inst: Instance, name: str, sandbox: dict[str, 
             step("pause")
             qmp.execute("stop")
             stopped = True
-            writer = park.save_stream(qmp, path / f"{STREAM}.snap", key, ident, step, STREAM)
+            writer = migration.save_stream(qmp, path / f"{STREAM}.snap", key, ident, step, STREAM)
             step("ram")
             with seal.SealWriter(path / f"{RAM_STREAM}.snap", key, ident, RAM_STREAM) as ram:
                 park_ram.save(inst.memctl, ram)
@@ -211,9 +212,9 @@ def freeze(state: statedir.State, inst: Instance, name: str, sandbox: dict[str, 
         with contextlib.suppress(MemvisorError):
             state.generations.forget(template_id)
         if stopped:
-            park.continue_vm(inst)
+            migration.continue_vm(inst)
         else:
-            park.unpark_guest(inst)
+            migration.unpark_guest(inst)
         if isinstance(exc, MemvisorError | OSError):
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise ParkError(f"making template {name} of sandbox {inst.id} failed: {reason}; it keeps running"
@@ -288,7 +289,7 @@ def clone(state: statedir.State, inst: Instance, meta: Manifest, ram_fd: int, on
         (start or inst.start)()
         with QMP(inst.qmp_path) as qmp:
             step("load")
-            park.load_stream(qmp, inst, folder(state, name) / f"{STREAM}.snap", key, meta.ident, STREAM)
+            migration.load_stream(qmp, inst, folder(state, name) / f"{STREAM}.snap", key, meta.ident, STREAM)
             step("continue")
             qmp.execute("cont")
         assert inst.session is not None
