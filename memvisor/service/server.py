@@ -119,19 +119,21 @@ def serve(socket_path: Path, listen: str | None = None, token_file: Path | None 
         raise MemvisorError(f"--park-after-idle {park_after_idle_s} is negative", hint="give seconds, or 0 for never")
     tcp = parse_listen(listen) if listen else None
     token = token_from(token_file) if tcp else None
-    supervisor = Supervisor(parse_budget(budget))
-    # The image is fixed when the daemon starts: its guest code must be the daemon's own (an upgrade of
-    # memvisor on disk would otherwise boot new guests that speak a protocol the running daemon does not).
-    image = build.ensure()
     # The key and the ledger are checked before anything else: a replaced key or a rolled-back state directory
     # stops the daemon here, naming the file. The registry holds them (and closes them) from here on.
     state = statedir.open(key_file, create_key=True)
+    supervisor: Supervisor | None = None
     try:
+        supervisor = Supervisor(parse_budget(budget))
+        # The image is fixed when the daemon starts: its guest code must be the daemon's own (an upgrade of
+        # memvisor on disk would otherwise boot new guests that speak a protocol the running daemon does not).
+        image = build.ensure()
         registry = Registry(lambda: image, supervisor, on_exit=on_exit, park_after_idle_s=park_after_idle_s,
                             state=state)
     except BaseException:
         state.close()
-        supervisor.close()
+        if supervisor is not None:
+            supervisor.close()
         raise
     # Both listeners exist before the unix socket appears on disk: whoever waits for that path may use either.
     # uvicorn serves the sockets as they are (never binding anything itself).

@@ -94,11 +94,31 @@ def rotate(key_file: Path | None = None) -> Rotated:
         os.close(fd)  # the lock goes with it
 
 
+def _check_all(base: Path, old: keys.HostKey) -> None:
+    """StateError unless every manifest unwraps under `old`: checked before anything is written, so a rotation is
+    never left unfinishable by a manifest that was damaged before it began."""
+    wrapping = old.derive(keys.WRAP)
+    try:
+        for path, what in _manifests(base):
+            try:
+                data, _ = files.read_own(path, statedir.JSON_LIMIT, f"the manifest of {what}", modes=(0o600,))
+                manifest = Manifest.from_bytes(data, str(path))
+                files.zero(seal.unwrap_key(wrapping, manifest.wrapped(), manifest.ident, manifest.kind,
+                                           manifest.digest()))
+            except (StateError, seal.SealError) as exc:
+                raise StateError(f"cannot rotate: the manifest of {what} is not authentic ({exc.message}): nothing "
+                                 "was changed", hint="put it right, or stop that sandbox (remove that template), "
+                                                     "then rotate") from None
+    finally:
+        files.zero(wrapping)
+
+
 def _rotate(base: Path, key_path: Path, new_path: Path) -> Rotated:
     resumed = new_path.exists() or new_path.is_symlink()
     old = keys.read(key_path)
     try:
         if not resumed:
+            _check_all(base, old)
             fresh = bytearray(keys.KEY_BYTES)
             with open("/dev/urandom", "rb", buffering=0) as rng:
                 rng.readinto(fresh)
@@ -117,10 +137,9 @@ def _rotate(base: Path, key_path: Path, new_path: Path) -> Rotated:
                     try:
                         _rewrap(path, what, old_wrap, new_wrap)
                     except (StateError, seal.SealError) as exc:
-                        raise StateError(f"cannot rotate: the manifest of {what} cannot be rewrapped ({exc.message})",
-                                         hint="put it right or stop that sandbox (remove that template) first; "
-                                              f"the rotation is unfinished: run it again ({new_path} is kept)"
-                                         ) from None
+                        raise StateError(f"cannot finish the rotation: the manifest of {what} cannot be rewrapped "
+                                         f"({exc.message})", hint=f"it changed since the rotation began: remove "
+                                         f"{path.parent} by hand, then run it again ({new_path} is kept)") from None
                     counts[what.split()[0]] += 1
             finally:
                 files.zero(old_wrap)

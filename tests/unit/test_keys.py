@@ -233,3 +233,19 @@ def test_reading_the_state_directory_needs_no_key_while_nothing_is_wrapped(key_p
     key_path.unlink()
     with pytest.raises(keys.KeyMissing):
         statedir.open_to_read()
+
+
+def test_a_damaged_manifest_stops_a_rotation_before_anything_is_written(key_path: Path) -> None:
+    with statedir.open(create_key=True) as state:
+        park(state, "aaa")
+        park(state, "bbb")
+    meta = statedir.root() / "bbb" / "meta.json"
+    good = meta.read_bytes()
+    meta.write_bytes(good.replace(b"512", b"513"))
+    before = key_path.read_bytes(), (statedir.root() / "aaa" / "meta.json").read_bytes()
+    with pytest.raises(StateError, match="the manifest of sandbox bbb is not authentic .*nothing was changed"):
+        rotate.rotate()
+    assert not key_path.with_name("host.key.new").exists()
+    assert (key_path.read_bytes(), (statedir.root() / "aaa" / "meta.json").read_bytes()) == before
+    meta.write_bytes(good)
+    assert rotate.rotate().sandboxes == 2
