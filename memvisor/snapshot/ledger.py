@@ -231,15 +231,20 @@ class LocalLedger:
         return heads
 
     def _put_head(self, state_id: str, counter: int, digest: str, mac_key: bytearray) -> None:
-        if not self.head.parent.is_dir():
-            self.head.parent.parent.mkdir(parents=True, exist_ok=True)
-            files.make_dir(self.head.parent)
-        with files.locked(self._head_lock):  # other state directories may share the head file
-            heads = self._heads()
-            body = {"state_id": state_id, "counter": counter, "digest": digest}
-            heads[state_id] = {"counter": counter, "digest": digest,
-                               "mac": _mac(mac_key, b"memvisor ledger head", body)}
-            files.write_atomic(self.head, files.canonical({"format": 1, "heads": heads}))
+        try:
+            if not self.head.parent.is_dir():
+                self.head.parent.parent.mkdir(parents=True, exist_ok=True)
+                files.make_dir(self.head.parent)
+            with files.locked(self._head_lock):  # other state directories may share the head file
+                heads = self._heads()
+                body = {"state_id": state_id, "counter": counter, "digest": digest}
+                heads[state_id] = {"counter": counter, "digest": digest,
+                                   "mac": _mac(mac_key, b"memvisor ledger head", body)}
+                files.write_atomic(self.head, files.canonical({"format": 1, "heads": heads}))
+        except OSError as exc:
+            raise StateError(f"cannot write the ledger head {self.head}: {exc.strerror}",
+                             hint="it must be writable (a read-only key directory, such as systemd-creds': set "
+                                  "MEMVISOR_LEDGER_HEAD to a writable path; docs/configuration.md)") from None
 
     def _write(self, doc: dict[str, Any], mac_key: bytearray) -> None:
         """Write the next ledger (counter + 1) and then its head. A crash in between leaves the ledger one ahead,

@@ -158,3 +158,11 @@ def test_the_head_can_live_elsewhere(tmp_path: Path, monkeypatch: pytest.MonkeyP
         state.generations.advance("abc", None)
     assert (tmp_path / "heads" / "ledger.head").exists()
     assert not Path(os.environ["MEMVISOR_KEY_FILE"] + ".head").exists()
+
+
+def test_a_head_that_cannot_be_written_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "not-a-directory").write_text("")  # (root ignores directory modes: a file in the way fails for all)
+    monkeypatch.setenv("MEMVISOR_LEDGER_HEAD", str(tmp_path / "not-a-directory" / "ledger.head"))
+    with pytest.raises(StateError, match="cannot write the ledger head .*: Not a directory") as info:
+        statedir.open(create_key=True)
+    assert "MEMVISOR_LEDGER_HEAD" in (info.value.hint or "")
