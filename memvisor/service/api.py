@@ -101,7 +101,8 @@ class SandboxInfo(Strict):
     template: str | None = None  # the template it was cloned from
     parks: int = 0  # how often it was parked
     parked_at: float | None = None  # while parked: when (seconds since the epoch)
-    snapshot_bytes: int | None = None  # while parked: what its sealed snapshot and kept disks take on disk
+    snapshot_bytes: int | None = None  # while parked: what its sealed snapshot and kept disks hold on disk (blocks)
+    problem: str | None = None  # while parked: why its snapshot cannot be resumed as it is (it stays parked)
     last_park_seconds: float | None = None
     last_resume_seconds: float | None = None
 
@@ -141,7 +142,7 @@ def info(entry: Entry, registry: Registry | None = None) -> SandboxInfo:
                        supervisor=control.to_json() if control else None, parks=entry.parks,
                        template=entry.template,
                        parked_at=meta.parked_at if meta else None,
-                       snapshot_bytes=meta.disk_bytes() if meta else None,
+                       snapshot_bytes=meta.disk_bytes() if meta else None, problem=entry.problem,
                        last_park_seconds=entry.last_park.seconds if entry.last_park else None,
                        last_resume_seconds=entry.last_resume.seconds if entry.last_resume else None)
 
@@ -291,7 +292,8 @@ def create_app(registry: Registry | None, token: str | None = None) -> FastAPI:
     @app.get("/metrics", response_class=Response)
     def metrics() -> Response:
         metrics_registry = CollectorRegistry()
-        metrics_registry.register(exporter.StatsCollector(snapshot_metrics.parked_families))
+        state = sandboxes().state
+        metrics_registry.register(exporter.StatsCollector(lambda: snapshot_metrics.parked_families(state)))
         return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
