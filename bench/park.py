@@ -6,11 +6,14 @@ RAM, written from /dev/urandom so it neither compresses nor merges. Then, --cycl
   - guest used memory just before the park, after dropping its caches as the park does: its RAM but its free
     pages (what it really holds, its kernel's reserved memory included; MemTotal - MemAvailable is kept beside
     it in the JSON); and the VMM's RSS
-  - park seconds (PARK to the VMM gone: the guest's sync, free-page reporting's settle, the sealed stream)
+  - park seconds (PARK to the VMM gone: the guest's sync, free-page reporting's settle, the sealed stream), and
+    the host CPU seconds memvisor's own process spent on it (user + system, all its threads: sealing, the
+    manifest, the ledger; QEMU's own CPU is not in it)
   - snapshot bytes (the sealed stream) ÷ guest used memory; the kept swap file's allocated blocks apart
   - the host memory the sandbox holds while parked (its VMM's RSS: the process is gone, so 0 if nothing leaks)
   - resume to first exec output (an exec of `true` on the parked sandbox, resume included) ÷ a cold create to the
-    first exec output of the same sandbox
+    first exec output of the same sandbox; and memvisor's CPU seconds for the resume (the manifest's
+    authentication, every chunk verified twice, the kept disks' checks, the ledger)
 Goals under TCG: snapshot <= 1.1x guest used memory; resume <= 0.2x cold. Prints a table, writes park.json and
 park.png to --out. Also what zstd -1 would make of the stream, and at what CPU cost (memvisor does not
 compress: see docs/parking.md). Not a test.
@@ -34,7 +37,8 @@ import psutil
 from memvisor import policy as pol
 from memvisor.image import build
 from memvisor.service.registry import Entry, Registry
-from memvisor.snapshot import seal, statedir
+from memvisor.snapshot import seal
+from memvisor.snapshot.manifest import Manifest
 from memvisor.snapshot.park import STREAM
 
 HOLD = "import sys, time; d = open('/dev/urandom', 'rb').read({n} << 20); print('ready', flush=True); time.sleep(1e9)"
@@ -50,16 +54,22 @@ def used_kib(reg: Registry, entry: Entry, memory_mib: int) -> tuple[int, int]:
     return (memory_mib << 10) - free, total - available
 
 
-def compressibility(meta: statedir.Meta) -> dict[str, float]:
+def cpu_seconds() -> float:
+    """This process's CPU seconds so far, user + system, every thread."""
+    times = os.times()
+    return times.user + times.system
+
+
+def compressibility(reg: Registry, meta: Manifest) -> dict[str, float]:
     """What zstd (level 1, one thread) would make of the parked stream: its bytes and the CPU seconds it took,
     read back through the seal (the plaintext never reaches the disk)."""
     import zstandard
 
-    key = meta.key(statedir.host_key())
+    key = reg.state.unwrap(meta)
     compressor = zstandard.ZstdCompressor(level=1)
     plain = packed = 0
     cpu = 0.0
-    for chunk in seal.read_chunks(statedir.stream_path(meta.sandbox_id, STREAM), key, meta.ident, STREAM):
+    for chunk in seal.read_chunks(reg.state.stream_path(meta.id, STREAM), key, meta.ident, STREAM):
         began = time.process_time()
         packed += len(compressor.compress(chunk))
         cpu += time.process_time() - began
@@ -67,14 +77,17 @@ def compressibility(meta: statedir.Meta) -> dict[str, float]:
     return {"plaintext_bytes": float(plain), "zstd1_bytes": float(packed), "zstd1_cpu_seconds": cpu}
 
 
-def first_output(reg: Registry, entry: Entry) -> float:
-    """Seconds until an exec of `echo` (on a parked sandbox: resume included) gives its output."""
+def first_output(reg: Registry, entry: Entry) -> tuple[float, float]:
+    """Seconds until an exec of `echo` (on a parked sandbox: resume included) gives its output, and memvisor's CPU
+    seconds for the resume."""
     start = time.monotonic()
+    cpu = cpu_seconds()
     reg.ensure_running(entry)
+    cpu = cpu_seconds() - cpu
     assert entry.vm is not None
     seen: list[float] = []
     entry.vm.exec(["echo", "hi"], on_stdout=lambda _b: seen.append(time.monotonic()))
-    return (seen[0] if seen else time.monotonic()) - start
+    return (seen[0] if seen else time.monotonic()) - start, cpu
 
 
 def measure(reg: Registry, size: int, live: int, cycles: int) -> dict[str, Any]:
@@ -93,20 +106,19 @@ def measure(reg: Registry, size: int, live: int, cycles: int) -> dict[str, Any]:
         assert entry.vm is not None and entry.vm.process is not None
         pid = entry.vm.process.pid
         rss = psutil.Process(pid).memory_info().rss
-        began = time.monotonic()
+        began, cpu = time.monotonic(), cpu_seconds()
         reg.park(entry.id)
-        park_s = time.monotonic() - began
+        park_s, park_cpu = time.monotonic() - began, cpu_seconds() - cpu
         assert entry.parked is not None
         stream = entry.parked.streams["vm"]["file_bytes"]
         held = psutil.Process(pid).memory_info().rss if psutil.pid_exists(pid) else 0
-        folder = statedir.sandbox_dir(entry.id)  # what the parked sandbox holds on disk: blocks, not sizes
-        kept = float(sum(f.stat().st_blocks * 512 for f in folder.iterdir() if f.is_file())) - stream
-        packing = compressibility(entry.parked)
-        resume = first_output(reg, entry)
+        kept = float(sum(f.allocated_bytes for f in entry.parked.files.values()))  # blocks, not sizes
+        packing = compressibility(reg, entry.parked)
+        resume, resume_cpu = first_output(reg, entry)
         rows.append({"used_bytes": float(used), "meminfo_used_bytes": float(counted), "vmm_rss_bytes": float(rss),
-                     "park_seconds": park_s,
+                     "park_seconds": park_s, "park_cpu_seconds": park_cpu,
                      "snapshot_bytes": float(stream), "kept_disk_bytes": kept, "parked_host_bytes": float(held),
-                     "resume_seconds": resume, "cold_seconds": cold, **packing})
+                     "resume_seconds": resume, "resume_cpu_seconds": resume_cpu, "cold_seconds": cold, **packing})
     reg.stop(entry.id)
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     return {"memory_mib": size, "live_mib": live, "runs": rows, "median": med,
@@ -115,14 +127,16 @@ def measure(reg: Registry, size: int, live: int, cycles: int) -> dict[str, Any]:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    lines = [f"{'guest':>6} {'used':>8} {'VMM rss':>8} {'park s':>7} {'snapshot':>9} {'snap/used':>9} "
-             f"{'swap kept':>9} {'parked':>7} {'resume s':>8} {'cold s':>7} {'res/cold':>8}"]
+    lines = [f"{'guest':>6} {'used':>8} {'VMM rss':>8} {'park s':>7} {'park cpu':>8} {'snapshot':>9} "
+             f"{'snap/used':>9} {'swap kept':>9} {'parked':>7} {'resume s':>8} {'res cpu':>7} {'cold s':>7} "
+             f"{'res/cold':>8}"]
     for r in results:
         m = r["median"]
         lines.append(f"{r['memory_mib']:>5}M {m['used_bytes'] / 2**20:>7.1f}M {m['vmm_rss_bytes'] / 2**20:>7.1f}M "
-                     f"{m['park_seconds']:>7.2f} {m['snapshot_bytes'] / 2**20:>8.1f}M {r['snapshot_per_used']:>9.2f} "
-                     f"{m['kept_disk_bytes'] / 2**20:>8.1f}M {m['parked_host_bytes'] / 2**20:>6.1f}M "
-                     f"{m['resume_seconds']:>8.2f} {m['cold_seconds']:>7.2f} {r['resume_per_cold']:>8.2f}")
+                     f"{m['park_seconds']:>7.2f} {m['park_cpu_seconds']:>8.2f} {m['snapshot_bytes'] / 2**20:>8.1f}M "
+                     f"{r['snapshot_per_used']:>9.2f} {m['kept_disk_bytes'] / 2**20:>8.1f}M "
+                     f"{m['parked_host_bytes'] / 2**20:>6.1f}M {m['resume_seconds']:>8.2f} "
+                     f"{m['resume_cpu_seconds']:>7.2f} {m['cold_seconds']:>7.2f} {r['resume_per_cold']:>8.2f}")
     return "\n".join(lines)
 
 
@@ -163,6 +177,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="memvisor-park-bench-", dir="/var/tmp"))
     os.environ["MEMVISOR_STATE_DIR"] = str(work / "state")  # the benchmark's own parked sandboxes
+    os.environ["MEMVISOR_KEY_FILE"] = str(work / "keys" / "host.key")  # and its own host key
     os.environ["MEMVISOR_RUNTIME_DIR"] = str(work / "run")
     (work / "run").mkdir(mode=0o700)
     image = build.ensure()

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from memvisor import __version__, cli_daemon, cli_image, cli_template, config, policy
+from memvisor import __version__, cli_daemon, cli_image, cli_key, cli_template, config, policy
 from memvisor.errors import GuestError, MemvisorError
 
 EXIT_FAILURE = 125
@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_daemon.add_parsers(sub, add_policy_flags, add_command_words)
     cli_template.add_parsers(sub, add_policy_flags, add_command_words)
+    cli_key.add_parsers(sub)
 
     k = sub.add_parser("ksm", help="ksmd state and counters; start or stop it (never done implicitly)")
     k_sub = k.add_subparsers(dest="ksm_command", required=True, metavar="ACTION")
@@ -241,13 +242,28 @@ def cmd_run(args: argparse.Namespace, con: Console) -> int:
     return result.exit_code
 
 
+def parked_sandboxes(con: Console) -> tuple[list[Any], list[Any]]:
+    """The parked sandboxes' manifests and problems, read only; none (with a warning) if the state directory or
+    its key cannot be read."""
+    from memvisor.snapshot import statedir
+
+    try:
+        state = statedir.open_to_read()
+        if state is None:
+            return [], []
+        with state:
+            return state.committed()
+    except MemvisorError as exc:
+        con.warning(f"parked sandboxes are not listed: {exc.message}")
+        return [], []
+
+
 def cmd_ps(args: argparse.Namespace, con: Console) -> int:
     from memvisor.host import runtime
     from memvisor.service import lostbook
-    from memvisor.snapshot import statedir
 
     states = runtime.live()
-    parked = statedir.committed()
+    parked, problems = parked_sandboxes(con)
     lost = lostbook.read_all()
 
     def running(s: runtime.SandboxState) -> str:
@@ -256,12 +272,13 @@ def cmd_ps(args: argparse.Namespace, con: Console) -> int:
 
     if args.json:
         print(json.dumps([{**s.to_json(), "state": running(s)} for s in states]
-                         + [{"id": m.sandbox_id, "state": "parked", "parked_at": m.parked_at,
+                         + [{"id": m.id, "state": "parked", "parked_at": m.parked_at,
                              "generation": m.generation, "snapshot_bytes": m.disk_bytes()} for m in parked]
+                         + [{"id": p.id, "state": "parked", "problem": p.why} for p in problems]
                          + [{"id": r["id"], "state": "lost", "name": r.get("name"), "lost": r["reason"]}
                             for r in lost], indent=2))
         return 0
-    if not states and not parked and not lost:
+    if not states and not parked and not problems and not lost:
         con.notice("no sandboxes running or parked")
         return 0
     rows = [("ID", "STATE", "VMM PID", "AGE", "POLICY", "RUNTIME DIR")]
@@ -270,7 +287,9 @@ def cmd_ps(args: argparse.Namespace, con: Console) -> int:
                      s.runtime_dir))
     for m in parked:
         summary = f"parked {time.time() - m.parked_at:.0f}s ago, {m.disk_bytes() / 2**20:.1f} MiB on disk"
-        rows.append((m.sandbox_id, "parked", "-", "-", summary, "-"))
+        rows.append((m.id, "parked", "-", "-", summary, "-"))
+    for p in problems:
+        rows.append((p.id, "parked", "-", "-", f"cannot resume: {p.why}", "-"))
     for record in lost:
         rows.append((record["id"], "lost", "-", "-", str(record["reason"])[:100], "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -356,6 +375,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Console], int]] = {
     "park": cli_daemon.cmd_park, "resume": cli_daemon.cmd_resume,
     "create": lambda args, con: cli_daemon.cmd_create(args, con, policy_from_args),
     "template": lambda args, con: cli_template.cmd_template(args, con, policy_from_args),
+    "key": cli_key.cmd_key,
 }
 
 

@@ -37,6 +37,10 @@ def add_parsers(sub: Any, add_policy_flags: Add, add_command_words: Callable[[ar
                        help="park a sandbox after this many seconds without a running command, unless its policy "
                        "says otherwise (park_after_idle_s); 0: never (default). Idle sandboxes are also parked, "
                        "least recently used first, when a new or resuming sandbox needs room in the budget")
+    serve.add_argument("--key-file", type=Path, metavar="PATH",
+                       help=f"the host key that wraps parked snapshots and authenticates the ledger (default: "
+                       f"$MEMVISOR_KEY_FILE or {paths.key_file()}; made, mode 0600, only while the state directory "
+                       "holds nothing wrapped; never inside the state directory: docs/configuration.md)")
     serve.add_argument("--openapi", action="store_true", help="print the API's OpenAPI document and exit")
     serve.add_argument("--token-file", type=Path, help="bearer token for --listen (created, mode 0600, if missing;"
                        " default: a random token printed nowhere: pass a file to use TCP)")
@@ -102,7 +106,7 @@ def cmd_serve(args: argparse.Namespace, _con: Any) -> int:
         print(json.dumps(create_app(None).openapi(), indent=1, sort_keys=True))
         return 0
     server.serve(args.socket or paths.service_socket(), args.listen, args.token_file, args.budget, args.on_exit,
-                 args.park_after_idle)
+                 args.park_after_idle, key_file=args.key_file)
     return 0
 
 

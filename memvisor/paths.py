@@ -59,6 +59,15 @@ def default_config() -> Path:
     return Path(base) / "memvisor" / "config.toml"
 
 
+def key_file() -> Path:
+    """The default host key file (memvisor/snapshot/keys.py; `serve --key-file` and $MEMVISOR_KEY_FILE move it):
+    /etc/memvisor/host.key (root), else $XDG_CONFIG_HOME/memvisor/host.key. Never in the state directory: a copy
+    of the parked snapshots must not carry the key that opens them."""
+    if os.geteuid() == 0:
+        return Path("/etc/memvisor/host.key")
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "memvisor" / "host.key"
+
 
 def service_socket() -> Path:
     """The daemon's unix socket: $MEMVISOR_SOCKET, else /run/memvisor/serve.sock (root) or

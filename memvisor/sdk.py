@@ -23,6 +23,7 @@ from memvisor.host.result import OutputFn, RunResult
 from memvisor.host.sandbox import Instance
 from memvisor.image import build
 from memvisor.snapshot import park, statedir, template
+from memvisor.snapshot.manifest import Manifest
 
 __all__ = ["DEFAULT_TIMEOUT_S", "LiveSandbox", "RunResult", "Sandbox", "Template"]
 # The SDK's blocking calls end within this by default (exit 124, `timed_out`): a workload that never ends must
@@ -117,23 +118,33 @@ class Sandbox:
 class LiveSandbox:
     """A running sandbox (from `Sandbox.start()`): run commands in it, then stop it."""
 
-    def __init__(self, vm: Instance) -> None:
+    def __init__(self, vm: Instance, origin: Template | None = None) -> None:
         self._vm = vm
         self.id = vm.id
-        self._parked: statedir.Meta | None = None
+        self._origin = origin  # the template it is a clone of
+        self._parked: Manifest | None = None
         self._ever_parked = False  # then the state directory may hold its snapshot or kept disks
+        self._state: statedir.State | None = None
 
     @property
     def parked(self) -> bool:
         return self._parked is not None
+
+    def _state_dir(self) -> statedir.State:
+        """The state directory, opened (with its key, made if the directory holds nothing wrapped yet) on first use
+        and held until stop()."""
+        if self._state is None:
+            self._state = statedir.open(create_key=True)
+        return self._state
 
     def park(self) -> None:
         """Park the sandbox (docs/parking.md): its state goes to a sealed snapshot in memvisor's state directory
         and its VMM exits, so it holds no host memory; `resume()` or the next `exec()` brings it back. Raises
         MemvisorError while a command runs (the sandbox then keeps running)."""
         if self._parked is None:
-            self._parked, _ = park.park(self._vm, {"policy": policy.to_json(self._vm.policy),
-                                                   "image": self._vm.image.manifest.get("key")})
+            self._parked, _ = park.park(self._state_dir(), self._vm, {
+                "policy": policy.to_json(self._vm.policy), "image": self._vm.image.manifest.get("key")},
+                template=self._origin.manifest if self._origin else None)
             self._ever_parked = True
 
     def resume(self) -> float | None:
@@ -142,7 +153,10 @@ class LiveSandbox:
         if self._parked is None:
             return None
         vm = Instance(self._vm.policy, self._vm.image, sandbox_id=self.id, kernel_args=self._vm.kernel_args)
-        figures = park.resume(vm, self._parked)
+        if self._origin is not None:
+            vm.clone_ram_fd = self._origin.ram_fd()
+        figures = park.resume(self._state_dir(), vm, self._parked,
+                              template=self._origin.manifest if self._origin else None)
         self._vm, self._parked = vm, None
         return figures.seconds
 
@@ -151,9 +165,14 @@ class LiveSandbox:
         the template (its VMM exits; this handle is done). Raises MemvisorError if it cannot (it then runs on)."""
         if self._parked is not None:
             raise MemvisorError(f"sandbox {self.id} is parked", hint="resume it first")
-        meta, fd, _ = template.freeze(self._vm, name, {"policy": policy.to_json(self._vm.policy),
-                                                       "image": self._vm.image.manifest.get("key")})
-        return Template(name, meta, fd, self._vm.policy, self._vm.image)
+        state = statedir.open(create_key=True)
+        try:
+            meta, fd, _ = template.freeze(state, self._vm, name, {"policy": policy.to_json(self._vm.policy),
+                                                                  "image": self._vm.image.manifest.get("key")})
+        except BaseException:
+            state.close()
+            raise
+        return Template(name, meta, fd, self._vm.policy, self._vm.image, state)
 
     def exec(self, argv: list[str], *, env: Mapping[str, str] | None = None, cwd: str | None = None,
              root: bool = False, stdin: bytes | None = None, timeout: float | None = DEFAULT_TIMEOUT_S,
@@ -171,9 +190,13 @@ class LiveSandbox:
             self._vm.shutdown()
         self._vm.close()
         if self._ever_parked:
-            statedir.remove(self.id)  # a parked snapshot, or the disks a resumed sandbox keeps there
-            statedir.forget(self.id)
+            state = self._state_dir()
+            state.remove(self.id)  # a parked snapshot, or the disks a resumed sandbox keeps there
+            state.forget(self.id)
             self._parked, self._ever_parked = None, False
+        if self._state is not None:
+            self._state.close()
+            self._state = None
 
     def __enter__(self) -> LiveSandbox:
         return self
@@ -190,24 +213,33 @@ class Template:
     machine before its first command (docs/templates.md). `remove()` (or the end of a `with` block) deletes it;
     stop its clones first."""
 
-    def __init__(self, name: str, meta: statedir.Meta, fd: int, pol: policy.Policy, image: build.Image) -> None:
+    def __init__(self, name: str, meta: Manifest, fd: int, pol: policy.Policy, image: build.Image,
+                 state: statedir.State) -> None:
         self.name = name
-        self._meta, self._fd, self._policy, self._image = meta, fd, pol, image
+        self.manifest = meta
+        self._fd, self._policy, self._image, self._state = fd, pol, image, state
+
+    def ram_fd(self) -> int:
+        """The template's sealed RAM (its clones map it)."""
+        if self._fd < 0:
+            raise MemvisorError(f"template {self.name} was removed")
+        return self._fd
 
     def clone(self) -> LiveSandbox:
         """Start a clone (seconds under TCG, not a boot). Raises MemvisorError if it cannot become its own
         machine (it is then stopped)."""
-        if self._fd < 0:
-            raise MemvisorError(f"template {self.name} was removed")
         vm = Instance(self._policy, self._image)
-        template.clone(vm, self._meta, self._fd)
-        return LiveSandbox(vm)
+        template.clone(self._state, vm, self.manifest, self.ram_fd())
+        return LiveSandbox(vm, origin=self)
 
     def remove(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-            template.remove(self.name)
+            try:
+                template.remove(self._state, self.name, self.manifest)
+            finally:
+                self._state.close()
 
     def __enter__(self) -> Template:
         return self

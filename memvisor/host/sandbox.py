@@ -119,6 +119,7 @@ class Instance:
         self.channel: HostChannel | None = None
         self.state: runtime.SandboxState | None = None
         self._stack = contextlib.ExitStack()
+        self._stack.callback(self._close_kept_disks)
         self._vmm_socks: list[socket.socket] = []
         self._ksm: bool | None = None
         self.spawned_at = 0.0
@@ -131,8 +132,10 @@ class Instance:
         self.memctl: memctl.Backing | None = None
         self._fds: list[int] = []  # files the VMM inherits
         self.disk_fds: dict[str, int] = {}  # the sandbox's own disks ("swap.img", "scratch.img"): O_RDWR fds
-        # Resuming a parked sandbox (snapshot/park.py): its disks, kept as files, instead of new ones.
-        self.kept_disks: dict[str, Path] = {}
+        # Resuming a parked sandbox (snapshot/park.py): its disks, kept as files, instead of new ones: name -> an
+        # O_RDWR fd the resume opened without following a link and checked on the descriptor. The Instance owns
+        # them (closed by close()), and QEMU gets exactly those files.
+        self.kept_disks: dict[str, int] = {}
         self.resume_hello: dict[str, Any] | None = None  # ... and the HELLO its guest sent when it booted
         # A template's clone (snapshot/template.py): the template's sealed RAM memfd, mapped copy-on-write.
         self.clone_ram_fd: int | None = None
@@ -399,7 +402,7 @@ class Instance:
         assert self.dir is not None
         kept = self.kept_disks.get(name)
         if kept is not None:
-            rw = self._open(kept, os.O_RDWR)
+            rw = kept  # closed with the other kept disks
         else:
             rw = swapfile.create_unnamed(self.dir, size_mib, what)
             self._stack.callback(os.close, rw)
@@ -407,6 +410,12 @@ class Instance:
         self._fds += fds
         self.disk_fds[name] = rw
         return fds, swapfile.supports_direct_io(f"/proc/self/fd/{rw}")
+
+    def _close_kept_disks(self) -> None:
+        for fd in self.kept_disks.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.kept_disks = {}
 
     def _open(self, path: Path, flags: int) -> int:
         fd = os.open(path, flags | os.O_CLOEXEC)

@@ -102,7 +102,8 @@ class SandboxInfo(Strict):
     template: str | None = None  # the template it was cloned from
     parks: int = 0  # how often it was parked
     parked_at: float | None = None  # while parked: when (seconds since the epoch)
-    snapshot_bytes: int | None = None  # while parked: what its sealed snapshot and kept disks take on disk
+    snapshot_bytes: int | None = None  # while parked: what its sealed snapshot and kept disks hold on disk (blocks)
+    problem: str | None = None  # while parked: why its snapshot cannot be resumed as it is (it stays parked)
     last_park_seconds: float | None = None
     last_resume_seconds: float | None = None
     lost: str | None = None  # state "lost": why nothing of it is left (its VMM and its snapshot are gone)
@@ -146,7 +147,7 @@ def info(entry: Entry, registry: Registry | None = None) -> SandboxInfo:
                        supervisor=control.to_json() if control else None, parks=entry.parks,
                        template=entry.template,
                        parked_at=meta.parked_at if meta else None,
-                       snapshot_bytes=meta.disk_bytes() if meta else None,
+                       snapshot_bytes=meta.disk_bytes() if meta else None, problem=entry.problem,
                        last_park_seconds=entry.last_park.seconds if entry.last_park else None,
                        last_resume_seconds=entry.last_resume.seconds if entry.last_resume else None,
                        lost=entry.lost, recovered=entry.recovered)
@@ -306,8 +307,10 @@ def create_app(registry: Registry | None, token: str | None = None) -> FastAPI:
 def _daemon_families(registry: Registry | None) -> Iterator[Metric]:
     """The daemon's own figures beside the host's: its parked sandboxes (the state directory's), and the lost ones
     (nothing left to resume: docs/service.md, "A daemon that dies")."""
-    yield from snapshot_metrics.parked_families()
-    lost = [e for e in registry.list() if e.state == "lost"] if registry is not None else []
+    if registry is None:
+        return
+    yield from snapshot_metrics.parked_families(registry.state)
+    lost = [e for e in registry.list() if e.state == "lost"]
     yield GaugeMetricFamily("memvisor_lost_sandboxes", "Sandboxes the daemon could not recover after a crash (their "
                             "VMM and snapshot are gone); `memvisor stop ID` removes them", value=len(lost))
 

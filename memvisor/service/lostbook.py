@@ -17,17 +17,17 @@ from typing import Any
 
 from memvisor.errors import MemvisorError
 from memvisor.host.runtime import SAFE_ID
-from memvisor.snapshot import statedir
+from memvisor.snapshot import files, layout
 
 log = logging.getLogger("memvisor")
-FOLDER = "lost"
+FOLDER = layout.LOST
 RECORD_LIMIT = 64 << 10
 
 
 def _folder(create: bool = False) -> Path:
-    path = statedir.root(create=create) / FOLDER
-    if create and statedir.make_dir(path):
-        statedir.fsync_dir(path.parent)
+    path = layout.root(create=create) / FOLDER
+    if create and files.make_dir(path):
+        files.fsync_dir(path.parent)
     return path
 
 
@@ -37,8 +37,8 @@ def write(sandbox_id: str, name: str, reason: str, created: float | None = None,
     if not SAFE_ID.fullmatch(sandbox_id):
         raise MemvisorError(f"sandbox id {sandbox_id!r} is not an id")
     folder = _folder(create=True)
-    statedir.own_dir(folder, "the lost-sandbox records", hint=f"remove {folder} or chmod 700 it")
-    statedir.write_json_atomic(folder / f"{sandbox_id}.json", {
+    files.own_dir(folder, "the lost-sandbox records", hint=f"remove {folder} or chmod 700 it")
+    files.write_json_atomic(folder / f"{sandbox_id}.json", {
         "id": sandbox_id, "name": name, "reason": reason, "at": time.time(), "created": created,
         "template": template})
 
@@ -47,7 +47,7 @@ def read_all() -> list[dict[str, Any]]:
     """Every lost sandbox's record (malformed ones are logged and skipped)."""
     folder = _folder()
     try:
-        if not statedir.own_dir(folder, "the lost-sandbox records", hint=f"remove {folder}"):
+        if not files.own_dir(folder, "the lost-sandbox records", hint=f"remove {folder}"):
             return []
         names = sorted(os.listdir(folder))
     except (MemvisorError, OSError) as exc:
@@ -59,8 +59,8 @@ def read_all() -> list[dict[str, Any]]:
         if not name.endswith(".json") or not SAFE_ID.fullmatch(sandbox_id):
             continue
         try:
-            data, _ = statedir.read_own(folder / name, RECORD_LIMIT)
-            doc = statedir.parse_json(data, folder / name)
+            data, _ = files.read_own(folder / name, RECORD_LIMIT)
+            doc = files.parse_json(data, folder / name)
         except (MemvisorError, OSError) as exc:
             log.warning("skipping the lost-sandbox record %s: %s", name, exc)
             continue
@@ -76,6 +76,6 @@ def remove(sandbox_id: str) -> None:
     folder = _folder()
     with contextlib.suppress(FileNotFoundError):
         os.unlink(folder / f"{sandbox_id}.json")
-        statedir.fsync_dir(folder)
+        files.fsync_dir(folder)
     with contextlib.suppress(OSError):  # not empty, or already gone
         folder.rmdir()

@@ -39,7 +39,7 @@ from memvisor.host import runtime
 from memvisor.host.sandbox import AdoptError, Instance
 from memvisor.host.vmm.qmp import QMP
 from memvisor.image.build import Image
-from memvisor.snapshot import park, statedir, template
+from memvisor.snapshot import layout, migration, seal, statedir, template
 
 log = logging.getLogger("memvisor")
 POLL_S = 0.05
@@ -60,13 +60,15 @@ class Outcome:
     ended: list[list[Any]] = field(default_factory=list)  # the commands the crash ended: [[exec id, argv0], ...]
 
 
-def recover(image: Image, on_warning: Callable[[str], None] | None = None) -> list[Outcome]:
+def recover(snapshots: statedir.State, image: Image, on_warning: Callable[[str], None] | None = None
+            ) -> list[Outcome]:
     """Settle every sandbox a dead daemon left in this runtime root (call holding runtime.daemon_lock(), before
-    anything sweeps or scans). Never raises for one sandbox: each ends running, parked, gone or lost."""
+    anything sweeps or scans; `snapshots`: the open state directory). Never raises for one sandbox: each ends
+    running, parked, gone or lost."""
     outcomes = []
     for state in runtime.orphans():
         try:
-            outcome = _settle(state, image, on_warning)
+            outcome = _settle(snapshots, state, image, on_warning)
         except Exception as exc:  # a bug settling one must not lose the others, nor the daemon
             log.exception("recovering sandbox %s failed", state.id)
             _kill(state)
@@ -79,12 +81,13 @@ def recover(image: Image, on_warning: Callable[[str], None] | None = None) -> li
     return outcomes
 
 
-def _settle(state: runtime.SandboxState, image: Image, on_warning: Callable[[str], None] | None) -> Outcome:
+def _settle(snapshots: statedir.State, state: runtime.SandboxState, image: Image,
+            on_warning: Callable[[str], None] | None) -> Outcome:
     record = dict(state.service)
     phase = record.get("phase", "booting")
     alive = state.vmm_pid is not None and runtime.same_process(state.vmm_pid, state.vmm_started) \
         and runtime.is_vmm(state.vmm_pid, state)
-    committed = _committed(state.id, phase, record)
+    committed = _committed(snapshots, state.id, phase, record)
     if not alive:
         runtime.remove(_dir(state))
         if phase in ("stopping", "freezing") and (phase == "stopping" or committed):
@@ -115,15 +118,15 @@ def _settle(state: runtime.SandboxState, image: Image, on_warning: Callable[[str
             return Outcome(state.id, "parked", record, reason=f"{exc.message}; it stays parked")
         return Outcome(state.id, "lost", record, reason=exc.message)
     try:
-        return _take_over(vm, state, record, phase, committed)
+        return _take_over(snapshots, vm, state, record, phase, committed)
     except BaseException:
         vm.failed = True
         vm.close()
         raise
 
 
-def _take_over(vm: Instance, state: runtime.SandboxState, record: dict[str, Any], phase: str,
-               committed: bool) -> Outcome:
+def _take_over(snapshots: statedir.State, vm: Instance, state: runtime.SandboxState, record: dict[str, Any],
+               phase: str, committed: bool) -> Outcome:
     with QMP(vm.qmp_path) as qmp:
         status = _settle_vm(qmp)
         if phase == "resuming" and status != "running":
@@ -137,11 +140,12 @@ def _take_over(vm: Instance, state: runtime.SandboxState, record: dict[str, Any]
             qmp.execute("cont")
     answer = vm.take_over()
     if answer.get("parked"):  # between PARKING and RESUMED: the guest thaws and sets its clock
-        park.unpark_guest(vm)
-    if phase == "resuming" and committed:
-        statedir.uncommit(state.id)  # the guest ran: the snapshot must never resume again
+        migration.unpark_guest(vm)
+    generation = record.get("generation")
+    if phase == "resuming" and committed and isinstance(generation, int):
+        snapshots.uncommit(state.id, generation)  # the guest ran: that snapshot must never resume again
     elif phase in ("parking", "freezing"):
-        _drop_partial(state.id, phase, record)
+        _drop_partial(snapshots, state.id, phase, record)
     if phase == "stopping":
         vm.shutdown()
         vm.close()
@@ -169,32 +173,32 @@ def _settle_vm(qmp: QMP) -> str:
         time.sleep(POLL_S)
 
 
-def _committed(sandbox_id: str, phase: str, record: dict[str, Any]) -> bool:
+def _committed(snapshots: statedir.State, sandbox_id: str, phase: str, record: dict[str, Any]) -> bool:
     """Whether the snapshot the phase could have produced (or was resuming) is complete and current: the
     sandbox's own, or, while it was freezing, the template it was becoming."""
     try:
         if phase == "freezing":
             name = record.get("template_name")
-            return isinstance(name, str) and template.load(name) is not None
-        return statedir.load(sandbox_id) is not None
+            return isinstance(name, str) and template.load(snapshots, name) is not None
+        return snapshots.load(sandbox_id) is not None
     except MemvisorError:
         return False
 
 
-def _drop_partial(sandbox_id: str, phase: str, record: dict[str, Any]) -> None:
+def _drop_partial(snapshots: statedir.State, sandbox_id: str, phase: str, record: dict[str, Any]) -> None:
     """A park or freeze the crash cut short and the VM continued: its partial files go (a resumed sandbox's
     directory keeps its disks' names: the next park links them again)."""
     if phase == "freezing":
         name = record.get("template_name")
         if isinstance(name, str):
             with contextlib.suppress(MemvisorError, OSError):
-                if template.load(name) is None:
-                    template.remove(name)
+                if template.load(snapshots, name) is None:
+                    template.remove(snapshots, name)
         return
     with contextlib.suppress(MemvisorError, OSError):
-        folder = statedir.sandbox_dir(sandbox_id)
-        for stream in ("vm", "ram"):
-            (folder / f"{stream}{statedir.SNAP_SUFFIX}").unlink(missing_ok=True)
+        folder = snapshots.sandbox_dir(sandbox_id)
+        for stream in seal.STREAMS:
+            (folder / f"{stream}{layout.SNAP_SUFFIX}").unlink(missing_ok=True)
 
 
 def _kill(state: runtime.SandboxState) -> None:

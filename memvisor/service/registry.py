@@ -24,6 +24,7 @@ from memvisor import policy as pol
 from memvisor.errors import MemvisorError
 from memvisor.host import runtime
 from memvisor.host.result import RunResult
+from memvisor.host.runtime import SAFE_ID
 from memvisor.host.sandbox import Instance
 from memvisor.image.build import Image
 from memvisor.service import lostbook, need, recovery
@@ -31,6 +32,7 @@ from memvisor.service.errors import Conflict, NotFound
 from memvisor.service.supervisor import ADMIT_WAIT_S, AdmissionRefused, Supervisor
 from memvisor.service.templates import TemplateEntry, Templates
 from memvisor.snapshot import park, statedir, template
+from memvisor.snapshot.manifest import Manifest
 
 log = logging.getLogger("memvisor")
 NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
@@ -56,7 +58,7 @@ class Entry:
     created: float = field(default_factory=time.time)
     state: str = "booting"  # booting | running | parking | parked | resuming | stopping | lost
     execs: int = 0  # commands run so far
-    parked: statedir.Meta | None = None  # the committed snapshot while parked
+    parked: Manifest | None = None  # the committed snapshot while parked
     parks: int = 0  # parks so far
     last_park: park.Figures | None = None
     last_resume: park.Figures | None = None
@@ -67,6 +69,7 @@ class Entry:
     # guest has not been sent yet into the snapshot (and lose its session), so it is refused while any are held
     starting: int = 0
     recovered: dict[str, object] | None = None  # taken over from a daemon that died: when, and what it ended
+    problem: str | None = None  # parked, but its snapshot cannot be resumed as it is (statedir.Problem), and why
     # park, resume and stop of one sandbox happen one at a time; an exec holds it while it resumes the sandbox
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -102,10 +105,13 @@ class Registry:
     """Every sandbox of this daemon, by id."""
 
     def __init__(self, image: Callable[[], Image], supervisor: Supervisor | None = None,
-                 on_exit: str = "park", park_after_idle_s: int = 0) -> None:
+                 on_exit: str = "park", park_after_idle_s: int = 0, state: statedir.State | None = None) -> None:
         """`on_exit`: what close() does with running sandboxes: park them (the next daemon lists them parked), stop
         them, or leave them running for the next daemon to take over (an upgrade). `park_after_idle_s`: the
-        default idle time before a sandbox is parked (0: never)."""
+        default idle time before a sandbox is parked (0: never). `state`: the open state directory (its key and
+        ledger), which the registry holds and close() closes (default: opened here, the key made if the directory
+        holds nothing wrapped)."""
+        self.state = state or statedir.open(create_key=True)
         self.park_after_idle_s = park_after_idle_s
         self.admit_wait_s = ADMIT_WAIT_S  # how long an admission may wait for room (parks, squeezes)
         self._idle_stop = threading.Event()
@@ -118,17 +124,17 @@ class Registry:
         self._lock = threading.Lock()
         self._spawner = ThreadPoolExecutor(1, thread_name_prefix="memvisor-spawner")
         # First what a daemon that died left running or half done, before anything sweeps or scans.
-        outcomes = recovery.recover(image(), on_warning=log.warning)
+        outcomes = recovery.recover(self.state, image(), on_warning=log.warning)
         removed = runtime.sweep()
         if removed:
             log.warning("removed %d sandbox(es) left by a daemon or command that is gone: %s", len(removed),
                         ", ".join(removed))
-        self.templates = Templates()
+        self.templates = Templates(self.state)
         self.templates.adopt()
         if supervisor is not None:
             supervisor.shared_bytes = self.templates.resident_bytes
-        self._adopt_parked()
-        self._adopt_recovered(outcomes)
+        removed_snapshots = self._adopt_parked({o.id for o in outcomes if o.state == "running"})
+        self._adopt_recovered(outcomes, removed_snapshots)
         self._idle_thread = threading.Thread(target=self._idle_loop, name="memvisor-idle", daemon=True)
         self._idle_thread.start()
 
@@ -139,47 +145,70 @@ class Registry:
             except Exception:  # a bug here must not stop the daemon
                 log.exception("parking idle sandboxes failed")
 
-    def _adopt_parked(self) -> None:
-        """List every complete parked snapshot in the state directory as a parked sandbox of this daemon (it
-        resumes on demand); remove partial ones (a park cut short by a crash) and say so."""
-        metas, notes = statedir.scan()
-        for note in notes:
-            log.warning("%s", note)
+    @staticmethod
+    def _parked_entry(meta: Manifest) -> Entry:
+        """A parked sandbox's entry, from its authentic manifest (MemvisorError if its policy is not one)."""
+        kept = meta.sandbox
+        policy = pol.merge(("parked", pol.layer_from_mapping(kept.get("policy") or {}, "parked snapshot")))
+        name = kept.get("name") if isinstance(kept.get("name"), str) else meta.id
+        created = kept.get("created")
+        entry = Entry(meta.id, str(name), policy, None,
+                      created=float(created) if isinstance(created, int | float) else meta.parked_at,
+                      state="parked", parked=meta)
+        parks = kept.get("parks")
+        entry.parks = parks if isinstance(parks, int) else 1
+        entry.template = meta.template.name if meta.template else None
+        return entry
+
+    def _adopt_parked(self, running: set[str]) -> dict[str, str]:
+        """List every parked snapshot in the state directory as a parked sandbox of this daemon (it resumes on
+        demand); one that cannot be resumed as it is (a damaged manifest, a kept disk replaced...) is listed with
+        its problem and stays parked; partial and stale ones (a park cut short, an old copy) are removed, and said.
+        `running`: sandboxes taken over from a daemon that died (their directories hold their kept disks).
+        Returns the sandboxes whose snapshot was removed, with why (unless it runs, such a sandbox is lost)."""
+        metas, problems = self.state.scan(running=running)
+        for problem in problems:
+            log.warning("%s", problem.note())
+        adopted: list[Entry] = []
         for meta in metas:
-            kept = meta.sandbox
             try:
-                policy = pol.merge(("parked", pol.layer_from_mapping(kept.get("policy") or {}, "parked snapshot")))
+                adopted.append(self._parked_entry(meta))
             except MemvisorError as exc:
-                log.warning("sandbox %s stays parked but unlisted: its policy: %s", meta.sandbox_id, exc)
+                log.warning("sandbox %s stays parked but unlisted: its policy: %s", meta.id, exc)
+        for problem in problems:
+            if problem.removed or problem.kind == "partial" or not SAFE_ID.fullmatch(problem.id):
                 continue
-            name = kept.get("name") if isinstance(kept.get("name"), str) else meta.sandbox_id
-            created = kept.get("created")
-            entry = Entry(meta.sandbox_id, str(name), policy, None,
-                          created=float(created) if isinstance(created, int | float) else meta.parked_at,
-                          state="parked", parked=meta)
-            parks = kept.get("parks")
-            entry.parks = parks if isinstance(parks, int) else 1
-            if isinstance(kept.get("template"), str):
-                entry.template = kept["template"]
+            entry = Entry(problem.id, problem.id, pol.DEFAULT, None, state="parked", problem=problem.why)
+            if problem.manifest is not None:
+                with contextlib.suppress(MemvisorError):
+                    entry = self._parked_entry(problem.manifest)
+                    entry.problem = problem.why
+            entry.parks = max(entry.parks, 1)  # so that a stop removes its directory
+            adopted.append(entry)
+        for entry in adopted:
+            if entry.template is not None:
                 try:
                     self.templates.get(entry.template).clones.add(entry.id)
                 except NotFound:
                     log.warning("sandbox %s is a clone of template %s, which is gone: it cannot resume",
                                 entry.id, entry.template)
             self._entries[entry.id] = entry
-        if metas:
-            log.warning("%d parked sandbox(es) found: %s", len(metas), ", ".join(m.sandbox_id for m in metas))
+        if adopted:
+            log.warning("%d parked sandbox(es) found: %s", len(adopted), ", ".join(
+                e.id + (f" (cannot resume: {e.problem})" if e.problem else "") for e in adopted))
+        return {p.id: p.why for p in problems if p.removed and p.id not in running and SAFE_ID.fullmatch(p.id)}
 
-    def _adopt_recovered(self, outcomes: list[recovery.Outcome]) -> None:
+    def _adopt_recovered(self, outcomes: list[recovery.Outcome], removed: dict[str, str]) -> None:
         """List what recovery settled: running sandboxes taken over, lost ones with the reason (parked ones are
-        in the state directory's scan already)."""
+        in the state directory's scan already); and as lost, a sandbox whose snapshot the scan had to remove
+        (`removed`: a park cut short, or a copy older than the ledger) and that is neither running nor parked."""
         for outcome in outcomes:
             record = outcome.record
             name = record.get("name")
             created = record.get("created")
             template_name = record.get("template")
             entry = Entry(outcome.id, name if isinstance(name, str) else outcome.id,
-                          outcome.vm.policy if outcome.vm else pol.merge(), outcome.vm,
+                          outcome.vm.policy if outcome.vm else pol.DEFAULT, outcome.vm,
                           created=float(created) if isinstance(created, int | float) else time.time(),
                           template=template_name if isinstance(template_name, str) else None)
             for key in ("execs", "parks"):
@@ -199,13 +228,22 @@ class Registry:
             else:
                 continue
             self._entries[entry.id] = entry
+        known = {o.id for o in outcomes}
+        for sandbox_id, why in sorted(removed.items()):
+            if sandbox_id in self._entries or sandbox_id in known:
+                continue
+            reason = f"its snapshot could not be kept ({why}) and it does not run"
+            entry = Entry(sandbox_id, sandbox_id, pol.DEFAULT, None, state="lost")
+            entry.lost = reason
+            lostbook.write(sandbox_id, sandbox_id, reason)
+            self._entries[sandbox_id] = entry
         for record in lostbook.read_all():  # lost at an earlier start, and not removed since
             if record["id"] in self._entries:
                 if self._entries[record["id"]].state != "lost":  # it came back (a snapshot put back): not lost
                     lostbook.remove(record["id"])
                 continue
             name, created = record.get("name"), record.get("created")
-            entry = Entry(record["id"], name if isinstance(name, str) else record["id"], pol.merge(), None,
+            entry = Entry(record["id"], name if isinstance(name, str) else record["id"], pol.DEFAULT, None,
                           created=float(created) if isinstance(created, int | float) else 0.0, state="lost")
             entry.lost = record["reason"]
             self._entries[entry.id] = entry
@@ -252,7 +290,7 @@ class Registry:
             if origin is not None:
                 with origin.lock:
                     origin.clones.add(entry.id)
-                _, figures = template.clone(vm, origin.meta, self.templates.ram(origin),
+                _, figures = template.clone(self.state, vm, origin.meta, self.templates.ram(origin),
                                             start=lambda: self._spawner.submit(vm.start).result())
                 entry.last_resume = figures
             else:
@@ -275,7 +313,7 @@ class Registry:
             with self._lock:
                 known = any(candidate in (e.id, e.name) for e in self._entries.values())
             if not known and not os.path.lexists(paths.runtime_root() / candidate) \
-                    and not os.path.lexists(statedir.sandbox_dir(candidate)):
+                    and not os.path.lexists(self.state.sandbox_dir(candidate)):
                 return candidate
             log.info("sandbox id %s is taken: drawing another", candidate)
         raise MemvisorError(f"no free sandbox id in {ID_DRAWS} draws", hint="the id source is not random")
@@ -306,8 +344,8 @@ class Registry:
                 if entry.lost is not None:
                     lostbook.remove(entry.id)
                 if entry.parks:  # a parked snapshot, or the disks a resumed sandbox keeps in the state directory
-                    statedir.remove(entry.id)
-                    statedir.forget(entry.id)
+                    self.state.remove(entry.id)
+                    self.state.forget(entry.id)
         log.info("sandbox %s (%s) stopped", entry.id, entry.name)
         return entry
 
@@ -329,8 +367,9 @@ class Registry:
             entry.state = "parking"
             vm.record(**entry.record("parking"))
             try:
-                meta, figures = park.park(vm, self._kept(entry), on_step=lambda s: log.debug("park %s: %s",
-                                                                                                 entry.id, s))
+                origin = self.templates.get(entry.template).meta if entry.template else None
+                meta, figures = park.park(self.state, vm, self._kept(entry), template=origin,
+                                          on_step=lambda s: log.debug("park %s: %s", entry.id, s))
             except BaseException:
                 entry.state = "running"
                 with contextlib.suppress(OSError):
@@ -374,15 +413,41 @@ class Registry:
             entry.starting -= 1
             entry.used = time.monotonic()
 
+    def _checked_parked(self, entry: Entry) -> Manifest:
+        """The parked sandbox's snapshot as on disk now (authentic, current, its files in place): a problem found
+        at the start may have been put right since, and a snapshot that was fine may not be any more (the entry
+        then shows why: 409)."""
+        try:
+            meta = self.state.load(entry.id)
+        except statedir.SnapshotProblem as exc:
+            entry.problem = exc.message
+            raise
+        if meta is None:  # nothing of it is left to resume: lost, never shown parked
+            reason = f"its snapshot is gone from {self.state.root} (no manifest)"
+            entry.state, entry.lost, entry.parked = "lost", reason, None
+            lostbook.write(entry.id, entry.name, reason, entry.created, entry.template)
+            raise Conflict(f"sandbox {entry.id} is lost: {reason}",
+                           hint=f"`memvisor stop {entry.id}` removes the record")
+        if entry.problem is not None and entry.parked is None:  # listed from a problem: now it can be known
+            with contextlib.suppress(MemvisorError):
+                fresh = self._parked_entry(meta)
+                entry.policy, entry.template = fresh.policy, fresh.template
+        entry.problem = None
+        return meta
+
     def _resume_locked(self, entry: Entry) -> float | None:
         if entry.state != "parked":
             entry.running()
             return None
-        meta = entry.parked
-        assert meta is not None
+        meta = self._checked_parked(entry)
         image = self._image()
         self._same_image(f"sandbox {entry.id}", meta.sandbox.get("image"))
-        clone_ram = self.templates.ram(self.templates.get(entry.template)) if entry.template else None
+        origin = None
+        if entry.template is not None:
+            with contextlib.suppress(NotFound):
+                origin = self.templates.get(entry.template)
+            park.check_template(meta, origin.meta if origin else None)  # before anything is loaded for it
+        clone_ram = self.templates.ram(origin) if origin else None
         if self.supervisor is not None:
             self._admit(entry.id, entry.policy)
         vm = Instance(entry.policy, image, sandbox_id=entry.id, on_warning=log.warning, outlive_owner=True,
@@ -390,8 +455,11 @@ class Registry:
         vm.clone_ram_fd = clone_ram
         entry.state = "resuming"
         try:
-            figures = park.resume(vm, meta, start=lambda: self._spawner.submit(vm.start).result())
-        except BaseException:
+            figures = park.resume(self.state, vm, meta, template=origin.meta if origin else None,
+                                  start=lambda: self._spawner.submit(vm.start).result())
+        except BaseException as exc:
+            if isinstance(exc, statedir.SnapshotProblem):
+                entry.problem = exc.message
             entry.state = "parked"
             if self.supervisor is not None:
                 self.supervisor.release(entry.id)
@@ -474,8 +542,7 @@ class Registry:
     def _kept(self, entry: Entry) -> dict[str, object]:
         """What meta.json keeps for a resume by this or a later daemon."""
         return {"name": entry.name, "created": entry.created, "policy": pol.to_json(entry.policy),
-                "image": self._image().manifest.get("key"), "execs": entry.execs, "parks": entry.parks + 1,
-                "template": entry.template}
+                "image": self._image().manifest.get("key"), "execs": entry.execs, "parks": entry.parks + 1}
 
     def _supervise(self, entry: Entry, vm: Instance) -> None:
         """Hand a running sandbox to the supervisor: steered through its balloon, or (without one) counted."""
@@ -510,7 +577,7 @@ class Registry:
             entry.state = "freezing"
             vm.record(**entry.record("freezing", template_name=name))
             try:
-                meta, fd, figures = template.freeze(vm, name, {
+                meta, fd, figures = template.freeze(self.state, vm, name, {
                     "policy": pol.to_json(entry.policy), "image": self._image().manifest.get("key"),
                     "source": entry.id, "created": time.time()})
             except BaseException:
@@ -584,6 +651,7 @@ class Registry:
             self.supervisor.close()
         self._spawner.shutdown(wait=True)
         self.templates.close()
+        self.state.close()
 
     def _drop(self, entry: Entry) -> None:
         with self._lock:

@@ -29,6 +29,7 @@ from memvisor.image import build
 from memvisor.service.api import create_app
 from memvisor.service.registry import Registry
 from memvisor.service.supervisor import Supervisor, parse_budget
+from memvisor.snapshot import statedir
 
 log = logging.getLogger("memvisor")
 SOCKET_MODE = 0o660
@@ -112,27 +113,41 @@ def token_from(path: Path | None) -> str:
 
 
 def serve(socket_path: Path, listen: str | None = None, token_file: Path | None = None,
-          budget: str = DEFAULT_BUDGET, on_exit: str = "park", park_after_idle_s: int = 0) -> None:
-    """Serve until SIGTERM/SIGINT; then park (or stop, `on_exit`) every running sandbox."""
+          budget: str = DEFAULT_BUDGET, on_exit: str = "park", park_after_idle_s: int = 0,
+          key_file: Path | None = None) -> None:
+    """Serve until SIGTERM/SIGINT; then park (or stop, `on_exit`) every running sandbox. `key_file`: the host key
+    (default $MEMVISOR_KEY_FILE, then paths.key_file()); made here only if the state directory holds nothing
+    wrapped under a key."""
     proc.keep_memory_private()  # before the host key or any snapshot key is read
     if park_after_idle_s < 0:
         raise MemvisorError(f"--park-after-idle {park_after_idle_s} is negative", hint="give seconds, or 0 for never")
     tcp = parse_listen(listen) if listen else None
     token = token_from(token_file) if tcp else None
-    lock = runtime.daemon_lock()  # before anything is adopted, swept or scanned
+    lock = runtime.daemon_lock()  # one daemon per runtime directory: before anything is adopted, swept or scanned
     try:
-        _serve(socket_path, tcp, token, parse_budget(budget), on_exit, park_after_idle_s)
+        # The key and the ledger are checked before anything else: a replaced key or a rolled-back state directory
+        # stops the daemon here, naming the file. The registry holds them (and closes them) from here on.
+        state = statedir.open(key_file, create_key=True)
+        _serve(socket_path, tcp, token, state, parse_budget(budget), on_exit, park_after_idle_s)
     finally:
         runtime.daemon_unlock(lock)
 
 
-def _serve(socket_path: Path, tcp: tuple[str, int] | None, token: str | None, budget_bytes: int, on_exit: str,
-           park_after_idle_s: int) -> None:
-    supervisor = Supervisor(budget_bytes)
-    # The image is fixed when the daemon starts: its guest code must be the daemon's own (an upgrade of
-    # memvisor on disk would otherwise boot new guests that speak a protocol the running daemon does not).
-    image = build.ensure()
-    registry = Registry(lambda: image, supervisor, on_exit=on_exit, park_after_idle_s=park_after_idle_s)
+def _serve(socket_path: Path, tcp: tuple[str, int] | None, token: str | None, state: statedir.State,
+           budget_bytes: int, on_exit: str, park_after_idle_s: int) -> None:
+    supervisor: Supervisor | None = None
+    try:
+        supervisor = Supervisor(budget_bytes)
+        # The image is fixed when the daemon starts: its guest code must be the daemon's own (an upgrade of
+        # memvisor on disk would otherwise boot new guests that speak a protocol the running daemon does not).
+        image = build.ensure()
+        registry = Registry(lambda: image, supervisor, on_exit=on_exit, park_after_idle_s=park_after_idle_s,
+                            state=state)
+    except BaseException:
+        state.close()
+        if supervisor is not None:
+            supervisor.close()
+        raise
     # Both listeners exist before the unix socket appears on disk: whoever waits for that path may use either.
     # uvicorn serves the sockets as they are (never binding anything itself).
     listeners = [(create_app(registry, token), bind_tcp(*tcp))] if tcp is not None else []

@@ -15,6 +15,7 @@ from memvisor import policy as pol
 from memvisor.errors import MemvisorError
 from memvisor.service.errors import Conflict, NotFound
 from memvisor.snapshot import statedir, template
+from memvisor.snapshot.manifest import Manifest
 
 log = logging.getLogger("memvisor")
 
@@ -22,7 +23,7 @@ log = logging.getLogger("memvisor")
 @dataclass
 class TemplateEntry:
     name: str
-    meta: statedir.Meta
+    meta: Manifest
     policy: pol.Policy
     ram_fd: int | None = None  # the sealed memfd of its RAM, once made or loaded
     clones: set[str] = field(default_factory=set)  # ids of the sandboxes cloned from it, running or parked
@@ -47,17 +48,20 @@ def resident(entry: TemplateEntry) -> int:
 class Templates:
     """Every template in the state directory, by name."""
 
-    def __init__(self) -> None:
+    def __init__(self, state: statedir.State) -> None:
+        self.state = state
         self._entries: dict[str, TemplateEntry] = {}
         self._lock = threading.Lock()
 
     def adopt(self) -> None:
-        """List every complete template (a daemon's start); remove partial ones and say so."""
-        metas, notes = template.scan()
-        for note in notes:
-            log.warning("%s", note)
+        """List every complete template (a daemon's start); remove partial ones and ones the ledger no longer has,
+        and say so; one that is damaged is not listed (nor removed)."""
+        metas, problems = template.scan(self.state)
+        for problem in problems:
+            log.warning("%s", problem.note() if problem.removed else f"template {problem.id} is not usable: "
+                        f"{problem.why}")
         for meta in metas:
-            name = meta.sandbox_id.removeprefix(template.ID_PREFIX)
+            name = template.name_of(meta)
             try:
                 policy = pol.merge(("template", pol.layer_from_mapping(meta.sandbox.get("policy") or {},
                                                                         f"template {name}")))
@@ -87,7 +91,7 @@ class Templates:
         """The template's sealed RAM memfd, rebuilt from its sealed files on first use by this daemon."""
         with entry.lock:
             if entry.ram_fd is None:
-                entry.ram_fd = template.open_ram(entry.meta, entry.policy.memory_mib)
+                entry.ram_fd = template.open_ram(self.state, entry.meta, entry.policy.memory_mib)
                 log.info("template %s: RAM loaded (%d MiB)", entry.name, template.ram_bytes(entry.meta) >> 20)
             return entry.ram_fd
 
@@ -104,7 +108,7 @@ class Templates:
                                f"{', '.join(sorted(entry.clones))}", hint="stop them first")
             with self._lock:
                 self._entries.pop(name, None)
-            template.remove(name)
+            template.remove(self.state, name, entry.meta)
             if entry.ram_fd is not None:
                 os.close(entry.ram_fd)
                 entry.ram_fd = None

@@ -1,8 +1,11 @@
 """The sealed stream format of a parked sandbox's snapshot: encryption, authentication and framing, nothing else.
 
 A snapshot is a few named streams (STREAMS: "vm" is QEMU's migration stream, "ram" the guest memory kept outside
-it), each in a file of its own, all sealed under one fresh random AES-256-GCM key per snapshot (a *generation*).
-That key is stored only wrapped under the host key (`wrap_key`). A stream file is:
+it; a template's are "template-vm" and "template-ram", so no template stream ever verifies as a sandbox's), each in
+a file of its own, all sealed under one fresh random AES-256-GCM key per snapshot (a *generation*). That key is
+stored only wrapped (`wrap_key`, under a subkey of the host key, keys.py) with the snapshot's kind, id, generation
+and manifest digest in the wrap's associated data, so the wrap authenticates the whole manifest (manifest.py).
+A stream file is:
 
     b"MVSEAL01"  then chunks  [u32 little-endian L][L bytes: ciphertext || 16-byte tag]
 
@@ -16,7 +19,10 @@ Nonces are (stream number, chunk index) and never repeat under one key: the key 
 stream is written once per snapshot (SealWriter creates its file O_EXCL), and the chunk index only increments.
 
 This module owns no files beyond the one a SealWriter writes and never decides where snapshots live or which
-generation is current (statedir.py does); it must never put a key into a message, a repr or a log.
+generation is current (statedir.py does); it must never put a key into a message, a repr or a log. Keys it makes
+are bytearrays (the caller zeroes them when done), and a SealWriter's plaintext goes through one buffer of its own,
+zeroed when it closes; the plaintext chunks read_chunks yields and AESGCM's internal copies of keys are immutable
+objects of the `cryptography` package that Python cannot overwrite (freed at once, not zeroed).
 """
 
 from __future__ import annotations
@@ -40,12 +46,13 @@ TAG_BYTES: Final = 16
 MAX_RECORD: Final = CHUNK_BYTES + TAG_BYTES  # the largest length prefix accepted, checked before reading
 KEY_BYTES: Final = 32  # AES-256
 NONCE_BYTES: Final = 12
-KEY_LABEL: Final = b"memvisor-snapshot-key"  # AAD label of a wrapped key: never valid as a chunk's AAD
+KEY_LABEL: Final = b"memvisor-snapshot-key/2"  # AAD label of a wrapped key: never valid as a chunk's AAD
 WRAPPED_BYTES: Final = NONCE_BYTES + KEY_BYTES + TAG_BYTES
 
 # Stream name -> the number in its nonces. Fixed forever: a number must never be reused for another name,
-# or two streams of one snapshot would share nonces under one key.
-STREAMS: Final[Mapping[str, int]] = MappingProxyType({"vm": 1, "ram": 2})
+# or two streams of one snapshot would share nonces under one key. A template's streams have names (and so AAD
+# labels) of their own.
+STREAMS: Final[Mapping[str, int]] = MappingProxyType({"vm": 1, "ram": 2, "template-vm": 3, "template-ram": 4})
 assert len(set(STREAMS.values())) == len(STREAMS)
 
 _LENGTH = struct.Struct("<I")
@@ -93,7 +100,7 @@ def _nonce(number: int, index: int) -> bytes:
     return struct.pack("<IQ", number, index)
 
 
-def _aead(key: bytes, what: str) -> AESGCM:
+def _aead(key: bytes | bytearray, what: str) -> AESGCM:
     # Only the length is ever named: the key itself must not reach a message.
     if not isinstance(key, bytes | bytearray) or len(key) != KEY_BYTES:
         size = len(key) if isinstance(key, bytes | bytearray | memoryview) else type(key).__name__
@@ -111,37 +118,44 @@ def _chunks(n: int) -> str:
     return f"{n} chunk" if n == 1 else f"{n} chunks"
 
 
-def new_key() -> bytes:
-    """A fresh random AES-256-GCM key for one snapshot (generation); never use it for a second one."""
-    return AESGCM.generate_key(bit_length=KEY_BYTES * 8)
+def new_key() -> bytearray:
+    """A fresh random AES-256-GCM key for one snapshot (generation); never use it for a second one. A bytearray
+    read straight from the kernel's RNG, so the caller can zero it when done."""
+    key = bytearray(KEY_BYTES)
+    with open("/dev/urandom", "rb", buffering=0) as rng:
+        if rng.readinto(key) != KEY_BYTES:
+            raise OSError("/dev/urandom gave a short read")
+    return key
 
 
-def wrap_key(host_key: bytes, key: bytes, ident: Ident) -> bytes:
-    """`key` sealed under `host_key` for snapshot `ident`: a random 12-byte nonce, then ciphertext || tag.
+def wrap_key(wrapping: bytes | bytearray, key: bytes | bytearray, ident: Ident, kind: str, digest: bytes) -> bytes:
+    """`key` sealed under `wrapping` (the host key's WRAP subkey) for snapshot `ident` of `kind` whose manifest
+    digest is `digest`: a random 12-byte nonce, then ciphertext || tag.
 
-    A random nonce is safe here: one wrap per park, far below the 2**32 wraps per host key that random
-    96-bit nonces allow."""
+    A random nonce is safe here: one wrap per park (or rotation), far below the 2**32 wraps per host key that
+    random 96-bit nonces allow."""
     _aead(key, "snapshot key")
     nonce = os.urandom(NONCE_BYTES)
-    return nonce + _aead(host_key, "host key").encrypt(nonce, key, _key_aad(ident))
+    return nonce + _aead(wrapping, "host key").encrypt(nonce, bytes(key), _key_aad(ident, kind, digest))
 
 
-def unwrap_key(host_key: bytes, wrapped: bytes, ident: Ident) -> bytes:
-    """The snapshot key that `wrap_key(host_key, key, ident)` returned `wrapped` for; SealError if it is
-    damaged, or was wrapped for another sandbox, generation or host key."""
-    aead = _aead(host_key, "host key")
-    where = f"the snapshot key of sandbox {ident.sandbox_id} generation {ident.generation} does not unwrap"
+def unwrap_key(wrapping: bytes | bytearray, wrapped: bytes, ident: Ident, kind: str, digest: bytes) -> bytearray:
+    """The snapshot key that `wrap_key(wrapping, key, ident, kind, digest)` returned `wrapped` for; SealError if
+    it is damaged, or was wrapped for another kind, sandbox, generation, manifest or host key."""
+    aead = _aead(wrapping, "host key")
+    where = f"the snapshot key of {kind} {ident.sandbox_id} generation {ident.generation} does not unwrap"
     if len(wrapped) != WRAPPED_BYTES:
         raise SealError(f"{where}: it is {len(wrapped)} bytes, not {WRAPPED_BYTES}")
     try:
-        return aead.decrypt(wrapped[:NONCE_BYTES], wrapped[NONCE_BYTES:], _key_aad(ident))
+        return bytearray(aead.decrypt(wrapped[:NONCE_BYTES], wrapped[NONCE_BYTES:], _key_aad(ident, kind, digest)))
     except InvalidTag:
-        raise SealError(f"{where}: it is damaged, another host's, or another sandbox's or generation's",
-                        hint="the snapshot cannot be resumed; remove it") from None
+        raise SealError(f"{where}: its manifest was changed, or it is another host key's, or another kind's, "
+                        "sandbox's or generation's", hint="the snapshot cannot be resumed as it is") from None
 
 
-def _key_aad(ident: Ident) -> bytes:
-    return _fields(KEY_LABEL, ident.sandbox_id.encode(), struct.pack("<Q", ident.generation))
+def _key_aad(ident: Ident, kind: str, digest: bytes) -> bytes:
+    return _fields(KEY_LABEL, kind.encode(), ident.sandbox_id.encode(), struct.pack("<Q", ident.generation),
+                   digest)
 
 
 class SealWriter:
@@ -151,14 +165,15 @@ class SealWriter:
     the file without a final chunk, so an interrupted stream can never verify. The directory entry is made
     durable by the caller's commit (statedir writes meta.json last and fsyncs the directory)."""
 
-    def __init__(self, path: Path, key: bytes, ident: Ident, stream: str) -> None:
+    def __init__(self, path: Path, key: bytes | bytearray, ident: Ident, stream: str) -> None:
         self._number = stream_number(stream)
         self._aead = _aead(key, "snapshot key")
         self.path = path
         self.ident = ident
         self.stream = stream
         self._index = 0
-        self._buffer = bytearray()
+        self._buffer = bytearray(CHUNK_BYTES)  # one chunk's plaintext, reused (never regrown) and zeroed at the end
+        self._fill = 0
         self._plaintext = 0
         self._file_bytes = 0
         self._done = False
@@ -191,20 +206,22 @@ class SealWriter:
         view = memoryview(data).cast("B")
         self._plaintext += len(view)
         try:
-            if self._buffer:
-                take = min(len(view), CHUNK_BYTES - len(self._buffer))
-                self._buffer += view[:take]
+            if self._fill:
+                take = min(len(view), CHUNK_BYTES - self._fill)
+                self._buffer[self._fill:self._fill + take] = view[:take]
+                self._fill += take
                 view = view[take:]
-                if len(self._buffer) < CHUNK_BYTES:
+                if self._fill < CHUNK_BYTES:
                     return
-                with memoryview(self._buffer) as full:  # released before the clear() below resizes it
+                with memoryview(self._buffer) as full:
                     self._seal(full, final=False)
-                self._buffer.clear()
+                self._fill = 0
             # Whole chunks straight from the caller's buffer: no copy of a large write.
             while len(view) >= CHUNK_BYTES:
                 self._seal(view[:CHUNK_BYTES], final=False)
                 view = view[CHUNK_BYTES:]
-            self._buffer += view
+            self._buffer[:len(view)] = view
+            self._fill = len(view)
         except BaseException:
             self._failed = True  # the file may end mid-record: it must never get a final chunk
             raise
@@ -218,9 +235,9 @@ class SealWriter:
             self.abort()
             raise SealError(f"{self.path.name}: a write failed earlier; the stream was removed, not sealed")
         try:
-            with memoryview(self._buffer) as rest:
-                self._seal(rest, final=True)
-            self._buffer.clear()
+            with memoryview(self._buffer) as whole:
+                self._seal(whole[:self._fill], final=True)
+            self._forget()
             self._file.flush()
             os.fsync(self._file.fileno())
             # Written and durable: its pages need not stay in the page cache, where they would be charged to
@@ -237,7 +254,7 @@ class SealWriter:
         if self._done:
             return
         self._done = True
-        self._buffer.clear()
+        self._forget()
         try:
             self._file.close()
         except OSError:
@@ -256,6 +273,11 @@ class SealWriter:
             self.close()
         else:
             self.abort()
+
+    def _forget(self) -> None:
+        """Zero the plaintext buffer (the sealed chunks are all that may remain)."""
+        self._buffer[:] = bytes(len(self._buffer))
+        self._fill = 0
 
     def _seal(self, plaintext: memoryview, final: bool) -> None:
         sealed = self._aead.encrypt(_nonce(self._number, self._index), plaintext,
@@ -282,7 +304,7 @@ def _length(raw: bytes, name: str, index: int, total: int) -> int:
     return length
 
 
-def read_chunks(path: Path, key: bytes, ident: Ident, stream: str) -> Iterator[bytes]:
+def read_chunks(path: Path, key: bytes | bytearray, ident: Ident, stream: str) -> Iterator[bytes]:
     """Yield the verified plaintext chunks of stream `stream` of snapshot `ident` from `path`, in order.
 
     No chunk is yielded before its tag is checked, but the stream as a whole is only proven complete when the
@@ -345,7 +367,7 @@ def _diagnose(aead: AESGCM, number: int, ident: Ident, stream: str, index: int, 
                     "generation's snapshot)")
 
 
-def verify(path: Path, key: bytes, ident: Ident, stream: str) -> int:
+def verify(path: Path, key: bytes | bytearray, ident: Ident, stream: str) -> int:
     """Check every chunk of `path` (a full pass) and return the stream's plaintext bytes; SealError if any
     check fails."""
     total = 0

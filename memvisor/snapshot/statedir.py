@@ -1,575 +1,447 @@
-"""The root-only state directory that outlives the daemon: parked sandboxes' snapshots, the host key, the ledger.
+"""The root-only state directory that outlives the daemon: parked sandboxes' snapshots and templates, with the
+ledger of their generations (its layout: layout.py). Its key is elsewhere (keys.py), and so is the ledger's head
+(ledger.py); opening it checks both (bootstrap.py).
 
-Layout (<root> is $MEMVISOR_STATE_DIR, else <state home>/state; a directory of this user's, mode 0700):
+A snapshot is resumable only when its manifest is canonical, its wrapped key unwraps with the manifest's digest
+in the associated data (so every byte of it is authentic), its generation is the ledger's, and every file is there
+as recorded (a kept disk checked on its descriptor). `State.scan()` sorts the rest into Problems: partial (no
+manifest: a park cut short) and stale (an older generation) are removed; damaged (a manifest that is not
+authentic), unknown (an id or generation the ledger does not have) and files (a stream or kept file missing,
+replaced or changed in size or links) are kept and listed, never removed by a scan: the sandbox stays parked and
+resumes once what is wrong is put right.
 
-    host.key            32 random bytes, 0600: wraps each snapshot's own key (seal.wrap_key)
-    ledger.json         {"generations": {sandbox id: n}}: the one generation of each sandbox that may be resumed
-    .lock               flock'd around the ledger's read-modify-write
-    <id>/<stream>.snap  the sealed streams (seal.py)
-    <id>/swap.img ...   other kept files
-    <id>/meta.json      the commit point, written last: a directory without it holds a partial snapshot
-
-seal.py proves that a stream belongs to (sandbox, generation); the ledger says which generation is current, and
-so is what refuses an old snapshot. That is why a damaged ledger is an error, never reset: a reset ledger would
-make stale snapshots resumable again.
-
-This module owns those files and their durability (temp file, fsync, rename, fsync the directory). It must not
-seal or unseal streams (seal.py), talk to QEMU, or decide when to park; it never follows a symlink and never
-removes a directory that is not this user's own.
+This module owns those files and their durability. It must not seal or unseal streams (seal.py), talk to QEMU,
+or decide when to park; it never follows a symlink and never removes a directory that is not this user's own.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
-import errno
 import fcntl
-import json
 import logging
 import os
-import re
-import secrets
-import shutil
 import stat
-import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, NoReturn
+from typing import Final
 
-from memvisor import paths
-from memvisor.errors import MemvisorError
 from memvisor.host.runtime import SAFE_ID
-from memvisor.snapshot import seal
+from memvisor.snapshot import bootstrap, files, keys, ledger, seal
+from memvisor.snapshot.files import StateError as StateError  # the names callers know this module by
+from memvisor.snapshot.files import fsync_dir, make_dir, own_dir, read_own, remove_tree, write_atomic
+from memvisor.snapshot.layout import INUSE as INUSE
+from memvisor.snapshot.layout import JSON_LIMIT as JSON_LIMIT
+from memvisor.snapshot.layout import LEDGER as LEDGER
+from memvisor.snapshot.layout import LEGACY_KEY as LEGACY_KEY
+from memvisor.snapshot.layout import LOCK as LOCK
+from memvisor.snapshot.layout import LOST as LOST
+from memvisor.snapshot.layout import META as META
+from memvisor.snapshot.layout import RESERVED as RESERVED
+from memvisor.snapshot.layout import SNAP_SUFFIX as SNAP_SUFFIX
+from memvisor.snapshot.layout import TEMPLATES as TEMPLATES
+from memvisor.snapshot.layout import root as root
+from memvisor.snapshot.layout import wrapped_things as wrapped_things
+from memvisor.snapshot.manifest import Manifest
 
 log = logging.getLogger("memvisor")
 
-HOST_KEY: Final = "host.key"
-LEDGER: Final = "ledger.json"
-LOCK: Final = ".lock"
-TEMPLATES: Final = "templates"  # snapshot/template.py's directory (not a sandbox id: those are hex)
-META: Final = "meta.json"
-SNAP_SUFFIX: Final = ".snap"
-JSON_LIMIT: Final = 16 << 20  # ledger.json and meta.json are small; a bigger one is not ours
 TMP_GRACE_S: Final = 60  # a temp file in the root this young may be another process's write in progress
-_TMP = re.compile(r"\..+\.[0-9a-f]{16}\.tmp")  # write_atomic's temp names: .<name>.<16 hex>.tmp
-_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a kept file's name: no '/', no leading '.'
+PROBLEM_KINDS: Final = ("partial", "stale", "damaged", "unknown", "files")
+Meta = Manifest  # the name earlier callers used
 
 
-class StateError(MemvisorError):
-    """The state directory or a file in it is not what memvisor wrote: wrong owner or mode, or malformed."""
+class SnapshotProblem(StateError):
+    """A committed snapshot that cannot be resumed as it is: `kind` is one of PROBLEM_KINDS. The sandbox stays
+    parked."""
+
+    def __init__(self, kind: str, message: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What scan() found wrong with one entry of the state directory."""
+
+    id: str  # the directory's name: a sandbox id, or a template's name under templates/
+    kind: str  # PROBLEM_KINDS
+    why: str
+    removed: bool = False  # partial and stale ones are removed
+    manifest: Manifest | None = None  # the authentic manifest, when what is wrong is elsewhere (files, ledger)
+
+    def note(self) -> str:
+        """One line for the log."""
+        return f"{'removed' if self.removed else 'kept'} {self.why}"
 
 
 def _check_id(sandbox_id: str) -> None:
-    if not isinstance(sandbox_id, str) or not SAFE_ID.fullmatch(sandbox_id):
-        raise StateError(f"sandbox id {sandbox_id!r} is not 1-32 of a-z, 0-9, '_' and '-'")
+    if not isinstance(sandbox_id, str) or not SAFE_ID.fullmatch(sandbox_id) or sandbox_id in RESERVED:
+        raise StateError(f"sandbox id {sandbox_id!r} is not 1-32 of a-z, 0-9, '_' and '-' (and not "
+                         f"{' or '.join(sorted(RESERVED))})")
 
 
-def own_dir(path: Path, what: str, hint: str) -> bool:
-    """True if `path` is a real directory owned by this user with mode exactly 0700, False if it does not exist;
-    StateError otherwise (never trust what another user could have planted or read)."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return False
-    except OSError as exc:
-        raise StateError(f"cannot use {what} {path}: {exc.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) != 0o700:
-        raise StateError(f"{what} {path} is not memvisor's own (owner uid {st.st_uid}, mode "
-                         f"{stat.filemode(st.st_mode)}): refusing to trust what is in it", hint=hint)
-    return True
+class State:
+    """An open state directory: its root, the host key and the ledger (ledger.Generations). A daemon or SDK program
+    opens one (`open()`), holds it while it runs, and closes it (zeroing the key material). Methods re-read the disk:
+    another process may share the directory."""
 
+    def __init__(self, base: Path, key: keys.HostKey, generations: ledger.LocalLedger, inuse: int | None) -> None:
+        self.root = base
+        self.key = key
+        self.generations: ledger.Generations = generations
+        self.ledger = generations
+        self._inuse = inuse
+        self._wrap = key.derive(keys.WRAP)
 
-def make_dir(path: Path) -> bool:
-    """mkdir `path` with mode exactly 0700 (whatever the umask); True if this call created it."""
-    try:
-        path.mkdir(mode=0o700)
-    except FileExistsError:
-        return False
-    os.chmod(path, 0o700)
-    return True
+    def close(self) -> None:
+        """Zero the keys and let `memvisor key rotate` run (the shared lock goes)."""
+        files.zero(self._wrap)
+        self.ledger.close()
+        self.key.close()
+        if self._inuse is not None:
+            os.close(self._inuse)
+            self._inuse = None
 
+    def __enter__(self) -> State:
+        return self
 
-def root(create: bool = True) -> Path:
-    """The state directory, after checking it is memvisor's own (a directory, not a symlink, owned by this user,
-    mode 0700); created with its parents when `create`. Without `create`, a missing one is returned unchecked
-    (there is nothing in it to trust)."""
-    env = os.environ.get("MEMVISOR_STATE_DIR")
-    path = Path(env) if env else paths.state_home() / "state"
-    if create:
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"State({str(self.root)!r}, key={str(self.key.path)!r})"
+
+    # -- the snapshot key ----------------------------------------------------------------------------------
+    def wrap(self, manifest: Manifest, snapshot_key: bytearray) -> Manifest:
+        """`manifest` with `snapshot_key` wrapped under the host key, bound to its kind, id, generation and
+        digest."""
+        import base64
+        import dataclasses
+
+        wrapped = seal.wrap_key(self._wrap, snapshot_key, manifest.ident, manifest.kind, manifest.digest())
+        return dataclasses.replace(manifest, wrapped_key=base64.b64encode(wrapped).decode())
+
+    def unwrap(self, manifest: Manifest) -> bytearray:
+        """The snapshot key of `manifest` (the caller zeroes it); SealError if the manifest is not the one it was
+        wrapped with, or the key is another host's."""
+        return seal.unwrap_key(self._wrap, manifest.wrapped(), manifest.ident, manifest.kind, manifest.digest())
+
+    def authentic(self, manifest: Manifest) -> None:
+        """SealError unless the wrap authenticates every byte of `manifest`."""
+        files.zero(self.unwrap(manifest))
+
+    # -- reading manifests ---------------------------------------------------------------------------------
+    def read_manifest(self, folder: Path, kind: str, ident: str | None, what: str) -> Manifest | None:
+        """The authentic manifest in `folder`, of `kind` and id `ident` (None: any), or None if there is none;
+        SnapshotProblem "damaged" if it is not authentic or not what it must be. The generation is not checked."""
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if make_dir(path):
-                fsync_dir(path.parent)
-        except OSError as exc:
-            raise StateError(f"cannot create the state directory {path}: {exc.strerror}") from None
-    own_dir(path, "the state directory",
-             hint=f"it must be a directory owned by uid {os.geteuid()} with mode 0700 (chmod 700 {path}), or set "
-                  "MEMVISOR_STATE_DIR")
-    return path
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_temp(path: Path, data: bytes, mode: int) -> Path:
-    """A new, fsynced temp file next to `path` holding `data` with exactly `mode`; removed if anything fails."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
-    try:
-        os.fchmod(fd, mode)  # exactly `mode`: the umask must not loosen or tighten it
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    return tmp
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace `path` with `data` so a reader (or a crash) sees the old file or the new one, never a mix: a temp
-    file in the same directory, fsync, rename over `path`, fsync the directory."""
-    tmp = _write_temp(path, data, mode)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def write_json_atomic(path: Path, doc: object) -> None:
-    """write_atomic() of `doc` as indented JSON (mode 0600)."""
-    write_atomic(path, (json.dumps(doc, indent=2) + "\n").encode())
-
-
-def read_own(path: Path, limit: int) -> tuple[bytes, os.stat_result]:
-    """The contents of regular file `path`, which must be this user's own and at most `limit` bytes (checked on
-    the open file, so it cannot be swapped in between); FileNotFoundError passes through."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        why = "it is a symlink" if exc.errno == errno.ELOOP else exc.strerror
-        raise StateError(f"cannot read {path}: {why}") from None
-    with open(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-            raise StateError(f"{path} is not memvisor's own (owner uid {st.st_uid}, mode "
-                             f"{stat.filemode(st.st_mode)}): refusing to trust it")
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise StateError(f"{path} is over {limit} bytes: it is not one memvisor wrote")
-    return data, st
-
-
-def _read_host_key(path: Path) -> bytes | None:
-    hint = ("every parked snapshot's key is wrapped under it: restore it from a backup, or remove it together with "
-            "the parked snapshots, which cannot be resumed without it")
-    try:
-        data, st = read_own(path, seal.KEY_BYTES)
-    except FileNotFoundError:
-        return None
-    except StateError as exc:
-        raise StateError(exc.message, hint=hint) from None
-    if stat.S_IMODE(st.st_mode) != 0o600:
-        raise StateError(f"the host key {path} has mode {stat.filemode(st.st_mode)}, not 0600: it may have been "
-                         "read by others", hint=f"chmod 600 {path} if it cannot have been; else {hint}")
-    if len(data) != seal.KEY_BYTES:
-        raise StateError(f"the host key {path} is {len(data)} bytes, not {seal.KEY_BYTES}", hint=hint)
-    return data
-
-
-def host_key() -> bytes:
-    """The host key (<root>/host.key), created with 32 random bytes on first use. Never overwritten: two
-    processes creating it at once both end up with the one that was linked in first. StateError if it is not
-    32 bytes, not mode 0600 or not this user's own."""
-    base = root()
-    path = base / HOST_KEY
-    key = _read_host_key(path)
-    if key is not None:
-        return key
-    tmp = _write_temp(path, seal.new_key(), 0o600)
-    try:
-        os.link(tmp, path)  # unlike rename, fails if the key exists: the first process's key wins
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(base)
-    key = _read_host_key(path)
-    if key is None:
-        raise StateError(f"the host key {path} vanished while it was being created")
-    return key
-
-
-@contextlib.contextmanager
-def _locked(base: Path) -> Iterator[None]:
-    """Hold the exclusive flock on <root>/.lock (released when the fd closes, also if we are killed)."""
-    fd = os.open(base / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def parse_json(data: bytes, source: Path) -> Any:
-    try:
-        return json.loads(data)
-    except ValueError as exc:
-        raise StateError(f"{source} is not valid JSON: {exc}") from None
-
-
-def _read_ledger(base: Path) -> dict[str, int]:
-    path = base / LEDGER
-    try:
-        data, _ = read_own(path, JSON_LIMIT)
-    except FileNotFoundError:
-        return {}
-    doc = parse_json(data, path)
-    gens = doc.get("generations") if isinstance(doc, dict) else None
-    if not isinstance(gens, dict) or set(doc) != {"generations"} or not all(
-            isinstance(k, str) and SAFE_ID.fullmatch(k) and type(v) is int and v >= 1 for k, v in gens.items()):
-        raise StateError(f"the ledger {path} is malformed: it must be {{\"generations\": {{sandbox id: n >= 1}}}}",
-                         hint="it is not reset automatically, since that would let old snapshots be resumed: "
-                              "restore it, or remove it together with every parked snapshot")
-    return gens
-
-
-def _write_ledger(base: Path, gens: dict[str, int]) -> None:
-    write_json_atomic(base / LEDGER, {"generations": dict(sorted(gens.items()))})
-
-
-def next_generation(sandbox_id: str) -> int:
-    """Advance the ledger's generation of `sandbox_id` (1 for a new id) and return it; from here on, any older
-    snapshot of it is stale. Locked, so two processes never hand out the same generation."""
-    _check_id(sandbox_id)
-    base = root()
-    with _locked(base):
-        gens = _read_ledger(base)
-        gens[sandbox_id] = gens.get(sandbox_id, 0) + 1
-        _write_ledger(base, gens)
-        return gens[sandbox_id]
-
-
-def generation(sandbox_id: str) -> int | None:
-    """The ledger's current generation of `sandbox_id`, or None if it has none. (No lock needed: the ledger is
-    replaced atomically.)"""
-    _check_id(sandbox_id)
-    return _read_ledger(root(create=False)).get(sandbox_id)
-
-
-def forget(sandbox_id: str) -> None:
-    """Drop `sandbox_id` from the ledger (when the sandbox is gone for good): none of its snapshots is resumable
-    after this."""
-    _check_id(sandbox_id)
-    base = root()
-    with _locked(base):
-        gens = _read_ledger(base)
-        if gens.pop(sandbox_id, None) is not None:
-            _write_ledger(base, gens)
-
-
-def sandbox_dir(sandbox_id: str, create: bool = False) -> Path:
-    """<root>/<id>: the directory of a sandbox's snapshot; with `create`, made (mode 0700) if needed and checked
-    to be this user's own."""
-    _check_id(sandbox_id)
-    base = root(create=create)
-    path = base / sandbox_id
-    if create:
-        if make_dir(path):
-            fsync_dir(base)
-        own_dir(path, f"the state directory of sandbox {sandbox_id}",
-                 hint=f"remove it, or chmod 700 {path} if it is memvisor's")
-    return path
-
-
-def stream_path(sandbox_id: str, stream: str) -> Path:
-    """<root>/<id>/<stream>.snap; ValueError for a stream name not in seal.STREAMS."""
-    seal.stream_number(stream)
-    return sandbox_dir(sandbox_id) / f"{stream}{SNAP_SUFFIX}"
-
-
-@dataclass
-class Meta:
-    """A committed snapshot (<root>/<id>/meta.json): what resume needs besides the stream and kept files.
-
-    `streams`: stream name -> {"plaintext_bytes", "file_bytes"}; `files`: kept file name -> byte size;
-    `sandbox`: the caller's own (policy, HELLO, ...), stored as given."""
-
-    sandbox_id: str
-    generation: int
-    wrapped_key: str  # base64 of seal.wrap_key(host key, snapshot key, self.ident)
-    parked_at: float  # time.time() at the park
-    streams: dict[str, dict[str, int]]
-    files: dict[str, int] = field(default_factory=dict)
-    sandbox: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def ident(self) -> seal.Ident:
-        """The snapshot's identity, as bound into its AADs."""
-        return seal.Ident(self.sandbox_id, self.generation)
-
-    def key(self, host_key: bytes) -> bytes:
-        """The snapshot key, unwrapped with `host_key`; SealError if it does not unwrap."""
-        return seal.unwrap_key(host_key, base64.b64decode(self.wrapped_key), self.ident)
-
-    def disk_bytes(self) -> int:
-        """What the parked sandbox takes on disk: its sealed streams and its kept files."""
-        return sum(s["file_bytes"] for s in self.streams.values()) + sum(self.files.values())
-
-    def to_json(self) -> dict[str, Any]:
-        """The meta.json document."""
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, doc: object, source: str = META) -> Meta:
-        """A Meta from a meta.json document, every field checked; StateError naming `source` if malformed."""
-        def bad(why: str) -> NoReturn:
-            raise StateError(f"{source} is malformed: {why}")
-
-        if not isinstance(doc, dict):
-            bad("not a JSON object")
-        want = {f for f in cls.__dataclass_fields__}
-        if set(doc) != want:
-            bad(f"its keys are {sorted(doc)}, not {sorted(want)}")
-        sandbox_id, gen, wrapped = doc["sandbox_id"], doc["generation"], doc["wrapped_key"]
-        if not isinstance(sandbox_id, str) or not SAFE_ID.fullmatch(sandbox_id):
-            bad(f"sandbox_id {sandbox_id!r} is not a sandbox id")
-        if type(gen) is not int or not 1 <= gen < 1 << 64:
-            bad(f"generation {gen!r} is not an int >= 1")
-        try:
-            if not isinstance(wrapped, str) or len(base64.b64decode(wrapped, validate=True)) != seal.WRAPPED_BYTES:
-                bad(f"wrapped_key is not the base64 of {seal.WRAPPED_BYTES} bytes")
-        except binascii.Error:
-            bad("wrapped_key is not base64")
-        if type(doc["parked_at"]) not in (int, float):
-            bad(f"parked_at {doc['parked_at']!r} is not a number")
-        streams, files = doc["streams"], doc["files"]
-        if not isinstance(streams, dict) or not all(
-                name in seal.STREAMS and isinstance(sizes, dict) and set(sizes) == {"plaintext_bytes", "file_bytes"}
-                and all(type(n) is int and n >= 0 for n in sizes.values()) for name, sizes in streams.items()):
-            bad(f"streams must map names in {sorted(seal.STREAMS)} to {{plaintext_bytes, file_bytes}} sizes")
-        if not isinstance(files, dict) or not all(
-                isinstance(name, str) and _FILE_NAME.fullmatch(name) and name != META
-                and not name.endswith(SNAP_SUFFIX) and type(n) is int and n >= 0 for name, n in files.items()):
-            bad("files must map plain file names (not meta.json or *.snap) to byte sizes")
-        if not isinstance(doc["sandbox"], dict):
-            bad("sandbox is not a JSON object")
-        return cls(sandbox_id=sandbox_id, generation=gen, wrapped_key=wrapped, parked_at=float(doc["parked_at"]),
-                   streams={k: dict(v) for k, v in streams.items()}, files=dict(files), sandbox=doc["sandbox"])
-
-
-def missing(folder: Path, meta: Meta) -> str | None:
-    """Why the files of `meta` in `folder` are not all there with the sizes it records, or None."""
-    wanted = {f"{name}{SNAP_SUFFIX}": sizes["file_bytes"] for name, sizes in meta.streams.items()}
-    wanted.update(meta.files)
-    for name, size in sorted(wanted.items()):
-        try:
-            st = os.lstat(folder / name)
+            data, _ = read_own(folder / META, JSON_LIMIT, f"the manifest of {what}", modes=(0o600,))
         except FileNotFoundError:
-            return f"{name} is missing"
-        if not stat.S_ISREG(st.st_mode):
-            return f"{name} is not a regular file"
-        if st.st_size != size:
-            return f"{name} is {st.st_size} bytes, meta.json says {size}"
-    return None
+            return None
+        except StateError as exc:
+            raise self._damaged(what, exc.message) from None
+        try:
+            manifest = Manifest.from_bytes(data, f"{folder / META}")
+            self.authentic(manifest)
+        except (StateError, seal.SealError) as exc:
+            raise self._damaged(what, exc.message) from None
+        if manifest.kind != kind:
+            raise self._damaged(what, f"{folder / META} is a {manifest.kind}'s manifest, not a {kind}'s: a "
+                                      f"{manifest.kind} is never resumed as a {kind}")
+        if ident is not None and manifest.id != ident:
+            raise self._damaged(what, f"{folder / META} is the manifest of {manifest.id}, not {ident}")
+        return manifest
+
+    @staticmethod
+    def _damaged(what: str, why: str) -> SnapshotProblem:
+        return SnapshotProblem("damaged", f"the manifest of {what} is not authentic ({why}); it stays parked",
+                               hint="put the file back as memvisor wrote it, or remove it (stop the sandbox)")
+
+    def check_current(self, manifest: Manifest, what: str, current: int | None) -> None:
+        """SnapshotProblem unless `manifest` is of generation `current` (the ledger's)."""
+        if current is None:
+            raise SnapshotProblem("unknown", f"the snapshot of {what} (generation {manifest.generation}) is not in "
+                                             f"the ledger {self.ledger.path}: it is never resumed; it stays parked",
+                                  hint="if it was restored from an older copy, remove it (stop the sandbox)")
+        if manifest.generation < current:
+            raise SnapshotProblem("stale", f"the snapshot of {what} is generation {manifest.generation} but the "
+                                           f"ledger is at {current}: an old snapshot is never resumed",
+                                  hint="it is removed by the next scan")
+        if manifest.generation > current:
+            raise SnapshotProblem("unknown", f"the snapshot of {what} is generation {manifest.generation}, newer "
+                                             f"than the ledger's {current}: it is never resumed; it stays parked")
+
+    def check_files(self, folder: Path, manifest: Manifest, what: str) -> None:
+        """SnapshotProblem "files" unless every stream file is a regular file of its recorded size and every kept
+        file passes open_kept's checks (opened and closed again)."""
+        for name, sizes in sorted(manifest.streams.items()):
+            try:
+                st = os.lstat(folder / f"{name}{SNAP_SUFFIX}")
+            except FileNotFoundError:
+                raise SnapshotProblem("files", f"{what}: {name}{SNAP_SUFFIX} is missing; it stays parked") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise SnapshotProblem("files", f"{what}: {name}{SNAP_SUFFIX} is not a regular file; it stays parked")
+            if st.st_size != sizes["file_bytes"]:
+                raise SnapshotProblem("files", f"{what}: {name}{SNAP_SUFFIX} is {st.st_size} bytes, not the "
+                                               f"{sizes['file_bytes']} recorded (cut or replaced); it stays parked")
+        for fd in self.open_kept(folder, manifest, what).values():
+            os.close(fd)
+
+    def open_kept(self, folder: Path, manifest: Manifest, what: str) -> dict[str, int]:
+        """Open every kept file of `manifest` read-write, without following a symlink, relative to `folder`'s
+        descriptor, and check it on its descriptor: a regular file of this user's, mode 0600, exactly one link,
+        its recorded size. Returns name -> fd (the caller owns them); SnapshotProblem "files" naming the file
+        and the check otherwise (nothing stays open)."""
+        opened: dict[str, int] = {}
+        try:
+            dir_fd = files.open_nofollow(folder, os.O_RDONLY | os.O_DIRECTORY, f"the directory of {what}")
+        except (FileNotFoundError, StateError) as exc:
+            raise SnapshotProblem("files", f"{what}: its directory {folder} cannot be opened ({exc}); it stays "
+                                           "parked") from None
+        try:
+            for name, kept in sorted(manifest.files.items()):
+                label = f"the kept disk {name} of {what}"
+                try:
+                    fd = files.open_nofollow(name, os.O_RDWR, label, dir_fd=dir_fd)
+                except FileNotFoundError:
+                    raise SnapshotProblem("files", f"{label} is missing; it stays parked") from None
+                opened[name] = fd
+                files.check_fd(fd, label, modes=(0o600,), links=1, size=kept.bytes)
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        except BaseException as exc:
+            for fd in opened.values():
+                os.close(fd)
+            if isinstance(exc, StateError) and not isinstance(exc, SnapshotProblem):
+                raise SnapshotProblem("files", f"{exc.message}; it stays parked",
+                                      hint="put the file back as it was (memvisor checks the file itself, never "
+                                           "a link to it), or stop the sandbox") from None
+            raise
+        finally:
+            os.close(dir_fd)
+        return opened
+
+    # -- sandboxes -----------------------------------------------------------------------------------------
+    def sandbox_dir(self, sandbox_id: str, create: bool = False) -> Path:
+        """<root>/<id>: the directory of a sandbox's snapshot; with `create`, made (mode 0700) if needed and
+        checked to be this user's own."""
+        _check_id(sandbox_id)
+        path = self.root / sandbox_id
+        if create:
+            if make_dir(path):
+                fsync_dir(self.root)
+            own_dir(path, f"the state directory of sandbox {sandbox_id}",
+                    hint=f"remove it, or chmod 700 {path} if it is memvisor's")
+        return path
+
+    def stream_path(self, sandbox_id: str, stream: str) -> Path:
+        """<root>/<id>/<stream>.snap; ValueError for a stream name not in seal.STREAMS."""
+        seal.stream_number(stream)
+        return self.sandbox_dir(sandbox_id) / f"{stream}{SNAP_SUFFIX}"
+
+    def commit_to(self, folder: Path, manifest: Manifest) -> None:
+        """Write `manifest` (wrapped) as `folder`'s meta.json, last and atomically, which makes the snapshot
+        complete (and the directory entries of its files durable; their contents the writers fsynced).
+        StateError if the ledger is not at its generation or a file is missing or of another size."""
+        Manifest.from_bytes(manifest.to_bytes(), f"the manifest of {manifest.id}")  # never write what load refuses
+        self.authentic(manifest)
+        current = self.generations.current(manifest.id)
+        if current != manifest.generation:
+            raise StateError(f"cannot commit generation {manifest.generation} of {manifest.id}: the ledger is at "
+                             f"{current}")
+        try:
+            self.check_files(folder, manifest, manifest.id)
+        except SnapshotProblem as exc:
+            raise StateError(f"cannot commit the snapshot of {manifest.id}: {exc.message}") from None
+        write_atomic(folder / META, manifest.to_bytes())
+
+    def commit(self, manifest: Manifest) -> None:
+        """commit_to() the sandbox's own directory."""
+        self.commit_to(self.sandbox_dir(manifest.id, create=True), manifest)
+
+    def load(self, sandbox_id: str) -> Manifest | None:
+        """The committed, authentic, current snapshot of `sandbox_id` with every file in place, or None if it has
+        none; SnapshotProblem otherwise (it stays parked). Stream contents are checked by seal.verify()."""
+        folder = self.sandbox_dir(sandbox_id)
+        what = f"sandbox {sandbox_id}"
+        if not own_dir(folder, f"the state directory of {what}", hint=f"remove {folder}"):
+            return None
+        manifest = self.read_manifest(folder, "sandbox", sandbox_id, what)
+        if manifest is None:
+            return None
+        self.check_current(manifest, what, self.generations.current(sandbox_id))
+        self.check_files(folder, manifest, what)
+        return manifest
+
+    def uncommit(self, sandbox_id: str, generation: int) -> bool:
+        """Retire the snapshot of generation `generation` of `sandbox_id` once its resumed guest runs on: meta.json
+        is removed durably, the ledger moves past `generation` (so even a copy of the directory is refused), the
+        stream files are deleted. The kept files stay: the running guest uses them, and its next park keeps them
+        again. Idempotent, and safe for crash recovery: True if that snapshot is no longer committed (now or
+        already); False, changing nothing, if the committed manifest authentically is another generation's."""
+        folder = self.sandbox_dir(sandbox_id)
+        if not own_dir(folder, f"the state directory of sandbox {sandbox_id}", hint=f"remove {folder}"):
+            return True
+        try:
+            manifest = self.read_manifest(folder, "sandbox", sandbox_id, f"sandbox {sandbox_id}")
+        except SnapshotProblem:
+            manifest = None  # not authentic: never resumable; the running guest is the truth
+        if manifest is not None and manifest.generation != generation:
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            (folder / META).unlink()
+        fsync_dir(folder)
+        if self.generations.current(sandbox_id) == generation:
+            with contextlib.suppress(ledger.Stale):
+                self.generations.advance(sandbox_id, generation)
+        for name in seal.STREAMS:
+            (folder / f"{name}{SNAP_SUFFIX}").unlink(missing_ok=True)
+        return True
+
+    def remove(self, sandbox_id: str) -> None:
+        """Delete the snapshot directory of `sandbox_id` (meta.json first, so a removal cut short leaves a partial
+        snapshot, never a damaged complete one). The ledger keeps its generation, so an old copy stays refused;
+        forget() drops that. StateError if the directory is not this user's own."""
+        folder = self.sandbox_dir(sandbox_id)
+        if not own_dir(folder, f"the state directory of sandbox {sandbox_id}",
+                       hint=f"it was not made by memvisor: remove {folder} by hand"):
+            return
+        with contextlib.suppress(FileNotFoundError):
+            (folder / META).unlink()
+            fsync_dir(folder)
+        if not remove_tree(folder):
+            raise StateError(f"cannot remove the snapshot of sandbox {sandbox_id} in {folder}")
+
+    def forget(self, sandbox_id: str) -> None:
+        """Drop `sandbox_id` from the ledger (it is gone for good): none of its snapshots is resumable after this."""
+        _check_id(sandbox_id)
+        self.generations.forget(sandbox_id)
+
+    def _examine(self, folder: Path, sandbox_id: str, gens: dict[str, int]) -> Manifest | Problem:
+        what = f"sandbox {sandbox_id}"
+        manifest: Manifest | None = None
+        try:
+            manifest = self.read_manifest(folder, "sandbox", sandbox_id, what)
+            if manifest is None:
+                return Problem(sandbox_id, "partial", f"a partial snapshot of sandbox {sandbox_id} (no meta.json)")
+            self.check_current(manifest, what, gens.get(sandbox_id))
+            self.check_files(folder, manifest, what)
+        except SnapshotProblem as exc:
+            if exc.kind == "stale":
+                assert manifest is not None
+                return Problem(sandbox_id, "stale", f"a stale snapshot of sandbox {sandbox_id} (generation "
+                                                    f"{manifest.generation}; the ledger is at "
+                                                    f"{gens.get(sandbox_id)}), which is never resumed")
+            return Problem(sandbox_id, exc.kind, exc.message, manifest=manifest)
+        return manifest
+
+    def scan(self, running: Collection[str] = ()) -> tuple[list[Manifest], list[Problem]]:
+        """Every complete snapshot (authentic, of the ledger's generation, every file in place), and a Problem for
+        every other sandbox directory: partial and stale ones are removed (for an id in `running`, a sandbox whose
+        VMM runs on, only its manifest and streams: its kept disks are in use); damaged, unknown and files ones are
+        kept. Call it when no park is in progress (the daemon's start): a park in progress looks partial. Entries
+        that are not a sandbox's directory of this user's are left alone."""
+        gens = self.generations.all()
+        manifests: list[Manifest] = []
+        problems: list[Problem] = []
+        with os.scandir(self.root) as it:
+            names = sorted(entry.name for entry in it)
+        for name in names:
+            path = self.root / name
+            if name in (LEDGER, LOCK, INUSE) or name in RESERVED:
+                continue
+            if files.is_temp(name):
+                # Another process may be writing the ledger right now: only old ones are leftovers.
+                if files.remove_temp(path, TMP_GRACE_S):
+                    problems.append(Problem(name, "partial", f"a leftover temporary file {name}", removed=True))
+                continue
+            st = os.lstat(path)
+            if not SAFE_ID.fullmatch(name) or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+                log.warning("ignoring %s in the state directory: not a sandbox directory of uid %d", path,
+                            os.geteuid())
+                continue
+            found = self._examine(path, name, gens)
+            if isinstance(found, Manifest):
+                for inner in sorted(os.listdir(path)):
+                    if files.is_temp(inner) and files.remove_temp(path / inner, 0):
+                        problems.append(Problem(name, "partial", f"a leftover temporary file {name}/{inner}",
+                                                removed=True))
+                manifests.append(found)
+                continue
+            if found.kind in ("partial", "stale"):
+                if name in running:  # its kept disks are in use: only the snapshot goes
+                    _drop_snapshot(path)
+                    if found.kind == "stale":
+                        problems.append(Problem(name, "stale", found.why + " (its kept disks stay: it runs)", True))
+                elif remove_tree(path):
+                    problems.append(Problem(name, found.kind, found.why, removed=True))
+                continue
+            problems.append(found)
+        return manifests, problems
+
+    def committed(self) -> tuple[list[Manifest], list[Problem]]:
+        """Every parked sandbox's snapshot, read only (for `memvisor ps` and the metrics, which must not remove what
+        a daemon's park is still writing, as scan() would): the complete ones, and the problems of the others
+        (partial ones, which may be a park in progress or a running sandbox's disks, are left out)."""
+        manifests: list[Manifest] = []
+        problems: list[Problem] = []
+        gens = self.generations.all()
+        for path in sorted(self.root.iterdir()):
+            name = path.name
+            if name in RESERVED or not SAFE_ID.fullmatch(name) or path.is_symlink() or not path.is_dir():
+                continue
+            found = self._examine(path, name, gens)
+            if isinstance(found, Manifest):
+                manifests.append(found)
+            elif found.kind != "partial":
+                problems.append(found)
+        return manifests, problems
 
 
-def commit(meta: Meta) -> None:
-    """Make the snapshot described by `meta` complete by writing its meta.json, last and atomically (which also
-    makes the directory entries of the stream and kept files durable; their contents the writer fsynced).
-    StateError if the ledger is not at `meta.generation` or a file is missing or of another size."""
-    doc = meta.to_json()
-    Meta.from_json(doc, f"the meta of sandbox {meta.sandbox_id}")  # never write what load() would refuse
-    current = generation(meta.sandbox_id)
-    if current != meta.generation:
-        raise StateError(f"cannot commit generation {meta.generation} of sandbox {meta.sandbox_id}: the ledger is "
-                         f"at {current}")
-    folder = sandbox_dir(meta.sandbox_id, create=True)
-    why = missing(folder, meta)
-    if why is not None:
-        raise StateError(f"cannot commit the snapshot of sandbox {meta.sandbox_id}: {why}")
-    write_json_atomic(folder / META, doc)
-
-
-def _load(folder: Path, sandbox_id: str) -> Meta | None:
-    try:
-        data, _ = read_own(folder / META, JSON_LIMIT)
-    except FileNotFoundError:
-        return None
-    meta = Meta.from_json(parse_json(data, folder / META), str(folder / META))
-    if meta.sandbox_id != sandbox_id:
-        raise StateError(f"{folder / META} names sandbox {meta.sandbox_id}, not {sandbox_id}")
-    return meta
-
-
-def load(sandbox_id: str) -> Meta | None:
-    """The committed snapshot of `sandbox_id`, or None if it has none. StateError if its meta.json is malformed
-    or its generation is not the ledger's (an old snapshot is never resumed). The files are checked by scan(),
-    their contents by seal.verify()."""
-    folder = sandbox_dir(sandbox_id)
-    if not own_dir(folder, f"the state directory of sandbox {sandbox_id}", hint=f"remove {folder}"):
-        return None
-    meta = _load(folder, sandbox_id)
-    if meta is None:
-        return None
-    current = generation(sandbox_id)
-    if current != meta.generation:
-        raise StateError(f"the snapshot of sandbox {sandbox_id} is generation {meta.generation} but the ledger is "
-                         f"at {current}: an old snapshot is never resumed", hint="it is removed by the next scan")
-    return meta
-
-
-def uncommit(sandbox_id: str) -> None:
-    """Consume the snapshot of `sandbox_id` once a resumed VM has loaded it (from then on its guest changes the
-    kept disks): meta.json is removed durably, its generation retired in the ledger (so even a copy of the old
-    directory is refused), and its stream files deleted to free the space. The kept files stay: the resumed VM
-    uses them, and a later park keeps them again."""
-    folder = sandbox_dir(sandbox_id)
-    if not own_dir(folder, f"the state directory of sandbox {sandbox_id}", hint=f"remove {folder}"):
-        return
-    try:
-        meta = _load(folder, sandbox_id)
-    except StateError:
-        meta = None  # a malformed meta.json was never resumable: just remove it
+def _drop_snapshot(folder: Path) -> None:
+    """Remove a snapshot's manifest and streams, leaving its kept files."""
     with contextlib.suppress(FileNotFoundError):
         (folder / META).unlink()
-    fsync_dir(folder)
-    if meta is not None and generation(sandbox_id) == meta.generation:
-        next_generation(sandbox_id)
     for name in seal.STREAMS:
         (folder / f"{name}{SNAP_SUFFIX}").unlink(missing_ok=True)
+    fsync_dir(folder)
 
 
-def _examine(folder: Path, sandbox_id: str, ledger: dict[str, int]) -> tuple[Meta | None, str]:
-    """(meta, "") for a complete, current snapshot in `folder`; else (None, what is wrong with it)."""
+def open(key_file: Path | None = None, create_key: bool = False, hold: bool = True) -> State:
+    """Open the state directory with its host key and ledger (both checked now: a key file that was replaced, or a
+    ledger that was rolled back, is a StateError naming the file: bootstrap.py). `key_file`: serve's --key-file
+    (default: $MEMVISOR_KEY_FILE, then paths.key_file()). `create_key`: make the key if there is none and nothing
+    in the state directory is wrapped (serve, and an SDK program's first park). `hold`: keep a shared lock on the
+    directory until close(), which `memvisor key rotate` waits for (ps and the metrics read without it)."""
+    base = root(create=True)
+    key_path = keys.locate(key_file)
+    inuse: int | None = None
+    if hold:
+        inuse = os.open(base / INUSE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(inuse, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(inuse)
+            raise StateError(f"the host key of {base} is being rotated (memvisor key rotate)",
+                             hint="start again once it has finished") from None
     try:
-        meta = _load(folder, sandbox_id)
-    except StateError as exc:
-        return None, f"a snapshot of sandbox {sandbox_id} with a damaged meta.json ({exc.message})"
-    if meta is None:
-        return None, f"a partial snapshot of sandbox {sandbox_id} (no meta.json)"
-    current = ledger.get(sandbox_id)
-    if current is None:
-        return None, f"a snapshot of sandbox {sandbox_id} that the ledger does not know (generation {meta.generation})"
-    if meta.generation < current:
-        return None, (f"a stale snapshot of sandbox {sandbox_id} (generation {meta.generation}; the ledger is at "
-                      f"{current}), which is never resumed")
-    if meta.generation > current:
-        return None, (f"a snapshot of sandbox {sandbox_id} newer than the ledger (generation {meta.generation}; the "
-                      f"ledger is at {current})")
-    why = missing(folder, meta)
-    if why is not None:
-        return None, f"a partial snapshot of sandbox {sandbox_id} ({why})"
-    return meta, ""
+        key, book = bootstrap.open_key_and_ledger(base, key_path, create_key)
+    except BaseException:
+        if inuse is not None:
+            os.close(inuse)
+        raise
+    return State(base, key, book, inuse)
 
 
-def remove_tree(folder: Path) -> bool:
-    """rmtree `folder` if it is a real directory (never a symlink) of this user's; True if removed."""
-    st = os.lstat(folder)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-        log.warning("not removing %s: not a directory owned by uid %d", folder, os.geteuid())
-        return False
-    try:
-        shutil.rmtree(folder)  # fd-based on Linux: does not follow symlinks inside it
-    except OSError as exc:
-        log.warning("could not remove %s: %s", folder, exc)
-        return False
-    fsync_dir(folder.parent)
-    return True
-
-
-def _remove_temp(path: Path, label: str, min_age_s: float) -> str | None:
-    """Unlink a leftover write_atomic temp file of this user's at least `min_age_s` old; the note, or None."""
-    try:
-        st = os.lstat(path)
-        if st.st_uid != os.geteuid() or time.time() - st.st_mtime < min_age_s:
-            return None
-        path.unlink()
-    except OSError:
-        return None
-    return f"removed a leftover temporary file {label}"
-
-
-def scan() -> tuple[list[Meta], list[str]]:
-    """Every complete snapshot (meta.json valid, of the ledger's generation, every file there with its recorded
-    size), after removing partial and stale ones; plus one line for each thing removed.
-
-    Call it when no park is in progress (at the daemon's start): a park in progress looks exactly like a partial
-    snapshot. Entries that are not a sandbox's directory of this user's are left alone."""
-    base = root()
-    ledger = _read_ledger(base)
-    metas: list[Meta] = []
-    notes: list[str] = []
-    with os.scandir(base) as it:
-        names = sorted(entry.name for entry in it)
-    for name in names:
-        path = base / name
-        if name in (HOST_KEY, LEDGER, LOCK, TEMPLATES):
-            continue
-        if _TMP.fullmatch(name):
-            # Another process may be writing the ledger or host key right now: only old ones are leftovers.
-            if note := _remove_temp(path, name, TMP_GRACE_S):
-                notes.append(note)
-            continue
-        st = os.lstat(path)
-        if not SAFE_ID.fullmatch(name) or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-            log.warning("ignoring %s in the state directory: not a sandbox directory of uid %d", path, os.geteuid())
-            continue
-        meta, why = _examine(path, name, ledger)
-        if meta is None:
-            if remove_tree(path):
-                notes.append(f"removed {why}")
-            continue
-        for inner in sorted(os.listdir(path)):
-            if _TMP.fullmatch(inner) and (note := _remove_temp(path / inner, f"{name}/{inner}", 0)):
-                notes.append(note)
-        metas.append(meta)
-    return metas, notes
-
-
-def remove(sandbox_id: str) -> None:
-    """Delete the snapshot directory of `sandbox_id` (meta.json first, so a removal cut short leaves a partial
-    snapshot, never a damaged complete one). The ledger keeps its generation, so an old copy of the snapshot
-    stays refused; forget() drops that. StateError if the directory is not this user's own."""
-    folder = sandbox_dir(sandbox_id)
-    if not own_dir(folder, f"the state directory of sandbox {sandbox_id}",
-                    hint=f"it was not made by memvisor: remove {folder} by hand"):
-        return
-    with contextlib.suppress(FileNotFoundError):
-        (folder / META).unlink()
-        fsync_dir(folder)
-    if not remove_tree(folder):
-        raise StateError(f"cannot remove the snapshot of sandbox {sandbox_id} in {folder}")
-
-
-def committed() -> list[Meta]:
-    """Every parked sandbox's committed snapshot, read only (for `memvisor ps` and the exporter, which must not
-    remove what a daemon's park is still writing, as scan() would): stale or malformed ones are left out."""
+def open_to_read(key_file: Path | None = None) -> State | None:
+    """The state directory opened to read (`memvisor ps`, the metrics), or None when there is nothing to read: no
+    state directory, or no key and nothing wrapped under one. StateError if it cannot be trusted."""
     base = root(create=False)
     if not base.is_dir():
-        return []
-    found = []
-    for path in sorted(base.iterdir()):
-        if not path.is_dir() or not SAFE_ID.fullmatch(path.name) or path.name == TEMPLATES:
-            continue
-        try:
-            meta = load(path.name)
-        except MemvisorError:
-            continue
-        if meta is not None:
-            found.append(meta)
-    return found
+        return None
+    try:
+        return open(key_file, hold=False)
+    except keys.KeyMissing:
+        if wrapped_things(base):
+            raise
+        return None

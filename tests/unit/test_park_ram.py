@@ -20,7 +20,7 @@ IDENT = Ident("abc", 1)
 
 @pytest.fixture
 def key() -> bytes:
-    return seal.new_key()
+    return bytes(seal.new_key())
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ IDENT = Ident("abc", 3)
 
 @pytest.fixture
 def key() -> bytes:
-    return seal.new_key()
+    return bytes(seal.new_key())
 
 
 def write(path: Path, key: bytes, data: bytes, ident: Ident = IDENT, stream: str = "vm",
@@ -212,7 +212,7 @@ def test_another_snapshot_or_stream(tmp_path: Path, key: bytes, ident: Ident, st
 
 def test_another_key(tmp_path: Path, key: bytes) -> None:
     path, _ = sealed(tmp_path, key)
-    refused(path, seal.new_key(), r"chunk 0 failed authentication")
+    refused(path, bytes(seal.new_key()), r"chunk 0 failed authentication")
 
 
 @pytest.mark.parametrize("extra", [
@@ -246,42 +246,69 @@ def test_missing_file(tmp_path: Path, key: bytes) -> None:
     refused(tmp_path / "vm.snap", key, r"cannot read .*vm.snap")
 
 
+DIGEST = bytes(range(32))
+
+
 def test_key_wrap_round_trip() -> None:
     host, key = seal.new_key(), seal.new_key()
-    wrapped = seal.wrap_key(host, key, IDENT)
+    assert isinstance(key, bytearray)  # so its owner can zero it
+    wrapped = seal.wrap_key(host, key, IDENT, "sandbox", DIGEST)
     assert len(wrapped) == seal.WRAPPED_BYTES
-    assert key not in wrapped
-    assert seal.wrap_key(host, key, IDENT) != wrapped  # a random nonce each time
-    assert seal.unwrap_key(host, wrapped, IDENT) == key
+    assert bytes(key) not in wrapped
+    assert seal.wrap_key(host, key, IDENT, "sandbox", DIGEST) != wrapped  # a random nonce each time
+    assert seal.unwrap_key(host, wrapped, IDENT, "sandbox", DIGEST) == key
 
 
-@pytest.mark.parametrize("change", ["id", "generation", "host key", "flip", "short"])
+@pytest.mark.parametrize("change", ["id", "generation", "kind", "digest", "host key", "flip", "short"])
 def test_key_unwrap_refusals(change: str) -> None:
+    """The wrap binds the kind, id, generation and manifest digest: any other is refused."""
     host, key = seal.new_key(), seal.new_key()
-    wrapped = seal.wrap_key(host, key, IDENT)
-    ident, other_host = IDENT, host
+    wrapped = seal.wrap_key(host, key, IDENT, "sandbox", DIGEST)
+    ident, other_host, kind, digest = IDENT, host, "sandbox", DIGEST
     if change == "id":
         ident = Ident("abd", 3)
     elif change == "generation":
         ident = Ident("abc", 2)
+    elif change == "kind":
+        kind = "template"
+    elif change == "digest":
+        digest = bytes(31) + b"\x01"
     elif change == "host key":
         other_host = seal.new_key()
     elif change == "flip":
         wrapped = wrapped[:-1] + bytes([wrapped[-1] ^ 1])
     else:
         wrapped = wrapped[:-1]
-    with pytest.raises(SealError, match=rf"^the snapshot key of sandbox {ident.sandbox_id} generation "
+    with pytest.raises(SealError, match=rf"^the snapshot key of {kind} {ident.sandbox_id} generation "
                                         rf"{ident.generation} does not unwrap: ") as info:
-        seal.unwrap_key(other_host, wrapped, ident)
-    no_key_in(info.value, key, host, other_host)
+        seal.unwrap_key(other_host, wrapped, ident, kind, digest)
+    no_key_in(info.value, bytes(key), bytes(host), bytes(other_host))
+
+
+def test_a_template_stream_never_verifies_as_a_sandbox_stream(tmp_path: Path, key: bytes) -> None:
+    path = tmp_path / "template-vm.snap"
+    write(path, key, b"device state", stream="template-vm")
+    assert seal.verify(path, key, IDENT, "template-vm") == len(b"device state")
+    for stream in ("vm", "template-ram"):
+        with pytest.raises(SealError, match="failed authentication"):
+            seal.verify(path, key, IDENT, stream)
+    assert len(set(seal.STREAMS.values())) == len(seal.STREAMS) == 4
+
+
+def test_the_writer_zeroes_its_plaintext_buffer(tmp_path: Path, key: bytes) -> None:
+    w = SealWriter(tmp_path / "vm.snap", key, IDENT, "vm")
+    w.write(b"secret guest page" * 100)
+    assert bytes(w._buffer[:17]) == b"secret guest page"
+    w.close()
+    assert not any(w._buffer)
 
 
 def test_bad_key_lengths_name_no_key(tmp_path: Path) -> None:
     short = os.urandom(16)
     for call in (lambda: SealWriter(tmp_path / "vm.snap", short, IDENT, "vm"),
-                 lambda: seal.wrap_key(short, seal.new_key(), IDENT),
-                 lambda: seal.wrap_key(seal.new_key(), short, IDENT),
-                 lambda: seal.unwrap_key(short, bytes(seal.WRAPPED_BYTES), IDENT)):
+                 lambda: seal.wrap_key(short, seal.new_key(), IDENT, "sandbox", DIGEST),
+                 lambda: seal.wrap_key(seal.new_key(), short, IDENT, "sandbox", DIGEST),
+                 lambda: seal.unwrap_key(short, bytes(seal.WRAPPED_BYTES), IDENT, "sandbox", DIGEST)):
         with pytest.raises(ValueError, match="must be 32 bytes, not 16") as info:
             call()
         no_key_in(info.value, short)

@@ -49,6 +49,9 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("MEMVISOR_IMAGE_STORE", str(tmp_path / "images"))  # users' images of this test only
     state_dir = tmp_path / "state"
     monkeypatch.setenv("MEMVISOR_STATE_DIR", str(state_dir))  # parked sandboxes of this test only
+    # ... and their host key and ledger head, outside that directory (never the host's /etc/memvisor)
+    monkeypatch.setenv("MEMVISOR_KEY_FILE", str(tmp_path / "keys" / "host.key"))
+    monkeypatch.delenv("MEMVISOR_LEDGER_HEAD", raising=False)
     before = {p.pid for p in qemu_processes()}
     yield run_dir
     # A VMM this test left is a descendant of this process (in-process sandboxes, or a memvisor CLI or daemon
@@ -59,8 +62,8 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     reap_orphans()
     assert not leftover, f"VMM processes left behind: {[p.pid for p in leftover]}"
     assert not run_dir.exists() or not any(run_dir.iterdir()), f"runtime files left: {list(run_dir.iterdir())}"
-    # The state directory may keep its host key and ledger; a sandbox's snapshot left there is a leak.
-    parked = [p.name for p in state_dir.iterdir() if p.is_dir() and p.name != "templates"] \
+    # The state directory may keep its ledger; a sandbox's snapshot left there is a leak.
+    parked = [p.name for p in state_dir.iterdir() if p.is_dir() and p.name not in ("templates", "lost")] \
         if state_dir.exists() else []
     assert not parked, f"parked sandboxes left in the state directory: {parked}"
     templates = [p.name for p in (state_dir / "templates").iterdir()] if (state_dir / "templates").exists() else []

@@ -21,6 +21,7 @@ from memvisor.host.sandbox import Instance
 from memvisor.host.vmm.qmp import QMP
 from memvisor.image.build import Image
 from memvisor.snapshot import statedir, template
+from memvisor.snapshot.manifest import Manifest
 
 MIB = 1 << 20
 # A long-running process of the template: it imported a module the template paid for, and keeps saying so.
@@ -46,8 +47,9 @@ def sh(vm: Instance, script: str) -> str:
 
 
 class Frozen:
-    def __init__(self, meta: statedir.Meta, fd: int, pol: policy.Policy, random_before: str) -> None:
-        self.meta, self.fd, self.policy, self.random_before = meta, fd, pol, random_before
+    def __init__(self, state: statedir.State, meta: Manifest, fd: int, pol: policy.Policy,
+                 random_before: str) -> None:
+        self.state, self.meta, self.fd, self.policy, self.random_before = state, meta, fd, pol, random_before
 
 
 @pytest.fixture
@@ -57,20 +59,23 @@ def frozen(image: Image, tmp_path: Path) -> Iterator[Frozen]:
     handover = tmp_path / "template-key"
     handover.write_bytes(bytes(4096))
     vm = Instance(pol, image, key_handover=handover)
+    state = statedir.open(create_key=True)
     try:
         vm.start()
         ready = vm.wait_ready()
         assert ready is not None and ready["swap"] == {}, "a templatable sandbox must run without swap"
         random_before = sh(vm, SETUP).strip()
-        meta, fd, _ = template.freeze(vm, "warm", {"policy": policy.to_json(pol)})
+        meta, fd, _ = template.freeze(state, vm, "warm", {"policy": policy.to_json(pol)})
     except BaseException:
         vm.close()
+        state.close()
         raise
     try:
-        yield Frozen(meta, fd, pol, random_before)
+        yield Frozen(state, meta, fd, pol, random_before)
     finally:
         os.close(fd)
-        template.remove("warm")
+        template.remove(state, "warm", meta)
+        state.close()
 
 
 def guest_ram(vm: Instance) -> tuple[int, int]:
@@ -82,7 +87,7 @@ def guest_ram(vm: Instance) -> tuple[int, int]:
 def clone(frozen: Frozen, image: Image, handover: Path) -> tuple[Instance, dict[str, Any]]:
     handover.write_bytes(bytes(4096))
     vm = Instance(frozen.policy, image, key_handover=handover)
-    answer, _ = template.clone(vm, frozen.meta, frozen.fd)
+    answer, _ = template.clone(frozen.state, vm, frozen.meta, frozen.fd)
     return vm, answer
 
 
