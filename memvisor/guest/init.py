@@ -128,7 +128,8 @@ def setup_scratch(ctx: Context) -> None:
     if root is not None:
         ctx.chroot = root
     log(f"scratch disk {ctx.scratch['backing']} as {ctx.scratch['device']} (confidential, {ctx.scratch['cipher']}, "
-        f"tags on {ctx.scratch['tag_store']}) at {contract.SCRATCH_MOUNT}; commands run in {root or 'the image root'}")
+        f"tags on {ctx.scratch['tag_store']}) at {contract.SCRATCH_MOUNT}; commands run in {root or 'the image root'}; "
+        f"seconds: {ctx.scratch['seconds']}")
 
 
 def setup_swap(ctx: Context) -> None:

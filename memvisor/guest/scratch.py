@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import time
 
 from memvisor import cmdline, contract
 from memvisor.errors import SetupError
@@ -48,7 +49,10 @@ WORKLOAD_ROOT = "/mnt/workload"  # the root commands run in (memvisor's root, it
 LOWER = "/mnt/rootfs"  # memvisor's read-only root, where stage 0 left it
 BLOCK = 4096
 BLOCKS_PER_GROUP = 8 * BLOCK  # ext2: one block bitmap per group
-MKE2FS = ("/usr/bin/busybox", "mke2fs", "-q", "-F", "-m", "0", "-b", str(BLOCK))
+# 4 KiB blocks (one per page: no block is ever read to change part of it); 128-byte inodes (ext2 has no use for
+# more) and one per 16 KiB, as e2fsprogs makes them: mke2fs writes every inode table through the AEAD at boot
+# (the kernel reads an inode's block before it writes the inode), 8 MiB per GiB of scratch.
+MKE2FS = ("/usr/bin/busybox", "mke2fs", "-q", "-F", "-m", "0", "-b", str(BLOCK), "-I", "128", "-i", "16384")
 NEEDS = ("block", "dm", "crypt", "integrity", "rootfs_scratch")  # module groups (image/kernel.py), in order
 MS_BIND, MS_REC = 0x1000, 0x4000
 
@@ -64,6 +68,7 @@ def setup(settings: dict[str, str], load_group: Callable[[str, dict[str, str] | 
         raise SetupError(f"memvisor.scratch_mode={mode[:20]!r} is not one of {', '.join(MODES)}")
     if size_mib == 0 or mode == "plain":
         return {}, None
+    marks = [time.monotonic()]
     for group in NEEDS:
         failed = load_group(group, None)
         if failed:
@@ -72,6 +77,7 @@ def setup(settings: dict[str, str], load_group: Callable[[str, dict[str, str] | 
     disk = blockio.find_disk(contract.SCRATCH_DISK_SERIAL)
     cipher, _name, key_size, tag_size = aead(load_group)
     meta = tag_store(settings, disk[2], load_group)
+    marks.append(time.monotonic())
     ctl = dm.DeviceMapper()
     try:
         node = stack(ctl, disk, meta, cipher, key_size, tag_size)
@@ -84,14 +90,18 @@ def setup(settings: dict[str, str], load_group: Callable[[str, dict[str, str] | 
         raise SetupError(f"the confidential scratch disk could not be set up: {exc.strerror or exc}") from None
     finally:
         ctl.close()
+    marks.append(time.monotonic())
     try:
         make_filesystem(node)
         os.makedirs(contract.SCRATCH_MOUNT, exist_ok=True)
         linux.mount(node, contract.SCRATCH_MOUNT, "ext2")
     except OSError as exc:
         raise SetupError(f"cannot make the scratch disk's file system on {node}: {exc}") from None
+    marks.append(time.monotonic())
+    seconds = [round(b - a, 3) for a, b in zip(marks, marks[1:], strict=False)]
     report: dict[str, Any] = {"mode": mode, "device": node, "backing": disk[0], "cipher": cipher,
-                              "tag_store": meta[0], "tags_bytes": tagstore.used_bytes(tagstore.SCRATCH_NAME)}
+                              "tag_store": meta[0], "tags_bytes": tagstore.used_bytes(tagstore.SCRATCH_NAME),
+                              "seconds": dict(zip(("modules", "device_mapper", "mkfs_mount"), seconds, strict=True))}
     if contract.require(settings, contract.USER_IMAGE_SETTING) != "none":
         return report, None  # the user's image root puts its overlay on the scratch (guest/userroot.py)
     return report, workload_root(memctl=cmdline.parse_bool(contract.require(settings, "memctl")))
