@@ -6,6 +6,10 @@ process group on KILL or when its timeout passes, and reports EXIT with how it e
 while nothing runs it sleeps in poll(2) and wakes only for the host or the periodic STATS, so an idle sandbox
 costs the host next to nothing. SHUTDOWN kills what still runs and returns (PID 1 then powers off).
 
+PARK freezes the workload and the scratch filesystem (guest/quiesce.py) until RESUMED or CLONED thaws them; an
+EXEC in between is refused. ADOPT (a new host daemon took over after the old one died) ends every command
+without an EXIT (nobody is left to read one) and says which it ended; it is answered in any state, parked too.
+
 Every frame from the host is validated; a bad one gets an ERROR reply and a console line, never a crash. Guest
 only, stdlib only, and cheap to import (see proto.py on why no selectors/subprocess/pathlib).
 """
@@ -19,7 +23,7 @@ import time
 
 from memvisor import contract, proto
 from memvisor.errors import ProtocolError
-from memvisor.guest import cgroups, spawn
+from memvisor.guest import cgroups, quiesce, spawn
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -118,6 +122,7 @@ class Command:
     def __init__(self, exec_id: int, child: spawn.Child, timeout: float | None, cgroup: str | None,
                  oom_base: int) -> None:
         self.id = exec_id
+        self.argv0 = ""  # what ADOPTED names it by
         self.child = child
         self.cgroup = cgroup  # the cgroup it runs in (removed when it ends)
         self.oom_base = oom_base  # that cgroup's OOM kills before it started (an exec id can be used again)
@@ -151,6 +156,9 @@ class Agent:
         self.poller.register(channel.fd, select.POLLIN)
         self.stopping = False
         self.parked = False  # between PARK and RESUMED: the VM is about to be (or is) paused; send nothing
+        self.frozen: quiesce.Frozen | None = None  # what the PARK froze (thawed by RESUMED or CLONED)
+        # What a PARK freezes besides the workload's cgroups (those only in a guest, where init mounted the tree).
+        self.freeze_mounts: tuple[str, ...] = (contract.SCRATCH_MOUNT,) if exec_cgroups else ()
         self.memctl = memctl  # memctl's socket server (memctld), when the policy enables it
         if memctl is not None:
             self.fds[memctl.listener.fileno()] = ("memctl-listen", None)
@@ -287,6 +295,8 @@ class Agent:
             self._resumed(body)
         elif frame.kind is proto.Kind.CLONED and body is not None:
             self._cloned(body)
+        elif frame.kind is proto.Kind.ADOPT:
+            self._adopt()
         elif frame.kind is proto.Kind.SHUTDOWN:
             self.channel.log("shutdown asked for")
             self.stopping = True
@@ -295,15 +305,27 @@ class Agent:
             self._error(f"unexpected {frame.kind.name}", 0)
 
     def _park(self) -> None:
-        """Get ready to be paused and saved (docs/parking.md): write dirty pages out, drop the page cache and
-        compact free memory, so the snapshot carries live pages only (free pages are zero pages in QEMU's
-        stream, or already handed back by free-page reporting); then go quiet until RESUMED, so no frame is
-        left in a VMM that is about to exit."""
+        """Get ready to be paused and saved (docs/parking.md): freeze the workload and the scratch filesystem
+        (nothing may change a kept disk until RESUMED: guest/quiesce.py), write dirty pages out, drop the page
+        cache and compact free memory, so the snapshot carries live pages only (free pages are zero pages in
+        QEMU's stream, or already handed back by free-page reporting); then go quiet until RESUMED, so no frame
+        is left in a VMM that is about to exit."""
+        if self.parked:  # asked again (a host that retries): already frozen and quiet
+            self.channel.send(proto.Kind.PARKING, {"uptime": uptime(), "ok": True, "seconds": 0.0})
+            return
         if self.commands:
             self.channel.send(proto.Kind.PARKING, {"uptime": uptime(), "ok": False,
                                                    "reason": f"{len(self.commands)} command(s) still run"})
             return
         start = time.monotonic()
+        try:
+            frozen = quiesce.freeze(cgroups.ROOT if self.exec_cgroups else None, self.freeze_mounts)
+        except quiesce.FreezeError as exc:
+            self.channel.log(f"park refused: {exc}")
+            self.channel.send(proto.Kind.PARKING, {"uptime": uptime(), "ok": False,
+                                                   "reason": f"the workload cannot be frozen: {exc}"[:proto.MAX_TEXT]})
+            return
+        self.frozen = frozen
         os.sync()
         for knob, value in (("drop_caches", "3"), ("compact_memory", "1")):
             try:
@@ -322,6 +344,7 @@ class Agent:
         stood still while the VM was parked), report again."""
         answer: dict[str, Any] = {"uptime": uptime()}
         set_clock(body, answer)
+        self._thaw(answer)
         self.parked = False
         self.next_stats = time.monotonic()
         self.channel.send(proto.Kind.RESUMED, answer)
@@ -340,12 +363,42 @@ class Agent:
                     answer.update(self.clone.wake(body))
                 except Exception as exc:  # noqa: BLE001 - reported to the host, which stops the clone
                     answer["error"] = f"waking as a clone failed: {exc}"[:proto.MAX_TEXT]
+        self._thaw(answer)  # after the wake: no workload code runs before the clone is its own machine
         self.parked = False
         self.next_stats = time.monotonic()
         self.channel.send(proto.Kind.CLONED, answer)
 
+    def _thaw(self, answer: dict[str, Any]) -> None:
+        """Thaw what the PARK froze (RESUMED, CLONED); a failure goes into the answer's `error`."""
+        problems = quiesce.thaw(self.frozen)
+        self.frozen = None
+        if problems:
+            self.channel.log("; ".join(problems))
+            answer["error"] = "; ".join([answer.get("error", ""), *problems]).lstrip("; ")[:proto.MAX_TEXT]
+
+    def _adopt(self) -> None:
+        """A new host daemon took over (proto ADOPT): its predecessor died with these commands' streams, so each
+        is killed (its process group), its pipes closed, its child reaped and forgotten, without an EXIT; the
+        answer names them and says whether the guest is parked (the new daemon must then resume or park it)."""
+        ended = []
+        for command in list(self.commands.values()):
+            self._signal(command, 9)
+            self._close(command)
+            command.child.wait()
+            if command.cgroup:
+                cgroups.drop(command.cgroup)
+            ended.append([command.id, command.argv0[:64]])
+        if self.memctl is not None:  # requests the dead daemon never answered: thaw and tell their callers
+            self.memctl.abandon("the host's daemon was replaced")
+        self.channel.log(f"adopted by a new host daemon: {len(ended)} command(s) ended"
+                         f"{', parked' if self.parked else ''}")
+        self.channel.send(proto.Kind.ADOPTED, {"uptime": uptime(), "ended": ended, "parked": self.parked})
+
     def _exec(self, body: dict[str, Any]) -> None:
         exec_id = body["id"]
+        if self.parked:  # the VM is being saved: a command started now would be frozen into the snapshot
+            self._error(f"exec {exec_id} refused: the sandbox is being parked", exec_id)
+            return
         if exec_id in self.commands:
             self._error(f"exec {exec_id} is already running", exec_id)
             return
@@ -371,6 +424,7 @@ class Agent:
                                                 **self.report()})
             return
         command = Command(exec_id, child, body.get("timeout"), cgroup, oom_base)
+        command.argv0 = body["argv"][0]
         self.commands[exec_id] = command
         for fd in command.streams:
             self._watch(fd, "out", command, select.POLLIN)

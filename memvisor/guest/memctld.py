@@ -149,12 +149,16 @@ class Memctld:
         if pending.conn.fileno() in self.clients:
             self._answer(pending.conn, answer)
 
-    def abandon(self) -> None:
-        """The host is gone: thaw everyone still waiting."""
+    def abandon(self, reason: str | None = None) -> None:
+        """The host is gone: thaw everyone still waiting; with `reason` (a new host took over, and the guest goes
+        on), each caller is told its request was lost."""
         pending = list(self.pending.values())
         self.pending.clear()
         for p in pending:
             self._thaw(p)
+            if reason is not None and p.conn.fileno() in self.clients:
+                self._answer(p.conn, {"ok": False, "errno": errno.ECONNABORTED, "bytes": 0,
+                                      "reason": f"{reason}: the request may or may not have been applied"})
 
     def expire(self, now: float) -> None:
         """Answer and thaw requests the host has not answered within PENDING_TIMEOUT_S. The host applies a

@@ -7,13 +7,14 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memvisor import proto
-from memvisor.guest import agent
+from memvisor import contract, proto
+from memvisor.guest import agent, cgroups, quiesce
 
 Kind = proto.Kind
 
@@ -142,3 +143,88 @@ def test_garbage_never_crashes_it(chunks: list[bytes]) -> None:
         assert h.thread.is_alive()
     finally:
         h.stop()
+
+
+def started_pid(h: Harness, exec_id: int) -> int:
+    h.until(lambda f: any(x.kind is Kind.STARTED and x.body and x.body["id"] == exec_id for x in f))
+    return next(int(f.body["pid"]) for f in h.frames if f.kind is Kind.STARTED and f.body and f.body["id"] == exec_id)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("half", ["exec", "stdin", "header"])
+def test_adopt_after_a_half_written_frame_ends_every_command_without_an_exit(guest: Harness, half: str) -> None:
+    guest.send(Kind.EXEC, {"id": 3, "argv": ["sleep", "30"]})
+    guest.send(Kind.EXEC, {"id": 4, "argv": ["cat"], "stdin": True})
+    pids = [started_pid(guest, 3), started_pid(guest, 4)]
+    # What a daemon killed mid-write leaves in the channel: part of a frame, whose header promises more bytes.
+    frame = {"exec": proto.encode(Kind.EXEC, {"id": 9, "argv": ["sh", "-c", "echo never"]}),
+             "stdin": proto.encode(Kind.STDIN, b"x" * 5000, 4),
+             "header": proto.encode(Kind.STDIN, b"y" * 300, 4)}[half]
+    guest.host.sendall(frame[:7 if half == "header" else len(frame) // 2])
+    guest.host.sendall(bytes(proto.ADOPT_FILLER))  # what the new daemon sends first
+    guest.send(Kind.ADOPT, {})
+    frames = guest.until(lambda f: any(x.kind is Kind.ADOPTED for x in f))
+    adopted = next(f.body for f in frames if f.kind is Kind.ADOPTED)
+    assert adopted is not None
+    assert sorted(adopted["ended"]) == [[3, "sleep"], [4, "cat"]] and adopted["parked"] is False
+    assert not guest.exits() and not any(alive(pid) for pid in pids)
+    assert not any(f.kind is Kind.STARTED and f.body and f.body["id"] == 9 for f in frames)
+    # The agent goes on with the new daemon: the exec ids are free again.
+    guest.send(Kind.EXEC, {"id": 3, "argv": ["sh", "-c", "echo again"]})
+    guest.until(lambda _f: 3 in guest.exits())
+    assert guest.output(Kind.STDOUT, 3) == b"again\n"
+
+
+def test_between_parking_and_resumed_exec_is_refused_and_adopt_says_parked(guest: Harness) -> None:
+    guest.send(Kind.PARK, {})
+    parking = guest.until(lambda f: any(x.kind is Kind.PARKING for x in f))[-1].body
+    assert parking is not None and parking["ok"] is True, parking
+    guest.send(Kind.EXEC, {"id": 6, "argv": ["sh", "-c", "echo ran"]})
+    guest.until(lambda f: any(x.kind is Kind.ERROR for x in f))
+    error = next(f.body for f in guest.frames if f.kind is Kind.ERROR)
+    assert error is not None and error["id"] == 6 and "parked" in error["message"]
+    guest.send(Kind.PARK, {})  # a host that asks again gets the same answer
+    guest.until(lambda f: sum(x.kind is Kind.PARKING for x in f) == 2)
+    assert all(f.body and f.body["ok"] for f in guest.frames if f.kind is Kind.PARKING)
+    guest.send(Kind.ADOPT, {})
+    adopted = guest.until(lambda f: any(x.kind is Kind.ADOPTED for x in f))[-1].body
+    assert adopted is not None and adopted == {"uptime": adopted["uptime"], "ended": [], "parked": True}
+    guest.send(Kind.RESUMED, {})
+    guest.until(lambda f: any(x.kind is Kind.RESUMED for x in f))
+    assert not any(f.kind in (Kind.STARTED, Kind.EXIT) for f in guest.frames)  # nothing ran for exec 6
+    guest.send(Kind.EXEC, {"id": 6, "argv": ["sh", "-c", "echo ran"]})
+    guest.until(lambda _f: 6 in guest.exits())
+    assert guest.output(Kind.STDOUT, 6) == b"ran\n"
+
+
+def fake_cgroups(tmp_path: Path, frozen: str) -> Path:
+    """A cgroup tree as the guest has it: PID 1's cgroup, the workloads' parent and one a root workload made."""
+    for name in (contract.INIT_CGROUP, cgroups.WORKLOADS, "made-by-root"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "cgroup.freeze").write_text("0\n")
+        (tmp_path / name / "cgroup.events").write_text(f"populated 1\nfrozen {frozen}\n")
+    (tmp_path / "cgroup.procs").write_text("1\n")
+    return tmp_path
+
+
+def test_park_freezes_every_cgroup_but_pid1s_and_thaws_them(tmp_path: Path) -> None:
+    root = fake_cgroups(tmp_path, frozen="1")
+    frozen = quiesce.freeze(str(root), (str(tmp_path / "no-such-mount"),))
+    state = {p.name: (p / "cgroup.freeze").read_text() for p in root.iterdir() if p.is_dir()}
+    assert state == {contract.INIT_CGROUP: "0\n", cgroups.WORKLOADS: "1", "made-by-root": "1"}
+    assert quiesce.thaw(frozen) == []
+    assert {(p / "cgroup.freeze").read_text() for p in root.iterdir() if p.is_dir()} <= {"0", "0\n"}
+
+
+def test_a_park_whose_freeze_times_out_leaves_everything_thawed(tmp_path: Path) -> None:
+    root = fake_cgroups(tmp_path, frozen="0")  # a task that never stops (stuck in D state)
+    with pytest.raises(quiesce.FreezeError, match="did not freeze within 0.05 s"):
+        quiesce.freeze(str(root), (), timeout=0.05)
+    assert {(p / "cgroup.freeze").read_text() for p in root.iterdir() if p.is_dir()} <= {"0", "0\n"}
