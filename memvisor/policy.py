@@ -32,6 +32,13 @@ class SwapMode(enum.StrEnum):
     CONFIDENTIAL = "confidential"  # authenticated, with the tags in guest RAM: no replay (docs/swap.md)
 
 
+class ScratchMode(enum.StrEnum):
+    """How the guest keeps its scratch disk (docs/image.md, "The scratch disk")."""
+
+    CONFIDENTIAL = "confidential"  # dm-integrity (tags in guest RAM) + dm-crypt AEAD: the host holds ciphertext only
+    PLAIN = "plain"  # ext2 straight on the disk: the host reads and can change what the workload wrote
+
+
 # Modes whose freed swap may be discarded down to the host file. Not authenticated: its tags live in the host file,
 # and dm-integrity serves a block whose tag is its discard marker unchecked (docs/swap.md, "Giving freed swap back").
 DISCARD_MODES = (SwapMode.PLAIN, SwapMode.ENCRYPTED, SwapMode.CONFIDENTIAL)
@@ -99,6 +106,7 @@ class Policy:
     templatable: bool = False
     rootfs: str = "pmem"
     scratch_mib: int = 0
+    scratch_mode: ScratchMode = ScratchMode.CONFIDENTIAL
     image: str | None = None
     # Not a setting: filled in by merge() so reports can tell where each value came from.
     sources: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
@@ -111,10 +119,10 @@ class Policy:
 
     @property
     def effective_swap_mode(self) -> SwapMode:
-        """The swap mode asked for: the explicit one, else `authenticated` when a size is given, else off."""
+        """The swap mode asked for: the explicit one, else `confidential` when a size is given, else off."""
         if self.swap_mode is not None:
             return self.swap_mode
-        return SwapMode.AUTHENTICATED if self.swap_size_mib > 0 else SwapMode.OFF
+        return SwapMode.CONFIDENTIAL if self.swap_size_mib > 0 else SwapMode.OFF
 
     def summary(self, swap_in_effect: str | None = None) -> str:
         """One short human line, for `memvisor ps`; `swap_in_effect` is the mode the guest really set up."""
@@ -165,7 +173,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("swap_size_mib", "swap", "size_mib", "--swap-size", int, "size of the guest's disk swap in MiB",
             cmdline="swap_size_mib", minimum=0, maximum=1 << 26),
     Setting("swap_mode", "swap", "mode", "--swap-mode", SwapMode,
-            "swap mode (default: authenticated when a size is given)", cmdline="swap_mode",
+            "swap mode (default: confidential when a size is given)", cmdline="swap_mode",
             choices=tuple(m.value for m in SwapMode), optional=True),
     Setting("allow_weaker_swap", "swap", "allow_weaker", "--allow-weaker-swap", bool,
             "step down confidential -> authenticated -> encrypted -> plain if the guest kernel lacks the mode",
@@ -201,6 +209,10 @@ SETTINGS: tuple[Setting, ...] = (
             "MiB of per-sandbox scratch disk (a sparse host file, gone with the sandbox) for what the workload writes "
             "to its root, instead of guest RAM (tmpfs); 0: tmpfs", cmdline="scratch_mib", minimum=0,
             maximum=1 << 20),
+    Setting("scratch_mode", "image", "scratch_mode", "--scratch-mode", ScratchMode,
+            "how the guest keeps its scratch disk: confidential (default: encrypted and authenticated, its tags in "
+            "guest RAM, so the host can neither read it nor change or roll back a block unseen) or plain (ext2 "
+            "on the bare disk)", cmdline="scratch_mode", choices=tuple(m.value for m in ScratchMode)),
     Setting("image", "image", "name", "--image", str,
             "run in this image of yours (`memvisor image build --name` / `memvisor image import`; docs/image.md) "
             "instead of memvisor's default one; with no command, the image's Entrypoint/Cmd run",

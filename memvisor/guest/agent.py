@@ -310,6 +310,9 @@ class Agent:
         cache and compact free memory, so the snapshot carries live pages only (free pages are zero pages in
         QEMU's stream, or already handed back by free-page reporting); then go quiet until RESUMED, so no frame
         is left in a VMM that is about to exit."""
+        if self.parked:  # asked again (a host that retries): already frozen and quiet
+            self.channel.send(proto.Kind.PARKING, {"uptime": uptime(), "ok": True, "seconds": 0.0})
+            return
         if self.commands:
             self.channel.send(proto.Kind.PARKING, {"uptime": uptime(), "ok": False,
                                                    "reason": f"{len(self.commands)} command(s) still run"})

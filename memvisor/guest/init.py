@@ -35,7 +35,8 @@ class Context:
         self.channel: agent.Channel | None = None
         self.steps: list[tuple[str, float]] = []
         self.swap: dict[str, Any] = {}
-        self.chroot: str | None = None  # the user's image root commands run in (guest/userroot.py), if any
+        self.chroot: str | None = None  # the root commands run in (guest/userroot.py, guest/scratch.py), if any
+        self.scratch: dict[str, Any] = {}  # the confidential scratch disk (guest/scratch.py)
         self.waker: Any = None  # a templatable sandbox's clone.Waker (guest/clone.py)
 
     def flag(self, key: str) -> bool:
@@ -115,6 +116,22 @@ def open_channel(ctx: Context) -> None:
     ctx.channel = agent.Channel.open(proto.PORT_NAME, time.monotonic() + 10, log)
 
 
+def setup_scratch(ctx: Context) -> None:
+    """The scratch disk in confidential mode, and the workload's root on it (guest/scratch.py); a plain one is
+    stage 0's (image/rootfs.py). Before swap: the two share the RAM disk module their tags live on."""
+    if contract.require(ctx.settings, "scratch_mib") == "0" or \
+            contract.require(ctx.settings, "scratch_mode") == "plain":
+        return
+    from memvisor.guest import scratch  # only with a confidential scratch disk
+
+    ctx.scratch, root = scratch.setup(ctx.settings, lambda group, params: load_group(ctx, group, params), log)
+    if root is not None:
+        ctx.chroot = root
+    log(f"scratch disk {ctx.scratch['backing']} as {ctx.scratch['device']} (confidential, {ctx.scratch['cipher']}, "
+        f"tags on {ctx.scratch['tag_store']}) at {contract.SCRATCH_MOUNT}; commands run in {root or 'the image root'}; "
+        f"seconds: {ctx.scratch['seconds']}")
+
+
 def setup_swap(ctx: Context) -> None:
     """zram and the disk swap stack, as the settings ask (nothing when they ask for none). A templatable sandbox
     is frozen with swap off: each of its clones sets up its own when it wakes (guest/clone.py), with a key from
@@ -172,6 +189,7 @@ STEPS: list[tuple[str, Callable[[Context], None]]] = [
     ("read_settings", read_settings),
     ("load_base_modules", load_base_modules),
     ("open_channel", open_channel),
+    ("setup_scratch", setup_scratch),
     ("setup_swap", setup_swap),
     ("setup_user_image", setup_user_image),
 ]

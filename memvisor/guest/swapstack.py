@@ -97,13 +97,14 @@ def wipe(key: mmap.mmap) -> None:
     key.close()
 
 
-def logon_key(size: int, handover: str | None = None) -> int:
+def logon_key(size: int, handover: str | None = None, description: str = KEY_DESCRIPTION) -> int:
     """A fresh random key of `size` bytes in PID 1's process keyring as a `logon` key, which user space can
     never read back (not even root: there is no read operation for the type); the page Python held it in is
     zeroed at once. Returns the key's serial, for KEYCTL_INVALIDATE once dm-crypt has its own copy.
     `handover` (tests only, memvisor.key_handover: tests/vm/test_keydump.py): a disk the key is also written to,
     with O_DIRECT straight from that page, so the test can look for copies of it in a dump of guest RAM and the
-    hand-over itself leaves none."""
+    hand-over itself leaves none. `description`: the keyring name the crypt table refers to (the scratch disk has
+    its own, guest/scratch.py)."""
     key = random_key(size)
     view = (ctypes.c_char * size).from_buffer(key)
     try:
@@ -113,14 +114,14 @@ def logon_key(size: int, handover: str | None = None) -> int:
                 os.pwrite(fd, key, 0)
             finally:
                 os.close(fd)
-        serial = _libc.syscall(SYS_ADD_KEY, b"logon", KEY_DESCRIPTION.encode(), view, ctypes.c_size_t(size),
+        serial = _libc.syscall(SYS_ADD_KEY, b"logon", description.encode(), view, ctypes.c_size_t(size),
                                KEY_SPEC_PROCESS_KEYRING)
     finally:
         del view
         wipe(key)
     if serial < 0:
         err = ctypes.get_errno()
-        raise Missing(f"the kernel keyring refused the swap key ({os.strerror(err)})")
+        raise Missing(f"the kernel keyring refused the key {description} ({os.strerror(err)})")
     return int(serial)
 
 
@@ -128,10 +129,11 @@ def invalidate_key(serial: int) -> None:
     _libc.syscall(SYS_KEYCTL, KEYCTL_INVALIDATE, serial)
 
 
-def crypt_params(cipher: str, key_size: int, device: str, options: tuple[str, ...]) -> bytearray:
+def crypt_params(cipher: str, key_size: int, device: str, options: tuple[str, ...],
+                 description: str = KEY_DESCRIPTION) -> bytearray:
     """`<cipher> :<size>:logon:<description> 0 <device> 0 <#opts> <opts...>`: dm-crypt takes the key from the
     keyring, so no key text ever exists in Python."""
-    return bytearray(f"{cipher} :{key_size}:logon:{KEY_DESCRIPTION} 0 {device} 0 {len(options)} "
+    return bytearray(f"{cipher} :{key_size}:logon:{description} 0 {device} 0 {len(options)} "
                      f"{' '.join(options)}".encode())
 
 

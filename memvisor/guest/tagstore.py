@@ -12,7 +12,12 @@ direct reclaim while swap-out waits for it (guest/segments.py). So the store is 
 segment's tags at a time (`prefill`), before that segment can be swapped to. Its pages are kernel memory,
 neither swapped (a tag on the host disk would undo the point) nor reclaimed. brd counts them itself, in debugfs
 (ramdisk_pages/ram0), which memstats reports. Its module parameters are read once, at load: the size is
-decided before loading, from the swap disk's size. Guest only, stdlib only.
+decided before loading, from the swap disk's size.
+
+The confidential scratch disk (guest/scratch.py) keeps its tags the same way, on a second RAM disk of the same
+module (ram1): brd makes all its disks one size, so whichever loads it first (the scratch, set up before swap)
+sizes them for both, and a disk larger than its user needs costs nothing (capacity is allocated on first
+write). Guest only, stdlib only.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ import time
 from memvisor.guest import linux
 
 MODULE = "brd"
-NAME = "ram0"
+NAME = "ram0"  # the confidential swap's
+SCRATCH_NAME = "ram1"  # the confidential scratch disk's
 DEBUGFS = "/sys/kernel/debug"
 PAGES_FILE = f"{DEBUGFS}/ramdisk_pages/{NAME}"  # brd's count of allocated pages (6.1: brd_nr_pages)
 BLOCK = 4096
@@ -42,32 +48,32 @@ def capacity_kib(data_sectors: int, tag_size: int) -> int:
     return HEADROOM_KIB + buffers * (BLOCK // 1024)
 
 
-def module_params(kib: int) -> dict[str, str]:
-    """brd's load-time parameters: one RAM disk of `kib` KiB (its default is 16 disks of 16 MiB)."""
-    return {MODULE: f"rd_nr=1 rd_size={kib}"}
+def module_params(kib: int, disks: int = 1) -> dict[str, str]:
+    """brd's load-time parameters: `disks` RAM disks of `kib` KiB each (its default is 16 disks of 16 MiB)."""
+    return {MODULE: f"rd_nr={disks} rd_size={kib}"}
 
 
-def device(kib: int, timeout: float = 5.0) -> tuple[str, tuple[int, int]]:
-    """The RAM disk's node and (major, minor); OSError if it is missing or not `kib` KiB (brd was loaded before,
-    with other parameters)."""
+def device(kib: int, timeout: float = 5.0, name: str = NAME) -> tuple[str, tuple[int, int]]:
+    """RAM disk `name`'s node and (major, minor); OSError if it is missing or smaller than `kib` KiB (brd was
+    loaded before, with other parameters)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with open(f"/sys/block/{NAME}/dev") as f:
+            with open(f"/sys/block/{name}/dev") as f:
                 major, minor = (int(x) for x in f.read().split(":"))
-            with open(f"/sys/block/{NAME}/size") as f:
+            with open(f"/sys/block/{name}/size") as f:
                 sectors = int(f.read())
-            if os.path.exists(f"/dev/{NAME}"):
+            if os.path.exists(f"/dev/{name}"):
                 break
         except OSError:
             pass
         if time.monotonic() > deadline:
-            raise OSError(errno.ENODEV, "the RAM disk for the swap tags did not appear", f"/dev/{NAME}")
+            raise OSError(errno.ENODEV, "the RAM disk for the tags did not appear", f"/dev/{name}")
         time.sleep(0.01)
-    if sectors != kib * 2:
-        raise OSError(errno.EINVAL, f"the RAM disk has {sectors // 2} KiB, not {kib} KiB (brd was loaded before)",
-                      f"/dev/{NAME}")
-    return f"/dev/{NAME}", (major, minor)
+    if sectors < kib * 2:
+        raise OSError(errno.EINVAL, f"the RAM disk has {sectors // 2} KiB, less than {kib} KiB (brd was loaded "
+                      "before)", f"/dev/{name}")
+    return f"/dev/{name}", (major, minor)
 
 
 def mount_debugfs() -> None:
@@ -76,9 +82,9 @@ def mount_debugfs() -> None:
         linux.mount("debugfs", DEBUGFS, "debugfs", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
 
 
-def used_bytes() -> int:
-    """Guest RAM the store holds now (brd's count of its pages)."""
-    with open(PAGES_FILE) as f:
+def used_bytes(name: str = NAME) -> int:
+    """Guest RAM RAM disk `name` holds now (brd's count of its pages)."""
+    with open(f"{DEBUGFS}/ramdisk_pages/{name}") as f:
         return int(f.read()) * BLOCK
 
 

@@ -37,7 +37,8 @@ GUEST_SOURCES = ("__init__.py", "errors.py", "cmdline.py", "contract.py", "proto
                  "guest/init.py", "guest/agent.py", "guest/linux.py", "guest/spawn.py", "guest/dm.py",
                  "guest/blockio.py", "guest/integrity.py", "guest/swap.py", "guest/swapstack.py", "guest/tagstore.py",
                  "guest/segments.py", "guest/zram.py", "guest/memstats.py", "guest/diag.py", "guest/memctld.py",
-                 "guest/memctl.py", "guest/userroot.py", "guest/cgroups.py", "guest/clone.py", "guest/quiesce.py")
+                 "guest/memctl.py", "guest/userroot.py", "guest/cgroups.py", "guest/clone.py", "guest/quiesce.py",
+                 "guest/scratch.py")
 BUILDER_SOURCES = ("image/__init__.py", "image/build.py", "image/cpio.py", "image/debs.py", "image/kernel.py",
                    "image/nvdimm.py", "image/python.py", "image/rootfs.py", "image/tree.py")
 UNPRIVILEGED = contract.WORKLOAD_UID

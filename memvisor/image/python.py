@@ -17,10 +17,11 @@ from memvisor.image.kernel import elf_section
 
 PY_VERSION = "3.11"
 # swapstack: imported only with swap; diag: only when the host asks for a dump; memctld: only with memctl
-# (memctl: PID 1's side, the workload's); userroot: only with a user's image; clone: only templatable
+# (memctl: PID 1's side, the workload's); userroot: only with a user's image; clone: only templatable;
+# scratch: only with a confidential scratch disk
 GUEST_ENTRY_MODULES = ("memvisor.guest.init", "memvisor.guest.swapstack", "memvisor.guest.diag",
                        "memvisor.guest.memctld", "memvisor.guest.memctl", "memvisor.guest.userroot",
-                       "memvisor.guest.clone")
+                       "memvisor.guest.clone", "memvisor.guest.scratch")
 # Imported lazily, on paths the guest can take: encoding lookups, error paths.
 EXTRA_MODULES = ("encodings.latin_1", "encodings.ascii", "encodings.utf_8",
                  "json.decoder",  # _json raises json.decoder.JSONDecodeError, importing it on that path

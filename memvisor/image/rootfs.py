@@ -41,14 +41,23 @@ mount -t devtmpfs devtmpfs /dev || fail "cannot mount /dev"
 mount -t sysfs sysfs /sys || fail "cannot mount /sys"
 mode=
 scratch=
+scratch_mode=
 read -r cmdline < /proc/cmdline
 for word in $cmdline; do
   case "$word" in
     memvisor.@SETTING@=*) mode="${word#memvisor.@SETTING@=}" ;;
     memvisor.scratch_mib=*) scratch="${word#memvisor.scratch_mib=}" ;;
+    memvisor.scratch_mode=*) scratch_mode="${word#memvisor.scratch_mode=}" ;;
   esac
 done
 [ -n "$scratch" ] || fail "the host did not send memvisor.scratch_mib"
+# A confidential scratch disk is PID 1's to set up (guest/scratch.py: device-mapper, in Python); PID 1's own root
+# then has a tmpfs upper layer, as without a scratch disk.
+case "$scratch_mode" in
+  confidential) scratch=0 ;;
+  plain) ;;
+  *) fail "memvisor.scratch_mode='$scratch_mode' is not confidential or plain" ;;
+esac
 case "$mode" in pmem|blk) ;; *) fail "memvisor.@SETTING@='$mode' is not pmem or blk" ;; esac
 load() {
   loaded=" $(cut -d' ' -f1 /proc/modules | tr '\n' ' ') "
@@ -104,7 +113,7 @@ else
 fi
 if [ "$scratch" = 0 ]; then
   mount -t tmpfs -o mode=0755 rootfs-upper /upper || fail "cannot mount the overlay's tmpfs"
-else  # writes go to the per-sandbox scratch disk: a fresh ext2 each boot (the host file is new and sparse)
+else  # plain: writes go to the per-sandbox scratch disk, a fresh ext2 each boot (the host file is new and sparse)
   disk="$(by_serial @SCRATCH@)"
   [ -n "$disk" ] || fail "the scratch disk (serial @SCRATCH@) is missing"
   mke2fs -q -F -m 0 "$disk" >/dev/null || fail "cannot format the scratch disk $disk"

@@ -83,7 +83,7 @@ def protection(inst: Instance, name: str) -> str:
         mode = setup.get("effective") if isinstance(setup, dict) else None
         mode = mode if mode in PROTECTIONS else str(inst.policy.effective_swap_mode)
     else:
-        mode = str(getattr(inst.policy, "scratch_mode", "plain"))  # the guest's scratch protection, when it has one
+        mode = str(inst.policy.scratch_mode)
     return mode if mode in PROTECTIONS else "plain"
 
 

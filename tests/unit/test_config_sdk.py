@@ -50,4 +50,4 @@ def test_sdk_with_swap_and_zram() -> None:
     sb = Sandbox(memory_mib=192, config_file=False).with_swap(1024, mode="encrypted").with_zram(50, "zstd")
     p = sb.policy
     assert (p.swap_size_mib, p.swap_mode, p.zram_percent, p.zram_algorithm) == (1024, "encrypted", 50, "zstd")
-    assert Sandbox(config_file=False).with_swap(64).policy.effective_swap_mode == "authenticated"
+    assert Sandbox(config_file=False).with_swap(64).policy.effective_swap_mode == "confidential"

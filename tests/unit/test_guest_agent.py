@@ -190,6 +190,9 @@ def test_between_parking_and_resumed_exec_is_refused_and_adopt_says_parked(guest
     guest.until(lambda f: any(x.kind is Kind.ERROR for x in f))
     error = next(f.body for f in guest.frames if f.kind is Kind.ERROR)
     assert error is not None and error["id"] == 6 and "parked" in error["message"]
+    guest.send(Kind.PARK, {})  # a host that asks again gets the same answer
+    guest.until(lambda f: sum(x.kind is Kind.PARKING for x in f) == 2)
+    assert all(f.body and f.body["ok"] for f in guest.frames if f.kind is Kind.PARKING)
     guest.send(Kind.ADOPT, {})
     adopted = guest.until(lambda f: any(x.kind is Kind.ADOPTED for x in f))[-1].body
     assert adopted is not None and adopted == {"uptime": adopted["uptime"], "ended": [], "parked": True}

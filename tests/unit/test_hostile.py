@@ -29,10 +29,10 @@ def instance(tmp_path: Path, **settings: Any) -> Instance:
 def test_a_weaker_swap_mode_from_the_guest_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                       effective: str) -> None:
     monkeypatch.setenv("MEMVISOR_RUNTIME_DIR", str(tmp_path))
-    vm = instance(tmp_path, swap_size_mib=64)  # authenticated by default
+    vm = instance(tmp_path, swap_size_mib=64, swap_mode="authenticated")
     with pytest.raises(GuestError, match=f"the guest set up swap mode {effective}, weaker than authenticated"):
         vm.swap_ready({"asked": "plain", "effective": effective})  # what the guest says it was asked: ignored
-    allowed = instance(tmp_path, swap_size_mib=64, allow_weaker_swap=True)
+    allowed = instance(tmp_path, swap_size_mib=64, swap_mode="authenticated", allow_weaker_swap=True)
     allowed.swap_ready({"asked": "authenticated", "effective": effective})
 
 
@@ -45,14 +45,15 @@ def test_a_step_down_from_confidential_is_refused_unless_allowed(tmp_path: Path,
         vm.swap_ready({"effective": effective})
     instance(tmp_path, swap_size_mib=64, swap_mode="confidential", allow_weaker_swap=True).swap_ready(
         {"effective": effective})
-    instance(tmp_path, swap_size_mib=64).swap_ready({"effective": "confidential"})  # stronger than asked: fine
+    instance(tmp_path, swap_size_mib=64, swap_mode="authenticated").swap_ready(
+        {"effective": "confidential"})  # stronger than asked: fine
 
 
 def test_a_swap_mode_that_is_not_one_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MEMVISOR_RUNTIME_DIR", str(tmp_path))
     with pytest.raises(GuestError, match="which is not a mode"):
         instance(tmp_path, swap_size_mib=64).swap_ready({"effective": "\x1b[31mquantum"})
-    instance(tmp_path, swap_size_mib=64).swap_ready({"effective": "authenticated"})
+    instance(tmp_path, swap_size_mib=64).swap_ready({"effective": "confidential"})  # the default mode
 
 
 def test_the_console_log_keeps_a_bounded_tail(tmp_path: Path) -> None:
@@ -147,7 +148,7 @@ def test_garbage_guest_figures_never_reach_a_report_or_a_terminal(hello: object,
     pol = policy.merge(("test", {"swap_size_mib": 64}))
     guest = report.guest_section({**cleaned_hello, "uptime": 1, "memtotal_kib": 1}, None, exit_dict)
     swap = report.swap_section(pol, {"swap": cleaned_hello.get("swap")}, exit_dict)
-    assert swap["asked"] == "authenticated"  # the host's own value, whatever the guest sent
+    assert swap["asked"] == "confidential"  # the host's own value (the default mode), whatever the guest sent
     assert all(isinstance(v, int) for v in (exit_dict.get("meminfo") or {}).values())
     json.dumps([guest, swap], allow_nan=False)
 

@@ -10,7 +10,7 @@ import pytest
 
 from memvisor import cli, cmdline, policy
 from memvisor.errors import ConfigError, PolicyError
-from memvisor.policy import SETTINGS, Policy, SwapMode
+from memvisor.policy import SETTINGS, Policy, ScratchMode, SwapMode
 
 # A non-default value for every setting, as its Python value.
 SAMPLE: dict[str, object] = {
@@ -20,7 +20,7 @@ SAMPLE: dict[str, object] = {
     "swap_mode": SwapMode.ENCRYPTED, "allow_weaker_swap": True, "swap_discard": True, "zram_percent": 50,
     "zram_algorithm": "zstd",
     "ksm": True, "balloon": False, "deflate_on_oom": True, "memctl": True, "templatable": True, "rootfs": "blk",
-    "scratch_mib": 64,
+    "scratch_mib": 64, "scratch_mode": ScratchMode.PLAIN,
     "image": "tools",
 }
 IMPLEMENTED = list(SETTINGS)
@@ -158,7 +158,7 @@ def test_unknown_toml_keys_are_errors() -> None:
 
 def test_effective_swap_mode_defaults() -> None:
     assert policy.DEFAULT.effective_swap_mode is SwapMode.OFF
-    assert Policy(swap_size_mib=64).effective_swap_mode is SwapMode.AUTHENTICATED
+    assert Policy(swap_size_mib=64).effective_swap_mode is SwapMode.CONFIDENTIAL
     assert Policy(swap_size_mib=64, swap_mode=SwapMode.PLAIN).effective_swap_mode is SwapMode.PLAIN
 
 
@@ -170,12 +170,23 @@ def test_cmdline_values_cannot_inject_words() -> None:
 
 def test_swap_discard_is_refused_with_authenticated_swap_or_without_swap() -> None:
     with pytest.raises(PolicyError, match="authenticated") as info:
-        policy.merge(("test", {"swap_size_mib": 64, "swap_discard": True}))
+        policy.merge(("test", {"swap_size_mib": 64, "swap_mode": "authenticated", "swap_discard": True}))
     assert "confidential" in (info.value.hint or "")
     with pytest.raises(PolicyError, match="needs disk swap"):
         policy.merge(("test", {"swap_discard": True}))
     for mode in ("plain", "encrypted", "confidential"):  # confidential's tags are in guest RAM: no forged marker
         assert policy.merge(("test", {"swap_size_mib": 64, "swap_mode": mode, "swap_discard": True})).swap_discard
+    assert policy.merge(("test", {"swap_size_mib": 64, "swap_discard": True})).swap_discard  # the default mode
+
+
+def test_scratch_mode_defaults_to_confidential_and_travels_to_the_guest() -> None:
+    assert policy.DEFAULT.scratch_mode is ScratchMode.CONFIDENTIAL
+    words = policy.to_cmdline(policy.merge(("t", {"scratch_mib": 64, "rootfs": "blk"})))
+    assert "memvisor.scratch_mode=confidential" in words and "memvisor.scratch_mib=64" in words
+    plain = policy.layer_from_mapping({"image": {"scratch_mode": "plain"}}, "f.toml")
+    assert plain == {"scratch_mode": ScratchMode.PLAIN}
+    with pytest.raises(PolicyError, match="choose one of confidential, plain"):
+        policy.coerce(policy.SETTINGS_BY_FIELD["scratch_mode"], "encrypted", "flag")
 
 
 def test_swap_modes_are_ordered_weakest_first() -> None:

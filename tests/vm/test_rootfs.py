@@ -102,13 +102,18 @@ def test_no_guest_can_change_what_another_sees(image: Image, rootfs: str) -> Non
     assert sha256(image.rootfs) == before  # the host file never changed
 
 
-@pytest.mark.parametrize("rootfs", ["pmem", "blk"])
-def test_writes_go_to_the_scratch_disk_instead_of_guest_ram(image: Image, rootfs: str) -> None:
-    pol = policy.merge(("test", {"memory_mib": 192, "rootfs": rootfs, "scratch_mib": 128}))
+@pytest.mark.parametrize(("rootfs", "mode"), [("pmem", "confidential"), ("blk", "plain")])
+def test_writes_go_to_the_scratch_disk_instead_of_guest_ram(image: Image, rootfs: str, mode: str) -> None:
+    pol = policy.merge(("test", {"memory_mib": 192, "rootfs": rootfs, "scratch_mib": 128, "scratch_mode": mode}))
     with Instance(pol, image) as vm:
         out = run(vm, "dd if=/dev/zero of=/home/sandbox/big bs=1M count=48 2>/dev/null && sync; "
-                      "grep ^Shmem: /proc/meminfo; grep ' /mnt/scratch ' /proc/mounts; du -sm /mnt/scratch/data")
+                      "grep ^Shmem: /proc/meminfo; grep ' /mnt/scratch ' /proc/mounts; du -sm /mnt/scratch/data; "
+                      "echo 3 > /proc/sys/vm/drop_caches; cmp /home/sandbox/big /dev/zero 2>&1 || true")
     lines = out.splitlines()
     assert int(lines[0].split()[1]) < 4096, out  # KiB: the 48 MiB are not in tmpfs
-    assert lines[1].split()[2] == "ext2"
+    device, fstype = lines[1].split()[0], lines[1].split()[2]
+    assert fstype == "ext2"
+    # plain: ext2 on the virtio disk itself; confidential: on the crypt device over it (tests/vm/test_scratch.py)
+    assert device.startswith("/dev/dm-" if mode == "confidential" else "/dev/vd"), out
     assert int(lines[2].split()[0]) >= 48, out
+    assert "EOF on /home/sandbox/big" in lines[3], out  # read back whole (from the disk: the caches were dropped)

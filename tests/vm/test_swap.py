@@ -161,8 +161,8 @@ def test_confidential_swap_segments_tables_and_growth(memvisor: Runner) -> None:
 
 
 def test_zram_in_front_of_authenticated_disk(memvisor: Runner) -> None:
-    r = memvisor("run", "--json", "--memory", "192", "--swap-size", "256", "--zram-pct", "50", "--",
-                 "cat", "/proc/swaps")
+    r = memvisor("run", "--json", "--memory", "192", "--swap-size", "256", "--swap-mode", "authenticated",
+                 "--zram-pct", "50", "--", "cat", "/proc/swaps")
     assert r.returncode == 0, r.stderr
     rows = {line.split()[0]: int(line.split()[4]) for line in r.stdout.splitlines()[1:-1]}
     assert rows["/dev/zram0"] == 100
@@ -241,7 +241,7 @@ def test_plain_header_is_accepted_by_util_linux(image: Image) -> None:
 
 
 def test_missing_kernel_feature_errors_then_steps_down(memvisor: Runner) -> None:
-    args = ["run", "--json", "--memory", "192", "--swap-size", "128",
+    args = ["run", "--json", "--memory", "192", "--swap-size", "128", "--swap-mode", "authenticated",
             "--kernel-arg", "module_blacklist=dm_integrity"]
     r = memvisor(*args, "--", "cat", "/proc/swaps")
     assert r.returncode == 125
@@ -297,7 +297,7 @@ def test_swap_file_is_private_sparse_and_never_on_disk(image: Image) -> None:
     proc = subprocess.Popen(memvisor_argv("run", "--memory", "192", "--swap-size", "4096", "--", "sleep", "600"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:
-        state = wait_for(lambda: next((s for s in ps() if "authenticated" in s["summary"]
+        state = wait_for(lambda: next((s for s in ps() if "confidential" in s["summary"]
                                        and "(asked)" not in s["summary"]), None), 90, "swap set up in ps")
         swap = Path(state["files"]["swap"])  # /proc/<memvisor>/fd/N: held open, it has no name on disk
         assert swap.parent == Path(f"/proc/{state['owner_pid']}/fd") and os.readlink(swap).endswith("(deleted)")
@@ -308,7 +308,7 @@ def test_swap_file_is_private_sparse_and_never_on_disk(image: Image) -> None:
         assert st.st_mode & 0o777 == 0o600
         assert st.st_size == 4096 * 2**20
         assert st.st_blocks * 512 < 64 * 2**20, "the swap file must stay sparse: setup may not write it all"
-        assert "swap=4096MiB/authenticated" in state["summary"]
+        assert "swap=4096MiB/confidential" in state["summary"]  # the default mode
     finally:
         proc.kill()  # SIGKILL: the VMM dies with memvisor, and with it the last reference to the file
         proc.communicate(timeout=30)

@@ -54,7 +54,8 @@ class Frozen:
 
 @pytest.fixture
 def frozen(image: Image, tmp_path: Path) -> Iterator[Frozen]:
-    """A 192 MiB template with 64 MiB of authenticated swap (set up in its clones only), warmed by SETUP."""
+    """A 192 MiB template with 64 MiB of confidential swap (the default; set up in its clones only), warmed by
+    SETUP."""
     pol = policy.merge(("test", {"memory_mib": 192, "swap_size_mib": 64, "templatable": True}))
     handover = tmp_path / "template-key"
     handover.write_bytes(bytes(4096))
