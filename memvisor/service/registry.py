@@ -343,7 +343,9 @@ class Registry:
                 self._drop(entry)
                 if entry.lost is not None:
                     lostbook.remove(entry.id)
-                if entry.parks:  # a parked snapshot, or the disks a resumed sandbox keeps in the state directory
+                # A parked snapshot, the disks a resumed sandbox keeps in the state directory, or what a park the
+                # last daemon's crash cut short left there (a first park whose VM was continued).
+                if entry.parks or self.state.sandbox_dir(entry.id).exists():
                     self.state.remove(entry.id)
                     self.state.forget(entry.id)
         log.info("sandbox %s (%s) stopped", entry.id, entry.name)
