@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test deps image lint typecheck unit vm bench bench-boot bench-swap bench-density bench-memctl bench-image bench-park bench-template soak serve-soak soak-supervisor clean
+.PHONY: run test deps image lint typecheck unit vm bench bench-boot bench-swap bench-density bench-memctl bench-image bench-park bench-template soak serve-soak soak-supervisor soak-crash clean
 
 deps: $(STAMP)
 
@@ -75,6 +75,11 @@ serve-soak: image
 # in a 1.5 GiB memory cgroup, sandboxes added until admission refuses; about an hour under TCG; root.
 soak-supervisor: image
 	$(BIN)/python -m bench.supervisor_soak $(SOAK_SUPERVISOR_ARGS)
+
+# The crash soak (issue 26's goal: 0 sandboxes silently gone in 20 kills): `memvisor serve` SIGKILLed at random
+# instants with sandboxes mid-command, mid-park and mid-resume, a new daemon each time; ~10 minutes under TCG.
+soak-crash: image
+	$(BIN)/python -m bench.crash_soak $(SOAK_CRASH_ARGS)
 
 # The swap soak (goals: 0 stalls in 100 confidential and 100 authenticated runs, 0 in 50 of each other mode), two
 # sandboxes at a time; about 2.5 hours under TCG. SOAK_ARGS passes options, e.g. SOAK_ARGS="--runs confidential=20".

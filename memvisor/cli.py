@@ -260,31 +260,41 @@ def parked_sandboxes(con: Console) -> tuple[list[Any], list[Any]]:
 
 def cmd_ps(args: argparse.Namespace, con: Console) -> int:
     from memvisor.host import runtime
+    from memvisor.service import lostbook
 
     states = runtime.live()
     parked, problems = parked_sandboxes(con)
+    lost = lostbook.read_all()
+
+    def running(s: runtime.SandboxState) -> str:
+        # A daemon's sandbox whose daemon died runs on until the next daemon takes it over.
+        return "running" if runtime.same_process(s.owner_pid, s.owner_started) else "running (no daemon)"
+
     if args.json:
-        print(json.dumps([{**s.to_json(), "state": "running"} for s in states]
+        print(json.dumps([{**s.to_json(), "state": running(s)} for s in states]
                          + [{"id": m.id, "state": "parked", "parked_at": m.parked_at,
                              "generation": m.generation, "snapshot_bytes": m.disk_bytes()} for m in parked]
-                         + [{"id": p.id, "state": "parked", "problem": p.why} for p in problems],
-                         indent=2))
+                         + [{"id": p.id, "state": "parked", "problem": p.why} for p in problems]
+                         + [{"id": r["id"], "state": "lost", "name": r.get("name"), "lost": r["reason"]}
+                            for r in lost], indent=2))
         return 0
-    if not states and not parked and not problems:
+    if not states and not parked and not problems and not lost:
         con.notice("no sandboxes running or parked")
         return 0
     rows = [("ID", "STATE", "VMM PID", "AGE", "POLICY", "RUNTIME DIR")]
     for s in states:
-        rows.append((s.id, "running", str(s.vmm_pid or "-"), f"{time.time() - s.created:.0f}s", s.summary,
+        rows.append((s.id, running(s), str(s.vmm_pid or "-"), f"{time.time() - s.created:.0f}s", s.summary,
                      s.runtime_dir))
     for m in parked:
         summary = f"parked {time.time() - m.parked_at:.0f}s ago, {m.disk_bytes() / 2**20:.1f} MiB on disk"
         rows.append((m.id, "parked", "-", "-", summary, "-"))
     for p in problems:
         rows.append((p.id, "parked", "-", "-", f"cannot resume: {p.why}", "-"))
+    for record in lost:
+        rows.append((record["id"], "lost", "-", "-", str(record["reason"])[:100], "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     return 0
 
 

@@ -28,9 +28,11 @@ def add_parsers(sub: Any, add_policy_flags: Add, add_command_words: Callable[[ar
     serve.add_argument("--budget", default="80%", help="host memory the sandboxes may use, in MiB or as a share "
                        "of MemTotal (default 80%%): admission reserves each sandbox's floor, the supervisor keeps "
                        "the balloon targets inside it")
-    serve.add_argument("--on-exit", choices=("park", "stop"), default="park",
+    serve.add_argument("--on-exit", choices=("park", "stop", "leave"), default="park",
                        help="what SIGTERM does to running sandboxes: park them to sealed snapshots, which the next "
-                       "daemon resumes on demand (default; one that cannot be parked is stopped), or stop them")
+                       "daemon resumes on demand (default; one that cannot be parked is stopped), stop them, or "
+                       "leave them running for the next daemon to take over (an upgrade). A daemon killed any other "
+                       "way leaves them running too")
     serve.add_argument("--park-after-idle", type=int, default=0, metavar="SECONDS",
                        help="park a sandbox after this many seconds without a running command, unless its policy "
                        "says otherwise (park_after_idle_s); 0: never (default). Idle sandboxes are also parked, "

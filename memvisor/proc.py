@@ -96,3 +96,18 @@ def unshare(flags: int) -> None:
     if int(_libc.unshare(ctypes.c_int(flags))) < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"unshare({flags:#x}): {os.strerror(err)}")
+
+
+SYS_PIDFD_GETFD = 438  # x86-64 (arch/x86/entry/syscalls/syscall_64.tbl), Linux >= 5.6
+
+
+def pidfd_getfd(pidfd: int, target_fd: int) -> int:
+    """pidfd_getfd(2): a new descriptor (O_CLOEXEC) of the open file that process `pidfd` holds at `target_fd`
+    (needs ptrace access to it: root, or the same user). Raises OSError (EBADF: it holds no such fd; ESRCH: it
+    is gone; EPERM: no access)."""
+    result = int(_libc.syscall(ctypes.c_long(SYS_PIDFD_GETFD), ctypes.c_int(pidfd), ctypes.c_int(target_fd),
+                               ctypes.c_uint(0)))
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"pidfd_getfd({target_fd}): {os.strerror(err)}")
+    return result

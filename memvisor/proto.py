@@ -441,6 +441,10 @@ class Decoder:
 
     def _next(self) -> Frame | ProtocolError | None:
         buf = self._buf
+        # Zero bytes between frames are a new daemon's ADOPT_FILLER (or its remainder once the frame it completed
+        # has been taken): skipped without an error, as no frame can start with them.
+        if buf[:1] == b"\0":
+            del buf[:len(buf) - len(buf.lstrip(b"\0"))]
         if len(buf) < HEADER.size:
             # A partial header must still start like the magic, else resync now rather than wait.
             if buf and not MAGIC.startswith(bytes(buf[:len(MAGIC)])):

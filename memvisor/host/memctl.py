@@ -105,18 +105,24 @@ class Counters:
 class Backing:
     """A guest's RAM as a memfd, memvisor's mapping of it, and the codes applied to it."""
 
-    def __init__(self, memory_mib: int, name: str = "memvisor-guest-ram", sealable: bool = False) -> None:
-        """`sealable`: the memfd may be sealed later (a template's RAM, snapshot/template.py)."""
+    def __init__(self, memory_mib: int, name: str = "memvisor-guest-ram", sealable: bool = False,
+                 fd: int | None = None) -> None:
+        """`sealable`: the memfd may be sealed later (a template's RAM, snapshot/template.py). `fd`: the memfd of
+        a running guest's RAM to take over (a daemon adopting a sandbox; this object owns it from now on)."""
         self.size = memory_mib << 20
         self.layout = q35_layout(self.size)
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if sealable else 0))
+        self.fd = fd if fd is not None else os.memfd_create(
+            name, os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if sealable else 0))
         self.counters = Counters()
         self._locked = bytearray(self.size // PAGE)  # 1 per page memvisor holds locked
         self._lock = threading.Lock()
         self._tokens, self._refill = float(BURST), time.monotonic()
         self.addr = 0
         try:
-            os.ftruncate(self.fd, self.size)
+            if fd is None:
+                os.ftruncate(self.fd, self.size)
+            elif os.fstat(fd).st_size != self.size:
+                raise OSError(errno.EINVAL, f"the memfd is {os.fstat(fd).st_size} bytes, not {self.size}")
             addr = _libc.mmap(None, self.size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, self.fd, 0)
             if addr in (None, ctypes.c_void_p(-1).value):
                 raise OSError(ctypes.get_errno(), "mmap of the guest RAM memfd failed")

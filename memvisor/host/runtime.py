@@ -1,14 +1,19 @@
 """Per-sandbox runtime directories (<runtime root>/<id>/) and the sweep that removes stale ones.
 
 A runtime directory holds `state.json` (who owns it, the VMM pid, the policy, the file list), the console log,
-the VMM's own log and the QMP socket. It is removed at teardown. If memvisor itself is SIGKILLed, the VMM dies
+the VMM's own log and the QMP socket. It is removed at teardown. If a one-shot memvisor is SIGKILLed, the VMM dies
 with it (PR_SET_PDEATHSIG) and the next memvisor command sweeps the directory: a directory is stale when its
 owner process is gone (pid and start time both checked, so a reused pid does not keep it alive).
+
+A daemon's sandbox outlives its owner (`outlives_owner`): its state.json also records what the next daemon needs
+to take it over (the VMM's inherited descriptors, the guest's HELLO, the daemon's own record of it), and no sweep
+touches it; the next daemon, and only a daemon, adopts it or reports it lost (memvisor/service/recovery.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -49,6 +54,14 @@ class SandboxState:
     vmm_started: float | None = None
     vmm_name: str = ""
     files: dict[str, str] = field(default_factory=dict)
+    # A daemon's sandbox: left running when its owner dies, for the next daemon to adopt (never swept).
+    outlives_owner: bool = False
+    # What the next owner takes over from the VMM (pidfd_getfd): name -> [fd number in the VMM, st_dev, st_ino]
+    # ("channel" and "console" are memvisor's own ends, which the VMM inherits and never touches).
+    kept_fds: dict[str, list[int]] = field(default_factory=dict)
+    hello: dict[str, Any] | None = None  # the guest's HELLO (a resumed or adopted guest sends no other)
+    clone: bool = False  # its RAM maps a template's (memvisor does not own it)
+    service: dict[str, Any] = field(default_factory=dict)  # the daemon's own record of it (opaque here)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,16 +127,21 @@ def create(sandbox_id: str) -> Path:
     return path
 
 
-def write_json(path: Path, doc: object) -> None:
-    """Atomically (re)write a JSON file in a runtime directory, for readers in other processes (ps, stats)."""
+def write_json(path: Path, doc: object, durable: bool = False) -> None:
+    """Atomically (re)write a JSON file in a runtime directory, for readers in other processes (ps, stats);
+    `durable`: fsynced before the rename (what must outlive a crash of the daemon, and of the host)."""
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "w") as f:
+        f.write(json.dumps(doc, indent=2) + "\n")
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     tmp.replace(path)
 
 
 def write_state(state: SandboxState) -> None:
-    """Atomically (re)write state.json."""
-    write_json(Path(state.runtime_dir) / STATE, state.to_json())
+    """Atomically and durably (re)write state.json."""
+    write_json(Path(state.runtime_dir) / STATE, state.to_json(), durable=True)
 
 
 def read_state(path: Path) -> SandboxState | None:
@@ -134,7 +152,11 @@ def read_state(path: Path) -> SandboxState | None:
             if st.st_uid != os.geteuid() or stat.S_ISLNK(st.st_mode):
                 log.warning("ignoring %s: not owned by uid %d", item, os.geteuid())
                 return None
-        return SandboxState(**json.loads((path / STATE).read_text()))
+        doc = json.loads((path / STATE).read_text())
+        if not isinstance(doc, dict):
+            return None
+        known = set(SandboxState.__dataclass_fields__)
+        return SandboxState(**{k: v for k, v in doc.items() if k in known})
     except (OSError, ValueError, TypeError):
         return None
 
@@ -160,7 +182,7 @@ def sweep_socket() -> bool:
 
 def sweep() -> list[str]:
     """Remove runtime directories whose owner is gone, killing a VMM left behind, and a dead daemon's socket;
-    return the ids removed."""
+    return the ids removed. A daemon's sandboxes (`outlives_owner`) are left for the next daemon."""
     if sweep_socket():
         log.warning("removed the socket of a memvisor daemon that is gone: %s", paths.service_socket())
     root = checked_root()
@@ -177,8 +199,8 @@ def sweep() -> list[str]:
                     shutil.rmtree(path, ignore_errors=True)
                     removed.append(path.name)
             continue
-        if same_process(state.owner_pid, state.owner_started):
-            continue
+        if same_process(state.owner_pid, state.owner_started) or state.outlives_owner:
+            continue  # alive; or a daemon's sandbox, which only a daemon adopts or reports lost
         if state.vmm_pid is not None:
             kill_vmm(state)
         shutil.rmtree(path, ignore_errors=True)
@@ -198,10 +220,8 @@ def kill_vmm(state: SandboxState) -> None:
     try:
         if not same_process(state.vmm_pid, state.vmm_started):
             return
-        with open(f"/proc/{state.vmm_pid}/comm") as f:
-            comm = f.read().strip()
-        if not comm or not (state.vmm_name or "memvisor-").startswith(comm):  # comm: -name process=, 15 chars
-            log.warning("not killing pid %d: it is %r, not sandbox %s's VMM", state.vmm_pid, comm, state.id)
+        if not is_vmm(state.vmm_pid, state):
+            log.warning("not killing pid %d: it is not sandbox %s's VMM", state.vmm_pid, state.id)
             return
         log.warning("killing VMM pid %d left behind by sandbox %s", state.vmm_pid, state.id)
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
@@ -211,12 +231,65 @@ def kill_vmm(state: SandboxState) -> None:
         os.close(pidfd)
 
 
+def is_vmm(pid: int, state: SandboxState) -> bool:
+    """Whether process `pid` is named as sandbox `state`'s VMM (QEMU's -name process=, cut to 15 characters);
+    check its start time too (same_process), through a pidfd held across both checks."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            comm = f.read().strip()
+    except OSError:
+        return False
+    return bool(comm) and (state.vmm_name or "memvisor-").startswith(comm)
+
+
 def live() -> list[SandboxState]:
     """Every running sandbox (after a sweep), oldest first."""
     sweep()
     root = checked_root()
     states = [s for p in root.iterdir() if p.is_dir() and (s := read_state(p))] if root is not None else []
     return sorted(states, key=lambda s: s.created)
+
+
+def orphans() -> list[SandboxState]:
+    """The sandboxes a dead daemon left (`outlives_owner`, owner gone), oldest first: for the next daemon to adopt
+    or report lost. Call it holding daemon_lock()."""
+    root = checked_root()
+    if root is None:
+        return []
+    states = [s for p in root.iterdir() if p.is_dir() and not p.is_symlink() and (s := read_state(p))
+              and s.outlives_owner and not same_process(s.owner_pid, s.owner_started)]
+    return sorted(states, key=lambda s: s.created)
+
+
+DAEMON_LOCK = "daemon.lock"
+
+
+def daemon_lock() -> int:
+    """Take the runtime root for this daemon: an exclusive flock on <root>/daemon.lock, held until the returned
+    fd is closed (or the process dies). MemvisorError if another live daemon holds it: two daemons must never
+    adopt the same orphans."""
+    root = checked_root(create=True)
+    assert root is not None
+    fd = os.open(root / DAEMON_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise MemvisorError(f"another memvisor daemon (pid {holder}) owns the runtime directory {root}",
+                            hint="stop it first, or give this one its own MEMVISOR_RUNTIME_DIR") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def daemon_unlock(fd: int) -> None:
+    """Give the runtime root up (a daemon's clean exit): the lock file goes, then the lock."""
+    root = checked_root()
+    if root is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(root / DAEMON_LOCK)
+    os.close(fd)
 
 
 def remove(path: Path) -> None:

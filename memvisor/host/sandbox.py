@@ -2,25 +2,34 @@
 
 Everything acquired is registered on the stack as it is acquired, so any failure, Ctrl-C or SIGTERM (the CLI
 turns it into an exception) unwinds it: the VMM is asked to quit over QMP, then killed, the sockets closed and
-the runtime directory removed. The VMM also dies with memvisor on SIGKILL (launch.py), and the runtime
-directory is then swept by the next memvisor command (runtime.py).
+the runtime directory removed. A one-shot sandbox's VMM also dies with memvisor on SIGKILL (launch.py), and the
+runtime directory is then swept by the next memvisor command (runtime.py).
+
+A daemon's sandbox (`outlive_owner`) survives its owner instead: its VMM inherits memvisor's own ends of the
+control channel and the console (and holds its disks and RAM memfd anyway), so when the daemon dies nothing the
+guest sees closes, and its bytes wait in the socket buffers. `Instance.adopt` is the next daemon's way back in:
+it takes those descriptors from the VMM with pidfd_getfd(2), checks each is the one recorded in state.json
+(device and inode), and rebuilds the session on them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import logging
 import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from memvisor import contract, paths, proto
+from memvisor import contract, paths, proc, proto
 from memvisor import policy as pol
 from memvisor.errors import GuestError, MemvisorError
 from memvisor.host import ksm, launch, memctl, report, runtime, stall, stats, swapfile
@@ -36,6 +45,8 @@ from memvisor.image import store
 from memvisor.image.build import Image
 
 log = logging.getLogger("memvisor")
+ADOPT_ANSWER_S = 30.0  # the guest's ADOPTED: it kills its commands (TCG)
+LOCKED_RANGES = "memctl-locked.json"  # in the runtime directory: [[offset, length], ...] memctl holds locked
 BOOT_TIMEOUT_S = 120.0  # from VMM start to the guest's HELLO; TCG boots take ~4 s
 POWEROFF_TIMEOUT_S = 10.0
 CONSOLE_TAIL_LINES = 25
@@ -61,6 +72,10 @@ def reserved_kernel_arg(word: str) -> str | None:
     return None
 
 
+class AdoptError(MemvisorError):
+    """A dead daemon's sandbox cannot be taken over: its VMM is gone, or is not the one its state records."""
+
+
 class Instance:
     """A running sandbox VM. Use as a context manager; `run()` is the one-shot life of `memvisor run`, and
     `exec()` runs commands (many, at once) in a sandbox that stays up until `shutdown()` or `close()`."""
@@ -68,12 +83,16 @@ class Instance:
     def __init__(self, policy: pol.Policy, image: Image, vmm: VMMBackend | None = None,
                  sandbox_id: str | None = None, kernel_args: tuple[str, ...] = (),
                  on_warning: Callable[[str], None] | None = None, debug: bool = False,
-                 key_handover: Path | None = None) -> None:
+                 key_handover: Path | None = None, outlive_owner: bool = False,
+                 service: dict[str, Any] | None = None) -> None:
         """`kernel_args`: extra guest kernel command-line words (debugging, tests: e.g. module_blacklist=...).
         `on_warning`: called with each warning the sandbox raises (default: logged).
         `debug`: boot the guest with kernel messages on its console and a 10 s hung-task timeout.
         `key_handover`: tests only (tests/vm/test_keydump.py): a file of at least 4 KiB the guest also writes its
-        swap key to, so a test can look for copies of the key in a dump of guest RAM. No user path sets it."""
+        swap key to, so a test can look for copies of the key in a dump of guest RAM. No user path sets it.
+        `outlive_owner`: a daemon's sandbox, whose VMM keeps running if this process dies (see the module's
+        docstring); the next daemon takes it over with Instance.adopt. `service`: the daemon's own record of it,
+        kept in state.json from the start (record() replaces it)."""
         for arg in kernel_args:
             if not arg or any(c.isspace() for c in arg):
                 raise MemvisorError(f"kernel argument {arg!r} must be one word without spaces")
@@ -82,6 +101,8 @@ class Instance:
                 raise MemvisorError(f"kernel argument {arg!r} is refused: {reserved}",
                                     hint="set it through the policy (docs/policy.md), not --kernel-arg")
         self.debug = debug
+        self.outlive_owner = outlive_owner
+        self.service = service or {}
         self.key_handover = key_handover
         # The user's image (docs/image.md): resolved now, so a wrong name fails before anything starts.
         self.user_image: store.UserImage | None = store.get(policy.image) if policy.image else None
@@ -94,7 +115,7 @@ class Instance:
         self.name = f"memvisor-{self.id}"
         self.dir: Path | None = None
         self.argv: list[str] = []
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: launch.VMMProcess | None = None
         self.channel: HostChannel | None = None
         self.state: runtime.SandboxState | None = None
         self._stack = contextlib.ExitStack()
@@ -118,9 +139,11 @@ class Instance:
         self.resume_hello: dict[str, Any] | None = None  # ... and the HELLO its guest sent when it booted
         # A template's clone (snapshot/template.py): the template's sealed RAM memfd, mapped copy-on-write.
         self.clone_ram_fd: int | None = None
+        self._adopted_clone = False  # adopted: a clone, whose template memfd this process never had
         self._swap_fd: int | None = None
         self._vmm_user: tuple[int, int] | None = None
         self._hello_seen = False
+        self._released = False  # release(): teardown leaves the VMM and its directory alone
         self.failed = False  # keep the console log at teardown
         self.kept_log: Path | None = None  # where that log was kept
 
@@ -129,13 +152,14 @@ class Instance:
         """Create the runtime directory and sockets, and decide the VMM command line (nothing runs yet)."""
         runtime.sweep()
         self.dir = runtime.create(self.id)
-        self._stack.callback(runtime.remove, self.dir)
+        self._stack.callback(self._remove_dir)
         self._stack.callback(self.keep_console)
         me = os.getpid()
         self.state = runtime.SandboxState(
             id=self.id, owner_pid=me, owner_started=runtime.process_start_time(me) or 0.0, created=time.time(),
             runtime_dir=str(self.dir), policy=pol.to_json(self.policy), summary=self.policy.summary(),
-            vmm_name=self.name,
+            vmm_name=self.name, outlives_owner=self.outlive_owner, hello=self.resume_hello,
+            clone=self.clone_ram_fd is not None, service=self.service,
             files={"state": str(self.dir / runtime.STATE), "console": str(self.console_log),
                    "vmm_log": str(self.dir / "vmm.log"), "qmp": str(self.qmp_path)})
         runtime.write_state(self.state)
@@ -215,6 +239,136 @@ class Instance:
         self.argv = self.vmm.command(spec)
         return self.argv
 
+    @property
+    def is_clone(self) -> bool:
+        """Its guest RAM maps a template's (privately): memvisor does not own it."""
+        return self.clone_ram_fd is not None or self._adopted_clone
+
+    # -- taking over a dead daemon's sandbox -------------------------------------------------------------------
+    @classmethod
+    def adopt(cls, state: runtime.SandboxState, image: Image, vmm: VMMBackend | None = None,
+              on_warning: Callable[[str], None] | None = None) -> Instance:
+        """Take over a daemon's sandbox whose daemon died (runtime.orphans(): `state` is its state.json): the
+        VMM's pidfd, memvisor's ends of its channel and console and its disks and RAM memfd (pidfd_getfd, each
+        checked against the device and inode recorded), the runtime directory (its owner is now this process),
+        and a session that knows the guest's HELLO. The guest is not spoken to yet (its VM may be paused): the
+        caller decides about the VM, then calls take_over(). AdoptError if it cannot be taken over; the VMM is
+        then left as it was (the caller decides)."""
+        if state.hello is None:
+            raise AdoptError(f"sandbox {state.id} was still booting (its guest had not reported ready)")
+        if state.hello.get("version") != proto.VERSION:
+            raise AdoptError(f"sandbox {state.id}'s guest speaks protocol {state.hello.get('version')}, this memvisor "
+                             f"{proto.VERSION}: a daemon of another version left it")
+        try:
+            policy = pol.merge(("adopted", pol.layer_from_mapping(state.policy, f"sandbox {state.id}")))
+        except MemvisorError as exc:
+            raise AdoptError(f"sandbox {state.id}: its recorded policy: {exc.message}") from None
+        inst = cls(policy, image, vmm, sandbox_id=state.id, on_warning=on_warning, outlive_owner=True)
+        try:
+            inst._take_descriptors(state)
+        except BaseException:
+            inst._stack.pop_all().close()  # closes what was taken; leaves the VMM and its directory alone
+            raise
+        return inst
+
+    def _take_descriptors(self, state: runtime.SandboxState) -> None:
+        pid = state.vmm_pid
+        if pid is None or not runtime.same_process(pid, state.vmm_started):
+            raise AdoptError(f"the VMM of sandbox {state.id} (pid {pid}) is gone")
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            raise AdoptError(f"the VMM of sandbox {state.id} (pid {pid}) is gone") from None
+        process = launch.Adopted(pid, pidfd)
+        self._stack.callback(process.close)
+        if not runtime.same_process(pid, state.vmm_started) or not runtime.is_vmm(pid, state):
+            raise AdoptError(f"pid {pid} is no longer the VMM of sandbox {state.id}")
+        taken: dict[str, int] = {}
+        for name, (number, dev, ino) in state.kept_fds.items():
+            fd = _take_fd(pidfd, pid, number, dev, ino)
+            if fd is None:
+                raise AdoptError(f"the VMM of sandbox {state.id} (pid {pid}) no longer holds its {name}")
+            self._stack.callback(os.close, fd)
+            taken[name] = fd
+        missing = {"channel", "console"} - set(taken)
+        if missing:
+            raise AdoptError(f"sandbox {state.id} records no {' or '.join(sorted(missing))} to take over")
+        self.dir = Path(state.runtime_dir)
+        self.state = state
+        self.service = dict(state.service)
+        self.process = process
+        self._adopted_clone = state.clone
+        # The console's own descriptor: the stack closes the duplicate taken above, the socket closes its own.
+        self._console_sock = socket.socket(fileno=os.dup(taken["console"]))
+        self._stack.callback(self._console_sock.close)
+        self.channel = HostChannel(socket.socket(fileno=os.dup(taken["channel"])))
+        self._stack.callback(self.channel.close)
+        self._console = ConsoleLog(self.console_log, self.policy.console_log_kib << 10)
+        self._stack.callback(self._console.close)
+        for name, fd in taken.items():
+            if name.startswith("disk:"):
+                self.disk_fds[name.removeprefix("disk:")] = fd
+        self._swap_fd = self.disk_fds.get("swap.img")
+        if "ram" in taken:
+            self.memctl = memctl.Backing(self.policy.memory_mib, fd=os.dup(taken["ram"]))
+            self._stack.callback(self.memctl.close)
+            self._relock()
+        # From here on the teardown stops the VMM and removes the directory, as for a sandbox this process started.
+        self._stack.callback(self._remove_dir)
+        self._stack.callback(self.keep_console)
+        self._stack.callback(self._stop_vmm)
+        self.spawned_at = time.monotonic()
+        self._hello_seen = True
+        self.session = Session(self.channel, pid, on_stats=self._store_guest_stats,
+                               on_memctl=self._memctl_request if self.memctl and self.policy.memctl else None,
+                               console=(self._console_sock, self._console.write),
+                               max_bad_frames=self.policy.max_bad_frames, hello=state.hello)
+        self._stack.callback(self.session.close)
+        me = os.getpid()
+        state.owner_pid, state.owner_started = me, runtime.process_start_time(me) or 0.0
+        runtime.write_state(state)
+
+    def _memctl_request(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A guest's MEMCTL (on the channel's reader thread). The ranges memvisor holds locked for the guest are
+        kept in the runtime directory as they change: its mlock dies with this process, and a daemon that adopts
+        the sandbox locks them again (_relock)."""
+        assert self.memctl is not None and self.dir is not None
+        answer = self.memctl.handle(body)
+        if answer.get("ok") and body.get("code") in ("MLOCK", "MUNLOCK") and self.outlive_owner:
+            runtime.write_json(self.dir / LOCKED_RANGES, self.memctl.locked_ranges(), durable=True)
+        return answer
+
+    def _relock(self) -> None:
+        """Lock again what a dead daemon held locked for an adopted guest (its memctl MLOCKs)."""
+        assert self.memctl is not None and self.dir is not None
+        try:
+            ranges = json.loads((self.dir / LOCKED_RANGES).read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            self.warn(f"sandbox {self.id}: cannot read the ranges its memctl had locked: {exc}")
+            return
+        spans = [(int(a), int(b)) for a, b in ranges] if isinstance(ranges, list) and all(
+            isinstance(r, list) and len(r) == 2 and all(type(x) is int for x in r) for r in ranges) else None
+        if spans is None:
+            self.warn(f"sandbox {self.id}: its {LOCKED_RANGES} is malformed: nothing locked again")
+            return
+        try:
+            self.memctl.lock_ranges(spans)
+        except (OSError, ValueError) as exc:
+            self.warn(f"sandbox {self.id}: cannot lock again what its memctl had locked: {exc}")
+
+    def take_over(self) -> dict[str, Any]:
+        """Tell an adopted guest a new daemon has it (ADOPT, after the filler that resynchronises its decoder):
+        it ends every command the dead daemon had started. Returns its ADOPTED answer ({ended, parked}).
+        MemvisorError if it does not answer (its VM must be running)."""
+        assert self.session is not None
+        try:
+            self.session.channel.sendraw(bytes(proto.ADOPT_FILLER))
+            return self.session.ask(proto.Kind.ADOPT, {}, proto.Kind.ADOPTED, ADOPT_ANSWER_S)
+        except (OSError, TimeoutError, ConnectionError) as exc:
+            raise MemvisorError(f"the guest of sandbox {self.id} did not answer its new daemon: {exc}") from None
+
     def ksm_in_effect(self) -> bool:
         """Whether this VMM's memory will be mergeable: asked for, and possible here (warns once if not)."""
         if not self.policy.ksm:
@@ -281,13 +435,16 @@ class Instance:
         assert self.dir is not None and self.state is not None
         self.spawned_at = time.monotonic()
         fds = [s.fileno() for s in self._vmm_socks] + self._fds + ([self.memctl.fd] if self.memctl else [])
+        assert self.channel is not None
+        kept = self._kept_fds()
+        if self.outlive_owner:  # memvisor's own ends too: the VMM holds them (untouched) for the next daemon
+            fds += [kept["channel"][0], kept["console"][0]]
         self.process = launch.spawn_vmm(self.argv, pass_fds=tuple(fds), user=self._vmm_user,
                                         log=self.dir / "vmm.log", ksm=self.ksm_in_effect(),
-                                        huge_pages=not self.policy.balloon)
+                                        huge_pages=not self.policy.balloon, outlive_owner=self.outlive_owner)
         self._stack.callback(self._stop_vmm)
-        assert self.channel is not None
         self.session = Session(self.channel, self.process.pid, on_stats=self._store_guest_stats,
-                               on_memctl=self.memctl.handle if self.memctl and self.policy.memctl else None,
+                               on_memctl=self._memctl_request if self.memctl and self.policy.memctl else None,
                                console=(self._console_sock, self._console.write),
                                max_bad_frames=self.policy.max_bad_frames, hello=self.resume_hello)
         self._stack.callback(self.session.close)
@@ -297,7 +454,31 @@ class Instance:
         if self._swap_fd is not None:  # memvisor's own fd to it (QEMU dups the fds of an -add-fd set)
             self.state.files["swap"] = str(self.swap_path)
         self.state.vmm_started = runtime.process_start_time(self.process.pid)
+        if self.outlive_owner:
+            self.state.kept_fds = kept
         runtime.write_state(self.state)
+
+    def _kept_fds(self) -> dict[str, list[int]]:
+        """What a next daemon takes over from this VMM (runtime.SandboxState.kept_fds): memvisor's ends of the
+        channel and console, the disks' read-write descriptors, the guest RAM memfd memvisor owns; each with the
+        device and inode that prove it is the same file. The VMM inherits them at these very numbers."""
+        assert self.channel is not None
+        fds = {"channel": self.channel.sock.fileno(), "console": self._console_sock.fileno(),
+               **{f"disk:{name}": fd for name, fd in self.disk_fds.items()}}
+        if self.memctl is not None:
+            fds["ram"] = self.memctl.fd
+        kept = {}
+        for name, fd in fds.items():
+            st = os.fstat(fd)
+            kept[name] = [fd, st.st_dev, st.st_ino]
+        return kept
+
+    def record(self, **changes: Any) -> None:
+        """Update the daemon's own record of this sandbox in its state.json (durably), for the next daemon."""
+        self.service = {**self.service, **changes}
+        if self.state is not None:
+            self.state.service = self.service
+            runtime.write_state(self.state)
 
     def __enter__(self) -> Instance:
         try:
@@ -345,6 +526,10 @@ class Instance:
                 raise GuestError(f"the guest speaks protocol {hello['version']}, the host {proto.VERSION}",
                                  hint="rebuild the image")
             self.swap_ready(hello.get("swap") or {})
+            assert self.state is not None
+            if self.state.hello != hello:  # what a next daemon gives the session it rebuilds
+                self.state.hello = hello
+                runtime.write_state(self.state)
         return self.session.hello
 
     def exec(self, argv: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
@@ -372,6 +557,9 @@ class Instance:
                 if time.monotonic() >= limit:
                     self.session.kill(command)
                     return RunResult.of(TIMEOUT_EXIT, None, None, True, out, err)
+            if command.refused is not None:
+                raise MemvisorError(f"sandbox {self.id} refused the command: {command.refused}",
+                                    hint="run it again: the sandbox is resumed first if it was being parked")
             if command.exit is None:
                 self._raise_death()
             return self._exit_result(command.exit, out, err)
@@ -492,7 +680,7 @@ class Instance:
     def swap_ready(self, swap: dict[str, Any]) -> None:
         """The guest reported its swap stack: pass on step-down warnings, show the mode in `memvisor ps`. A
         templatable sandbox sets none up (its clones do, when they wake: snapshot/template.py calls this then)."""
-        if self.policy.templatable and self.clone_ram_fd is None and not swap:
+        if self.policy.templatable and not self.is_clone and not swap:
             assert self.state is not None
             self.state.summary = self.policy.summary(swap_in_effect="deferred")
             runtime.write_state(self.state)
@@ -583,10 +771,23 @@ class Instance:
         }
 
     # -- tearing down --------------------------------------------------------------------------------------
+    def release(self) -> None:
+        """Let a daemon's sandbox go without stopping it (a daemon that ends with --on-exit leave, for an upgrade):
+        memvisor's descriptors and reader thread are closed, the VMM runs on and its runtime directory stays for
+        the next daemon, which adopts it."""
+        if not self.outlive_owner:
+            raise MemvisorError(f"sandbox {self.id} does not outlive its owner: it cannot be left running")
+        self._released = True
+        self.close()
+
+    def _remove_dir(self) -> None:
+        if self.dir is not None and not self._released:
+            runtime.remove(self.dir)
+
     def _stop_vmm(self) -> None:
         """Quit over QMP, then SIGKILL if it lingers; always reap."""
         proc = self.process
-        if proc is None or proc.poll() is not None:
+        if proc is None or proc.poll() is not None or self._released:
             return
         try:
             with QMP(self.qmp_path) as qmp:
@@ -623,6 +824,34 @@ class Instance:
 
     def vmm_log_tail(self, lines: int = 3) -> str:
         return _tail(self.dir / "vmm.log", lines).replace("\n", "; ") if self.dir else ""
+
+
+def _take_fd(pidfd: int, pid: int, hint: int, dev: int, ino: int) -> int | None:
+    """A descriptor of the file (device `dev`, inode `ino`) that process `pid` holds open read-write (or, a
+    socket, at all), taken with pidfd_getfd; None if it holds none. `hint`: the number it was inherited at (QEMU
+    keeps memvisor's own ends there; it moves a disk's into an fd set, so the others are looked up by inode in
+    /proc/PID/fdinfo)."""
+    candidates = [hint]
+    try:
+        for entry in os.listdir(f"/proc/{pid}/fdinfo"):
+            number = int(entry)
+            if number != hint:
+                with open(f"/proc/{pid}/fdinfo/{entry}") as f:
+                    if any(line.split() == ["ino:", str(ino)] for line in f):
+                        candidates.append(number)
+    except (OSError, ValueError):
+        pass
+    for number in candidates:
+        try:
+            fd = proc.pidfd_getfd(pidfd, number)
+        except OSError:
+            continue
+        st = os.fstat(fd)
+        writable = stat.S_ISSOCK(st.st_mode) or fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
+        if (st.st_dev, st.st_ino) == (dev, ino) and writable:
+            return fd
+        os.close(fd)
+    return None
 
 
 def _tail(path: Path, lines: int) -> str:

@@ -42,6 +42,7 @@ class Command:
     started: dict[str, Any] | None = None
     exit: dict[str, Any] | None = None
     errors: list[str] = field(default_factory=list)
+    refused: str | None = None  # the guest would not start it: why
     started_at: float = 0.0
     ended_at: float = 0.0
     done: threading.Event = field(default_factory=threading.Event)
@@ -68,7 +69,8 @@ class Session:
         self.hello: dict[str, Any] | None = None
         self.hello_at = 0.0
         self.ready = threading.Event()  # HELLO arrived
-        # PARKING, RESUMED, CLONED: the guest's one answer to a PARK, RESUMED or CLONED (park.py, template.py)
+        # PARKING, RESUMED, CLONED, ADOPTED: the guest's one answer to a PARK, RESUMED, CLONED or ADOPT
+        # (snapshot/park.py, snapshot/template.py, Instance.take_over)
         self._answers: dict[proto.MessageKind, dict[str, Any]] = {}
         self._answered = threading.Condition(threading.Lock())
         self.gone = threading.Event()  # the VMM exited or the channel closed
@@ -267,7 +269,8 @@ class Session:
             else:
                 command.exit, command.ended_at = body, time.monotonic()
                 command.done.set()
-        elif kind in (proto.Kind.PARKING, proto.Kind.RESUMED, proto.Kind.CLONED) and body is not None:
+        elif kind in (proto.Kind.PARKING, proto.Kind.RESUMED, proto.Kind.CLONED, proto.Kind.ADOPTED) \
+                and body is not None:
             with self._answered:
                 self._answers[kind] = body
                 self._answered.notify_all()
@@ -288,6 +291,9 @@ class Session:
         command = self.commands.get(body.get("id", 0))
         if command is not None:
             command.errors.append(message)
+            if command.started is None and command.exit is None:  # refused before it started (e.g. parking)
+                command.refused = message
+                command.done.set()
         log.warning("guest reports: %s", message.replace("\n", " | "))
         if body.get("fatal"):
             self.fatal = message

@@ -22,6 +22,7 @@ import psutil
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 from pydantic import BaseModel, ConfigDict, Field
 
 from memvisor import __version__, proto
@@ -105,6 +106,10 @@ class SandboxInfo(Strict):
     problem: str | None = None  # while parked: why its snapshot cannot be resumed as it is (it stays parked)
     last_park_seconds: float | None = None
     last_resume_seconds: float | None = None
+    lost: str | None = None  # state "lost": why nothing of it is left (its VMM and its snapshot are gone)
+    # taken over from a daemon that died: {"at": seconds since the epoch, "ended": [[exec id, argv0], ...]}, the
+    # commands in flight at the crash, which the guest ended
+    recovered: dict[str, Any] | None = None
 
 
 class ExecRequest(Strict):
@@ -144,7 +149,8 @@ def info(entry: Entry, registry: Registry | None = None) -> SandboxInfo:
                        parked_at=meta.parked_at if meta else None,
                        snapshot_bytes=meta.disk_bytes() if meta else None, problem=entry.problem,
                        last_park_seconds=entry.last_park.seconds if entry.last_park else None,
-                       last_resume_seconds=entry.last_resume.seconds if entry.last_resume else None)
+                       last_resume_seconds=entry.last_resume.seconds if entry.last_resume else None,
+                       lost=entry.lost, recovered=entry.recovered)
 
 
 def template_info(entry: TemplateEntry) -> TemplateInfo:
@@ -292,11 +298,21 @@ def create_app(registry: Registry | None, token: str | None = None) -> FastAPI:
     @app.get("/metrics", response_class=Response)
     def metrics() -> Response:
         metrics_registry = CollectorRegistry()
-        state = sandboxes().state
-        metrics_registry.register(exporter.StatsCollector(lambda: snapshot_metrics.parked_families(state)))
+        metrics_registry.register(exporter.StatsCollector(lambda: _daemon_families(registry)))
         return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _daemon_families(registry: Registry | None) -> Iterator[Metric]:
+    """The daemon's own figures beside the host's: its parked sandboxes (the state directory's), and the lost ones
+    (nothing left to resume: docs/service.md, "A daemon that dies")."""
+    if registry is None:
+        return
+    yield from snapshot_metrics.parked_families(registry.state)
+    lost = [e for e in registry.list() if e.state == "lost"]
+    yield GaugeMetricFamily("memvisor_lost_sandboxes", "Sandboxes the daemon could not recover after a crash (their "
+                            "VMM and snapshot are gone); `memvisor stop ID` removes them", value=len(lost))
 
 
 STREAM_END_TIMEOUT_S = 600.0  # how long an exec's end waits for a client that stopped reading
@@ -325,10 +341,13 @@ def _stream(registry: Registry, entry: Entry, request: ExecRequest, stdin: bytes
     def work() -> None:
         try:
             resumed = registry.ensure_running(entry)
-            vm = entry.running()
-            result = vm.exec(list(request.argv), env=dict(request.env), cwd=request.cwd,
-                                   uid=0 if request.root else None, stdin=stdin, timeout=request.timeout,
-                                   on_stdout=out, on_stderr=err)
+            try:
+                vm = entry.running()
+                result = vm.exec(list(request.argv), env=dict(request.env), cwd=request.cwd,
+                                 uid=0 if request.root else None, stdin=stdin, timeout=request.timeout,
+                                 on_stdout=out, on_stderr=err)
+            finally:
+                registry.exec_done(entry)
             entry.execs += 1
             end: dict[str, Any] = {"exit": {"exit_code": result.exit_code, "code": result.code,
                                             "signal": result.signal, "timed_out": result.timed_out,

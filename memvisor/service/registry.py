@@ -1,8 +1,10 @@
 """The daemon's sandboxes: create (boot and wait for the agent), look up, run commands, stop.
 
-VMMs are spawned from one long-lived thread: memvisor's VMMs die with the thread that spawned them
-(PR_SET_PDEATHSIG, host/launch.py), and a request-handling thread may end at any time. A crashed daemon takes its
-VMMs with it; the next start sweeps their runtime directories and says so.
+A daemon's VMMs outlive it (host/launch.py): each sandbox's runtime directory records the daemon's own view of it
+(name, template, counts, and the phase it is in: booting, running, parking, resuming, freezing, stopping), so a
+daemon killed at any instant loses nothing: the next one takes every sandbox over or settles it
+(service/recovery.py), and what it cannot recover it lists as `lost` with the reason. VMMs are still spawned and
+torn down from one long-lived thread.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from memvisor.host.result import RunResult
 from memvisor.host.runtime import SAFE_ID
 from memvisor.host.sandbox import Instance
 from memvisor.image.build import Image
-from memvisor.service import need
+from memvisor.service import lostbook, need, recovery
 from memvisor.service.errors import Conflict, NotFound
 from memvisor.service.supervisor import ADMIT_WAIT_S, AdmissionRefused, Supervisor
 from memvisor.service.templates import TemplateEntry, Templates
@@ -39,7 +41,7 @@ NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 ID_FORM = re.compile(r"[0-9a-f]{8}")
 ID_DRAWS = 8  # draws before giving up on a fresh id (each collides with a chance of about n / 2**32)
 MAX_SANDBOXES = 256
-ON_EXIT = ("park", "stop")
+ON_EXIT = ("park", "stop", "leave")
 IDLE_CHECK_S = 2.0  # how often idle sandboxes are looked for
 BUSY_POLL_S = 0.2  # how often an admission that waits for a busy sandbox to become idle looks again
 MIB = 1 << 20
@@ -54,7 +56,7 @@ class Entry:
     policy: pol.Policy
     vm: Instance | None  # None while parked
     created: float = field(default_factory=time.time)
-    state: str = "booting"  # booting | running | parking | parked | resuming | stopping
+    state: str = "booting"  # booting | running | parking | parked | resuming | stopping | lost
     execs: int = 0  # commands run so far
     parked: Manifest | None = None  # the committed snapshot while parked
     parks: int = 0  # parks so far
@@ -62,15 +64,28 @@ class Entry:
     last_resume: park.Figures | None = None
     used: float = field(default_factory=time.monotonic)  # when a command last ran or ended here
     template: str | None = None  # the template it was cloned from
+    lost: str | None = None  # state "lost": why (its VMM and its snapshot are both gone)
+    # execs between ensure_running() and their command's end: a park in that window would freeze a command the
+    # guest has not been sent yet into the snapshot (and lose its session), so it is refused while any are held
+    starting: int = 0
+    recovered: dict[str, object] | None = None  # taken over from a daemon that died: when, and what it ended
     problem: str | None = None  # parked, but its snapshot cannot be resumed as it is (statedir.Problem), and why
     # park, resume and stop of one sandbox happen one at a time; an exec holds it while it resumes the sandbox
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def running(self) -> Instance:
         """The sandbox's VM; Conflict if it is not running."""
+        if self.state == "lost":
+            raise Conflict(f"sandbox {self.id} is lost: {self.lost}",
+                           hint=f"nothing of it is left to run; `memvisor stop {self.id}` removes the record")
         if self.vm is None or self.state != "running":
             raise Conflict(f"sandbox {self.id} is {self.state}")
         return self.vm
+
+    def record(self, phase: str, **extra: object) -> dict[str, object]:
+        """What the sandbox's runtime directory keeps of it for a next daemon (Instance.record)."""
+        return {"phase": phase, "name": self.name, "created": self.created, "template": self.template,
+                "execs": self.execs, "parks": self.parks, **extra}
 
 
 def check_name(name: str | None) -> None:
@@ -91,10 +106,11 @@ class Registry:
 
     def __init__(self, image: Callable[[], Image], supervisor: Supervisor | None = None,
                  on_exit: str = "park", park_after_idle_s: int = 0, state: statedir.State | None = None) -> None:
-        """`on_exit`: what close() does with running sandboxes: park them (the next daemon lists them parked) or
-        stop them. `park_after_idle_s`: the default idle time before a sandbox is parked (0: never). `state`: the
-        open state directory (its key and ledger), which the registry holds and close() closes (default: opened
-        here, the key made if the directory holds nothing wrapped)."""
+        """`on_exit`: what close() does with running sandboxes: park them (the next daemon lists them parked), stop
+        them, or leave them running for the next daemon to take over (an upgrade). `park_after_idle_s`: the
+        default idle time before a sandbox is parked (0: never). `state`: the open state directory (its key and
+        ledger), which the registry holds and close() closes (default: opened here, the key made if the directory
+        holds nothing wrapped)."""
         self.state = state or statedir.open(create_key=True)
         self.park_after_idle_s = park_after_idle_s
         self.admit_wait_s = ADMIT_WAIT_S  # how long an admission may wait for room (parks, squeezes)
@@ -107,6 +123,8 @@ class Registry:
         self._entries: dict[str, Entry] = {}
         self._lock = threading.Lock()
         self._spawner = ThreadPoolExecutor(1, thread_name_prefix="memvisor-spawner")
+        # First what a daemon that died left running or half done, before anything sweeps or scans.
+        outcomes = recovery.recover(self.state, image(), on_warning=log.warning)
         removed = runtime.sweep()
         if removed:
             log.warning("removed %d sandbox(es) left by a daemon or command that is gone: %s", len(removed),
@@ -115,7 +133,8 @@ class Registry:
         self.templates.adopt()
         if supervisor is not None:
             supervisor.shared_bytes = self.templates.resident_bytes
-        self._adopt_parked()
+        removed_snapshots = self._adopt_parked({o.id for o in outcomes if o.state == "running"})
+        self._adopt_recovered(outcomes, removed_snapshots)
         self._idle_thread = threading.Thread(target=self._idle_loop, name="memvisor-idle", daemon=True)
         self._idle_thread.start()
 
@@ -141,11 +160,13 @@ class Registry:
         entry.template = meta.template.name if meta.template else None
         return entry
 
-    def _adopt_parked(self) -> None:
+    def _adopt_parked(self, running: set[str]) -> dict[str, str]:
         """List every parked snapshot in the state directory as a parked sandbox of this daemon (it resumes on
         demand); one that cannot be resumed as it is (a damaged manifest, a kept disk replaced...) is listed with
-        its problem and stays parked; partial and stale ones (a park cut short, an old copy) are removed, and said."""
-        metas, problems = self.state.scan()
+        its problem and stays parked; partial and stale ones (a park cut short, an old copy) are removed, and said.
+        `running`: sandboxes taken over from a daemon that died (their directories hold their kept disks).
+        Returns the sandboxes whose snapshot was removed, with why (unless it runs, such a sandbox is lost)."""
+        metas, problems = self.state.scan(running=running)
         for problem in problems:
             log.warning("%s", problem.note())
         adopted: list[Entry] = []
@@ -175,6 +196,65 @@ class Registry:
         if adopted:
             log.warning("%d parked sandbox(es) found: %s", len(adopted), ", ".join(
                 e.id + (f" (cannot resume: {e.problem})" if e.problem else "") for e in adopted))
+        return {p.id: p.why for p in problems if p.removed and p.id not in running and SAFE_ID.fullmatch(p.id)}
+
+    def _adopt_recovered(self, outcomes: list[recovery.Outcome], removed: dict[str, str]) -> None:
+        """List what recovery settled: running sandboxes taken over, lost ones with the reason (parked ones are
+        in the state directory's scan already); and as lost, a sandbox whose snapshot the scan had to remove
+        (`removed`: a park cut short, or a copy older than the ledger) and that is neither running nor parked."""
+        for outcome in outcomes:
+            record = outcome.record
+            name = record.get("name")
+            created = record.get("created")
+            template_name = record.get("template")
+            entry = Entry(outcome.id, name if isinstance(name, str) else outcome.id,
+                          outcome.vm.policy if outcome.vm else pol.DEFAULT, outcome.vm,
+                          created=float(created) if isinstance(created, int | float) else time.time(),
+                          template=template_name if isinstance(template_name, str) else None)
+            for key in ("execs", "parks"):
+                value = record.get(key)
+                if isinstance(value, int) and value >= 0:
+                    setattr(entry, key, value)
+            if outcome.state == "running" and outcome.vm is not None:
+                entry.state = "running"
+                entry.recovered = {"at": time.time(), "ended": outcome.ended}
+                self._register_clone(entry)
+                self._supervise(entry, outcome.vm)
+            elif outcome.state == "lost":
+                if outcome.id in self._entries:  # its snapshot is complete after all: parked
+                    continue
+                entry.state, entry.lost = "lost", outcome.reason
+                lostbook.write(entry.id, entry.name, outcome.reason, entry.created, entry.template)
+            else:
+                continue
+            self._entries[entry.id] = entry
+        known = {o.id for o in outcomes}
+        for sandbox_id, why in sorted(removed.items()):
+            if sandbox_id in self._entries or sandbox_id in known:
+                continue
+            reason = f"its snapshot could not be kept ({why}) and it does not run"
+            entry = Entry(sandbox_id, sandbox_id, pol.DEFAULT, None, state="lost")
+            entry.lost = reason
+            lostbook.write(sandbox_id, sandbox_id, reason)
+            self._entries[sandbox_id] = entry
+        for record in lostbook.read_all():  # lost at an earlier start, and not removed since
+            if record["id"] in self._entries:
+                if self._entries[record["id"]].state != "lost":  # it came back (a snapshot put back): not lost
+                    lostbook.remove(record["id"])
+                continue
+            name, created = record.get("name"), record.get("created")
+            entry = Entry(record["id"], name if isinstance(name, str) else record["id"], pol.DEFAULT, None,
+                          created=float(created) if isinstance(created, int | float) else 0.0, state="lost")
+            entry.lost = record["reason"]
+            self._entries[entry.id] = entry
+
+    def _register_clone(self, entry: Entry) -> None:
+        if entry.template is None:
+            return
+        try:
+            self.templates.get(entry.template).clones.add(entry.id)
+        except NotFound:
+            log.warning("sandbox %s is a clone of template %s, which is gone", entry.id, entry.template)
 
     def create(self, policy: pol.Policy, name: str | None = None, debug: bool = False,
                template_name: str | None = None) -> Entry:
@@ -187,8 +267,9 @@ class Registry:
             self._same_image(f"template {origin.name}", origin.image)
             policy = origin.policy
         vm = Instance(policy, self._image(), sandbox_id=self.fresh_id(), on_warning=log.warning,
-                      debug=debug and origin is None)
+                      debug=debug and origin is None, outlive_owner=True)
         entry = Entry(vm.id, name or vm.id, policy, vm, template=origin.name if origin else None)
+        vm.service = entry.record("cloning" if origin is not None else "booting")
         with self._lock:
             if len(self._entries) >= MAX_SANDBOXES:
                 raise Conflict(f"this daemon already runs {MAX_SANDBOXES} sandboxes")
@@ -219,6 +300,7 @@ class Registry:
             self._drop(entry)
             raise
         entry.state = "running"
+        vm.record(**entry.record("running"))
         self._supervise(entry, vm)
         log.info("sandbox %s (%s) is up: %s", entry.id, entry.name, policy.summary())
         return entry
@@ -255,10 +337,15 @@ class Registry:
             entry.state = "stopping"
             try:
                 if entry.vm is not None:
+                    entry.vm.record(**entry.record("stopping"))
                     entry.vm.shutdown()
             finally:
                 self._drop(entry)
-                if entry.parks:  # a parked snapshot, or the disks a resumed sandbox keeps in the state directory
+                if entry.lost is not None:
+                    lostbook.remove(entry.id)
+                # A parked snapshot, the disks a resumed sandbox keeps in the state directory, or what a park the
+                # last daemon's crash cut short left there (a first park whose VM was continued).
+                if entry.parks or self.state.sandbox_dir(entry.id).exists():
                     self.state.remove(entry.id)
                     self.state.forget(entry.id)
         log.info("sandbox %s (%s) stopped", entry.id, entry.name)
@@ -274,16 +361,21 @@ class Registry:
             if unused_since is not None and entry.used > unused_since:
                 raise Conflict(f"sandbox {entry.id} was used again")
             vm = entry.running()
+            if entry.starting and not (vm.session is not None and vm.session.commands):
+                raise Conflict(f"sandbox {entry.id} is starting a command", hint="park it when its commands have ended")
             if vm.session is not None and vm.session.commands:
                 raise Conflict(f"sandbox {entry.id} runs {len(vm.session.commands)} command(s)",
                                hint="park it when they have ended (a parked sandbox resumes on its next exec)")
             entry.state = "parking"
+            vm.record(**entry.record("parking"))
             try:
                 origin = self.templates.get(entry.template).meta if entry.template else None
                 meta, figures = park.park(self.state, vm, self._kept(entry), template=origin,
                                           on_step=lambda s: log.debug("park %s: %s", entry.id, s))
             except BaseException:
                 entry.state = "running"
+                with contextlib.suppress(OSError):
+                    vm.record(**entry.record("running"))
                 raise
             entry.state, entry.vm, entry.parked = "parked", None, meta
             entry.parks += 1
@@ -304,14 +396,24 @@ class Registry:
         return entry
 
     def ensure_running(self, entry: Entry) -> float | None:
-        """The sandbox, running: resumed first if it is parked (an exec on a parked sandbox). Returns the resume's
-        seconds, or None if it was running."""
+        """The sandbox, running, for an exec: resumed first if it is parked. Returns the resume's seconds, or None
+        if it was running. The exec is held against parks (Entry.starting) until exec_done(): call it in a
+        finally."""
         with entry.lock:
             entry.used = time.monotonic()  # under the lock: the daemon's own parks see the exec coming
             if entry.state != "parked":
                 entry.running()
+                entry.starting += 1
                 return None
-            return self._resume_locked(entry)
+            seconds = self._resume_locked(entry)
+            entry.starting += 1
+            return seconds
+
+    def exec_done(self, entry: Entry) -> None:
+        """An exec that ensure_running() let through has ended (or failed to start)."""
+        with entry.lock:
+            entry.starting -= 1
+            entry.used = time.monotonic()
 
     def _checked_parked(self, entry: Entry) -> Manifest:
         """The parked sandbox's snapshot as on disk now (authentic, current, its files in place): a problem found
@@ -319,12 +421,15 @@ class Registry:
         then shows why: 409)."""
         try:
             meta = self.state.load(entry.id)
-            if meta is None:
-                raise statedir.SnapshotProblem("partial", f"sandbox {entry.id} has no committed snapshot in "
-                                                          f"{self.state.root}")
         except statedir.SnapshotProblem as exc:
             entry.problem = exc.message
             raise
+        if meta is None:  # nothing of it is left to resume: lost, never shown parked
+            reason = f"its snapshot is gone from {self.state.root} (no manifest)"
+            entry.state, entry.lost, entry.parked = "lost", reason, None
+            lostbook.write(entry.id, entry.name, reason, entry.created, entry.template)
+            raise Conflict(f"sandbox {entry.id} is lost: {reason}",
+                           hint=f"`memvisor stop {entry.id}` removes the record")
         if entry.problem is not None and entry.parked is None:  # listed from a problem: now it can be known
             with contextlib.suppress(MemvisorError):
                 fresh = self._parked_entry(meta)
@@ -347,7 +452,8 @@ class Registry:
         clone_ram = self.templates.ram(origin) if origin else None
         if self.supervisor is not None:
             self._admit(entry.id, entry.policy)
-        vm = Instance(entry.policy, image, sandbox_id=entry.id, on_warning=log.warning)
+        vm = Instance(entry.policy, image, sandbox_id=entry.id, on_warning=log.warning, outlive_owner=True,
+                      service=entry.record("resuming", generation=meta.generation))
         vm.clone_ram_fd = clone_ram
         entry.state = "resuming"
         try:
@@ -362,6 +468,7 @@ class Registry:
             self._spawner.submit(vm.close).result()
             raise
         entry.state, entry.vm, entry.parked, entry.last_resume = "running", vm, None, figures
+        vm.record(**entry.record("running"))
         entry.used = time.monotonic()
         self._supervise(entry, vm)
         log.info("sandbox %s (%s) resumed in %.2f s", entry.id, entry.name, figures.seconds)
@@ -405,12 +512,12 @@ class Registry:
     def _busy(self, skip: set[str]) -> bool:
         """Whether a running sandbox not in `skip` runs commands now (it may be parked once they end)."""
         return any(e.id not in skip and e.state == "running" and e.vm is not None and e.vm.session is not None
-                   and e.vm.session.commands for e in self.list())
+                   and (e.vm.session.commands or e.starting) for e in self.list())
 
     def _coldest_idle(self, skip: set[str]) -> Entry | None:
         """The running sandbox with no command in flight that was used least recently, or None."""
         idle = [e for e in self.list() if e.id not in skip and e.state == "running" and e.vm is not None
-                and e.vm.session is not None and not e.vm.session.commands]
+                and e.vm.session is not None and not e.vm.session.commands and not e.starting]
         return min(idle, key=lambda e: e.used, default=None)
 
     def park_idle(self) -> None:
@@ -421,7 +528,8 @@ class Registry:
             limit = entry.policy.park_after_idle_s
             limit = self.park_after_idle_s if limit is None else limit
             vm = entry.vm
-            if not limit or entry.state != "running" or vm is None or vm.session is None or vm.session.commands:
+            if not limit or entry.state != "running" or vm is None or vm.session is None or vm.session.commands \
+                    or entry.starting:
                 continue
             used = entry.used
             if now - used < limit:
@@ -469,12 +577,15 @@ class Registry:
                 if any(t.name == name for t in self.templates.list()):
                     raise Conflict(f"template {name} already exists", hint=f"memvisor template rm {name}")
             entry.state = "freezing"
+            vm.record(**entry.record("freezing", template_name=name))
             try:
                 meta, fd, figures = template.freeze(self.state, vm, name, {
                     "policy": pol.to_json(entry.policy), "image": self._image().manifest.get("key"),
                     "source": entry.id, "created": time.time()})
             except BaseException:
                 entry.state = "running"
+                with contextlib.suppress(OSError):
+                    vm.record(**entry.record("running"))
                 raise
             entry.state = "stopping"
             self._drop(entry)
@@ -505,12 +616,13 @@ class Registry:
         return self.make_template(name, entry.id)
 
     def ensure_exec(self, entry: Entry, argv: Sequence[str], timeout: float | None) -> RunResult:
-        vm = entry.running()
-        entry.execs += 1
+        self.ensure_running(entry)
         try:
+            vm = entry.running()
+            entry.execs += 1
             return vm.exec(list(argv), uid=0, timeout=timeout)
         finally:
-            entry.used = time.monotonic()
+            self.exec_done(entry)
 
     def close(self) -> None:
         """The daemon is ending: park every running sandbox (or stop it, with on_exit "stop"; a sandbox that
@@ -518,7 +630,11 @@ class Registry:
         self._idle_stop.set()
         self._idle_thread.join(timeout=60)
         for entry in self.list():
-            if entry.state == "parked":
+            if entry.state in ("parked", "lost"):
+                continue
+            if self.on_exit == "leave" and entry.vm is not None and entry.state == "running":
+                log.warning("leaving sandbox %s (%s) running for the next daemon", entry.id, entry.name)
+                self._spawner.submit(entry.vm.release).result()
                 continue
             if self.on_exit == "park":
                 log.warning("parking sandbox %s (%s): the daemon is ending", entry.id, entry.name)

@@ -1,9 +1,10 @@
 """Run the daemon: the API on a unix socket (mode 0660, bound here before uvicorn gets it, so it is never
 reachable with looser permissions) and, only when asked, on a loopback TCP port that requires a bearer token.
 
-On SIGTERM/SIGINT uvicorn stops accepting requests; then every sandbox is stopped and logged, the socket is
-removed, and the process exits. A SIGKILLed daemon takes its VMMs with it (PR_SET_PDEATHSIG); the next start
-sweeps what they left.
+On SIGTERM/SIGINT uvicorn stops accepting requests; then every sandbox is parked, stopped or left running
+(--on-exit) and logged, the socket is removed, and the process exits. A daemon killed any other way (SIGKILL,
+the OOM killer, a crash) leaves its VMMs running: the next daemon on the same runtime directory takes them over
+(service/recovery.py). One daemon per runtime directory: it holds runtime.daemon_lock() while it runs.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import uvicorn
 
 from memvisor import proc
 from memvisor.errors import MemvisorError
+from memvisor.host import runtime
 from memvisor.image import build
 from memvisor.service.api import create_app
 from memvisor.service.registry import Registry
@@ -121,12 +123,21 @@ def serve(socket_path: Path, listen: str | None = None, token_file: Path | None 
         raise MemvisorError(f"--park-after-idle {park_after_idle_s} is negative", hint="give seconds, or 0 for never")
     tcp = parse_listen(listen) if listen else None
     token = token_from(token_file) if tcp else None
-    # The key and the ledger are checked before anything else: a replaced key or a rolled-back state directory
-    # stops the daemon here, naming the file. The registry holds them (and closes them) from here on.
-    state = statedir.open(key_file, create_key=True)
+    lock = runtime.daemon_lock()  # one daemon per runtime directory: before anything is adopted, swept or scanned
+    try:
+        # The key and the ledger are checked before anything else: a replaced key or a rolled-back state directory
+        # stops the daemon here, naming the file. The registry holds them (and closes them) from here on.
+        state = statedir.open(key_file, create_key=True)
+        _serve(socket_path, tcp, token, state, parse_budget(budget), on_exit, park_after_idle_s)
+    finally:
+        runtime.daemon_unlock(lock)
+
+
+def _serve(socket_path: Path, tcp: tuple[str, int] | None, token: str | None, state: statedir.State,
+           budget_bytes: int, on_exit: str, park_after_idle_s: int) -> None:
     supervisor: Supervisor | None = None
     try:
-        supervisor = Supervisor(parse_budget(budget))
+        supervisor = Supervisor(budget_bytes)
         # The image is fixed when the daemon starts: its guest code must be the daemon's own (an upgrade of
         # memvisor on disk would otherwise boot new guests that speak a protocol the running daemon does not).
         image = build.ensure()

@@ -316,7 +316,7 @@ def _rss(vm: Any) -> int:
     process = getattr(vm, "process", None)
     if process is None:
         return 0
-    kinds = ("RssAnon:",) if getattr(vm, "clone_ram_fd", None) is not None else ("RssAnon:", "RssShmem:")
+    kinds = ("RssAnon:",) if getattr(vm, "is_clone", False) else ("RssAnon:", "RssShmem:")
     try:
         with open(f"/proc/{process.pid}/status") as f:
             kib = sum(int(x.split()[1]) for x in f if x.startswith(kinds))

@@ -174,3 +174,16 @@ def test_json_loads_agrees_with_stdlib_on_garbage(text: str) -> None:
         assert "NaN" in text or "Infinity" in text  # the only documented difference: no NaN/Infinity
     else:
         assert got == expected
+
+
+def test_zero_filler_between_frames_is_skipped_silently() -> None:
+    """A new daemon's ADOPT_FILLER: zeros before a frame decode to nothing, after a half frame they complete it
+    (then refused) and the rest is skipped without an error."""
+    frame = proto.encode(Kind.SHUTDOWN, {})
+    decoder = proto.Decoder()
+    [item] = decoder.feed(bytes(proto.ADOPT_FILLER) + frame)
+    assert isinstance(item, proto.Frame) and item.kind is Kind.SHUTDOWN
+    half = proto.encode(Kind.EXEC, {"id": 1, "argv": ["true"]})[:20]
+    items = decoder.feed(half + bytes(proto.ADOPT_FILLER) + frame)
+    assert len(items) == 2 and isinstance(items[0], ProtocolError), items
+    assert isinstance(items[1], proto.Frame) and items[1].kind is Kind.SHUTDOWN

@@ -72,8 +72,8 @@ def test_the_budget_counts_a_clone_by_its_own_pages_and_its_template_once() -> N
     from memvisor.service import supervisor as sup_mod
 
     me = SimpleNamespace(pid=os.getpid())
-    plain = SimpleNamespace(process=me, clone_ram_fd=None)
-    clone = SimpleNamespace(process=me, clone_ram_fd=7)
+    plain = SimpleNamespace(process=me, is_clone=False)
+    clone = SimpleNamespace(process=me, is_clone=True)
     status = {k: int(v.split()[0]) << 10 for k, v in (line.split(":", 1) for line in
                                                       open(f"/proc/{me.pid}/status") if ":" in line)
               if k in ("RssAnon", "RssShmem")}

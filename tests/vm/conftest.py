@@ -15,10 +15,15 @@ from typing import Any
 import psutil
 import pytest
 
+from memvisor import proc
 from memvisor.image import build
 from memvisor.image.build import Image
 
 pytestmark = pytest.mark.vm
+PR_SET_CHILD_SUBREAPER = 36
+# A daemon's VMMs outlive it (a SIGKILLed daemon's are taken over by the next): orphaned, they become this
+# process's children instead of init's, so the leak check below still sees them, and this process reaps them.
+proc.prctl(PR_SET_CHILD_SUBREAPER, 1)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -54,6 +59,7 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     leftover = [p for p in qemu_processes() if p.pid not in before and _descends_from_us(p)]
     for p in leftover:  # fail loudly, but do not leave them running for the next test
         p.kill()
+    reap_orphans()
     assert not leftover, f"VMM processes left behind: {[p.pid for p in leftover]}"
     assert not run_dir.exists() or not any(run_dir.iterdir()), f"runtime files left: {list(run_dir.iterdir())}"
     # The state directory may keep its ledger; a sandbox's snapshot left there is a leak.
@@ -62,6 +68,17 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     assert not parked, f"parked sandboxes left in the state directory: {parked}"
     templates = [p.name for p in (state_dir / "templates").iterdir()] if (state_dir / "templates").exists() else []
     assert not templates, f"templates left in the state directory: {templates}"
+
+
+def reap_orphans() -> None:
+    """Reap the VMMs that became this process's children when their daemon died (PR_SET_CHILD_SUBREAPER), once
+    they have exited; never a child that some Popen of this process will wait for (those are not VMMs)."""
+    for p in psutil.Process().children():
+        try:
+            if p.name().startswith(("qemu-system", "memvisor-")) and p.status() == psutil.STATUS_ZOMBIE:
+                os.waitpid(p.pid, 0)
+        except (psutil.Error, ChildProcessError):
+            pass
 
 
 def qemu_processes() -> list[psutil.Process]:

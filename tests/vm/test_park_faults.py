@@ -1,7 +1,8 @@
 """Parks that go wrong, against real guests (docs/parking.md): a state directory that fills during a park leaves
 the sandbox running as it was (HTTP 507), and a later park with room succeeds; a daemon SIGKILLed while it writes
-a snapshot leaves nothing that could resume (the next daemon removes it and says so), and one killed just after
-the commit leaves a complete snapshot that the next daemon resumes."""
+a snapshot leaves the VM to the next daemon, which undoes the park (the partial stream is never resumed: the VM
+goes on), and one killed just after the commit leaves a complete snapshot that the next daemon resumes (its VMM,
+paused since the save, is stopped). tests/vm/test_crash.py kills daemons at random points too."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import httpx
 import pytest
 
 from memvisor.image.build import Image
-from tests.vm.conftest import alive, wait_for
+from tests.vm.conftest import alive
 from tests.vm.test_park import create, run
 from tests.vm.test_service import Daemon, start_daemon, stop_daemon
 
@@ -99,22 +100,25 @@ def kill_during_park(tmp_path: Path, ready: str) -> tuple[Daemon, dict[str, str]
     d.proc.send_signal(signal.SIGKILL)
     d.proc.communicate(timeout=30)
     parking.join(timeout=60)
-    wait_for(lambda: not alive(info["vmm_pid"]), 30, "the VMM to die with its daemon")
+    # Before the commit the VMM must outlive its daemon; after it, the VMM may have quit already (as asked).
+    assert ready == "commit" or alive(info["vmm_pid"]), "the VMM died with its daemon"
     return d, info
 
 
-def test_a_daemon_killed_while_it_writes_a_snapshot_leaves_nothing_that_resumes(image: Image, tmp_path: Path) -> None:
+def test_a_daemon_killed_while_it_writes_a_snapshot_leaves_the_vm_running(image: Image, tmp_path: Path) -> None:
     _, info = kill_during_park(tmp_path, "stream")
-    assert sandbox_dirs() == [info["id"]]  # the partial stream, with no meta.json
     second = start_daemon(tmp_path)
     try:
         with second.unix() as api:
-            listed = api.get("/v1/sandboxes").json()  # lost, as a VMM whose daemon died always was
-        left = sandbox_dirs()
+            [listed] = api.get("/v1/sandboxes").json()
+            assert (listed["id"], listed["state"], listed["vmm_pid"]) == (info["id"], "running", info["vmm_pid"])
+            assert not (Path(os.environ["MEMVISOR_STATE_DIR"]) / info["id"] / "vm.snap").exists()
+            intact(api, info["id"])
+            assert api.delete(f"/v1/sandboxes/{info['id']}").status_code == 200
+        assert sandbox_dirs() == []
     finally:
         err = stop_daemon(second)
-    assert listed == [] and left == [], err
-    assert f"removed a partial snapshot of sandbox {info['id']}" in err, err
+    assert "died while it was parking: running" in err, err
 
 
 def test_a_daemon_killed_just_after_the_commit_leaves_a_snapshot_that_resumes(image: Image, tmp_path: Path) -> None:
