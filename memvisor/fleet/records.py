@@ -3,6 +3,7 @@
     <prefix>nodes/<node name>       NodeRecord, attached to the node's lease: gone when the node stops answering
     <prefix>sandboxes/<sandbox id>  SandboxRecord: no lease (a parked sandbox outlives every node)
     <prefix>generations/<id>        the fleet's Generations counter of a sandbox or template: {generation, nonce}
+    <prefix>key-check               a MAC of a fixed label under the fleet key: a daemon with another key is refused
 
 <prefix> is /memvisor/fleet/ unless a fleet is given another (tests, or two fleets on one etcd).
 
@@ -68,6 +69,11 @@ class Layout:
     @property
     def generations(self) -> str:
         return f"{self.prefix}generations/"
+
+    @property
+    def key_check(self) -> str:
+        """Where the fleet key's check value lives (written once, by the first node: fleetd.py)."""
+        return f"{self.prefix}key-check"
 
     def node(self, name: str) -> str:
         return self.nodes + check_node_name(name)

@@ -60,15 +60,19 @@ class Outcome:
     ended: list[list[Any]] = field(default_factory=list)  # the commands the crash ended: [[exec id, argv0], ...]
 
 
-def recover(snapshots: statedir.State, image: Image, on_warning: Callable[[str], None] | None = None
-            ) -> list[Outcome]:
+Committed = Callable[[str, str, dict[str, Any]], "bool | None"]
+
+
+def recover(snapshots: statedir.State, image: Image, on_warning: Callable[[str], None] | None = None,
+            committed: Committed | None = None) -> list[Outcome]:
     """Settle every sandbox a dead daemon left in this runtime root (call holding runtime.daemon_lock(), before
     anything sweeps or scans; `snapshots`: the open state directory). Never raises for one sandbox: each ends
-    running, parked, gone or lost."""
+    running, parked, gone or lost. `committed(id, phase, record)`: whether the park or resume of that phase holds,
+    when another authority than the state directory decides it (a fleet's fence); None: the state directory."""
     outcomes = []
     for state in runtime.orphans():
         try:
-            outcome = _settle(snapshots, state, image, on_warning)
+            outcome = _settle(snapshots, state, image, on_warning, committed)
         except Exception as exc:  # a bug settling one must not lose the others, nor the daemon
             log.exception("recovering sandbox %s failed", state.id)
             _kill(state)
@@ -82,12 +86,13 @@ def recover(snapshots: statedir.State, image: Image, on_warning: Callable[[str],
 
 
 def _settle(snapshots: statedir.State, state: runtime.SandboxState, image: Image,
-            on_warning: Callable[[str], None] | None) -> Outcome:
+            on_warning: Callable[[str], None] | None, authority: Committed | None) -> Outcome:
     record = dict(state.service)
     phase = record.get("phase", "booting")
     alive = state.vmm_pid is not None and runtime.same_process(state.vmm_pid, state.vmm_started) \
         and runtime.is_vmm(state.vmm_pid, state)
-    committed = _committed(snapshots, state.id, phase, record)
+    decided = authority(state.id, phase, record) if authority is not None else None
+    committed = decided if decided is not None else _committed(snapshots, state.id, phase, record)
     if not alive:
         runtime.remove(_dir(state))
         if phase in ("stopping", "freezing") and (phase == "stopping" or committed):

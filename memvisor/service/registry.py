@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from memvisor import paths
 from memvisor import policy as pol
@@ -33,6 +34,10 @@ from memvisor.service.supervisor import ADMIT_WAIT_S, AdmissionRefused, Supervis
 from memvisor.service.templates import TemplateEntry, Templates
 from memvisor.snapshot import park, statedir, template
 from memvisor.snapshot.manifest import Manifest
+
+if TYPE_CHECKING:  # the fleet layer (etcd's client) is imported only by a daemon that joins a fleet
+    from memvisor.service.fleetd import Fleet
+    from memvisor.service.fleetops import FleetOps
 
 log = logging.getLogger("memvisor")
 NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
@@ -69,6 +74,7 @@ class Entry:
     # guest has not been sent yet into the snapshot (and lose its session), so it is refused while any are held
     starting: int = 0
     recovered: dict[str, object] | None = None  # taken over from a daemon that died: when, and what it ended
+    claimed: int | None = None  # fleet: the generation this node claimed from the store, until it resumes
     problem: str | None = None  # parked, but its snapshot cannot be resumed as it is (statedir.Problem), and why
     # park, resume and stop of one sandbox happen one at a time; an exec holds it while it resumes the sandbox
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -105,13 +111,22 @@ class Registry:
     """Every sandbox of this daemon, by id."""
 
     def __init__(self, image: Callable[[], Image], supervisor: Supervisor | None = None,
-                 on_exit: str = "park", park_after_idle_s: int = 0, state: statedir.State | None = None) -> None:
+                 on_exit: str = "park", park_after_idle_s: int = 0, state: statedir.State | None = None,
+                 fleet: Fleet | None = None) -> None:
         """`on_exit`: what close() does with running sandboxes: park them (the next daemon lists them parked), stop
         them, or leave them running for the next daemon to take over (an upgrade). `park_after_idle_s`: the
         default idle time before a sandbox is parked (0: never). `state`: the open state directory (its key and
         ledger), which the registry holds and close() closes (default: opened here, the key made if the directory
-        holds nothing wrapped)."""
+        holds nothing wrapped). `fleet`: this daemon's fleet (service/fleetd.py): parked sandboxes live in its
+        store, every move goes through its fence (service/fleetops.py), and `state` is the fleet's
+        (statedir.open_fleet)."""
         self.state = state or statedir.open(create_key=True)
+        self.fleet = fleet
+        self.ops: FleetOps | None = None
+        if fleet is not None:
+            from memvisor.service.fleetops import FleetOps
+
+            self.ops = FleetOps(fleet, self.state)
         self.park_after_idle_s = park_after_idle_s
         self.admit_wait_s = ADMIT_WAIT_S  # how long an admission may wait for room (parks, squeezes)
         self._idle_stop = threading.Event()
@@ -124,7 +139,8 @@ class Registry:
         self._lock = threading.Lock()
         self._spawner = ThreadPoolExecutor(1, thread_name_prefix="memvisor-spawner")
         # First what a daemon that died left running or half done, before anything sweeps or scans.
-        outcomes = recovery.recover(self.state, image(), on_warning=log.warning)
+        outcomes = recovery.recover(self.state, image(), on_warning=log.warning,
+                                    committed=self.ops.committed if self.ops is not None else None)
         removed = runtime.sweep()
         if removed:
             log.warning("removed %d sandbox(es) left by a daemon or command that is gone: %s", len(removed),
@@ -135,6 +151,11 @@ class Registry:
             supervisor.shared_bytes = self.templates.resident_bytes
         removed_snapshots = self._adopt_parked({o.id for o in outcomes if o.state == "running"})
         self._adopt_recovered(outcomes, removed_snapshots)
+        if self.ops is not None:
+            for outcome in outcomes:
+                self.ops.recovered(outcome.id, outcome.state, outcome.record.get("generation"))
+            assert fleet is not None
+            fleet.on_rejoin = self._rejoined
         self._idle_thread = threading.Thread(target=self._idle_loop, name="memvisor-idle", daemon=True)
         self._idle_thread.start()
 
@@ -167,6 +188,13 @@ class Registry:
         `running`: sandboxes taken over from a daemon that died (their directories hold their kept disks).
         Returns the sandboxes whose snapshot was removed, with why (unless it runs, such a sandbox is lost)."""
         metas, problems = self.state.scan(running=running)
+        if self.ops is not None:  # in a fleet the store holds what is parked: a local copy is a leftover
+            for leftover in {m.id for m in metas} | {p.id for p in problems if not p.removed}:
+                if leftover not in running and SAFE_ID.fullmatch(leftover):
+                    log.warning("removing a local copy of sandbox %s: its parked state is the fleet's", leftover)
+                    with contextlib.suppress(MemvisorError, OSError):
+                        self.state.remove(leftover)
+            return {}
         for problem in problems:
             log.warning("%s", problem.note())
         adopted: list[Entry] = []
@@ -279,13 +307,17 @@ class Registry:
                 raise Conflict(f"sandbox id {entry.id} was taken while this sandbox was being made",
                                hint="try again")
             self._entries[entry.id] = entry  # holds the name while admission decides
-        if self.supervisor is not None:
-            try:  # outside the registry's lock: admission may wait for room, and a stop must be able to make it
+        try:
+            if self.supervisor is not None:  # outside the registry's lock: admission may wait for room
                 self._admit(entry.id, policy)
-            except BaseException:
-                with self._lock:
-                    self._entries.pop(entry.id, None)
-                raise
+            if self.ops is not None:  # the fleet knows it before it boots (an id no other node may take)
+                self.ops.created(entry.id, entry.name)
+        except BaseException:
+            with self._lock:
+                self._entries.pop(entry.id, None)
+            if self.supervisor is not None:
+                self.supervisor.release(entry.id)
+            raise
         try:
             if origin is not None:
                 with origin.lock:
@@ -298,6 +330,8 @@ class Registry:
                 vm.wait_ready()
         except BaseException:
             self._drop(entry)
+            if self.ops is not None:
+                self.ops.forget(entry.id)
             raise
         entry.state = "running"
         vm.record(**entry.record("running"))
@@ -317,6 +351,68 @@ class Registry:
                 return candidate
             log.info("sandbox id %s is taken: drawing another", candidate)
         raise MemvisorError(f"no free sandbox id in {ID_DRAWS} draws", hint="the id source is not random")
+
+    # -- the fleet ------------------------------------------------------------------------------------------------
+    def _rejoined(self) -> None:
+        """The node joined the fleet again under a new lease: take every sandbox running here back into the fence."""
+        assert self.ops is not None
+        for entry in self.list():
+            if entry.state == "running":
+                self.ops.recovered(entry.id, "running", None)
+
+    def counts(self) -> tuple[int, int, int]:
+        """(running, parked, held bytes) for this node's fleet record."""
+        entries = self.list()
+        held = self.supervisor.status()["reserved_bytes"] if self.supervisor is not None else 0
+        return (sum(e.state == "running" for e in entries), sum(e.state == "parked" for e in entries), held)
+
+    def drain(self) -> dict[str, Any]:
+        """Park every running sandbox of this node into the fleet's store and release it (memvisor fleet drain):
+        the next exec resumes each wherever it reaches. Returns what was parked, and what could not be (it runs
+        on here, with the reason)."""
+        parked, failed = [], {}
+        for entry in self.list():
+            if entry.state != "running":
+                continue
+            try:
+                self.park(entry.id)
+                parked.append(entry.id)
+            except MemvisorError as exc:
+                failed[entry.id] = exc.message
+        log.warning("drained: %d sandbox(es) parked into the fleet's store%s", len(parked),
+                    f", {len(failed)} not: {failed}" if failed else "")
+        return {"parked": parked, "failed": failed}
+
+    def claim(self, key: str) -> Entry:
+        """A sandbox parked in the fleet, claimed by this node and brought here as a parked entry (its bundle in
+        the local state directory, checked), for a resume or an exec to resume it; a local one as it is.
+        NotFound if neither this node nor the fleet has it; Conflict if it runs elsewhere (the API forwards)."""
+        try:
+            return self.get(key)
+        except NotFound:
+            if self.fleet is None or self.ops is None:
+                raise
+        from memvisor.fleet.records import State as FleetState
+
+        record = self.fleet.find(key)
+        if record is None:
+            raise NotFound(f"no sandbox {key!r} in the fleet", hint="list them with `memvisor fleet ls`")
+        if record.state != FleetState.PARKED:
+            raise Conflict(f"sandbox {record.id} is {record.state} on node {record.node}")
+        meta = self.ops.claim(record)
+        try:
+            entry = self._parked_entry(meta)
+        except BaseException:
+            self.ops.resume_failed(record.id)
+            raise
+        entry.claimed = meta.generation
+        with self._lock:
+            if entry.id in self._entries:  # another request brought it here meanwhile
+                self.ops.resume_failed(record.id)
+                raise Conflict(f"sandbox {entry.id} is being resumed here already")
+            self._entries[entry.id] = entry
+        self._register_clone(entry)
+        return entry
 
     def get(self, key: str) -> Entry:
         """By id or name; NotFound otherwise."""
@@ -348,6 +444,8 @@ class Registry:
                 if entry.parks or self.state.sandbox_dir(entry.id).exists():
                     self.state.remove(entry.id)
                     self.state.forget(entry.id)
+                if self.ops is not None:
+                    self.ops.forget(entry.id)
         log.info("sandbox %s (%s) stopped", entry.id, entry.name)
         return entry
 
@@ -366,16 +464,21 @@ class Registry:
             if vm.session is not None and vm.session.commands:
                 raise Conflict(f"sandbox {entry.id} runs {len(vm.session.commands)} command(s)",
                                hint="park it when they have ended (a parked sandbox resumes on its next exec)")
+            publish = None
+            if self.ops is not None:  # the fence shows the park before anything of it is written
+                publish = self.ops.publisher(entry.id, self.ops.begin_park(entry.id))
             entry.state = "parking"
             vm.record(**entry.record("parking"))
             try:
                 origin = self.templates.get(entry.template).meta if entry.template else None
                 meta, figures = park.park(self.state, vm, self._kept(entry), template=origin,
-                                          on_step=lambda s: log.debug("park %s: %s", entry.id, s))
+                                          on_step=lambda s: log.debug("park %s: %s", entry.id, s), publish=publish)
             except BaseException:
                 entry.state = "running"
                 with contextlib.suppress(OSError):
                     vm.record(**entry.record("running"))
+                if self.ops is not None:
+                    self.ops.park_failed(entry.id)
                 raise
             entry.state, entry.vm, entry.parked = "parked", None, meta
             entry.parks += 1
@@ -384,6 +487,10 @@ class Registry:
                 self.supervisor.release(entry.id)
             # The VMM has quit; the rest of the teardown runs where the VMM was spawned.
             self._spawner.submit(vm.close).result()
+            if self.ops is not None:  # it lives in the fleet's store now, for any node to resume
+                self.ops.parked(entry.id)
+                with self._lock:
+                    self._entries.pop(entry.id, None)
         log.info("sandbox %s (%s) parked in %.2f s: %d MiB of state", entry.id, entry.name, figures.seconds,
                  figures.file_bytes >> 20)
         return entry
@@ -466,9 +573,16 @@ class Registry:
             if self.supervisor is not None:
                 self.supervisor.release(entry.id)
             self._spawner.submit(vm.close).result()
+            if self.ops is not None and entry.claimed is not None:  # back to the fleet, parked as it was
+                self.ops.resume_failed(entry.id)
+                with self._lock:
+                    self._entries.pop(entry.id, None)
             raise
         entry.state, entry.vm, entry.parked, entry.last_resume = "running", vm, None, figures
         vm.record(**entry.record("running"))
+        if self.ops is not None and entry.claimed is not None:
+            self.ops.resumed(entry.id, entry.claimed)
+            entry.claimed = None
         entry.used = time.monotonic()
         self._supervise(entry, vm)
         log.info("sandbox %s (%s) resumed in %.2f s", entry.id, entry.name, figures.seconds)
@@ -542,8 +656,10 @@ class Registry:
                 log.warning("sandbox %s could not be parked: %s", entry.id, exc)
 
     def _kept(self, entry: Entry) -> dict[str, object]:
-        """What meta.json keeps for a resume by this or a later daemon."""
-        return {"name": entry.name, "created": entry.created, "policy": pol.to_json(entry.policy),
+        """What meta.json keeps for a resume by this or a later daemon (in a fleet, also the host a resume must
+        match: fleetd.compat)."""
+        host = {"host": self.fleet.compat} if self.fleet is not None else {}
+        return {**host, "name": entry.name, "created": entry.created, "policy": pol.to_json(entry.policy),
                 "image": self._image().manifest.get("key"), "execs": entry.execs, "parks": entry.parks + 1}
 
     def _supervise(self, entry: Entry, vm: Instance) -> None:
@@ -642,6 +758,12 @@ class Registry:
                     self.park(entry.id)
                     continue
                 except MemvisorError as exc:
+                    if self.fleet is not None and entry.vm is not None and entry.state == "running":
+                        # A fleet's sandbox is never stopped by a drain: it runs on for this node's next daemon,
+                        # and the fleet shows it unreachable until then.
+                        log.warning("sandbox %s cannot be parked (%s): leaving it running", entry.id, exc)
+                        self._spawner.submit(entry.vm.release).result()
+                        continue
                     log.warning("sandbox %s cannot be parked (%s): stopping it", entry.id, exc)
             else:
                 log.warning("stopping sandbox %s (%s): the daemon is ending", entry.id, entry.name)

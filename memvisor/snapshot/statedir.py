@@ -86,18 +86,21 @@ class State:
     opens one (`open()`), holds it while it runs, and closes it (zeroing the key material). Methods re-read the disk:
     another process may share the directory."""
 
-    def __init__(self, base: Path, key: keys.HostKey, generations: ledger.LocalLedger, inuse: int | None) -> None:
+    def __init__(self, base: Path, key: keys.HostKey, generations: ledger.Generations, inuse: int | None,
+                 book: ledger.LocalLedger | None = None) -> None:
+        """`generations`: the local ledger (`book`, which this object closes), or a fleet's (etcd: open_fleet)."""
         self.root = base
         self.key = key
-        self.generations: ledger.Generations = generations
-        self.ledger = generations
+        self.generations = generations
+        self.ledger = book
         self._inuse = inuse
         self._wrap = key.derive(keys.WRAP)
 
     def close(self) -> None:
         """Zero the keys and let `memvisor key rotate` run (the shared lock goes)."""
         files.zero(self._wrap)
-        self.ledger.close()
+        if self.ledger is not None:
+            self.ledger.close()
         self.key.close()
         if self._inuse is not None:
             os.close(self._inuse)
@@ -111,6 +114,11 @@ class State:
 
     def __repr__(self) -> str:
         return f"State({str(self.root)!r}, key={str(self.key.path)!r})"
+
+    @property
+    def ledger_name(self) -> str:
+        """Where the generations are kept, for messages."""
+        return f"the ledger {self.ledger.path}" if self.ledger is not None else "the fleet's generations (etcd)"
 
     # -- the snapshot key ----------------------------------------------------------------------------------
     def wrap(self, manifest: Manifest, snapshot_key: bytearray) -> Manifest:
@@ -162,7 +170,7 @@ class State:
         """SnapshotProblem unless `manifest` is of generation `current` (the ledger's)."""
         if current is None:
             raise SnapshotProblem("unknown", f"the snapshot of {what} (generation {manifest.generation}) is not in "
-                                             f"the ledger {self.ledger.path}: it is never resumed; it stays parked",
+                                             f"{self.ledger_name}: it is never resumed; it stays parked",
                                   hint="if it was restored from an older copy, remove it (stop the sandbox)")
         if manifest.generation < current:
             raise SnapshotProblem("stale", f"the snapshot of {what} is generation {manifest.generation} but the "
@@ -430,7 +438,17 @@ def open(key_file: Path | None = None, create_key: bool = False, hold: bool = Tr
         if inuse is not None:
             os.close(inuse)
         raise
-    return State(base, key, book, inuse)
+    return State(base, key, book, inuse, book)
+
+
+def open_fleet(key_file: Path, generations: ledger.Generations) -> State:
+    """The state directory of a fleet daemon (memvisor serve --fleet): a local staging area for the bundles it
+    parks into and resumes from the fleet's store. Its key is the fleet key (`key_file`, read-only: never made
+    here), which every daemon of the fleet holds, and its generations are the fleet's (etcd), not a local ledger:
+    freshness a host's disk cannot roll back, and any host may resume what another parked."""
+    base = root(create=True)
+    key = keys.read(key_file)
+    return State(base, key, generations, None)
 
 
 def open_to_read(key_file: Path | None = None) -> State | None:
