@@ -53,6 +53,8 @@ def add_parsers(sub: Any, add_policy_flags: Add, add_command_words: Callable[[ar
                        "user's, mode 0700, shared by every node (NFS, CephFS; one host: a local directory)")
     fleet.add_argument("--fleet-key-file", type=Path, metavar="PATH", help="the fleet key (32 bytes, mode 0600 or "
                        "0400): wraps every snapshot key; the same file on every node; never written by memvisor")
+    fleet.add_argument("--fleet-key-previous", type=Path, metavar="PATH", help="the fleet's key before a rotation: "
+                       "snapshots wrapped under it still resume (memvisor fleet rotate-key; docs/fleet.md)")
     fleet.add_argument("--advertise", metavar="URL", help="this daemon's API as the others reach it (default: from "
                        "--listen, e.g. http://127.0.0.1:PORT)")
     fleet.add_argument("--fleet-ttl", type=int, default=10, metavar="SECONDS",

@@ -27,20 +27,42 @@ def add_parsers(sub: Any) -> None:
     drain.add_argument("node", help="the node's name (memvisor fleet ls)")
     drain.add_argument("--json", action="store_true", help="print JSON")
     drain.add_argument("--socket", type=Path, help=socket_help)
+    rotate = fleet_sub.add_parser(
+        "rotate-key", help="rewrap every bundle of the store under a new fleet key",
+        description="Step 2 of a fleet key rotation (docs/fleet.md): with every daemon already holding the new key "
+        "(--fleet-key-file) and the old one (--fleet-key-previous), rewrap each bundle in the store from the old "
+        "key to the new one and move the fleet's key check in etcd to it. Run it again to finish one cut short.")
+    rotate.add_argument("--fleet", required=True, metavar="etcd://HOST:PORT[,...]")
+    rotate.add_argument("--store", required=True, type=Path, metavar="DIR")
+    rotate.add_argument("--fleet-key-file", required=True, type=Path, metavar="NEW", help="the new key")
+    rotate.add_argument("--previous-key-file", required=True, type=Path, metavar="OLD", help="the key it replaces")
+    rotate.add_argument("--etcd-ca", type=Path, metavar="PATH")
+    rotate.add_argument("--etcd-cert", type=Path, metavar="PATH")
+    rotate.add_argument("--etcd-key", type=Path, metavar="PATH")
 
 
 def cmd_fleet(args: argparse.Namespace, con: Any) -> int:
     from memvisor.service.client import Client
 
+    if args.fleet_command == "rotate-key":
+        from memvisor.fleet.etcd import TLSFiles
+        from memvisor.service import fleetkeys
+
+        tls = TLSFiles(args.etcd_ca, args.etcd_cert, args.etcd_key) if args.etcd_ca is not None else None
+        done = fleetkeys.rotate(args.fleet, args.store, args.fleet_key_file, args.previous_key_file, tls)
+        con.notice(f"{done.rewrapped} bundle(s) rewrapped under {args.fleet_key_file}, {done.already} already were"
+                   + (f"; {len(done.refused)} refused (left as they are): {done.refused}" if done.refused else ""))
+        return 1 if done.refused else 0
+
     with Client(args.socket or paths.service_socket()) as client:
         if args.fleet_command == "drain":
-            done = client.drain(args.node)
+            drained = client.drain(args.node)
             if args.json:
-                print(json.dumps(done))
+                print(json.dumps(drained))
             else:
-                con.notice(f"node {args.node}: {len(done['parked'])} sandbox(es) parked into the store"
-                           + (f"; not parked (they run on): {done['failed']}" if done["failed"] else ""))
-            return 1 if done["failed"] else 0
+                con.notice(f"node {args.node}: {len(drained['parked'])} sandbox(es) parked into the store"
+                           + (f"; not parked (they run on): {drained['failed']}" if drained["failed"] else ""))
+            return 1 if drained["failed"] else 0
         view = client.fleet()
     if args.json:
         print(json.dumps(view))

@@ -411,15 +411,18 @@ class Etcd:
         read succeeds). Returns etcd's version; EtcdUnavailable (or EtcdError for an old etcd) naming the URL,
         so `serve --fleet` fails at once with one line. Endpoints that do not answer are logged."""
         versions: list[str] = []
+        silent: list[str] = []
         for i, endpoint in enumerate(self.endpoints):
             client = self._clients()[i]
             client.timeout = self.timeout
             try:
                 versions.append(str(client.status()["version"]))
             except Etcd3Exception as exc:
-                log.warning("etcd endpoint %s of %s does not answer: %s", endpoint, self.url, _detail(exc)[0])
+                silent.append(f"{endpoint} ({_detail(exc)[0]})")
             except requests.RequestException as exc:
-                log.warning("etcd endpoint %s of %s does not answer: %s", endpoint, self.url, exc)
+                silent.append(f"{endpoint} ({exc})")
+        if versions and silent:  # some answer: go on, and say which did not (when none does, the error says it)
+            log.warning("etcd endpoints of %s that do not answer: %s", self.url, "; ".join(silent))
         if not versions:
             self._call("a status request", lambda c: c.status())  # raises EtcdUnavailable with each reason
         for version in versions:

@@ -53,6 +53,7 @@ class Options:
     tls: TLSFiles | None = None  # to etcd
     peer_ca: Path | None = None  # what signs the other daemons' TLS certificates
     ttl: int = TTL  # seconds: how long after this daemon stops answering the fleet sees it gone
+    previous_key_file: Path | None = None  # the key before a rotation (memvisor fleet rotate-key)
 
 
 def default_node() -> str:
@@ -91,6 +92,8 @@ class Fleet:
         self.layout = Layout()
         self.compat = compat(image_key)
         self._check_key(options.key_file)
+        if options.previous_key_file is not None:
+            self._check_key(options.previous_key_file)
         self.store = DirectoryStore(options.store)
         self.etcd = Etcd(options.url, options.tls)
         try:
@@ -123,8 +126,8 @@ class Fleet:
                                    hint="make one with `head -c 32 /dev/urandom > FILE; chmod 600 FILE` and give "
                                         "every daemon of the fleet the same file (never put it in the store)") from None
 
-    def _derived(self, purpose: str) -> str:
-        key = keys.read(self.options.key_file)
+    def _derived(self, purpose: str, path: Path | None = None) -> str:
+        key = keys.read(path or self.options.key_file)
         try:
             sub = key.derive(purpose)
             try:
@@ -146,7 +149,10 @@ class Fleet:
         if result.succeeded:
             return
         held = self.etcd.get(path)
-        if held is None or not hmac.compare_digest(held.value, mine):
+        accepted = [mine]
+        if self.options.previous_key_file is not None:  # a rotation under way: the fleet may still be on the old key
+            accepted.append(self._derived(KEY_CHECK, self.options.previous_key_file).encode())
+        if held is None or not any([hmac.compare_digest(held.value, k) for k in accepted]):
             raise FleetConfigError(f"--fleet-key-file {self.options.key_file} is not the key of the fleet at "
                                    f"{self.options.url}: its nodes park under another one",
                                    hint="give every daemon of a fleet the same key file")

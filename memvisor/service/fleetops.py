@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from memvisor.errors import MemvisorError
-from memvisor.fleet.errors import BundleNotFound, FleetError, NoSuchSandbox, StoreFull
+from memvisor.fleet.errors import BundleNotFound, FleetError, NoSuchSandbox, StoreError, StoreFull
 from memvisor.fleet.records import SandboxRecord, State
-from memvisor.fleet.store import manifest_digest
 from memvisor.service.errors import Conflict
 from memvisor.service.fleetd import Fleet, mismatches
 from memvisor.snapshot import files, layout, park, statedir
@@ -82,8 +81,8 @@ class FleetOps:
                 self.fleet.store.put(sandbox_id, manifest.generation, sources, data)
             except StoreFull as exc:
                 raise park.NoSpace(exc.message, hint=exc.hint) from None
-            try:
-                self.fleet.fence.commit_park(sandbox_id, prev, manifest.generation, manifest_digest(data))
+            try:  # the digest of what the manifest says (not of its wrapped key, which a key rotation rewraps)
+                self.fleet.fence.commit_park(sandbox_id, prev, manifest.generation, manifest.digest().hex())
             except BaseException:
                 self.fleet.store.remove(sandbox_id, manifest.generation)
                 raise
@@ -112,7 +111,13 @@ class FleetOps:
             if folder.exists():  # a copy left by an earlier claim that failed here
                 self.state.remove(record.id)
             folder = self.state.sandbox_dir(record.id, create=True)
-            data = self.fleet.store.fetch(record.id, record.generation, folder, digest=record.digest)
+            data = self.fleet.store.fetch(record.id, record.generation, folder)
+            claimed = Manifest.from_bytes(data, f"the manifest of bundle {record.id}/{record.generation}")
+            if claimed.digest().hex() != record.digest:  # before anything of it is trusted or resumed
+                raise StoreError(f"the manifest of bundle {record.id}/{record.generation} in the store is not the "
+                                 f"one the fence recorded (digest {claimed.digest().hex()[:16]}..., not "
+                                 f"{(record.digest or '')[:16]}...); it stays parked",
+                                 hint="the bundle was edited or replaced in the store: it is refused")
             files.write_atomic(folder / layout.META, data)
             meta = self.state.load(record.id)
             if meta is None:

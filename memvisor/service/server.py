@@ -121,8 +121,8 @@ def fleet_options(args: Any) -> Any:
     """serve's fleet flags as fleetd.Options (None without --fleet); a one-line error naming what is missing. The
     fleet layer is imported only here, by a daemon that joins a fleet."""
     if args.fleet is None:
-        loose = [f for f in ("node", "store", "fleet_key_file", "advertise", "peer_ca", "etcd_ca", "etcd_cert",
-                             "etcd_key") if getattr(args, f) is not None]
+        loose = [f for f in ("node", "store", "fleet_key_file", "fleet_key_previous", "advertise", "peer_ca",
+                             "etcd_ca", "etcd_cert", "etcd_key") if getattr(args, f) is not None]
         if loose:
             raise MemvisorError(f"--{loose[0].replace('_', '-')} is a fleet setting, but --fleet is not given",
                                 hint="add --fleet etcd://HOST:PORT, or drop the fleet flags")
@@ -152,7 +152,7 @@ def fleet_options(args: Any) -> Any:
                             hint="the default, 10, suits most fleets")
     return fleetd.Options(url=args.fleet, node=args.node or fleetd.default_node(), store=args.store,
                           key_file=args.fleet_key_file, advertise=advertise, tls=tls, peer_ca=args.peer_ca,
-                          ttl=args.fleet_ttl)
+                          ttl=args.fleet_ttl, previous_key_file=args.fleet_key_previous)
 
 
 def token_from(path: Path | None) -> str:
@@ -195,7 +195,7 @@ def serve(socket_path: Path, listen: str | None = None, token_file: Path | None 
 
             member = Fleet(fleet, budget_bytes, str(build.ensure().manifest.get("key")))
             try:
-                state = statedir.open_fleet(fleet.key_file, member)
+                state = statedir.open_fleet(fleet.key_file, member, fleet.previous_key_file)
             except BaseException:
                 member.close()
                 raise

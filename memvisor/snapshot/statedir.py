@@ -87,18 +87,24 @@ class State:
     another process may share the directory."""
 
     def __init__(self, base: Path, key: keys.HostKey, generations: ledger.Generations, inuse: int | None,
-                 book: ledger.LocalLedger | None = None) -> None:
-        """`generations`: the local ledger (`book`, which this object closes), or a fleet's (etcd: open_fleet)."""
+                 book: ledger.LocalLedger | None = None, previous: keys.HostKey | None = None) -> None:
+        """`generations`: the local ledger (`book`, which this object closes), or a fleet's (etcd: open_fleet).
+        `previous`: a fleet's key before a rotation, which snapshots not yet rewrapped still unwrap with."""
         self.root = base
         self.key = key
         self.generations = generations
         self.ledger = book
         self._inuse = inuse
         self._wrap = key.derive(keys.WRAP)
+        self._previous = previous
+        self._previous_wrap = previous.derive(keys.WRAP) if previous is not None else None
 
     def close(self) -> None:
         """Zero the keys and let `memvisor key rotate` run (the shared lock goes)."""
         files.zero(self._wrap)
+        files.zero(self._previous_wrap)
+        if self._previous is not None:
+            self._previous.close()
         if self.ledger is not None:
             self.ledger.close()
         self.key.close()
@@ -133,7 +139,13 @@ class State:
     def unwrap(self, manifest: Manifest) -> bytearray:
         """The snapshot key of `manifest` (the caller zeroes it); SealError if the manifest is not the one it was
         wrapped with, or the key is another host's."""
-        return seal.unwrap_key(self._wrap, manifest.wrapped(), manifest.ident, manifest.kind, manifest.digest())
+        try:
+            return seal.unwrap_key(self._wrap, manifest.wrapped(), manifest.ident, manifest.kind, manifest.digest())
+        except seal.SealError:
+            if self._previous_wrap is None:
+                raise
+            return seal.unwrap_key(self._previous_wrap, manifest.wrapped(), manifest.ident, manifest.kind,
+                                   manifest.digest())
 
     def authentic(self, manifest: Manifest) -> None:
         """SealError unless the wrap authenticates every byte of `manifest`."""
@@ -441,14 +453,19 @@ def open(key_file: Path | None = None, create_key: bool = False, hold: bool = Tr
     return State(base, key, book, inuse, book)
 
 
-def open_fleet(key_file: Path, generations: ledger.Generations) -> State:
+def open_fleet(key_file: Path, generations: ledger.Generations, previous_key_file: Path | None = None) -> State:
     """The state directory of a fleet daemon (memvisor serve --fleet): a local staging area for the bundles it
     parks into and resumes from the fleet's store. Its key is the fleet key (`key_file`, read-only: never made
     here), which every daemon of the fleet holds, and its generations are the fleet's (etcd), not a local ledger:
     freshness a host's disk cannot roll back, and any host may resume what another parked."""
     base = root(create=True)
     key = keys.read(key_file)
-    return State(base, key, generations, None)
+    try:
+        previous = keys.read(previous_key_file) if previous_key_file is not None else None
+    except BaseException:
+        key.close()
+        raise
+    return State(base, key, generations, None, previous=previous)
 
 
 def open_to_read(key_file: Path | None = None) -> State | None:
