@@ -135,8 +135,9 @@ class Fence:
         return record
 
     # -- the moves ----------------------------------------------------------------------------------------------
-    def create(self, sandbox_id: str, name: str) -> SandboxRecord:
-        """Record a new sandbox running here, generation 0. FenceLost if the id is taken."""
+    def create(self, sandbox_id: str, name: str, template: str | None = None) -> SandboxRecord:
+        """Record a new sandbox running here, generation 0 (`template`: the template it is a clone of). FenceLost
+        if the id is taken."""
         check_id(sandbox_id)
 
         def check(r: SandboxRecord | None) -> None:
@@ -144,7 +145,7 @@ class Fence:
                 raise FenceLost(f"sandbox id {sandbox_id} is already in the fleet ({_where(r)})")
 
         new = self._move(sandbox_id, "create", check, lambda r: SandboxRecord(
-            sandbox_id, name, self.node, State.RUNNING, 0, last_node=self.node))
+            sandbox_id, name, self.node, State.RUNNING, 0, last_node=self.node, template=template))
         assert new is not None
         return new
 

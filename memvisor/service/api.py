@@ -334,12 +334,12 @@ def create_app(registry: Registry | None, token: str | None = None, peers: Peers
 
     @app.get("/v1/templates/{name}", response_model=TemplateInfo)
     def inspect_template(name: str) -> TemplateInfo:
-        return template_info(sandboxes().templates.get(name))
+        return template_info(sandboxes().template(name))
 
     @app.delete("/v1/templates/{name}", response_model=TemplateInfo)
     def remove_template(name: str) -> TemplateInfo:
         """Remove a template (409 while sandboxes cloned from it run or are parked)."""
-        return template_info(sandboxes().templates.remove(name))
+        return template_info(sandboxes().remove_template(name))
 
     @app.get("/v1/sandboxes", response_model=list[SandboxInfo])
     def list_sandboxes() -> list[SandboxInfo]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import logging
+import os
 import socket
 import threading
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from typing import Any
 
 from memvisor.errors import MemvisorError
 from memvisor.fleet import membership, placement
+from memvisor.fleet.catalog import Catalog
 from memvisor.fleet.errors import EtcdUnavailable, FleetConfigError, LeaseLost
 from memvisor.fleet.etcd import Etcd, TLSFiles
 from memvisor.fleet.fence import Fence, FleetGenerations
@@ -91,13 +93,15 @@ class Fleet:
         self.counts = counts
         self.layout = Layout()
         self.compat = compat(image_key)
-        self._check_key(options.key_file)
-        if options.previous_key_file is not None:
-            self._check_key(options.previous_key_file)
-        self.store = DirectoryStore(options.store)
         self.etcd = Etcd(options.url, options.tls)
         try:
             self.etcd.check()
+            self._first_key()
+            self._check_key(options.key_file)
+            if options.previous_key_file is not None:
+                self._check_key(options.previous_key_file)
+            options.store.parent.mkdir(parents=True, exist_ok=True)
+            self.store = DirectoryStore(options.store, create=True)
             self._check_same_key()
             self.member = membership.join(self.etcd, self._record(), ttl=self.options.ttl, layout=self.layout,
                                      wait=self.options.ttl + 2)
@@ -105,6 +109,7 @@ class Fleet:
             self.etcd.close()
             raise
         self.fence = Fence(self.etcd, self.node, self.member.lease, self.layout)
+        self.catalog = Catalog(self.etcd, self.node, self.member.lease, self.layout)
         self._generations = FleetGenerations(self.etcd, self.layout, self.node, self.member.lease)
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -115,6 +120,25 @@ class Fleet:
                     options.store)
 
     # -- start-up checks ------------------------------------------------------------------------------------------
+    def _first_key(self) -> None:
+        """The fleet key is made by the fleet's first daemon if its file does not exist (mode 0600, in a directory
+        of its own): every other daemon must be given a copy (the same file on one machine). Never once the fleet
+        has a key: a daemon that cannot find it is refused instead."""
+        path = self.options.key_file
+        if os.path.lexists(path):
+            return
+        if self.etcd.get(self.layout.key_check) is not None:
+            raise FleetConfigError(f"--fleet-key-file {path} does not exist, and the fleet at {self.options.url} has a "
+                                   "key already", hint="copy the fleet's key file from one of its nodes (never "
+                                   "through the store)")
+        secret = bytearray(os.urandom(keys.KEY_BYTES))
+        try:
+            keys.write_new(path, secret)
+        finally:
+            files.zero(secret)
+        log.warning("created the fleet key %s: give every other daemon of the fleet a copy (--fleet-key-file), and "
+                    "keep it out of the store", path)
+
     @staticmethod
     def _check_key(path: Path) -> None:
         """The fleet key file must be a key (32 bytes, mode 0600 or 0400, this user's, no symlink): a one-line
@@ -195,6 +219,7 @@ class Fleet:
         with self._lock:
             old, self.member = self.member, member
             self.fence = Fence(self.etcd, self.node, member.lease, self.layout)
+            self.catalog = Catalog(self.etcd, self.node, member.lease, self.layout)
             self._generations = FleetGenerations(self.etcd, self.layout, self.node, member.lease)
         old.lease.stop()
         if self.on_rejoin is not None:
@@ -260,7 +285,7 @@ class Fleet:
                 doc["state"] = "unreachable"
             sandboxes.append(doc)
         return {"node": self.node, "nodes": [{**dataclasses.asdict(n), "room": n.room} for n in nodes],
-                "sandboxes": sandboxes}
+                "sandboxes": sandboxes, "templates": [dataclasses.asdict(t) for t in self.catalog.list()]}
 
 
 def _looks_like_id(key: str) -> bool:

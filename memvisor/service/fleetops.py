@@ -30,7 +30,7 @@ from memvisor.fleet.errors import BundleNotFound, FleetError, NoSuchSandbox, Sto
 from memvisor.fleet.records import SandboxRecord, State
 from memvisor.service.errors import Conflict
 from memvisor.service.fleetd import Fleet, mismatches
-from memvisor.snapshot import files, layout, park, statedir
+from memvisor.snapshot import files, layout, park, statedir, template
 from memvisor.snapshot.manifest import Manifest
 
 log = logging.getLogger("memvisor")
@@ -44,8 +44,8 @@ class FleetOps:
         self.state = state
 
     # -- create and stop ---------------------------------------------------------------------------------------
-    def created(self, sandbox_id: str, name: str) -> None:
-        self.fleet.fence.create(sandbox_id, name)
+    def created(self, sandbox_id: str, name: str, template: str | None = None) -> None:
+        self.fleet.fence.create(sandbox_id, name, template)
 
     def forget(self, sandbox_id: str) -> None:
         """The sandbox is gone for good (stopped, or its create failed): its record and every bundle of it."""
@@ -149,6 +149,68 @@ class FleetOps:
             self.fleet.fence.abort_resume(sandbox_id)
         except FleetError as exc:
             log.warning("sandbox %s stays parked, but the fence could not be told: %s", sandbox_id, exc.message)
+
+    # -- templates -------------------------------------------------------------------------------------------
+    def publish_template(self, name: str, meta: Manifest) -> None:
+        """A template made here goes into the store and takes its name in the fleet (FenceLost if another node's
+        template has it: the local one is then removed by the caller)."""
+        from memvisor.fleet.records import TemplateRecord
+
+        folder = template.folder(self.state, name)
+        sources = {f"{stream}{layout.SNAP_SUFFIX}": folder / f"{stream}{layout.SNAP_SUFFIX}" for stream in meta.streams}
+        self.fleet.store.put(meta.id, meta.generation, sources, meta.to_bytes())
+        try:
+            self.fleet.catalog.publish(TemplateRecord(name, meta.id, meta.generation, meta.digest().hex(),
+                                                      self.fleet.node))
+        except BaseException:
+            self.fleet.store.remove(meta.id, meta.generation)
+            raise
+
+    def fetch_template(self, name: str) -> Manifest | None:
+        """Template `name` of the fleet, brought here (its bundle fetched into the local templates directory and
+        checked like a local one: the fleet key's wrap, the fleet's generation, the digest the catalog names);
+        None if the fleet has no such template."""
+        record = self.fleet.catalog.get(name)
+        if record is None:
+            return None
+        folder = template.folder(self.state, name, create=True)
+        try:
+            data = self.fleet.store.fetch(record.id, record.generation, folder)
+            fetched = Manifest.from_bytes(data, f"the manifest of template bundle {record.id}")
+            if fetched.digest().hex() != record.digest:
+                raise StoreError(f"the bundle of template {name} in the store is not the one the fleet names "
+                                 f"(digest {fetched.digest().hex()[:16]}...)", hint="it was edited or replaced")
+            files.write_atomic(folder / layout.META, data)
+            meta = template.load(self.state, name)
+            if meta is None:
+                raise statedir.SnapshotProblem("partial", f"template {name} has no manifest here")
+            return meta
+        except BaseException:
+            with contextlib.suppress(OSError):
+                files.remove_tree(folder)
+            raise
+
+    def template_manifest(self, name: str) -> Manifest | None:
+        """The manifest of the fleet's template `name` as the store holds it (None: the fleet has none)."""
+        record = self.fleet.catalog.get(name)
+        if record is None:
+            return None
+        return Manifest.from_bytes(self.fleet.store.manifest(record.id, record.generation), f"template {name}")
+
+    def remove_template(self, name: str, meta: Manifest) -> None:
+        """The template is removed fleet-wide: its name and its bundle (nodes that hold it loaded keep their copy
+        for the clones they run)."""
+        clones = [r.id for r in self.fleet.fence.list() if r.template == name]
+        if clones:  # a parked clone resumes only on its template, and a running one parks onto it
+            raise Conflict(f"template {name} is used by {len(clones)} sandbox(es) of the fleet: "
+                           f"{', '.join(sorted(clones))}", hint="stop them first")
+        record = self.fleet.catalog.get(name)
+        if record is not None and record.id == meta.id:
+            self.fleet.catalog.remove(record)
+            with contextlib.suppress(BundleNotFound):
+                self.fleet.store.remove(meta.id, meta.generation)
+            with contextlib.suppress(MemvisorError):
+                self.state.forget(meta.id)
 
     # -- after a crash -----------------------------------------------------------------------------------------
     def committed(self, sandbox_id: str, phase: str, _record: dict[str, Any]) -> bool | None:

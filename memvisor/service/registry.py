@@ -290,7 +290,7 @@ class Registry:
         `debug`: kernel messages on its console (host/sandbox.py DEBUG_KERNEL_ARGS). `template_name`: start it as
         a clone of that template instead (its policy is the template's; `policy` is not used)."""
         check_name(name)
-        origin = self.templates.get(template_name) if template_name is not None else None
+        origin = self.template(template_name) if template_name is not None else None
         if origin is not None:
             self._same_image(f"template {origin.name}", origin.image)
             policy = origin.policy
@@ -311,7 +311,7 @@ class Registry:
             if self.supervisor is not None:  # outside the registry's lock: admission may wait for room
                 self._admit(entry.id, policy)
             if self.ops is not None:  # the fleet knows it before it boots (an id no other node may take)
-                self.ops.created(entry.id, entry.name)
+                self.ops.created(entry.id, entry.name, entry.template)
         except BaseException:
             with self._lock:
                 self._entries.pop(entry.id, None)
@@ -489,8 +489,7 @@ class Registry:
             self._spawner.submit(vm.close).result()
             if self.ops is not None:  # it lives in the fleet's store now, for any node to resume
                 self.ops.parked(entry.id)
-                with self._lock:
-                    self._entries.pop(entry.id, None)
+                self._unlist(entry)
         log.info("sandbox %s (%s) parked in %.2f s: %d MiB of state", entry.id, entry.name, figures.seconds,
                  figures.file_bytes >> 20)
         return entry
@@ -554,7 +553,7 @@ class Registry:
         origin = None
         if entry.template is not None:
             with contextlib.suppress(NotFound):
-                origin = self.templates.get(entry.template)
+                origin = self.template(entry.template)
             park.check_template(meta, origin.meta if origin else None)  # before anything is loaded for it
         clone_ram = self.templates.ram(origin) if origin else None
         if self.supervisor is not None:
@@ -575,8 +574,7 @@ class Registry:
             self._spawner.submit(vm.close).result()
             if self.ops is not None and entry.claimed is not None:  # back to the fleet, parked as it was
                 self.ops.resume_failed(entry.id)
-                with self._lock:
-                    self._entries.pop(entry.id, None)
+                self._unlist(entry)
             raise
         entry.state, entry.vm, entry.parked, entry.last_resume = "running", vm, None, figures
         vm.record(**entry.record("running"))
@@ -679,6 +677,38 @@ class Registry:
                            hint="use it with the memvisor it was made with, or delete it")
 
     # -- templates --------------------------------------------------------------------------------------------
+    def template(self, name: str) -> TemplateEntry:
+        """Template `name`: this daemon's, or (in a fleet) one another node made, brought here on first use."""
+        try:
+            return self.templates.get(name)
+        except NotFound:
+            if self.ops is None:
+                raise
+        meta = self.ops.fetch_template(name)
+        if meta is None:
+            raise NotFound(f"no template {name!r} here or in the fleet", hint="list them with `memvisor template ls`")
+        policy = pol.merge(("template", pol.layer_from_mapping(meta.sandbox.get("policy") or {}, f"template {name}")))
+        made = TemplateEntry(name, meta, policy)
+        self.templates.add(made)
+        log.info("template %s fetched from the fleet's store", name)
+        return made
+
+    def remove_template(self, name: str) -> TemplateEntry:
+        """Remove a template (Conflict while this daemon's clones of it run or are parked); in a fleet, from the
+        fleet too (its name and its bundle)."""
+        local = None
+        with contextlib.suppress(NotFound):
+            local = self.templates.get(name)
+        if self.ops is not None:  # the fleet's clones are checked first: a template in use is never removed
+            meta = local.meta if local is not None else self.ops.template_manifest(name)
+            if meta is None:
+                raise NotFound(f"no template {name!r} here or in the fleet", hint="memvisor template ls")
+            self.ops.remove_template(name, meta)
+            if local is None:
+                policy = pol.merge(("template", pol.layer_from_mapping(meta.sandbox.get("policy") or {}, name)))
+                return TemplateEntry(name, meta, policy)
+        return self.templates.remove(name)
+
     def make_template(self, name: str, key: str) -> TemplateEntry:
         """Freeze the running templatable sandbox `key` into template `name` (snapshot/template.py): the sandbox
         becomes the template (its VMM exits) and is no longer listed."""
@@ -692,6 +722,8 @@ class Registry:
             with self._lock:
                 if any(t.name == name for t in self.templates.list()):
                     raise Conflict(f"template {name} already exists", hint=f"memvisor template rm {name}")
+            if self.fleet is not None and self.fleet.catalog.get(name) is not None:  # checked before the freeze
+                raise Conflict(f"the fleet has a template named {name} already", hint=f"memvisor template rm {name}")
             entry.state = "freezing"
             vm.record(**entry.record("freezing", template_name=name))
             try:
@@ -707,6 +739,12 @@ class Registry:
             self._drop(entry)
         made = TemplateEntry(name, meta, entry.policy, ram_fd=fd)
         self.templates.add(made)
+        if self.ops is not None:  # the sandbox is the template now; the template is the fleet's
+            self.ops.forget(entry.id)
+            try:
+                self.ops.publish_template(name, meta)
+            except MemvisorError as exc:
+                log.warning("template %s stays on this node only: %s", name, exc.message)
         log.info("template %s made of sandbox %s in %.2f s: %d MiB of RAM", name, entry.id, figures.seconds,
                  template.ram_bytes(meta) >> 20)
         return made
@@ -777,14 +815,18 @@ class Registry:
         self.templates.close()
         self.state.close()
 
-    def _drop(self, entry: Entry) -> None:
+    def _unlist(self, entry: Entry) -> None:
+        """This daemon no longer has the sandbox (gone, or parked into the fleet's store)."""
         with self._lock:
             self._entries.pop(entry.id, None)
-        if entry.template is not None and entry.state != "parked":
+        if entry.template is not None and (entry.state != "parked" or self.ops is not None):
             with contextlib.suppress(NotFound):
                 origin = self.templates.get(entry.template)
                 with origin.lock:
                     origin.clones.discard(entry.id)
+
+    def _drop(self, entry: Entry) -> None:
+        self._unlist(entry)
         if self.supervisor is not None:
             self.supervisor.release(entry.id)
         # Teardown (quit, kill, remove files) runs on the spawner thread too: never from a thread that may

@@ -297,3 +297,27 @@ def test_a_rolling_restart_of_every_host_loses_nothing(lab: FleetLab) -> None:
         for key, marker in marks.items():
             look(on_b, key, marker)
             assert on_b.delete(f"/v1/sandboxes/{key}").status_code == 200
+
+
+def test_a_template_made_on_one_host_clones_on_another(lab: FleetLab) -> None:
+    """A template made on a is the fleet's: b clones it (its bundle fetched on first use), a parked clone resumes on
+    a, and the template cannot be removed while the fleet has a clone of it."""
+    a, b = start(lab, "a"), start(lab, "b")
+    with a.api() as on_a, b.api() as on_b:
+        source = create(on_a, "warm", {"vm": {"memory_mib": 160}, "template": {"ready": True}})["id"]
+        ok(on_a, source, "echo warm-state > /tmp/warm")
+        made = on_a.post("/v1/templates", json={"name": "warm", "source": source})
+        assert made.status_code == 201, made.text
+        assert [t["name"] for t in fleet(on_b)["templates"]] == ["warm"]
+        made = on_b.post("/v1/sandboxes", json={"name": "clone", "template": "warm"})
+        assert made.status_code == 201, made.text
+        clone = made.json()["id"]
+        assert ok(on_b, clone, "cat /tmp/warm; test -e /run/memvisor/forked && echo forked") == "warm-state\nforked\n"
+        park(on_b, clone)
+        assert record(on_a, clone)["template"] == "warm"
+        assert ok(on_a, clone, "cat /tmp/warm") == "warm-state\n"  # resumed on a, which made the template
+        r = on_b.delete("/v1/templates/warm")
+        assert r.status_code == 409 and clone in r.json()["detail"], r.text
+        assert on_a.delete(f"/v1/sandboxes/{clone}").status_code == 200
+        assert on_b.delete("/v1/templates/warm").status_code == 200
+        assert fleet(on_a)["templates"] == [] and not list((lab.store / "bundles").iterdir())
