@@ -171,10 +171,14 @@ def test_what_the_arguments_name_exists() -> None:
     secrets = {doc["metadata"]["name"]: doc for path, doc in manifests()
                if doc["kind"] == "Secret" and path.name == "secrets.example.yaml"}
 
-    def mount_of(path: str) -> tuple[str, dict[str, Any]]:
+    def mount_of(path: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+        """The key of the volume a file is, that volume, and its mount (a file mounted by subPath is the key
+        itself: a real file, not the Secret volume's symlink into ..data/)."""
+        if path in mounts and "subPath" in mounts[path]:
+            return mounts[path]["subPath"], volumes[mounts[path]["name"]], mounts[path]
         base = max((m for m in mounts if path.startswith(m.rstrip("/") + "/")), key=len, default=None)
         assert base is not None, f"{path} is on no volume of the container"
-        return path[len(base):].lstrip("/"), volumes[mounts[base]["name"]]
+        return path[len(base):].lstrip("/"), volumes[mounts[base]["name"]], mounts[base]
 
     args = serve_args()
     files = [args[i + 1] for i, word in enumerate(args)
@@ -182,9 +186,9 @@ def test_what_the_arguments_name_exists() -> None:
                          "--tls-cert", "--tls-key", "--peer-ca")]
     assert len(files) == 8
     for path in files:
-        key, volume = mount_of(path)
+        key, volume, mount = mount_of(path)
         assert "secret" in volume and volume["secret"].get("defaultMode") == 0o400, (path, volume)
-        assert mounts[next(m for m in mounts if path.startswith(m + "/"))].get("readOnly") is True, path
+        assert mount.get("readOnly") is True, path
         assert key in secrets[volume["secret"]["secretName"]]["data"], f"{path}: no key {key!r} in the Secret"
 
     env = env_of(container)
