@@ -31,8 +31,8 @@ from memvisor.errors import GuestError, MemvisorError
 from memvisor.host import exporter, stats
 from memvisor.service import templates
 from memvisor.service.errors import Conflict, NotFound
-from memvisor.service.peers import FORWARDED, Forwarded, Peers, PeerUnreachable
-from memvisor.service.registry import Entry, Registry
+from memvisor.service.peers import AUTH, FORWARDED, Forwarded, PeerAuth, Peers, PeerUnreachable
+from memvisor.service.registry import Entry, Moved, Registry
 from memvisor.service.supervisor import AdmissionRefused
 from memvisor.service.templates import TemplateEntry
 from memvisor.snapshot import metrics as snapshot_metrics
@@ -201,11 +201,13 @@ def template_info(entry: TemplateEntry) -> TemplateInfo:
                         clones=sorted(entry.clones))
 
 
-def create_app(registry: Registry | None, token: str | None = None, peers: Peers | None = None) -> FastAPI:
+def create_app(registry: Registry | None, token: str | None = None, peers: Peers | None = None,
+               peer_auth: PeerAuth | None = None) -> FastAPI:
     """The API over `registry`; with `token`, every request must carry `Authorization: Bearer <token>` (the TCP
     listener; the unix socket is guarded by its file mode). Without a registry the app only describes itself
     (`memvisor serve --openapi`): every endpoint answers 503. `peers`: in a fleet, how this daemon forwards a
-    request for a sandbox that runs on another node (service/peers.py); its token is accepted here too."""
+    request for a sandbox that runs on another node; `peer_auth`: how it checks what the others forward to it
+    (service/peers.py: a MAC per request instead of the token)."""
 
     def sandboxes() -> Registry:
         if registry is None:
@@ -215,21 +217,27 @@ def create_app(registry: Registry | None, token: str | None = None, peers: Peers
     app = FastAPI(title="memvisor", version=__version__,
                   description="Long-lived sandbox microVMs with a memory policy (memvisor serve).")
 
-    expected = [f"Bearer {t}".encode() for t in (token, peers.token if peers else None) if t is not None]
+    expected = f"Bearer {token}".encode()
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        # In constant time: `!=` stops at the first differing byte, and its timing tells the token byte by byte.
-        given = request.headers.get("authorization", "").encode()
-        if token is not None and not any([hmac.compare_digest(given, e) for e in expected]):
-            return JSONResponse({"detail": "missing or wrong bearer token",
-                                 "hint": "send Authorization: Bearer <the daemon's token>"}, status_code=401)
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
             return JSONResponse({"detail": f"request body of {length} bytes is over the {MAX_BODY}-byte limit"},
                                 status_code=413)
         if length is None and request.method in ("POST", "PUT", "PATCH"):
             return JSONResponse({"detail": "a request body needs a Content-Length"}, status_code=411)
+        peer = request.headers.get(AUTH)
+        if token is not None and peer is not None and peer_auth is not None:
+            why = peer_auth.check(peer, request.method, request.url.path, await request.body())
+            if why is not None:
+                return JSONResponse({"detail": f"refused {why}"}, status_code=401)
+        elif token is not None:
+            # In constant time: `!=` stops at the first differing byte, and its timing tells the token byte by byte.
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return JSONResponse({"detail": "missing or wrong bearer token",
+                                     "hint": "send Authorization: Bearer <the daemon's token>"}, status_code=401)
         return await call_next(request)
 
     @app.exception_handler(MemvisorError)
@@ -270,12 +278,20 @@ def create_app(registry: Registry | None, token: str | None = None, peers: Peers
         assert reg.fleet is not None
         if request.headers.get(FORWARDED) is not None or peers is None:
             raise Conflict(f"sandbox {record.id} is {record.state} on node {record.node}, not here")
+        if record.node == reg.fleet.node:  # the fence says it is here, and this daemon has no such sandbox
+            raise Conflict(f"sandbox {record.id} is {record.state} on this node ({record.node}) by the fleet's "
+                           "record, but this daemon does not hold it", hint="it is being moved: try again")
         node = reg.fleet.node_record(record.node)
         if node is None:
             raise Conflict(f"sandbox {record.id} is {record.state} on node {record.node}, which is unreachable (its "
                            "lease expired): it is never resumed elsewhere from an older state",
                            hint=f"it comes back when node {record.node} does")
         return node
+
+    def peers_call(request: Request, record: Any, method: str, path: str, body: Any) -> Forwarded:
+        node = owner(request, record)
+        assert peers is not None
+        return peers.call(node, method, path, body)
 
     def local_or(request: Request, key: str, method: str, path: str, body: Any = None) -> Entry:
         """The sandbox here, or Forwarded (the owner's answer) when it runs on another node; a sandbox parked in
@@ -288,11 +304,6 @@ def create_app(registry: Registry | None, token: str | None = None, peers: Peers
         if str(record.state) == "parked":
             return reg.claim(key)
         raise peers_call(request, record, method, path, body)
-
-    def peers_call(request: Request, record: Any, method: str, path: str, body: Any) -> Forwarded:
-        node = owner(request, record)
-        assert peers is not None
-        return peers.call(node, method, path, body)
 
     @app.post("/v1/sandboxes", status_code=201, response_model=SandboxInfo)
     def create(request: CreateRequest, http: Request) -> SandboxInfo:
@@ -385,30 +396,46 @@ def create_app(registry: Registry | None, token: str | None = None, peers: Peers
 
     @app.post("/v1/sandboxes/{key}/resume", response_model=SandboxInfo)
     def resume(key: str, http: Request) -> SandboxInfo:
-        entry = local_or(http, key, "POST", f"/v1/sandboxes/{key}/resume", {})
-        return info(sandboxes().resume(entry.id), registry)
+        for attempt in range(2):  # a sandbox parked into the fleet while this waited is looked up once more
+            entry = local_or(http, key, "POST", f"/v1/sandboxes/{key}/resume", {})
+            try:
+                return info(sandboxes().resume(entry.id), registry)
+            except Moved:
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
 
     @app.post("/v1/sandboxes/{key}/exec", response_model=None)
     def exec_(key: str, request: ExecRequest, http: Request) -> StreamingResponse | JSONResponse:
-        try:
-            entry = sandboxes().get(key)
-        except NotFound:
-            reg, record = elsewhere(http, key)
-            if str(record.state) == "parked":
-                entry = reg.claim(key)
-            else:
-                node = owner(http, record)
-                assert peers is not None
-                status, lines = peers.stream(node, f"/v1/sandboxes/{record.id}/exec", request.model_dump())
-                if status != 200:
-                    body = b"".join(lines)
-                    return JSONResponse(json.loads(body or b"{}"), status_code=status)
-                return StreamingResponse(lines, media_type="application/x-ndjson")
-        try:
+        try:  # before anything is claimed: a bad request never holds a sandbox
             stdin = base64.b64decode(request.stdin, validate=True) if request.stdin is not None else None
         except ValueError:
             raise MemvisorError("stdin is not valid base64") from None
-        return StreamingResponse(_stream(sandboxes(), entry, request, stdin), media_type="application/x-ndjson")
+        for attempt in range(2):  # a sandbox parked into the fleet while this waited is looked up once more
+            try:
+                entry = sandboxes().get(key)
+            except NotFound:
+                reg, record = elsewhere(http, key)
+                if str(record.state) == "parked":
+                    entry = reg.claim(key)
+                else:
+                    node = owner(http, record)
+                    assert peers is not None
+                    status, lines = peers.stream(node, f"/v1/sandboxes/{record.id}/exec", request.model_dump())
+                    if status != 200:
+                        body = b"".join(lines)
+                        try:
+                            return JSONResponse(json.loads(body or b"{}"), status_code=status)
+                        except ValueError:
+                            return JSONResponse({"detail": body.decode(errors="replace")[:400]}, status_code=status)
+                    return StreamingResponse(lines, media_type="application/x-ndjson")
+            try:
+                return StreamingResponse(_stream(sandboxes(), entry, request, stdin),
+                                         media_type="application/x-ndjson")
+            except Moved:
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
 
     @app.get("/v1/fleet")
     def fleet_view() -> dict[str, Any]:

@@ -181,10 +181,14 @@ class Fleet:
                                    f"{self.options.url}: its nodes park under another one",
                                    hint="give every daemon of a fleet the same key file")
 
-    def peer_token(self) -> str:
-        """The bearer token every daemon of the fleet accepts from the others (derived from the fleet key, so it
-        is never configured or stored apart)."""
-        return self._derived(PEER_TOKEN)
+    def peer_keys(self) -> list[str]:
+        """The key (hex) the daemons of the fleet sign their requests to each other with, derived from the fleet
+        key (never configured or stored apart): this daemon's first, then during a rotation the previous key's,
+        which the daemons not yet restarted still sign with."""
+        found = [self._derived(PEER_TOKEN)]
+        if self.options.previous_key_file is not None:
+            found.append(self._derived(PEER_TOKEN, self.options.previous_key_file))
+        return found
 
     @staticmethod
     def token_matches(given: str, expected: str) -> bool:
@@ -274,7 +278,8 @@ class Fleet:
 
     def describe(self) -> dict[str, Any]:
         """The fleet as `memvisor fleet ls` shows it: every node with its room, every sandbox wherever it is (a
-        sandbox whose owner's lease expired shows state `unreachable`)."""
+        sandbox whose owner's lease expired shows state `unreachable`), and this node's lease (alive, unreachable:
+        etcd does not answer its keepalives, expired: it is joining again)."""
         nodes = self.nodes()
         live = {n.name for n in nodes}
         sandboxes = []
@@ -284,7 +289,8 @@ class Fleet:
             if record.node is not None and record.node not in live and record.state != State.PARKED:
                 doc["state"] = "unreachable"
             sandboxes.append(doc)
-        return {"node": self.node, "nodes": [{**dataclasses.asdict(n), "room": n.room} for n in nodes],
+        return {"node": self.node, "lease": self.member.lease.state,
+                "nodes": [{**dataclasses.asdict(n), "room": n.room} for n in nodes],
                 "sandboxes": sandboxes, "templates": [dataclasses.asdict(t) for t in self.catalog.list()]}
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -81,12 +82,29 @@ class FleetOps:
                 self.fleet.store.put(sandbox_id, manifest.generation, sources, data)
             except StoreFull as exc:
                 raise park.NoSpace(exc.message, hint=exc.hint) from None
-            try:  # the digest of what the manifest says (not of its wrapped key, which a key rotation rewraps)
-                self.fleet.fence.commit_park(sandbox_id, prev, manifest.generation, manifest.digest().hex())
-            except BaseException:
+            digest = manifest.digest().hex()  # of what the manifest says, not of its wrap (a rotation rewraps)
+            try:
+                self.fleet.fence.commit_park(sandbox_id, prev, manifest.generation, digest)
+            except FleetError:
+                if self._landed(sandbox_id, manifest.generation, digest):
+                    return  # the reply was lost, not the commit: the park is done
                 self.fleet.store.remove(sandbox_id, manifest.generation)
                 raise
         return publish
+
+    def _landed(self, sandbox_id: str, generation: int, digest: str) -> bool:
+        """Whether a commit whose answer was lost (etcd timed out, or failed over) was applied after all: the
+        record is read again, a few times, until etcd answers. Not applied (or not knowable) means the park is
+        undone; applied means it must not be (the fence names this bundle: the VM must never run on)."""
+        for _ in range(10):
+            try:
+                record = self.fleet.fence.get(sandbox_id)
+            except FleetError:
+                time.sleep(1.0)
+                continue
+            return record is not None and record.state == State.PARKED and record.generation == generation \
+                and record.digest == digest
+        return False
 
     def park_failed(self, sandbox_id: str) -> None:
         try:
@@ -213,12 +231,37 @@ class FleetOps:
                 self.state.forget(meta.id)
 
     # -- after a crash -----------------------------------------------------------------------------------------
-    def committed(self, sandbox_id: str, phase: str, _record: dict[str, Any]) -> bool | None:
-        """recovery.py's question, answered by the fence: a park is complete when the fence says parked (the
-        bundle is in the store), a resume's snapshot still holds while the fence says it is resuming here."""
+    def reconcile(self, running: set[str], keep: set[str]) -> None:
+        """Set right what the fence says this node holds but this node does not (a daemon killed between a fence
+        move and its local record: a claim whose fetch was cut, a create that never booted): a claim is given
+        back (parked again), a sandbox this node does not run is given up (lost, with nothing left to resume).
+        `running`: what runs here now; `keep`: what recovery left untouched (its VMM may still run)."""
+        fence = self.fleet.fence
+        for record in fence.list():
+            if record.node != self.fleet.node or record.id in running or record.id in keep:
+                continue
+            try:
+                if record.state == State.RESUMING:
+                    fence.abort_resume(record.id)
+                    log.warning("sandbox %s: its claim by this node was cut short; it is parked again", record.id)
+                elif record.state in (State.RUNNING, State.PARKING):
+                    fence.lose(record.id)
+                    log.warning("sandbox %s: the fleet had it %s here, but nothing of it is here: lost", record.id,
+                                record.state)
+            except FleetError as exc:
+                log.warning("sandbox %s: the fence could not be set right: %s", record.id, exc.message)
+
+
+    def committed(self, sandbox_id: str, phase: str, local: dict[str, Any]) -> bool | None:
+        """recovery.py's question, answered by the fence. A park was undone (the VM may go on) only while the fence
+        still has the sandbox running or parking on this node at the generation the park began from (`prev` in
+        the local record): in any other case (parked, claimed or running elsewhere since, removed) the VM here is
+        stale and must not run again. A resume's snapshot still holds while the fence says it resumes here."""
         record = self.fleet.fence.get(sandbox_id)
         if phase == "parking":
-            return record is not None and record.state == State.PARKED
+            mine = record is not None and record.node == self.fleet.node \
+                and record.state in (State.RUNNING, State.PARKING) and record.generation == local.get("prev")
+            return not mine
         if phase == "resuming":
             return record is not None and record.state == State.RESUMING and record.node == self.fleet.node
         return None
@@ -226,6 +269,8 @@ class FleetOps:
     def recovered(self, sandbox_id: str, state: str, generation: object) -> None:
         """Tell the fence what recovery made of a sandbox this node had when its daemon died."""
         fence = self.fleet.fence
+        if state == "undecided":
+            return
         try:
             record = fence.get(sandbox_id)
             if record is None:

@@ -53,7 +53,7 @@ class Outcome:
 
     id: str
     state: str  # "running" (taken over), "parked" (on its committed snapshot), "lost", "gone" (stopped as asked,
-    # or it became a template)
+    # or it became a template), "undecided" (left untouched: the fence was out of reach)
     record: dict[str, Any]  # the dead daemon's record of it (name, created, template, execs, parks, phase...)
     vm: Instance | None = None
     reason: str = ""  # lost: why; otherwise what was done
@@ -73,6 +73,8 @@ def recover(snapshots: statedir.State, image: Image, on_warning: Callable[[str],
     for state in runtime.orphans():
         try:
             outcome = _settle(snapshots, state, image, on_warning, committed)
+        except Undecided as exc:  # left exactly as it is: its VMM and runtime directory, for a later start
+            outcome = Outcome(state.id, "undecided", dict(state.service), reason=exc.message)
         except Exception as exc:  # a bug settling one must not lose the others, nor the daemon
             log.exception("recovering sandbox %s failed", state.id)
             _kill(state)
@@ -91,7 +93,7 @@ def _settle(snapshots: statedir.State, state: runtime.SandboxState, image: Image
     phase = record.get("phase", "booting")
     alive = state.vmm_pid is not None and runtime.same_process(state.vmm_pid, state.vmm_started) \
         and runtime.is_vmm(state.vmm_pid, state)
-    decided = authority(state.id, phase, record) if authority is not None else None
+    decided = _ask(authority, state.id, phase, record) if phase in ("parking", "resuming") else None
     committed = decided if decided is not None else _committed(snapshots, state.id, phase, record)
     if not alive:
         runtime.remove(_dir(state))
@@ -127,7 +129,35 @@ def _settle(snapshots: statedir.State, state: runtime.SandboxState, image: Image
     except BaseException:
         vm.failed = True
         vm.close()
+        generation = record.get("generation")
+        if phase == "resuming" and committed and isinstance(generation, int):
+            # Its guest may have run and changed its disks before the crash: the snapshot is never resumed again.
+            with contextlib.suppress(MemvisorError, OSError):
+                snapshots.uncommit(state.id, generation)
         raise
+
+
+class Undecided(MemvisorError):
+    """What a crash left cannot be settled now (the fleet's fence is out of reach): nothing is touched."""
+
+
+ASK_TRIES = 5  # an authority that does not answer (etcd) is asked again, a second apart, before recovery gives up
+
+
+def _ask(authority: Committed | None, sandbox_id: str, phase: str, record: dict[str, Any]) -> bool | None:
+    """The authority's answer (None: none, or it leaves it to the state directory). An authority that stays out of
+    reach is an error: guessing could resume a sandbox on two hosts, or undo a park that another host resumed."""
+    if authority is None:
+        return None
+    for attempt in range(ASK_TRIES):
+        try:
+            return authority(sandbox_id, phase, record)
+        except MemvisorError as exc:
+            if attempt == ASK_TRIES - 1:
+                raise Undecided(f"whether its {phase} completed cannot be known now ({exc.message}); its VMM "
+                                "is left as it was, for the daemon's next start") from None
+            time.sleep(1.0)
+    return None
 
 
 def _take_over(snapshots: statedir.State, vm: Instance, state: runtime.SandboxState, record: dict[str, Any],

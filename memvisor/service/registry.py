@@ -107,6 +107,10 @@ def check_name(name: str | None) -> None:
                             "later could get it as its id", hint=f"choose another name, e.g. {name}-1 or sb-{name}")
 
 
+class Moved(Conflict):
+    """The entry a request held went to the fleet's store meanwhile: look the sandbox up again (the API does)."""
+
+
 class Registry:
     """Every sandbox of this daemon, by id."""
 
@@ -137,6 +141,7 @@ class Registry:
         self.supervisor = supervisor
         self._entries: dict[str, Entry] = {}
         self._lock = threading.Lock()
+        self._fetching: dict[str, threading.Lock] = {}  # fleet templates being brought here, one lock per name
         self._spawner = ThreadPoolExecutor(1, thread_name_prefix="memvisor-spawner")
         # First what a daemon that died left running or half done, before anything sweeps or scans.
         outcomes = recovery.recover(self.state, image(), on_warning=log.warning,
@@ -154,6 +159,8 @@ class Registry:
         if self.ops is not None:
             for outcome in outcomes:
                 self.ops.recovered(outcome.id, outcome.state, outcome.record.get("generation"))
+            self.ops.reconcile({e.id for e in self.list() if e.state == "running"},
+                               {o.id for o in outcomes if o.state == "undecided"})
             assert fleet is not None
             fleet.on_rejoin = self._rejoined
         self._idle_thread = threading.Thread(target=self._idle_loop, name="memvisor-idle", daemon=True)
@@ -253,6 +260,8 @@ class Registry:
                     continue
                 entry.state, entry.lost = "lost", outcome.reason
                 lostbook.write(entry.id, entry.name, outcome.reason, entry.created, entry.template)
+            elif outcome.state == "undecided":  # shown, not recorded: the next start settles it
+                entry.state, entry.lost = "lost", outcome.reason
             else:
                 continue
             self._entries[entry.id] = entry
@@ -290,6 +299,8 @@ class Registry:
         `debug`: kernel messages on its console (host/sandbox.py DEBUG_KERNEL_ARGS). `template_name`: start it as
         a clone of that template instead (its policy is the template's; `policy` is not used)."""
         check_name(name)
+        if name is not None and self.fleet is not None and self.fleet.find(name) is not None:
+            raise Conflict(f"the fleet has a sandbox named {name!r} already", hint="memvisor fleet ls")
         origin = self.template(template_name) if template_name is not None else None
         if origin is not None:
             self._same_image(f"template {origin.name}", origin.image)
@@ -357,8 +368,9 @@ class Registry:
         """The node joined the fleet again under a new lease: take every sandbox running here back into the fence."""
         assert self.ops is not None
         for entry in self.list():
-            if entry.state == "running":
-                self.ops.recovered(entry.id, "running", None)
+            with entry.lock:  # not in the middle of a park or a resume
+                if entry.state == "running":
+                    self.ops.recovered(entry.id, "running", None)
 
     def counts(self) -> tuple[int, int, int]:
         """(running, parked, held bytes) for this node's fleet record."""
@@ -443,7 +455,8 @@ class Registry:
                 # last daemon's crash cut short left there (a first park whose VM was continued).
                 if entry.parks or self.state.sandbox_dir(entry.id).exists():
                     self.state.remove(entry.id)
-                    self.state.forget(entry.id)
+                    if self.ops is None:  # in a fleet the generation is etcd's: forget() below, after the fence
+                        self.state.forget(entry.id)
                 if self.ops is not None:
                     self.ops.forget(entry.id)
         log.info("sandbox %s (%s) stopped", entry.id, entry.name)
@@ -464,12 +477,13 @@ class Registry:
             if vm.session is not None and vm.session.commands:
                 raise Conflict(f"sandbox {entry.id} runs {len(vm.session.commands)} command(s)",
                                hint="park it when they have ended (a parked sandbox resumes on its next exec)")
-            publish = None
+            publish, prev = None, None
             if self.ops is not None:  # the fence shows the park before anything of it is written
-                publish = self.ops.publisher(entry.id, self.ops.begin_park(entry.id))
-            entry.state = "parking"
-            vm.record(**entry.record("parking"))
+                prev = self.ops.begin_park(entry.id)
+                publish = self.ops.publisher(entry.id, prev)
             try:
+                entry.state = "parking"
+                vm.record(**entry.record("parking", prev=prev))
                 origin = self.templates.get(entry.template).meta if entry.template else None
                 meta, figures = park.park(self.state, vm, self._kept(entry), template=origin,
                                           on_step=lambda s: log.debug("park %s: %s", entry.id, s), publish=publish)
@@ -530,6 +544,10 @@ class Registry:
         except statedir.SnapshotProblem as exc:
             entry.problem = exc.message
             raise
+        if meta is None and self.ops is not None:
+            # In a fleet a parked sandbox lives in the store: this entry went there (parked while a request waited
+            # for it), and the request must find it again where it is now.
+            raise Moved(f"sandbox {entry.id} was parked into the fleet's store meanwhile")
         if meta is None:  # nothing of it is left to resume: lost, never shown parked
             reason = f"its snapshot is gone from {self.state.root} (no manifest)"
             entry.state, entry.lost, entry.parked = "lost", reason, None
@@ -547,6 +565,18 @@ class Registry:
         if entry.state != "parked":
             entry.running()
             return None
+        if self.ops is not None and entry.claimed is None:  # not claimed here: it is the fleet's (see claim())
+            raise Moved(f"sandbox {entry.id} is parked in the fleet's store")
+        try:
+            return self._resume_claimed(entry)
+        except BaseException:
+            if self.ops is not None and entry.claimed is not None and entry.state != "running":
+                self.ops.resume_failed(entry.id)  # back to the fleet, parked as it was, whatever failed
+                self._unlist(entry)
+                entry.claimed = None
+            raise
+
+    def _resume_claimed(self, entry: Entry) -> float | None:
         meta = self._checked_parked(entry)
         image = self._image()
         self._same_image(f"sandbox {entry.id}", meta.sandbox.get("image"))
@@ -572,9 +602,6 @@ class Registry:
             if self.supervisor is not None:
                 self.supervisor.release(entry.id)
             self._spawner.submit(vm.close).result()
-            if self.ops is not None and entry.claimed is not None:  # back to the fleet, parked as it was
-                self.ops.resume_failed(entry.id)
-                self._unlist(entry)
             raise
         entry.state, entry.vm, entry.parked, entry.last_resume = "running", vm, None, figures
         vm.record(**entry.record("running"))
@@ -678,12 +705,22 @@ class Registry:
 
     # -- templates --------------------------------------------------------------------------------------------
     def template(self, name: str) -> TemplateEntry:
-        """Template `name`: this daemon's, or (in a fleet) one another node made, brought here on first use."""
+        """Template `name`: this daemon's, or (in a fleet) one another node made, brought here on first use (one
+        fetch at a time per name: two first clones at once must not fetch into one folder)."""
         try:
             return self.templates.get(name)
         except NotFound:
             if self.ops is None:
                 raise
+        with self._lock:
+            lock = self._fetching.setdefault(name, threading.Lock())
+        with lock:
+            with contextlib.suppress(NotFound):
+                return self.templates.get(name)  # fetched by the request this one waited for
+            return self._fetch_template(name)
+
+    def _fetch_template(self, name: str) -> TemplateEntry:
+        assert self.ops is not None
         meta = self.ops.fetch_template(name)
         if meta is None:
             raise NotFound(f"no template {name!r} here or in the fleet", hint="list them with `memvisor template ls`")
@@ -784,6 +821,9 @@ class Registry:
         self._idle_stop.set()
         self._idle_thread.join(timeout=60)
         for entry in self.list():
+            if entry.state == "parked" and self.ops is not None and entry.claimed is not None:
+                self.ops.resume_failed(entry.id)  # claimed here, never resumed: the fleet's again
+                continue
             if entry.state in ("parked", "lost"):
                 continue
             if self.on_exit == "leave" and entry.vm is not None and entry.state == "running":

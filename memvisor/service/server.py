@@ -28,7 +28,7 @@ from memvisor.errors import MemvisorError
 from memvisor.host import runtime
 from memvisor.image import build
 from memvisor.service.api import create_app
-from memvisor.service.peers import Peers
+from memvisor.service.peers import PeerAuth, Peers
 from memvisor.service.registry import Registry
 from memvisor.service.supervisor import Supervisor, parse_budget
 from memvisor.snapshot import statedir
@@ -226,13 +226,15 @@ def _serve(socket_path: Path, tcp: tuple[str, int] | None, token: str | None, st
         if fleet is not None:
             fleet.close(leave=False)
         raise
-    peers = None
+    peers, peer_auth = None, None
     if fleet is not None:
         fleet.counts = registry.counts
-        peers = Peers(fleet.node, fleet.peer_token(), fleet.options.peer_ca)
+        peer_keys = fleet.peer_keys()
+        peers = Peers(fleet.node, peer_keys[0], fleet.options.peer_ca)
+        peer_auth = PeerAuth(fleet.node, peer_keys)
     # Both listeners exist before the unix socket appears on disk: whoever waits for that path may use either.
     # uvicorn serves the sockets as they are (never binding anything itself).
-    listeners = [(create_app(registry, token, peers), bind_tcp(*tcp))] if tcp is not None else []
+    listeners = [(create_app(registry, token, peers, peer_auth), bind_tcp(*tcp))] if tcp is not None else []
     listeners.insert(0, (create_app(registry, None, peers), bind_unix(socket_path)))
     # On SIGTERM, requests in flight (an exec's output stream) get SHUTDOWN_GRACE_S to end; then they are cut and
     # the sandboxes parked or stopped, so a command that never ends cannot keep the daemon from exiting.

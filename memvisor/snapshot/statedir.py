@@ -30,6 +30,7 @@ from memvisor.host.runtime import SAFE_ID
 from memvisor.snapshot import bootstrap, files, keys, ledger, seal
 from memvisor.snapshot.files import StateError as StateError  # the names callers know this module by
 from memvisor.snapshot.files import fsync_dir, make_dir, own_dir, read_own, remove_tree, write_atomic
+from memvisor.snapshot.layout import FLEET as FLEET
 from memvisor.snapshot.layout import INUSE as INUSE
 from memvisor.snapshot.layout import JSON_LIMIT as JSON_LIMIT
 from memvisor.snapshot.layout import LEDGER as LEDGER
@@ -458,7 +459,11 @@ def open_fleet(key_file: Path, generations: ledger.Generations, previous_key_fil
     parks into and resumes from the fleet's store. Its key is the fleet key (`key_file`, read-only: never made
     here), which every daemon of the fleet holds, and its generations are the fleet's (etcd), not a local ledger:
     freshness a host's disk cannot roll back, and any host may resume what another parked."""
-    base = root(create=True)
+    outer = root(create=True)
+    base = outer / FLEET  # apart from the host's own snapshots, which stay under its host key
+    if files.make_dir(base):
+        files.fsync_dir(outer)
+    files.own_dir(base, "the fleet's state directory", hint=f"remove {base} or chmod 700 it")
     key = keys.read(key_file)
     try:
         previous = keys.read(previous_key_file) if previous_key_file is not None else None

@@ -120,10 +120,19 @@ class FleetLab:
                 time.sleep(0.1)
 
     def close(self) -> None:
-        """Stop every daemon (SIGTERM; SIGKILL if one hangs) and etcd."""
+        """Remove what each daemon still holds (a test that failed half way), then stop every daemon (SIGTERM;
+        SIGKILL if one hangs) and etcd."""
+        for node in self.nodes.values():
+            node.signal(signal.SIGCONT)
+            if node.proc.poll() is None:
+                try:
+                    with node.api() as api:
+                        for sandbox in api.get("/v1/sandboxes").json():
+                            api.delete(f"/v1/sandboxes/{sandbox['id']}")
+                except (httpx.HTTPError, ValueError, TypeError):
+                    pass  # the daemon is in no state to answer: its stop below says what it left
         for node in self.nodes.values():
             try:
-                node.signal(signal.SIGCONT)
                 node.stop(timeout=300)
             except subprocess.TimeoutExpired:
                 node.kill()
