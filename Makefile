@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test deps image lint typecheck unit vm bench bench-boot bench-swap bench-density bench-memctl bench-image bench-park bench-template soak serve-soak soak-supervisor soak-crash clean
+.PHONY: run test deps image lint typecheck unit vm bench bench-boot bench-swap bench-density bench-memctl bench-image bench-park bench-template bench-scratch bench-fleet soak serve-soak soak-supervisor soak-crash clean
 
 deps: $(STAMP)
 
@@ -62,6 +62,15 @@ bench-image: image
 # Parking (issue 20): park time, snapshot size, host memory parked, resume vs cold start; 256 and 1024 MiB guests.
 bench-park: image
 	$(BIN)/python -m bench.park $(PARK_ARGS)
+
+# The fleet (issue 27): park seconds per GiB into a shared store, resume on the same host vs another (a one-machine
+# fleet: a real etcd, two daemons), E2B's published figures beside them.
+bench-fleet: image
+	$(BIN)/python -m bench.fleet $(FLEET_ARGS)
+
+# The confidential scratch disk (issue 26): boot cost and throughput of plain vs confidential scratch, tag RAM.
+bench-scratch: image
+	$(BIN)/python -m bench.scratch $(SCRATCH_ARGS)
 
 # Templates (issue 21): cold boot + warm-up vs a clone, start time and host memory for 1, 4 and 8 sandboxes.
 bench-template: image

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from memvisor import __version__, cli_daemon, cli_image, cli_key, cli_template, config, policy
+from memvisor import __version__, cli_daemon, cli_fleet, cli_image, cli_key, cli_template, config, policy
 from memvisor.errors import GuestError, MemvisorError
 
 EXIT_FAILURE = 125
@@ -162,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_daemon.add_parsers(sub, add_policy_flags, add_command_words)
     cli_template.add_parsers(sub, add_policy_flags, add_command_words)
     cli_key.add_parsers(sub)
+    cli_fleet.add_parsers(sub)
 
     k = sub.add_parser("ksm", help="ksmd state and counters; start or stop it (never done implicitly)")
     k_sub = k.add_subparsers(dest="ksm_command", required=True, metavar="ACTION")
@@ -376,6 +377,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Console], int]] = {
     "create": lambda args, con: cli_daemon.cmd_create(args, con, policy_from_args),
     "template": lambda args, con: cli_template.cmd_template(args, con, policy_from_args),
     "key": cli_key.cmd_key,
+    "fleet": cli_fleet.cmd_fleet,
 }
 
 

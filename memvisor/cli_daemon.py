@@ -24,7 +24,10 @@ def add_parsers(sub: Any, add_policy_flags: Add, add_command_words: Callable[[ar
                            "loopback TCP port that requires a bearer token. SIGTERM parks every running sandbox "
                            "(--on-exit), and the next `memvisor serve` lists them parked.")
     serve.add_argument("--socket", type=Path, help=socket_help)
-    serve.add_argument("--listen", metavar="127.0.0.1:PORT", help="also serve on this loopback address")
+    serve.add_argument("--listen", metavar="ADDR:PORT", help="also serve on this TCP address (a bearer token is "
+                       "required; a non-loopback address needs --tls-cert and --tls-key)")
+    serve.add_argument("--tls-cert", type=Path, metavar="PATH", help="TLS certificate for --listen (PEM)")
+    serve.add_argument("--tls-key", type=Path, metavar="PATH", help="its private key (PEM)")
     serve.add_argument("--budget", default="80%", help="host memory the sandboxes may use, in MiB or as a share "
                        "of MemTotal (default 80%%): admission reserves each sandbox's floor, the supervisor keeps "
                        "the balloon targets inside it")
@@ -41,6 +44,27 @@ def add_parsers(sub: Any, add_policy_flags: Add, add_command_words: Callable[[ar
                        help=f"the host key that wraps parked snapshots and authenticates the ledger (default: "
                        f"$MEMVISOR_KEY_FILE or {paths.key_file()}; made, mode 0600, only while the state directory "
                        "holds nothing wrapped; never inside the state directory: docs/configuration.md)")
+    fleet = serve.add_argument_group("fleet (docs/fleet.md): any daemon of the fleet resumes any parked sandbox")
+    fleet.add_argument("--fleet", metavar="etcd://HOST:PORT[,HOST:PORT...]",
+                       help="join the fleet coordinated by this etcd (v3): parked sandboxes go to --store, every park "
+                       "and resume is fenced in etcd, requests for sandboxes elsewhere are forwarded")
+    fleet.add_argument("--node", metavar="NAME", help="this node's name in the fleet (default: the host name)")
+    fleet.add_argument("--store", type=Path, metavar="DIR", help="the fleet's bundle store: a directory of this "
+                       "user's, mode 0700, shared by every node (NFS, CephFS; one host: a local directory)")
+    fleet.add_argument("--fleet-key-file", type=Path, metavar="PATH", help="the fleet key (32 bytes, mode 0600 or "
+                       "0400): wraps every snapshot key; the same file on every node; never written by memvisor")
+    fleet.add_argument("--fleet-key-previous", type=Path, metavar="PATH", help="the fleet's key before a rotation: "
+                       "snapshots wrapped under it still resume (memvisor fleet rotate-key; docs/fleet.md)")
+    fleet.add_argument("--advertise", metavar="URL", help="this daemon's API as the others reach it (default: from "
+                       "--listen, e.g. http://127.0.0.1:PORT)")
+    fleet.add_argument("--fleet-ttl", type=int, default=10, metavar="SECONDS",
+                       help="this node's lease in etcd: how long after it stops answering the fleet sees it gone and "
+                       "shows its running sandboxes unreachable (default 10; 2-300)")
+    fleet.add_argument("--peer-ca", type=Path, metavar="PATH", help="the CA that signs the other daemons' "
+                       "--tls-cert (their https --advertise)")
+    fleet.add_argument("--etcd-ca", type=Path, metavar="PATH", help="the CA that signed etcd's certificate (https)")
+    fleet.add_argument("--etcd-cert", type=Path, metavar="PATH", help="a client certificate etcd trusts")
+    fleet.add_argument("--etcd-key", type=Path, metavar="PATH", help="its private key")
     serve.add_argument("--openapi", action="store_true", help="print the API's OpenAPI document and exit")
     serve.add_argument("--token-file", type=Path, help="bearer token for --listen (created, mode 0600, if missing;"
                        " default: a random token printed nowhere: pass a file to use TCP)")
@@ -106,7 +130,8 @@ def cmd_serve(args: argparse.Namespace, _con: Any) -> int:
         print(json.dumps(create_app(None).openapi(), indent=1, sort_keys=True))
         return 0
     server.serve(args.socket or paths.service_socket(), args.listen, args.token_file, args.budget, args.on_exit,
-                 args.park_after_idle, key_file=args.key_file)
+                 args.park_after_idle, key_file=args.key_file, tls=server.tls_files(args.tls_cert, args.tls_key),
+                 fleet=server.fleet_options(args))
     return 0
 
 

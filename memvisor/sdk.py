@@ -66,8 +66,8 @@ class Sandbox:
 
     def with_swap(self, size_mib: int, mode: policy.SwapMode | str | None = None,
                   allow_weaker: bool | None = None, discard: bool | None = None) -> Sandbox:
-        """A copy with guest disk swap of `size_mib` MiB (mode: default authenticated, or confidential to refuse
-        replayed pages too; `discard`: give freed swap back to the host, not with authenticated)."""
+        """A copy with guest disk swap of `size_mib` MiB (mode: default confidential, whose tags in guest RAM refuse
+        changed, moved and replayed pages; `discard`: give freed swap back to the host, not with authenticated)."""
         changes: dict[str, object] = {"swap_size_mib": size_mib}
         if mode is not None:
             changes["swap_mode"] = mode

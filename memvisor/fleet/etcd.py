@@ -8,7 +8,7 @@ The client is etcd3gw (etcd's JSON gRPC gateway, pinned in pyproject.toml). What
   call goes to the endpoint that answered last, and moves on when one is refused or silent.
 - requests waits forever by default: every call here has a timeout.
 - requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override the CA it was given (and HTTP(S)_PROXY redirect
-  it): each session here is built with trust_env=False, so only --fleet-ca is trusted.
+  it): each session here is built with trust_env=False, so only --etcd-ca is trusted.
 - etcd3gw encodes str as latin-1: keys are UTF-8 encoded here and always passed as bytes.
 - The gateway's JSON drops default values (a failed transaction has no "succeeded") and sends int64 as strings:
   Record and TxnResult are plain ints, bytes and bools.
@@ -53,7 +53,7 @@ API_PATH: Final = "/v3/"  # etcd >= 3.4 serves its gateway here; giving it saves
 MIN_VERSION: Final = (3, 4)
 DEFAULT_TIMEOUT: Final = 2.0  # seconds per request per endpoint: a healthy etcd answers in ~2 ms
 HINT: Final = "is it running? (--fleet)"
-TLS_HINT: Final = ("check --fleet-ca (the CA that signed etcd's certificate), --fleet-cert and --fleet-key (a client "
+TLS_HINT: Final = ("check --etcd-ca (the CA that signed etcd's certificate), --etcd-cert and --etcd-key (a client "
                    "certificate etcd trusts)")
 _HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]")
 # gRPC codes (google.golang.org/grpc/codes) that the gateway puts in its JSON errors
@@ -103,7 +103,7 @@ class TLSFiles:
         """FleetConfigError naming a file that cannot be read, or a certificate without its key."""
         if (self.cert is None) != (self.key is None):
             raise FleetConfigError("a client certificate for etcd needs its key, and a key its certificate",
-                                   hint="give both --fleet-cert and --fleet-key, or neither")
+                                   hint="give both --etcd-cert and --etcd-key, or neither")
         for what, path in (("CA", self.ca), ("client certificate", self.cert), ("client key", self.key)):
             if path is None:
                 continue
@@ -285,7 +285,7 @@ def _detail(exc: Etcd3Exception) -> tuple[str, int | None]:
     if "connection refused" in lowered:
         return "connection refused", None
     if "remotedisconnected" in lowered or "connection aborted" in lowered:
-        return "it closed the connection without an answer (if it speaks TLS, give --fleet-ca)", None
+        return "it closed the connection without an answer (if it speaks TLS, give --etcd-ca)", None
     if "ssl" in lowered or "certificate" in lowered:
         found = re.search(r"\[SSL[^\]]*\][^(')\"]*", text)
         return f"TLS failed: {found.group(0).strip() if found else text[-200:]}", None
@@ -402,7 +402,7 @@ class Etcd:
         if code in (_PERMISSION_DENIED, _UNAUTHENTICATED):
             return EtcdError(f"etcd at {self.url} refused {what}: {message}",
                              hint="memvisor does not log in to etcd: authenticate it by client certificate "
-                                  "(--fleet-cert, --fleet-key) or turn etcd auth off for it")
+                                  "(--etcd-cert, --etcd-key) or turn etcd auth off for it")
         return EtcdError(f"etcd at {self.url} refused {what}: {message}")
 
     # -- the calls the fleet makes ----------------------------------------------------------------------------
@@ -411,15 +411,18 @@ class Etcd:
         read succeeds). Returns etcd's version; EtcdUnavailable (or EtcdError for an old etcd) naming the URL,
         so `serve --fleet` fails at once with one line. Endpoints that do not answer are logged."""
         versions: list[str] = []
+        silent: list[str] = []
         for i, endpoint in enumerate(self.endpoints):
             client = self._clients()[i]
             client.timeout = self.timeout
             try:
                 versions.append(str(client.status()["version"]))
             except Etcd3Exception as exc:
-                log.warning("etcd endpoint %s of %s does not answer: %s", endpoint, self.url, _detail(exc)[0])
+                silent.append(f"{endpoint} ({_detail(exc)[0]})")
             except requests.RequestException as exc:
-                log.warning("etcd endpoint %s of %s does not answer: %s", endpoint, self.url, exc)
+                silent.append(f"{endpoint} ({exc})")
+        if versions and silent:  # some answer: go on, and say which did not (when none does, the error says it)
+            log.warning("etcd endpoints of %s that do not answer: %s", self.url, "; ".join(silent))
         if not versions:
             self._call("a status request", lambda c: c.status())  # raises EtcdUnavailable with each reason
         for version in versions:

@@ -17,6 +17,7 @@ The moves (owner = `node`; "me" is the Fence's node):
     finish_resume   resuming, me                              -> running, me
     adopt           running|lost, me                          -> running, me, under my current lease
     mark_lost       running|parking|resuming, owner's key gone -> lost            (any node)
+    lose            running|parking|resuming, me              -> lost              (nothing of it is left)
     delete          owner me (any state), or parked (any node) -> no record
 A resume can therefore only ever take the generation that the last committed park named, and only once: a host
 killed mid-park leaves "parking" with the older generation, and its partial bundle is never claimed.
@@ -134,8 +135,9 @@ class Fence:
         return record
 
     # -- the moves ----------------------------------------------------------------------------------------------
-    def create(self, sandbox_id: str, name: str) -> SandboxRecord:
-        """Record a new sandbox running here, generation 0. FenceLost if the id is taken."""
+    def create(self, sandbox_id: str, name: str, template: str | None = None) -> SandboxRecord:
+        """Record a new sandbox running here, generation 0 (`template`: the template it is a clone of). FenceLost
+        if the id is taken."""
         check_id(sandbox_id)
 
         def check(r: SandboxRecord | None) -> None:
@@ -143,7 +145,7 @@ class Fence:
                 raise FenceLost(f"sandbox id {sandbox_id} is already in the fleet ({_where(r)})")
 
         new = self._move(sandbox_id, "create", check, lambda r: SandboxRecord(
-            sandbox_id, name, self.node, State.RUNNING, 0, last_node=self.node))
+            sandbox_id, name, self.node, State.RUNNING, 0, last_node=self.node, template=template))
         assert new is not None
         return new
 
@@ -229,6 +231,12 @@ class Fence:
                          lambda r: dataclasses.replace(self._exists(sandbox_id, r), state=State.LOST), owner_gone)
         assert new is not None
         return new
+
+    def lose(self, sandbox_id: str) -> SandboxRecord:
+        """running|parking|resuming here -> lost: this node, restarted, found nothing of it left to run (its VMM
+        and its snapshot are gone); the fleet says so instead of forgetting it (a silent 404 elsewhere)."""
+        return self._owned_move(sandbox_id, "give up", (State.RUNNING, State.PARKING, State.RESUMING),
+                                lambda r: dataclasses.replace(r, state=State.LOST))
 
     def delete(self, sandbox_id: str) -> None:
         """Remove the record (the sandbox is gone for good; then its bundles may be removed): by its owner in any

@@ -3,6 +3,8 @@
     <prefix>nodes/<node name>       NodeRecord, attached to the node's lease: gone when the node stops answering
     <prefix>sandboxes/<sandbox id>  SandboxRecord: no lease (a parked sandbox outlives every node)
     <prefix>generations/<id>        the fleet's Generations counter of a sandbox or template: {generation, nonce}
+    <prefix>templates/<name>        TemplateRecord: which template bundle (id, generation, digest) the name is
+    <prefix>key-check               a MAC of a fixed label under the fleet key: a daemon with another key is refused
 
 <prefix> is /memvisor/fleet/ unless a fleet is given another (tests, or two fleets on one etcd).
 
@@ -68,6 +70,20 @@ class Layout:
     @property
     def generations(self) -> str:
         return f"{self.prefix}generations/"
+
+    @property
+    def templates(self) -> str:
+        return f"{self.prefix}templates/"
+
+    def template(self, name: str) -> str:
+        if not TEMPLATE_NAME.fullmatch(name):
+            raise RecordError(f"template name {name!r} is not one", hint="1-30 of a-z 0-9 _ -")
+        return self.templates + name
+
+    @property
+    def key_check(self) -> str:
+        """Where the fleet key's check value lives (written once, by the first node: fleetd.py)."""
+        return f"{self.prefix}key-check"
 
     def node(self, name: str) -> str:
         return self.nodes + check_node_name(name)
@@ -138,6 +154,7 @@ class SandboxRecord:
     lease: int = 0
     updated: float = 0.0
     nonce: str = ""
+    template: str | None = None  # the template it is a clone of (which the fleet must keep while it exists)
 
     def to_json(self) -> bytes:
         return _dump(self)
@@ -154,7 +171,8 @@ class SandboxRecord:
                      node=_field(doc, key, "node", str, optional=True), state=state,
                      generation=_count(doc, key, "generation"), digest=_field(doc, key, "digest", str, optional=True),
                      last_node=_field(doc, key, "last_node", str, optional=True), lease=_count(doc, key, "lease"),
-                     updated=float(_field(doc, key, "updated", (int, float))), nonce=_field(doc, key, "nonce", str))
+                     updated=float(_field(doc, key, "updated", (int, float))), nonce=_field(doc, key, "nonce", str),
+                     template=_field(doc, key, "template", str, optional=True) if "template" in doc else None)
         if not SAFE_ID.fullmatch(record.id) or not key.endswith("/" + record.id):
             raise RecordError(f"the record {key} in etcd is for sandbox {record.id!r}, not its key's")
         if (record.node is None) != (record.state == State.PARKED):
@@ -212,4 +230,33 @@ class NodeRecord:
                      lease=lease)
         if not NODE_NAME.fullmatch(record.name) or not key.endswith("/" + record.name):
             raise RecordError(f"the node record {key} in etcd is for node {record.name!r}, not its key's")
+        return record
+
+
+TEMPLATE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,29}")
+
+
+@dataclass(frozen=True)
+class TemplateRecord:
+    """A template of the fleet: its name, the id and generation of its bundle in the store, the digest of that
+    bundle's manifest (body), and the node that made it."""
+
+    name: str
+    id: str
+    generation: int
+    digest: str
+    node: str
+    updated: float = 0.0
+
+    def to_json(self) -> bytes:
+        return _dump(self)
+
+    @classmethod
+    def from_json(cls, data: bytes, key: str) -> TemplateRecord:
+        doc = _doc(data, key)
+        record = cls(name=_field(doc, key, "name", str), id=_field(doc, key, "id", str),
+                     generation=_count(doc, key, "generation"), digest=_field(doc, key, "digest", str),
+                     node=_field(doc, key, "node", str), updated=float(_field(doc, key, "updated", (int, float))))
+        if not key.endswith("/" + record.name) or not DIGEST.fullmatch(record.digest) or record.generation < 1:
+            raise RecordError(f"the template record {key} in etcd is malformed")
         return record

@@ -90,6 +90,11 @@ class BundleStore(ABC):
         manifest of another SHA-256 is refused before anything is copied."""
 
     @abstractmethod
+    def rewrite_manifest(self, bundle_id: str, generation: int, manifest: bytes) -> None:
+        """Replace the manifest of a complete bundle, atomically (a key rotation rewraps it: the rest of the
+        bundle never changes); BundleNotFound if it is absent or partial."""
+
+    @abstractmethod
     def list(self) -> list[Bundle]:
         """Every complete bundle."""
 
@@ -426,6 +431,12 @@ class DirectoryStore(BundleStore):
                 sizes = {n: os.stat(n, dir_fd=target, follow_symlinks=False).st_size
                          for n in sorted(names) if FILE_NAME.fullmatch(n) and n != MANIFEST}
                 yield Bundle(bundle_id, int(gen), sizes, MANIFEST in names)
+
+    def rewrite_manifest(self, bundle_id: str, generation: int, manifest: bytes) -> None:
+        with _fd(self._open_bundle(bundle_id, generation)) as folder:
+            self._read_manifest(folder, bundle_id, str(generation))  # complete, and ours
+            self._write_file(folder, MANIFEST, lambda fd: _write_all(fd, manifest))
+            os.fsync(folder)
 
     def list(self) -> list[Bundle]:
         return [b for b in self._scan() if b.complete]

@@ -270,14 +270,23 @@ def daemon_lock() -> int:
     adopt the same orphans."""
     root = checked_root(create=True)
     assert root is not None
-    fd = os.open(root / DAEMON_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+    while True:
+        fd = os.open(root / DAEMON_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise MemvisorError(f"another memvisor daemon (pid {holder}) owns the runtime directory {root}",
+                                hint="stop it first, or give this one its own MEMVISOR_RUNTIME_DIR") from None
+        # A daemon that ends unlinks the file before it lets the lock go: a lock taken on that unlinked file
+        # is no lock, so it must still be the file at that name.
+        try:
+            if os.fstat(fd).st_ino == os.lstat(root / DAEMON_LOCK).st_ino:
+                break
+        except FileNotFoundError:
+            pass
         os.close(fd)
-        raise MemvisorError(f"another memvisor daemon (pid {holder}) owns the runtime directory {root}",
-                            hint="stop it first, or give this one its own MEMVISOR_RUNTIME_DIR") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd

@@ -31,7 +31,8 @@ from memvisor.errors import GuestError, MemvisorError
 from memvisor.host import exporter, stats
 from memvisor.service import templates
 from memvisor.service.errors import Conflict, NotFound
-from memvisor.service.registry import Entry, Registry
+from memvisor.service.peers import AUTH, FORWARDED, Forwarded, PeerAuth, Peers, PeerUnreachable
+from memvisor.service.registry import Entry, Moved, Registry
 from memvisor.service.supervisor import AdmissionRefused
 from memvisor.service.templates import TemplateEntry
 from memvisor.snapshot import metrics as snapshot_metrics
@@ -107,6 +108,8 @@ class SandboxInfo(Strict):
     last_park_seconds: float | None = None
     last_resume_seconds: float | None = None
     lost: str | None = None  # state "lost": why nothing of it is left (its VMM and its snapshot are gone)
+    node: str | None = None  # in a fleet: the node it runs on, or (parked) the node that parked it
+    generation: int | None = None  # in a fleet: the generation its fence names
     # taken over from a daemon that died: {"at": seconds since the epoch, "ended": [[exec id, argv0], ...]}, the
     # commands in flight at the crash, which the guest ended
     recovered: dict[str, Any] | None = None
@@ -150,7 +153,41 @@ def info(entry: Entry, registry: Registry | None = None) -> SandboxInfo:
                        snapshot_bytes=meta.disk_bytes() if meta else None, problem=entry.problem,
                        last_park_seconds=entry.last_park.seconds if entry.last_park else None,
                        last_resume_seconds=entry.last_resume.seconds if entry.last_resume else None,
-                       lost=entry.lost, recovered=entry.recovered)
+                       lost=entry.lost, recovered=entry.recovered,
+                       node=registry.fleet.node if registry is not None and registry.fleet is not None else None)
+
+
+def fleet_info(record: Any, entry: Entry | None = None) -> SandboxInfo:
+    """A sandbox as the fleet's record shows it (parked in the store, lost, or elsewhere); with `entry`, what this
+    daemon knew of it too (it just parked it)."""
+    state = str(record.state)
+    return SandboxInfo(id=record.id, name=record.name, state=state, created=entry.created if entry else record.updated,
+                       vmm_pid=None, summary=f"{state} in the fleet (node {record.node or record.last_node})",
+                       policy=pol.to_json(entry.policy) if entry else {}, execs=entry.execs if entry else 0,
+                       parks=entry.parks if entry else 0, template=entry.template if entry else None,
+                       last_park_seconds=entry.last_park.seconds if entry and entry.last_park else None,
+                       node=record.node or record.last_node, generation=record.generation,
+                       lost="its owner could not recover it" if state == "lost" else None)
+
+
+def fleet_status(exc: MemvisorError) -> int | None:
+    """The HTTP status of a fleet layer's error (None: not one): a fence another node won is 409, etcd out of
+    reach or no node with room 503, a full store 507."""
+    from memvisor.fleet import errors  # only a fleet daemon raises them: imported then, not by every daemon
+
+    if isinstance(exc, errors.FenceLost):
+        return 409
+    if isinstance(exc, errors.NoSuchSandbox):
+        return 404
+    if isinstance(exc, errors.EtcdUnavailable | errors.LeaseLost | errors.PlacementRefused | PeerUnreachable):
+        return 503
+    if isinstance(exc, errors.StoreFull):
+        return 507
+    if isinstance(exc, errors.StoreError):  # a bundle refused (edited, replaced, not ours): it stays parked
+        return 409
+    if isinstance(exc, errors.FleetError):
+        return 400 if isinstance(exc, errors.FleetConfigError) else 502
+    return None
 
 
 def template_info(entry: TemplateEntry) -> TemplateInfo:
@@ -164,10 +201,13 @@ def template_info(entry: TemplateEntry) -> TemplateInfo:
                         clones=sorted(entry.clones))
 
 
-def create_app(registry: Registry | None, token: str | None = None) -> FastAPI:
+def create_app(registry: Registry | None, token: str | None = None, peers: Peers | None = None,
+               peer_auth: PeerAuth | None = None) -> FastAPI:
     """The API over `registry`; with `token`, every request must carry `Authorization: Bearer <token>` (the TCP
     listener; the unix socket is guarded by its file mode). Without a registry the app only describes itself
-    (`memvisor serve --openapi`): every endpoint answers 503."""
+    (`memvisor serve --openapi`): every endpoint answers 503. `peers`: in a fleet, how this daemon forwards a
+    request for a sandbox that runs on another node; `peer_auth`: how it checks what the others forward to it
+    (service/peers.py: a MAC per request instead of the token)."""
 
     def sandboxes() -> Registry:
         if registry is None:
@@ -181,17 +221,23 @@ def create_app(registry: Registry | None, token: str | None = None) -> FastAPI:
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        # In constant time: `!=` stops at the first differing byte, and its timing tells the token byte by byte.
-        given = request.headers.get("authorization", "").encode()
-        if token is not None and not hmac.compare_digest(given, expected):
-            return JSONResponse({"detail": "missing or wrong bearer token",
-                                 "hint": "send Authorization: Bearer <the daemon's token>"}, status_code=401)
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
             return JSONResponse({"detail": f"request body of {length} bytes is over the {MAX_BODY}-byte limit"},
                                 status_code=413)
         if length is None and request.method in ("POST", "PUT", "PATCH"):
             return JSONResponse({"detail": "a request body needs a Content-Length"}, status_code=411)
+        peer = request.headers.get(AUTH)
+        if token is not None and peer is not None and peer_auth is not None:
+            why = peer_auth.check(peer, request.method, request.url.path, await request.body())
+            if why is not None:
+                return JSONResponse({"detail": f"refused {why}"}, status_code=401)
+        elif token is not None:
+            # In constant time: `!=` stops at the first differing byte, and its timing tells the token byte by byte.
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return JSONResponse({"detail": "missing or wrong bearer token",
+                                     "hint": "send Authorization: Bearer <the daemon's token>"}, status_code=401)
         return await call_next(request)
 
     @app.exception_handler(MemvisorError)
@@ -203,19 +249,78 @@ def create_app(registry: Registry | None, token: str | None = None) -> FastAPI:
             409 if isinstance(exc, Conflict | seal.SealError | statedir.StateError) else \
             503 if isinstance(exc, Unavailable | AdmissionRefused) else \
             502 if isinstance(exc, GuestError | park_.ParkError) else 400
+        status = fleet_status(exc) or status
         body = {"detail": exc.message, "hint": exc.hint}
         if isinstance(exc, GuestError) and exc.console_tail:
             body["console_tail"] = exc.console_tail
         return JSONResponse(body, status_code=status)
 
+    @app.exception_handler(Forwarded)
+    async def forwarded(_request: Request, exc: Forwarded) -> JSONResponse:
+        return JSONResponse(exc.body, status_code=exc.status)
+
+    def elsewhere(request: Request, key: str) -> tuple[Registry, Any]:
+        """Where sandbox `key` is when this daemon does not have it: its fleet record (NotFound without a fleet,
+        or when the fleet has none)."""
+        reg = sandboxes()
+        if reg.fleet is None:
+            raise NotFound(f"no sandbox {key!r}", hint="list them with `memvisor ps` or GET /v1/sandboxes")
+        record = reg.fleet.find(key)
+        if record is None:
+            raise NotFound(f"no sandbox {key!r} in the fleet", hint="list them with `memvisor fleet ls`")
+        return reg, record
+
+    def owner(request: Request, record: Any) -> Any:
+        """The live node that runs `record`'s sandbox, to forward to; Conflict if it is unreachable (its lease
+        expired: the sandbox is never resumed elsewhere from an older state) or if this request was forwarded
+        already."""
+        reg = sandboxes()
+        assert reg.fleet is not None
+        if request.headers.get(FORWARDED) is not None or peers is None:
+            raise Conflict(f"sandbox {record.id} is {record.state} on node {record.node}, not here")
+        if record.node == reg.fleet.node:  # the fence says it is here, and this daemon has no such sandbox
+            raise Conflict(f"sandbox {record.id} is {record.state} on this node ({record.node}) by the fleet's "
+                           "record, but this daemon does not hold it", hint="it is being moved: try again")
+        node = reg.fleet.node_record(record.node)
+        if node is None:
+            raise Conflict(f"sandbox {record.id} is {record.state} on node {record.node}, which is unreachable (its "
+                           "lease expired): it is never resumed elsewhere from an older state",
+                           hint=f"it comes back when node {record.node} does")
+        return node
+
+    def peers_call(request: Request, record: Any, method: str, path: str, body: Any) -> Forwarded:
+        node = owner(request, record)
+        assert peers is not None
+        return peers.call(node, method, path, body)
+
+    def local_or(request: Request, key: str, method: str, path: str, body: Any = None) -> Entry:
+        """The sandbox here, or Forwarded (the owner's answer) when it runs on another node; a sandbox parked in
+        the fleet is claimed here (NotFound, Conflict otherwise)."""
+        reg = sandboxes()
+        try:
+            return reg.get(key)
+        except NotFound:
+            _, record = elsewhere(request, key)
+        if str(record.state) == "parked":
+            return reg.claim(key)
+        raise peers_call(request, record, method, path, body)
+
     @app.post("/v1/sandboxes", status_code=201, response_model=SandboxInfo)
-    def create(request: CreateRequest) -> SandboxInfo:
+    def create(request: CreateRequest, http: Request) -> SandboxInfo:
         if request.template is not None and request.policy:
             raise MemvisorError("a clone's policy is its template's: send no policy with a template",
                                 hint=f"GET /v1/templates/{request.template} shows it")
         policy = pol.merge(("request", pol.layer_from_mapping(request.policy, "request")))
-        return info(sandboxes().create(policy, request.name, debug=request.debug, template_name=request.template),
-                    registry)
+        try:
+            return info(sandboxes().create(policy, request.name, debug=request.debug,
+                                           template_name=request.template), registry)
+        except AdmissionRefused:
+            reg = sandboxes()
+            if reg.fleet is None or peers is None or http.headers.get(FORWARDED) is not None:
+                raise
+            # No room here: the node with the most room in the fleet gets it (503 naming the fleet's room if none).
+            node = reg.fleet.place(policy.memory_mib << 20)
+            raise peers.call(node, "POST", "/v1/sandboxes", request.model_dump()) from None
 
     @app.post("/v1/templates", status_code=201, response_model=TemplateInfo)
     def make_template(request: TemplateRequest) -> TemplateInfo:
@@ -240,43 +345,120 @@ def create_app(registry: Registry | None, token: str | None = None) -> FastAPI:
 
     @app.get("/v1/templates/{name}", response_model=TemplateInfo)
     def inspect_template(name: str) -> TemplateInfo:
-        return template_info(sandboxes().templates.get(name))
+        return template_info(sandboxes().template(name))
 
     @app.delete("/v1/templates/{name}", response_model=TemplateInfo)
     def remove_template(name: str) -> TemplateInfo:
         """Remove a template (409 while sandboxes cloned from it run or are parked)."""
-        return template_info(sandboxes().templates.remove(name))
+        return template_info(sandboxes().remove_template(name))
 
     @app.get("/v1/sandboxes", response_model=list[SandboxInfo])
     def list_sandboxes() -> list[SandboxInfo]:
         return [info(e, registry) for e in sandboxes().list()]
 
     @app.get("/v1/sandboxes/{key}", response_model=SandboxInfo)
-    def inspect(key: str) -> SandboxInfo:
-        return info(sandboxes().get(key), registry)
+    def inspect(key: str, http: Request) -> SandboxInfo:
+        try:
+            return info(sandboxes().get(key), registry)
+        except NotFound:
+            _, record = elsewhere(http, key)
+        if str(record.state) in ("parked", "lost"):
+            return fleet_info(record)
+        raise peers_call(http, record, "GET", f"/v1/sandboxes/{record.id}", None)
 
     @app.delete("/v1/sandboxes/{key}", response_model=SandboxInfo)
-    def stop(key: str) -> SandboxInfo:
-        return info(sandboxes().stop(key))
+    def stop(key: str, http: Request) -> SandboxInfo:
+        try:
+            return info(sandboxes().stop(key))
+        except NotFound:
+            reg, record = elsewhere(http, key)
+        if str(record.state) == "parked":
+            assert reg.ops is not None
+            reg.ops.stop_parked(record)
+            return fleet_info(record)
+        raise peers_call(http, record, "DELETE", f"/v1/sandboxes/{record.id}", None)
 
     @app.post("/v1/sandboxes/{key}/park", response_model=SandboxInfo)
-    def park(key: str) -> SandboxInfo:
-        """Park the sandbox: its state goes to a sealed snapshot on disk and its VMM exits (409 while commands
-        run); the next exec or resume brings it back."""
-        return info(sandboxes().park(key), registry)
+    def park(key: str, http: Request) -> SandboxInfo:
+        """Park the sandbox: its state goes to a sealed snapshot on disk (in a fleet: the fleet's store) and its
+        VMM exits (409 while commands run); the next exec or resume brings it back."""
+        try:
+            sandboxes().get(key)
+        except NotFound:
+            _, record = elsewhere(http, key)
+            if str(record.state) == "parked":
+                return fleet_info(record)
+            raise peers_call(http, record, "POST", f"/v1/sandboxes/{record.id}/park", {}) from None
+        entry = sandboxes().park(key)
+        fleet = sandboxes().fleet
+        record = fleet.find(entry.id) if fleet is not None else None
+        return fleet_info(record, entry) if record is not None else info(entry, registry)
 
     @app.post("/v1/sandboxes/{key}/resume", response_model=SandboxInfo)
-    def resume(key: str) -> SandboxInfo:
-        return info(sandboxes().resume(key), registry)
+    def resume(key: str, http: Request) -> SandboxInfo:
+        for attempt in range(2):  # a sandbox parked into the fleet while this waited is looked up once more
+            entry = local_or(http, key, "POST", f"/v1/sandboxes/{key}/resume", {})
+            try:
+                return info(sandboxes().resume(entry.id), registry)
+            except Moved:
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
 
-    @app.post("/v1/sandboxes/{key}/exec")
-    def exec_(key: str, request: ExecRequest) -> StreamingResponse:
-        entry = sandboxes().get(key)
-        try:
+    @app.post("/v1/sandboxes/{key}/exec", response_model=None)
+    def exec_(key: str, request: ExecRequest, http: Request) -> StreamingResponse | JSONResponse:
+        try:  # before anything is claimed: a bad request never holds a sandbox
             stdin = base64.b64decode(request.stdin, validate=True) if request.stdin is not None else None
         except ValueError:
             raise MemvisorError("stdin is not valid base64") from None
-        return StreamingResponse(_stream(sandboxes(), entry, request, stdin), media_type="application/x-ndjson")
+        for attempt in range(2):  # a sandbox parked into the fleet while this waited is looked up once more
+            try:
+                entry = sandboxes().get(key)
+            except NotFound:
+                reg, record = elsewhere(http, key)
+                if str(record.state) == "parked":
+                    entry = reg.claim(key)
+                else:
+                    node = owner(http, record)
+                    assert peers is not None
+                    status, lines = peers.stream(node, f"/v1/sandboxes/{record.id}/exec", request.model_dump())
+                    if status != 200:
+                        body = b"".join(lines)
+                        try:
+                            return JSONResponse(json.loads(body or b"{}"), status_code=status)
+                        except ValueError:
+                            return JSONResponse({"detail": body.decode(errors="replace")[:400]}, status_code=status)
+                    return StreamingResponse(lines, media_type="application/x-ndjson")
+            try:
+                return StreamingResponse(_stream(sandboxes(), entry, request, stdin),
+                                         media_type="application/x-ndjson")
+            except Moved:
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    @app.get("/v1/fleet")
+    def fleet_view() -> dict[str, Any]:
+        """The fleet (memvisor fleet ls): every node with its room and what a resume there must match, every
+        sandbox wherever it is (`unreachable`: its node's lease expired)."""
+        reg = sandboxes()
+        if reg.fleet is None:
+            raise MemvisorError("this daemon is not in a fleet", hint="start it with memvisor serve --fleet ...")
+        return reg.fleet.describe()
+
+    @app.post("/v1/fleet/nodes/{node}/drain")
+    def drain(node: str, http: Request) -> dict[str, Any]:
+        """Park every sandbox of node `node` into the fleet's store and release them (memvisor fleet drain): the
+        next exec resumes each on whichever node it reaches."""
+        reg = sandboxes()
+        if reg.fleet is None:
+            raise MemvisorError("this daemon is not in a fleet", hint="start it with memvisor serve --fleet ...")
+        if node != reg.fleet.node:
+            peer = reg.fleet.node_record(node)
+            if peer is None or peers is None or http.headers.get(FORWARDED) is not None:
+                raise NotFound(f"no live node {node!r} in the fleet", hint="memvisor fleet ls")
+            raise peers.call(peer, "POST", f"/v1/fleet/nodes/{node}/drain", {})
+        return reg.drain()
 
     @app.get("/v1/host", response_model=HostStatus)
     def host() -> HostStatus:
@@ -319,8 +501,10 @@ STREAM_END_TIMEOUT_S = 600.0  # how long an exec's end waits for a client that s
 
 
 def _stream(registry: Registry, entry: Entry, request: ExecRequest, stdin: bytes | None) -> Iterator[bytes]:
-    """Run the command on a worker thread (resuming the sandbox first if it is parked) and yield its output as
-    it comes, then its exit."""
+    """Resume the sandbox if it is parked (here, so that a snapshot that cannot be resumed is an HTTP error, 409,
+    not a line in a stream that began with 200), then run the command on a worker thread started now, and return
+    the lines of its output as they come, then its exit."""
+    resumed = registry.ensure_running(entry)  # holds the sandbox against parks until the worker's exec_done
     # Bounded (256 chunks of at most 64 KiB). The callbacks run on the sandbox's channel reader, which must
     # never wait for an HTTP client: output a slow or vanished client has not taken is dropped and counted.
     lines: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=256)
@@ -340,7 +524,6 @@ def _stream(registry: Registry, entry: Entry, request: ExecRequest, stdin: bytes
 
     def work() -> None:
         try:
-            resumed = registry.ensure_running(entry)
             try:
                 vm = entry.running()
                 result = vm.exec(list(request.argv), env=dict(request.env), cwd=request.cwd,
@@ -364,8 +547,12 @@ def _stream(registry: Registry, entry: Entry, request: ExecRequest, stdin: bytes
                 lines.put(item, timeout=STREAM_END_TIMEOUT_S)
 
     threading.Thread(target=work, name=f"exec-{entry.id}", daemon=True).start()
-    while (item := lines.get()) is not None:
-        yield (json.dumps(item) + "\n").encode()
+
+    def output() -> Iterator[bytes]:
+        while (item := lines.get()) is not None:
+            yield (json.dumps(item) + "\n").encode()
+
+    return output()
 
 
 assert proto.CHUNK * 2 < MAX_BODY  # a stdin body of MAX_BODY is a handful of frames

@@ -73,6 +73,12 @@ class Client:
     def stop(self, key: str) -> dict[str, Any]:
         return dict(self._call("DELETE", f"/v1/sandboxes/{key}"))
 
+    def fleet(self) -> dict[str, Any]:
+        return dict(self._call("GET", "/v1/fleet"))
+
+    def drain(self, node: str) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/fleet/nodes/{node}/drain", {}))
+
     def exec(self, key: str, request: dict[str, Any], on_stdout: Callable[[bytes], None],
              on_stderr: Callable[[bytes], None]) -> dict[str, Any]:
         """Run a command, streaming its output to the callbacks; return its exit record."""

@@ -53,22 +53,28 @@ class Outcome:
 
     id: str
     state: str  # "running" (taken over), "parked" (on its committed snapshot), "lost", "gone" (stopped as asked,
-    # or it became a template)
+    # or it became a template), "undecided" (left untouched: the fence was out of reach)
     record: dict[str, Any]  # the dead daemon's record of it (name, created, template, execs, parks, phase...)
     vm: Instance | None = None
     reason: str = ""  # lost: why; otherwise what was done
     ended: list[list[Any]] = field(default_factory=list)  # the commands the crash ended: [[exec id, argv0], ...]
 
 
-def recover(snapshots: statedir.State, image: Image, on_warning: Callable[[str], None] | None = None
-            ) -> list[Outcome]:
+Committed = Callable[[str, str, dict[str, Any]], "bool | None"]
+
+
+def recover(snapshots: statedir.State, image: Image, on_warning: Callable[[str], None] | None = None,
+            committed: Committed | None = None) -> list[Outcome]:
     """Settle every sandbox a dead daemon left in this runtime root (call holding runtime.daemon_lock(), before
     anything sweeps or scans; `snapshots`: the open state directory). Never raises for one sandbox: each ends
-    running, parked, gone or lost."""
+    running, parked, gone or lost. `committed(id, phase, record)`: whether the park or resume of that phase holds,
+    when another authority than the state directory decides it (a fleet's fence); None: the state directory."""
     outcomes = []
     for state in runtime.orphans():
         try:
-            outcome = _settle(snapshots, state, image, on_warning)
+            outcome = _settle(snapshots, state, image, on_warning, committed)
+        except Undecided as exc:  # left exactly as it is: its VMM and runtime directory, for a later start
+            outcome = Outcome(state.id, "undecided", dict(state.service), reason=exc.message)
         except Exception as exc:  # a bug settling one must not lose the others, nor the daemon
             log.exception("recovering sandbox %s failed", state.id)
             _kill(state)
@@ -82,12 +88,13 @@ def recover(snapshots: statedir.State, image: Image, on_warning: Callable[[str],
 
 
 def _settle(snapshots: statedir.State, state: runtime.SandboxState, image: Image,
-            on_warning: Callable[[str], None] | None) -> Outcome:
+            on_warning: Callable[[str], None] | None, authority: Committed | None) -> Outcome:
     record = dict(state.service)
     phase = record.get("phase", "booting")
     alive = state.vmm_pid is not None and runtime.same_process(state.vmm_pid, state.vmm_started) \
         and runtime.is_vmm(state.vmm_pid, state)
-    committed = _committed(snapshots, state.id, phase, record)
+    decided = _ask(authority, state.id, phase, record) if phase in ("parking", "resuming") else None
+    committed = decided if decided is not None else _committed(snapshots, state.id, phase, record)
     if not alive:
         runtime.remove(_dir(state))
         if phase in ("stopping", "freezing") and (phase == "stopping" or committed):
@@ -122,7 +129,35 @@ def _settle(snapshots: statedir.State, state: runtime.SandboxState, image: Image
     except BaseException:
         vm.failed = True
         vm.close()
+        generation = record.get("generation")
+        if phase == "resuming" and committed and isinstance(generation, int):
+            # Its guest may have run and changed its disks before the crash: the snapshot is never resumed again.
+            with contextlib.suppress(MemvisorError, OSError):
+                snapshots.uncommit(state.id, generation)
         raise
+
+
+class Undecided(MemvisorError):
+    """What a crash left cannot be settled now (the fleet's fence is out of reach): nothing is touched."""
+
+
+ASK_TRIES = 5  # an authority that does not answer (etcd) is asked again, a second apart, before recovery gives up
+
+
+def _ask(authority: Committed | None, sandbox_id: str, phase: str, record: dict[str, Any]) -> bool | None:
+    """The authority's answer (None: none, or it leaves it to the state directory). An authority that stays out of
+    reach is an error: guessing could resume a sandbox on two hosts, or undo a park that another host resumed."""
+    if authority is None:
+        return None
+    for attempt in range(ASK_TRIES):
+        try:
+            return authority(sandbox_id, phase, record)
+        except MemvisorError as exc:
+            if attempt == ASK_TRIES - 1:
+                raise Undecided(f"whether its {phase} completed cannot be known now ({exc.message}); its VMM "
+                                "is left as it was, for the daemon's next start") from None
+            time.sleep(1.0)
+    return None
 
 
 def _take_over(snapshots: statedir.State, vm: Instance, state: runtime.SandboxState, record: dict[str, Any],

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from memvisor import paths
 from memvisor import policy as pol
@@ -33,6 +34,10 @@ from memvisor.service.supervisor import ADMIT_WAIT_S, AdmissionRefused, Supervis
 from memvisor.service.templates import TemplateEntry, Templates
 from memvisor.snapshot import park, statedir, template
 from memvisor.snapshot.manifest import Manifest
+
+if TYPE_CHECKING:  # the fleet layer (etcd's client) is imported only by a daemon that joins a fleet
+    from memvisor.service.fleetd import Fleet
+    from memvisor.service.fleetops import FleetOps
 
 log = logging.getLogger("memvisor")
 NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
@@ -69,6 +74,7 @@ class Entry:
     # guest has not been sent yet into the snapshot (and lose its session), so it is refused while any are held
     starting: int = 0
     recovered: dict[str, object] | None = None  # taken over from a daemon that died: when, and what it ended
+    claimed: int | None = None  # fleet: the generation this node claimed from the store, until it resumes
     problem: str | None = None  # parked, but its snapshot cannot be resumed as it is (statedir.Problem), and why
     # park, resume and stop of one sandbox happen one at a time; an exec holds it while it resumes the sandbox
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -101,17 +107,30 @@ def check_name(name: str | None) -> None:
                             "later could get it as its id", hint=f"choose another name, e.g. {name}-1 or sb-{name}")
 
 
+class Moved(Conflict):
+    """The entry a request held went to the fleet's store meanwhile: look the sandbox up again (the API does)."""
+
+
 class Registry:
     """Every sandbox of this daemon, by id."""
 
     def __init__(self, image: Callable[[], Image], supervisor: Supervisor | None = None,
-                 on_exit: str = "park", park_after_idle_s: int = 0, state: statedir.State | None = None) -> None:
+                 on_exit: str = "park", park_after_idle_s: int = 0, state: statedir.State | None = None,
+                 fleet: Fleet | None = None) -> None:
         """`on_exit`: what close() does with running sandboxes: park them (the next daemon lists them parked), stop
         them, or leave them running for the next daemon to take over (an upgrade). `park_after_idle_s`: the
         default idle time before a sandbox is parked (0: never). `state`: the open state directory (its key and
         ledger), which the registry holds and close() closes (default: opened here, the key made if the directory
-        holds nothing wrapped)."""
+        holds nothing wrapped). `fleet`: this daemon's fleet (service/fleetd.py): parked sandboxes live in its
+        store, every move goes through its fence (service/fleetops.py), and `state` is the fleet's
+        (statedir.open_fleet)."""
         self.state = state or statedir.open(create_key=True)
+        self.fleet = fleet
+        self.ops: FleetOps | None = None
+        if fleet is not None:
+            from memvisor.service.fleetops import FleetOps
+
+            self.ops = FleetOps(fleet, self.state)
         self.park_after_idle_s = park_after_idle_s
         self.admit_wait_s = ADMIT_WAIT_S  # how long an admission may wait for room (parks, squeezes)
         self._idle_stop = threading.Event()
@@ -122,9 +141,11 @@ class Registry:
         self.supervisor = supervisor
         self._entries: dict[str, Entry] = {}
         self._lock = threading.Lock()
+        self._fetching: dict[str, threading.Lock] = {}  # fleet templates being brought here, one lock per name
         self._spawner = ThreadPoolExecutor(1, thread_name_prefix="memvisor-spawner")
         # First what a daemon that died left running or half done, before anything sweeps or scans.
-        outcomes = recovery.recover(self.state, image(), on_warning=log.warning)
+        outcomes = recovery.recover(self.state, image(), on_warning=log.warning,
+                                    committed=self.ops.committed if self.ops is not None else None)
         removed = runtime.sweep()
         if removed:
             log.warning("removed %d sandbox(es) left by a daemon or command that is gone: %s", len(removed),
@@ -135,6 +156,13 @@ class Registry:
             supervisor.shared_bytes = self.templates.resident_bytes
         removed_snapshots = self._adopt_parked({o.id for o in outcomes if o.state == "running"})
         self._adopt_recovered(outcomes, removed_snapshots)
+        if self.ops is not None:
+            for outcome in outcomes:
+                self.ops.recovered(outcome.id, outcome.state, outcome.record.get("generation"))
+            self.ops.reconcile({e.id for e in self.list() if e.state == "running"},
+                               {o.id for o in outcomes if o.state == "undecided"})
+            assert fleet is not None
+            fleet.on_rejoin = self._rejoined
         self._idle_thread = threading.Thread(target=self._idle_loop, name="memvisor-idle", daemon=True)
         self._idle_thread.start()
 
@@ -167,6 +195,13 @@ class Registry:
         `running`: sandboxes taken over from a daemon that died (their directories hold their kept disks).
         Returns the sandboxes whose snapshot was removed, with why (unless it runs, such a sandbox is lost)."""
         metas, problems = self.state.scan(running=running)
+        if self.ops is not None:  # in a fleet the store holds what is parked: a local copy is a leftover
+            for leftover in {m.id for m in metas} | {p.id for p in problems if not p.removed}:
+                if leftover not in running and SAFE_ID.fullmatch(leftover):
+                    log.warning("removing a local copy of sandbox %s: its parked state is the fleet's", leftover)
+                    with contextlib.suppress(MemvisorError, OSError):
+                        self.state.remove(leftover)
+            return {}
         for problem in problems:
             log.warning("%s", problem.note())
         adopted: list[Entry] = []
@@ -225,6 +260,8 @@ class Registry:
                     continue
                 entry.state, entry.lost = "lost", outcome.reason
                 lostbook.write(entry.id, entry.name, outcome.reason, entry.created, entry.template)
+            elif outcome.state == "undecided":  # shown, not recorded: the next start settles it
+                entry.state, entry.lost = "lost", outcome.reason
             else:
                 continue
             self._entries[entry.id] = entry
@@ -262,7 +299,9 @@ class Registry:
         `debug`: kernel messages on its console (host/sandbox.py DEBUG_KERNEL_ARGS). `template_name`: start it as
         a clone of that template instead (its policy is the template's; `policy` is not used)."""
         check_name(name)
-        origin = self.templates.get(template_name) if template_name is not None else None
+        if name is not None and self.fleet is not None and self.fleet.find(name) is not None:
+            raise Conflict(f"the fleet has a sandbox named {name!r} already", hint="memvisor fleet ls")
+        origin = self.template(template_name) if template_name is not None else None
         if origin is not None:
             self._same_image(f"template {origin.name}", origin.image)
             policy = origin.policy
@@ -279,13 +318,17 @@ class Registry:
                 raise Conflict(f"sandbox id {entry.id} was taken while this sandbox was being made",
                                hint="try again")
             self._entries[entry.id] = entry  # holds the name while admission decides
-        if self.supervisor is not None:
-            try:  # outside the registry's lock: admission may wait for room, and a stop must be able to make it
+        try:
+            if self.supervisor is not None:  # outside the registry's lock: admission may wait for room
                 self._admit(entry.id, policy)
-            except BaseException:
-                with self._lock:
-                    self._entries.pop(entry.id, None)
-                raise
+            if self.ops is not None:  # the fleet knows it before it boots (an id no other node may take)
+                self.ops.created(entry.id, entry.name, entry.template)
+        except BaseException:
+            with self._lock:
+                self._entries.pop(entry.id, None)
+            if self.supervisor is not None:
+                self.supervisor.release(entry.id)
+            raise
         try:
             if origin is not None:
                 with origin.lock:
@@ -298,6 +341,8 @@ class Registry:
                 vm.wait_ready()
         except BaseException:
             self._drop(entry)
+            if self.ops is not None:
+                self.ops.forget(entry.id)
             raise
         entry.state = "running"
         vm.record(**entry.record("running"))
@@ -317,6 +362,69 @@ class Registry:
                 return candidate
             log.info("sandbox id %s is taken: drawing another", candidate)
         raise MemvisorError(f"no free sandbox id in {ID_DRAWS} draws", hint="the id source is not random")
+
+    # -- the fleet ------------------------------------------------------------------------------------------------
+    def _rejoined(self) -> None:
+        """The node joined the fleet again under a new lease: take every sandbox running here back into the fence."""
+        assert self.ops is not None
+        for entry in self.list():
+            with entry.lock:  # not in the middle of a park or a resume
+                if entry.state == "running":
+                    self.ops.recovered(entry.id, "running", None)
+
+    def counts(self) -> tuple[int, int, int]:
+        """(running, parked, held bytes) for this node's fleet record."""
+        entries = self.list()
+        held = self.supervisor.status()["reserved_bytes"] if self.supervisor is not None else 0
+        return (sum(e.state == "running" for e in entries), sum(e.state == "parked" for e in entries), held)
+
+    def drain(self) -> dict[str, Any]:
+        """Park every running sandbox of this node into the fleet's store and release it (memvisor fleet drain):
+        the next exec resumes each wherever it reaches. Returns what was parked, and what could not be (it runs
+        on here, with the reason)."""
+        parked, failed = [], {}
+        for entry in self.list():
+            if entry.state != "running":
+                continue
+            try:
+                self.park(entry.id)
+                parked.append(entry.id)
+            except MemvisorError as exc:
+                failed[entry.id] = exc.message
+        log.warning("drained: %d sandbox(es) parked into the fleet's store%s", len(parked),
+                    f", {len(failed)} not: {failed}" if failed else "")
+        return {"parked": parked, "failed": failed}
+
+    def claim(self, key: str) -> Entry:
+        """A sandbox parked in the fleet, claimed by this node and brought here as a parked entry (its bundle in
+        the local state directory, checked), for a resume or an exec to resume it; a local one as it is.
+        NotFound if neither this node nor the fleet has it; Conflict if it runs elsewhere (the API forwards)."""
+        try:
+            return self.get(key)
+        except NotFound:
+            if self.fleet is None or self.ops is None:
+                raise
+        from memvisor.fleet.records import State as FleetState
+
+        record = self.fleet.find(key)
+        if record is None:
+            raise NotFound(f"no sandbox {key!r} in the fleet", hint="list them with `memvisor fleet ls`")
+        if record.state != FleetState.PARKED:
+            raise Conflict(f"sandbox {record.id} is {record.state} on node {record.node}")
+        meta = self.ops.claim(record)
+        try:
+            entry = self._parked_entry(meta)
+        except BaseException:
+            self.ops.resume_failed(record.id)
+            raise
+        entry.claimed = meta.generation
+        with self._lock:
+            if entry.id in self._entries:  # another request brought it here meanwhile
+                self.ops.resume_failed(record.id)
+                raise Conflict(f"sandbox {entry.id} is being resumed here already")
+            self._entries[entry.id] = entry
+        self._register_clone(entry)
+        return entry
 
     def get(self, key: str) -> Entry:
         """By id or name; NotFound otherwise."""
@@ -347,7 +455,10 @@ class Registry:
                 # last daemon's crash cut short left there (a first park whose VM was continued).
                 if entry.parks or self.state.sandbox_dir(entry.id).exists():
                     self.state.remove(entry.id)
-                    self.state.forget(entry.id)
+                    if self.ops is None:  # in a fleet the generation is etcd's: forget() below, after the fence
+                        self.state.forget(entry.id)
+                if self.ops is not None:
+                    self.ops.forget(entry.id)
         log.info("sandbox %s (%s) stopped", entry.id, entry.name)
         return entry
 
@@ -366,16 +477,22 @@ class Registry:
             if vm.session is not None and vm.session.commands:
                 raise Conflict(f"sandbox {entry.id} runs {len(vm.session.commands)} command(s)",
                                hint="park it when they have ended (a parked sandbox resumes on its next exec)")
-            entry.state = "parking"
-            vm.record(**entry.record("parking"))
+            publish, prev = None, None
+            if self.ops is not None:  # the fence shows the park before anything of it is written
+                prev = self.ops.begin_park(entry.id)
+                publish = self.ops.publisher(entry.id, prev)
             try:
+                entry.state = "parking"
+                vm.record(**entry.record("parking", prev=prev))
                 origin = self.templates.get(entry.template).meta if entry.template else None
                 meta, figures = park.park(self.state, vm, self._kept(entry), template=origin,
-                                          on_step=lambda s: log.debug("park %s: %s", entry.id, s))
+                                          on_step=lambda s: log.debug("park %s: %s", entry.id, s), publish=publish)
             except BaseException:
                 entry.state = "running"
                 with contextlib.suppress(OSError):
                     vm.record(**entry.record("running"))
+                if self.ops is not None:
+                    self.ops.park_failed(entry.id)
                 raise
             entry.state, entry.vm, entry.parked = "parked", None, meta
             entry.parks += 1
@@ -384,6 +501,9 @@ class Registry:
                 self.supervisor.release(entry.id)
             # The VMM has quit; the rest of the teardown runs where the VMM was spawned.
             self._spawner.submit(vm.close).result()
+            if self.ops is not None:  # it lives in the fleet's store now, for any node to resume
+                self.ops.parked(entry.id)
+                self._unlist(entry)
         log.info("sandbox %s (%s) parked in %.2f s: %d MiB of state", entry.id, entry.name, figures.seconds,
                  figures.file_bytes >> 20)
         return entry
@@ -424,6 +544,10 @@ class Registry:
         except statedir.SnapshotProblem as exc:
             entry.problem = exc.message
             raise
+        if meta is None and self.ops is not None:
+            # In a fleet a parked sandbox lives in the store: this entry went there (parked while a request waited
+            # for it), and the request must find it again where it is now.
+            raise Moved(f"sandbox {entry.id} was parked into the fleet's store meanwhile")
         if meta is None:  # nothing of it is left to resume: lost, never shown parked
             reason = f"its snapshot is gone from {self.state.root} (no manifest)"
             entry.state, entry.lost, entry.parked = "lost", reason, None
@@ -441,13 +565,25 @@ class Registry:
         if entry.state != "parked":
             entry.running()
             return None
+        if self.ops is not None and entry.claimed is None:  # not claimed here: it is the fleet's (see claim())
+            raise Moved(f"sandbox {entry.id} is parked in the fleet's store")
+        try:
+            return self._resume_claimed(entry)
+        except BaseException:
+            if self.ops is not None and entry.claimed is not None and entry.state != "running":
+                self.ops.resume_failed(entry.id)  # back to the fleet, parked as it was, whatever failed
+                self._unlist(entry)
+                entry.claimed = None
+            raise
+
+    def _resume_claimed(self, entry: Entry) -> float | None:
         meta = self._checked_parked(entry)
         image = self._image()
         self._same_image(f"sandbox {entry.id}", meta.sandbox.get("image"))
         origin = None
         if entry.template is not None:
             with contextlib.suppress(NotFound):
-                origin = self.templates.get(entry.template)
+                origin = self.template(entry.template)
             park.check_template(meta, origin.meta if origin else None)  # before anything is loaded for it
         clone_ram = self.templates.ram(origin) if origin else None
         if self.supervisor is not None:
@@ -469,6 +605,9 @@ class Registry:
             raise
         entry.state, entry.vm, entry.parked, entry.last_resume = "running", vm, None, figures
         vm.record(**entry.record("running"))
+        if self.ops is not None and entry.claimed is not None:
+            self.ops.resumed(entry.id, entry.claimed)
+            entry.claimed = None
         entry.used = time.monotonic()
         self._supervise(entry, vm)
         log.info("sandbox %s (%s) resumed in %.2f s", entry.id, entry.name, figures.seconds)
@@ -542,8 +681,10 @@ class Registry:
                 log.warning("sandbox %s could not be parked: %s", entry.id, exc)
 
     def _kept(self, entry: Entry) -> dict[str, object]:
-        """What meta.json keeps for a resume by this or a later daemon."""
-        return {"name": entry.name, "created": entry.created, "policy": pol.to_json(entry.policy),
+        """What meta.json keeps for a resume by this or a later daemon (in a fleet, also the host a resume must
+        match: fleetd.compat)."""
+        host = {"host": self.fleet.compat} if self.fleet is not None else {}
+        return {**host, "name": entry.name, "created": entry.created, "policy": pol.to_json(entry.policy),
                 "image": self._image().manifest.get("key"), "execs": entry.execs, "parks": entry.parks + 1}
 
     def _supervise(self, entry: Entry, vm: Instance) -> None:
@@ -563,6 +704,48 @@ class Registry:
                            hint="use it with the memvisor it was made with, or delete it")
 
     # -- templates --------------------------------------------------------------------------------------------
+    def template(self, name: str) -> TemplateEntry:
+        """Template `name`: this daemon's, or (in a fleet) one another node made, brought here on first use (one
+        fetch at a time per name: two first clones at once must not fetch into one folder)."""
+        try:
+            return self.templates.get(name)
+        except NotFound:
+            if self.ops is None:
+                raise
+        with self._lock:
+            lock = self._fetching.setdefault(name, threading.Lock())
+        with lock:
+            with contextlib.suppress(NotFound):
+                return self.templates.get(name)  # fetched by the request this one waited for
+            return self._fetch_template(name)
+
+    def _fetch_template(self, name: str) -> TemplateEntry:
+        assert self.ops is not None
+        meta = self.ops.fetch_template(name)
+        if meta is None:
+            raise NotFound(f"no template {name!r} here or in the fleet", hint="list them with `memvisor template ls`")
+        policy = pol.merge(("template", pol.layer_from_mapping(meta.sandbox.get("policy") or {}, f"template {name}")))
+        made = TemplateEntry(name, meta, policy)
+        self.templates.add(made)
+        log.info("template %s fetched from the fleet's store", name)
+        return made
+
+    def remove_template(self, name: str) -> TemplateEntry:
+        """Remove a template (Conflict while this daemon's clones of it run or are parked); in a fleet, from the
+        fleet too (its name and its bundle)."""
+        local = None
+        with contextlib.suppress(NotFound):
+            local = self.templates.get(name)
+        if self.ops is not None:  # the fleet's clones are checked first: a template in use is never removed
+            meta = local.meta if local is not None else self.ops.template_manifest(name)
+            if meta is None:
+                raise NotFound(f"no template {name!r} here or in the fleet", hint="memvisor template ls")
+            self.ops.remove_template(name, meta)
+            if local is None:
+                policy = pol.merge(("template", pol.layer_from_mapping(meta.sandbox.get("policy") or {}, name)))
+                return TemplateEntry(name, meta, policy)
+        return self.templates.remove(name)
+
     def make_template(self, name: str, key: str) -> TemplateEntry:
         """Freeze the running templatable sandbox `key` into template `name` (snapshot/template.py): the sandbox
         becomes the template (its VMM exits) and is no longer listed."""
@@ -576,6 +759,8 @@ class Registry:
             with self._lock:
                 if any(t.name == name for t in self.templates.list()):
                     raise Conflict(f"template {name} already exists", hint=f"memvisor template rm {name}")
+            if self.fleet is not None and self.fleet.catalog.get(name) is not None:  # checked before the freeze
+                raise Conflict(f"the fleet has a template named {name} already", hint=f"memvisor template rm {name}")
             entry.state = "freezing"
             vm.record(**entry.record("freezing", template_name=name))
             try:
@@ -591,6 +776,12 @@ class Registry:
             self._drop(entry)
         made = TemplateEntry(name, meta, entry.policy, ram_fd=fd)
         self.templates.add(made)
+        if self.ops is not None:  # the sandbox is the template now; the template is the fleet's
+            self.ops.forget(entry.id)
+            try:
+                self.ops.publish_template(name, meta)
+            except MemvisorError as exc:
+                log.warning("template %s stays on this node only: %s", name, exc.message)
         log.info("template %s made of sandbox %s in %.2f s: %d MiB of RAM", name, entry.id, figures.seconds,
                  template.ram_bytes(meta) >> 20)
         return made
@@ -630,6 +821,9 @@ class Registry:
         self._idle_stop.set()
         self._idle_thread.join(timeout=60)
         for entry in self.list():
+            if entry.state == "parked" and self.ops is not None and entry.claimed is not None:
+                self.ops.resume_failed(entry.id)  # claimed here, never resumed: the fleet's again
+                continue
             if entry.state in ("parked", "lost"):
                 continue
             if self.on_exit == "leave" and entry.vm is not None and entry.state == "running":
@@ -642,6 +836,12 @@ class Registry:
                     self.park(entry.id)
                     continue
                 except MemvisorError as exc:
+                    if self.fleet is not None and entry.vm is not None and entry.state == "running":
+                        # A fleet's sandbox is never stopped by a drain: it runs on for this node's next daemon,
+                        # and the fleet shows it unreachable until then.
+                        log.warning("sandbox %s cannot be parked (%s): leaving it running", entry.id, exc)
+                        self._spawner.submit(entry.vm.release).result()
+                        continue
                     log.warning("sandbox %s cannot be parked (%s): stopping it", entry.id, exc)
             else:
                 log.warning("stopping sandbox %s (%s): the daemon is ending", entry.id, entry.name)
@@ -655,14 +855,18 @@ class Registry:
         self.templates.close()
         self.state.close()
 
-    def _drop(self, entry: Entry) -> None:
+    def _unlist(self, entry: Entry) -> None:
+        """This daemon no longer has the sandbox (gone, or parked into the fleet's store)."""
         with self._lock:
             self._entries.pop(entry.id, None)
-        if entry.template is not None and entry.state != "parked":
+        if entry.template is not None and (entry.state != "parked" or self.ops is not None):
             with contextlib.suppress(NotFound):
                 origin = self.templates.get(entry.template)
                 with origin.lock:
                     origin.clones.discard(entry.id)
+
+    def _drop(self, entry: Entry) -> None:
+        self._unlist(entry)
         if self.supervisor is not None:
             self.supervisor.release(entry.id)
         # Teardown (quit, kill, remove files) runs on the spawner thread too: never from a thread that may

@@ -19,6 +19,7 @@ import signal
 import socket
 from collections.abc import Generator
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -27,6 +28,7 @@ from memvisor.errors import MemvisorError
 from memvisor.host import runtime
 from memvisor.image import build
 from memvisor.service.api import create_app
+from memvisor.service.peers import PeerAuth, Peers
 from memvisor.service.registry import Registry
 from memvisor.service.supervisor import Supervisor, parse_budget
 from memvisor.snapshot import statedir
@@ -85,28 +87,87 @@ def bind_tcp(host: str, port: int) -> socket.socket:
     return sock
 
 
-def parse_listen(text: str) -> tuple[str, int]:
-    """`127.0.0.1:PORT` (loopback only: the token travels in clear)."""
+def parse_listen(text: str, tls: bool = False) -> tuple[str, int]:
+    """`ADDR:PORT`: a loopback address, or with TLS (`tls`) any address (the bearer token must not travel in
+    clear beyond the host)."""
     host, sep, port = text.rpartition(":")
     host = host.strip("[]")
     try:
-        if not sep or not ipaddress.ip_address(host).is_loopback or not 0 < int(port) < 65536:
+        if not sep or not 0 < int(port) < 65536:
             raise ValueError
+        address = ipaddress.ip_address(host)
     except ValueError:
-        raise MemvisorError(f"--listen {text!r} is not a loopback ADDRESS:PORT",
-                            hint="e.g. --listen 127.0.0.1:7373; the API has no TLS") from None
+        raise MemvisorError(f"--listen {text!r} is not an ADDRESS:PORT",
+                            hint="e.g. --listen 127.0.0.1:7373") from None
+    if not address.is_loopback and not tls:
+        raise MemvisorError(f"--listen {text!r} is not a loopback address, and the API has no TLS here",
+                            hint="give --tls-cert and --tls-key to listen beyond loopback, or use 127.0.0.1")
     return host, int(port)
+
+
+def tls_files(cert: Path | None, key: Path | None) -> tuple[Path, Path] | None:
+    """--tls-cert and --tls-key: both or neither, readable."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise MemvisorError("--tls-cert and --tls-key go together", hint="give both, or neither")
+    for flag, path in (("--tls-cert", cert), ("--tls-key", key)):
+        if not path.is_file() or not os.access(path, os.R_OK):
+            raise MemvisorError(f"{flag} {path} is not a readable file", hint="give a PEM file")
+    return cert, key
+
+
+def fleet_options(args: Any) -> Any:
+    """serve's fleet flags as fleetd.Options (None without --fleet); a one-line error naming what is missing. The
+    fleet layer is imported only here, by a daemon that joins a fleet."""
+    if args.fleet is None:
+        loose = [f for f in ("node", "store", "fleet_key_file", "fleet_key_previous", "advertise", "peer_ca",
+                             "etcd_ca", "etcd_cert", "etcd_key") if getattr(args, f) is not None]
+        if loose:
+            raise MemvisorError(f"--{loose[0].replace('_', '-')} is a fleet setting, but --fleet is not given",
+                                hint="add --fleet etcd://HOST:PORT, or drop the fleet flags")
+        return None
+    from memvisor.fleet.etcd import TLSFiles, parse_url
+    from memvisor.service import fleetd
+
+    parse_url(args.fleet)  # a malformed URL is refused here, before anything else
+    for flag, value in (("--store", args.store), ("--fleet-key-file", args.fleet_key_file)):
+        if value is None:
+            raise MemvisorError(f"--fleet needs {flag}", hint="docs/fleet.md shows a one-machine fleet")
+    if args.listen is None:
+        raise MemvisorError("--fleet needs --listen: the address the other daemons forward requests to",
+                        hint="e.g. --listen 127.0.0.1:7373 on one machine; NODE_IP:PORT with --tls-cert/--tls-key")
+    tls = None
+    if args.etcd_ca is not None or args.etcd_cert is not None or args.etcd_key is not None:
+        if args.etcd_ca is None:
+            raise MemvisorError("--etcd-cert/--etcd-key need --etcd-ca", hint="give the CA that signed etcd's "
+                                "certificate")
+        tls = TLSFiles(args.etcd_ca, args.etcd_cert, args.etcd_key)
+        tls.check()
+    host, port = parse_listen(args.listen, args.tls_cert is not None)
+    scheme = "https" if args.tls_cert is not None else "http"
+    advertise = args.advertise or f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+    if not 2 <= args.fleet_ttl <= 300:
+        raise MemvisorError(f"--fleet-ttl {args.fleet_ttl} is not 2-300 seconds",
+                            hint="the default, 10, suits most fleets")
+    return fleetd.Options(url=args.fleet, node=args.node or fleetd.default_node(), store=args.store,
+                          key_file=args.fleet_key_file, advertise=advertise, tls=tls, peer_ca=args.peer_ca,
+                          ttl=args.fleet_ttl, previous_key_file=args.fleet_key_previous)
 
 
 def token_from(path: Path | None) -> str:
     """The bearer token: read from `path` (created with a fresh random token, mode 0600, if missing)."""
     if path is None:
         return secrets.token_urlsafe(32)
-    if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32) + "\n")
-    token = path.read_text().strip()
+    try:
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32) + "\n")
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise MemvisorError(f"--token-file {path}: {exc.strerror}", hint="give a file in a directory that exists "
+                            "(it is made, mode 0600, if missing)") from None
     if len(token) < 16:
         raise MemvisorError(f"the token in {path} is shorter than 16 characters")
     return token
@@ -114,27 +175,42 @@ def token_from(path: Path | None) -> str:
 
 def serve(socket_path: Path, listen: str | None = None, token_file: Path | None = None,
           budget: str = DEFAULT_BUDGET, on_exit: str = "park", park_after_idle_s: int = 0,
-          key_file: Path | None = None) -> None:
+          key_file: Path | None = None, tls: tuple[Path, Path] | None = None, fleet: Any = None) -> None:
     """Serve until SIGTERM/SIGINT; then park (or stop, `on_exit`) every running sandbox. `key_file`: the host key
     (default $MEMVISOR_KEY_FILE, then paths.key_file()); made here only if the state directory holds nothing
     wrapped under a key."""
     proc.keep_memory_private()  # before the host key or any snapshot key is read
     if park_after_idle_s < 0:
         raise MemvisorError(f"--park-after-idle {park_after_idle_s} is negative", hint="give seconds, or 0 for never")
-    tcp = parse_listen(listen) if listen else None
+    tcp = parse_listen(listen, tls is not None) if listen else None
     token = token_from(token_file) if tcp else None
+    budget_bytes = parse_budget(budget)
     lock = runtime.daemon_lock()  # one daemon per runtime directory: before anything is adopted, swept or scanned
     try:
-        # The key and the ledger are checked before anything else: a replaced key or a rolled-back state directory
-        # stops the daemon here, naming the file. The registry holds them (and closes them) from here on.
-        state = statedir.open(key_file, create_key=True)
-        _serve(socket_path, tcp, token, state, parse_budget(budget), on_exit, park_after_idle_s)
+        member = None
+        if fleet is not None:
+            # Everything a fleet needs is checked before any sandbox is touched: etcd, the store, the fleet key,
+            # the node's name (service/fleetd.py); its generations and key are then the state directory's.
+            from memvisor.service.fleetd import Fleet
+
+            member = Fleet(fleet, budget_bytes, str(build.ensure().manifest.get("key")))
+            try:
+                state = statedir.open_fleet(fleet.key_file, member, fleet.previous_key_file)
+            except BaseException:
+                member.close()
+                raise
+        else:
+            # The key and the ledger are checked before anything else: a replaced key or a rolled-back state
+            # directory stops the daemon here, naming the file. The registry holds them (and closes them) from here.
+            state = statedir.open(key_file, create_key=True)
+        _serve(socket_path, tcp, token, state, budget_bytes, on_exit, park_after_idle_s, tls, member)
     finally:
         runtime.daemon_unlock(lock)
 
 
 def _serve(socket_path: Path, tcp: tuple[str, int] | None, token: str | None, state: statedir.State,
-           budget_bytes: int, on_exit: str, park_after_idle_s: int) -> None:
+           budget_bytes: int, on_exit: str, park_after_idle_s: int, tls: tuple[Path, Path] | None,
+           fleet: Any) -> None:
     supervisor: Supervisor | None = None
     try:
         supervisor = Supervisor(budget_bytes)
@@ -142,20 +218,33 @@ def _serve(socket_path: Path, tcp: tuple[str, int] | None, token: str | None, st
         # memvisor on disk would otherwise boot new guests that speak a protocol the running daemon does not).
         image = build.ensure()
         registry = Registry(lambda: image, supervisor, on_exit=on_exit, park_after_idle_s=park_after_idle_s,
-                            state=state)
+                            state=state, fleet=fleet)
     except BaseException:
         state.close()
         if supervisor is not None:
             supervisor.close()
+        if fleet is not None:
+            fleet.close(leave=False)
         raise
+    peers, peer_auth = None, None
+    if fleet is not None:
+        fleet.counts = registry.counts
+        peer_keys = fleet.peer_keys()
+        peers = Peers(fleet.node, peer_keys[0], fleet.options.peer_ca)
+        peer_auth = PeerAuth(fleet.node, peer_keys)
     # Both listeners exist before the unix socket appears on disk: whoever waits for that path may use either.
     # uvicorn serves the sockets as they are (never binding anything itself).
-    listeners = [(create_app(registry, token), bind_tcp(*tcp))] if tcp is not None else []
-    listeners.insert(0, (create_app(registry), bind_unix(socket_path)))
+    listeners = [(create_app(registry, token, peers, peer_auth), bind_tcp(*tcp))] if tcp is not None else []
+    listeners.insert(0, (create_app(registry, None, peers), bind_unix(socket_path)))
     # On SIGTERM, requests in flight (an exec's output stream) get SHUTDOWN_GRACE_S to end; then they are cut and
     # the sandboxes parked or stopped, so a command that never ends cannot keep the daemon from exiting.
-    servers = [_Server(uvicorn.Config(app, log_level="warning", lifespan="off",
-                                      timeout_graceful_shutdown=SHUTDOWN_GRACE_S)) for app, _ in listeners]
+    def config(app: Any, sock: socket.socket) -> uvicorn.Config:
+        secure = tls is not None and sock.family != socket.AF_UNIX  # TLS on TCP, never on the unix socket
+        return uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+                              ssl_certfile=str(tls[0]) if secure and tls else None,
+                              ssl_keyfile=str(tls[1]) if secure and tls else None)
+
+    servers = [_Server(config(app, sock)) for app, sock in listeners]
     log.warning("memvisor serve: listening on %s%s; memory budget %d MiB", socket_path,
                 f" and http://{tcp[0]}:{tcp[1]} (bearer token required)" if tcp else "",
                 supervisor.budget_bytes >> 20)
@@ -175,6 +264,8 @@ def _serve(socket_path: Path, tcp: tuple[str, int] | None, token: str | None, st
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         registry.close()
+        if fleet is not None:  # drained (parked into the store), or left running for this node's next daemon
+            fleet.close(leave=on_exit != "leave")
         for _, sock in listeners:
             sock.close()
         with contextlib.suppress(FileNotFoundError):

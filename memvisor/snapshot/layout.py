@@ -5,7 +5,9 @@
     .inuse              flock'd shared by every process using the directory; `memvisor key rotate` exclusive
     <id>/               a sandbox's snapshot: <stream>.snap, kept files, meta.json (the manifest, last)
     templates/<name>/   a template's (template.py)
-    lost/               reserved (crash recovery)
+    lost/               the sandboxes a restarted daemon could not recover (service/lostbook.py)
+    fleet/              a fleet daemon's own state directory (its staging area: statedir.open_fleet), apart from
+                        this one's, so a host's own parked sandboxes survive its joining a fleet
 
 Names only, and one question (`wrapped_things`: may a host key be made?); statedir.py owns the files.
 """
@@ -27,7 +29,8 @@ INUSE: Final = ".inuse"
 LEGACY_KEY: Final = "host.key"  # where an older memvisor kept the host key (moved out on first use)
 TEMPLATES: Final = "templates"
 LOST: Final = "lost"
-RESERVED: Final = frozenset({TEMPLATES, LOST})  # state-directory names that are never a sandbox's
+FLEET: Final = "fleet"  # a fleet daemon's staging area (statedir.open_fleet): its own ledger-less State
+RESERVED: Final = frozenset({TEMPLATES, LOST, FLEET})  # state-directory names that are never a sandbox's
 META: Final = "meta.json"
 SNAP_SUFFIX: Final = ".snap"
 JSON_LIMIT: Final = 16 << 20

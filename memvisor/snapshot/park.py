@@ -95,12 +95,18 @@ def template_ref(template: Manifest | None) -> TemplateRef | None:
                        digest=template.digest().hex())
 
 
+Publish = Callable[[Manifest, Path], None]
+
+
 def park(state: statedir.State, inst: Instance, sandbox: dict[str, Any], template: Manifest | None = None,
-         on_step: StepFn | None = None) -> tuple[Manifest, Figures]:
+         on_step: StepFn | None = None, publish: Publish | None = None) -> tuple[Manifest, Figures]:
     """Park `inst` (running, no command in flight): returns the committed snapshot's manifest and figures. The
     Instance is closed (its VMM gone) only on success; on any failure it keeps running and MemvisorError says
     why. `sandbox` goes into the manifest for whoever resumes it (policy, name, image...); `template` is the
-    manifest of the template `inst` is a clone of (its id, generation and digest are bound into the clone's)."""
+    manifest of the template `inst` is a clone of (its id, generation and digest are bound into the clone's).
+    `publish(manifest, directory)`: called once the snapshot is committed in the state directory and before the
+    VMM quits (a fleet daemon puts the bundle into its store and commits it in the fence there); if it raises, the
+    park is undone like any other failure: the local commit is withdrawn and the VM runs on."""
     step = on_step or (lambda _s: None)
     start = time.monotonic()
     answer = migration.quiesce(inst, step)
@@ -114,6 +120,7 @@ def park(state: statedir.State, inst: Instance, sandbox: dict[str, Any], templat
     stopped = False
     kept: dict[str, KeptFile] = {}
     linked: list[Path] = []  # disks this park gave a name (a resumed sandbox's are named already)
+    committed = False
     try:
         generation = state.generations.advance(inst.id, state.generations.current(inst.id))
         ident = seal.Ident(inst.id, generation)
@@ -145,11 +152,17 @@ def park(state: statedir.State, inst: Instance, sandbox: dict[str, Any], templat
                 files=kept, sandbox={**sandbox, "hello": session.hello}, template=template_ref(template)), key)
             step("commit")
             state.commit(manifest)
+            committed = True
+            if publish is not None:
+                step("publish")
+                publish(manifest, directory)
             with contextlib.suppress(MemvisorError):
                 qmp.execute("quit", timeout=2.0)
         with contextlib.suppress(subprocess.TimeoutExpired):  # then close() has nothing left to stop
             process.wait(timeout=5.0)
     except BaseException as exc:
+        if committed:  # withdrawn first: a manifest without its streams would be a partial snapshot
+            (directory / statedir.META).unlink(missing_ok=True)
         for path in (stream_path, ram_path, *linked):
             path.unlink(missing_ok=True)
         if fresh:  # a first park leaves no trace; a resumed sandbox's directory holds its disks' names
@@ -160,6 +173,8 @@ def park(state: statedir.State, inst: Instance, sandbox: dict[str, Any], templat
         else:
             migration.unpark_guest(inst)  # told PARK, never paused: it must hear RESUMED to go on
         cause = exc.__cause__ if isinstance(exc, MemvisorError) and exc.__cause__ is not None else exc
+        if isinstance(exc, NoSpace):  # a publisher's store is full
+            raise NoSpace(f"parking sandbox {inst.id} failed: {exc.message}; it keeps running", hint=exc.hint) from None
         if _no_space(cause):
             raise NoSpace(f"parking sandbox {inst.id} failed: no space left in {directory.parent}; it keeps running",
                           hint="free space on the state directory's filesystem (MEMVISOR_STATE_DIR)") from None

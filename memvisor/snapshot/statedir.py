@@ -30,6 +30,7 @@ from memvisor.host.runtime import SAFE_ID
 from memvisor.snapshot import bootstrap, files, keys, ledger, seal
 from memvisor.snapshot.files import StateError as StateError  # the names callers know this module by
 from memvisor.snapshot.files import fsync_dir, make_dir, own_dir, read_own, remove_tree, write_atomic
+from memvisor.snapshot.layout import FLEET as FLEET
 from memvisor.snapshot.layout import INUSE as INUSE
 from memvisor.snapshot.layout import JSON_LIMIT as JSON_LIMIT
 from memvisor.snapshot.layout import LEDGER as LEDGER
@@ -86,18 +87,27 @@ class State:
     opens one (`open()`), holds it while it runs, and closes it (zeroing the key material). Methods re-read the disk:
     another process may share the directory."""
 
-    def __init__(self, base: Path, key: keys.HostKey, generations: ledger.LocalLedger, inuse: int | None) -> None:
+    def __init__(self, base: Path, key: keys.HostKey, generations: ledger.Generations, inuse: int | None,
+                 book: ledger.LocalLedger | None = None, previous: keys.HostKey | None = None) -> None:
+        """`generations`: the local ledger (`book`, which this object closes), or a fleet's (etcd: open_fleet).
+        `previous`: a fleet's key before a rotation, which snapshots not yet rewrapped still unwrap with."""
         self.root = base
         self.key = key
-        self.generations: ledger.Generations = generations
-        self.ledger = generations
+        self.generations = generations
+        self.ledger = book
         self._inuse = inuse
         self._wrap = key.derive(keys.WRAP)
+        self._previous = previous
+        self._previous_wrap = previous.derive(keys.WRAP) if previous is not None else None
 
     def close(self) -> None:
         """Zero the keys and let `memvisor key rotate` run (the shared lock goes)."""
         files.zero(self._wrap)
-        self.ledger.close()
+        files.zero(self._previous_wrap)
+        if self._previous is not None:
+            self._previous.close()
+        if self.ledger is not None:
+            self.ledger.close()
         self.key.close()
         if self._inuse is not None:
             os.close(self._inuse)
@@ -112,6 +122,11 @@ class State:
     def __repr__(self) -> str:
         return f"State({str(self.root)!r}, key={str(self.key.path)!r})"
 
+    @property
+    def ledger_name(self) -> str:
+        """Where the generations are kept, for messages."""
+        return f"the ledger {self.ledger.path}" if self.ledger is not None else "the fleet's generations (etcd)"
+
     # -- the snapshot key ----------------------------------------------------------------------------------
     def wrap(self, manifest: Manifest, snapshot_key: bytearray) -> Manifest:
         """`manifest` with `snapshot_key` wrapped under the host key, bound to its kind, id, generation and
@@ -125,7 +140,13 @@ class State:
     def unwrap(self, manifest: Manifest) -> bytearray:
         """The snapshot key of `manifest` (the caller zeroes it); SealError if the manifest is not the one it was
         wrapped with, or the key is another host's."""
-        return seal.unwrap_key(self._wrap, manifest.wrapped(), manifest.ident, manifest.kind, manifest.digest())
+        try:
+            return seal.unwrap_key(self._wrap, manifest.wrapped(), manifest.ident, manifest.kind, manifest.digest())
+        except seal.SealError:
+            if self._previous_wrap is None:
+                raise
+            return seal.unwrap_key(self._previous_wrap, manifest.wrapped(), manifest.ident, manifest.kind,
+                                   manifest.digest())
 
     def authentic(self, manifest: Manifest) -> None:
         """SealError unless the wrap authenticates every byte of `manifest`."""
@@ -162,7 +183,7 @@ class State:
         """SnapshotProblem unless `manifest` is of generation `current` (the ledger's)."""
         if current is None:
             raise SnapshotProblem("unknown", f"the snapshot of {what} (generation {manifest.generation}) is not in "
-                                             f"the ledger {self.ledger.path}: it is never resumed; it stays parked",
+                                             f"{self.ledger_name}: it is never resumed; it stays parked",
                                   hint="if it was restored from an older copy, remove it (stop the sandbox)")
         if manifest.generation < current:
             raise SnapshotProblem("stale", f"the snapshot of {what} is generation {manifest.generation} but the "
@@ -430,7 +451,26 @@ def open(key_file: Path | None = None, create_key: bool = False, hold: bool = Tr
         if inuse is not None:
             os.close(inuse)
         raise
-    return State(base, key, book, inuse)
+    return State(base, key, book, inuse, book)
+
+
+def open_fleet(key_file: Path, generations: ledger.Generations, previous_key_file: Path | None = None) -> State:
+    """The state directory of a fleet daemon (memvisor serve --fleet): a local staging area for the bundles it
+    parks into and resumes from the fleet's store. Its key is the fleet key (`key_file`, read-only: never made
+    here), which every daemon of the fleet holds, and its generations are the fleet's (etcd), not a local ledger:
+    freshness a host's disk cannot roll back, and any host may resume what another parked."""
+    outer = root(create=True)
+    base = outer / FLEET  # apart from the host's own snapshots, which stay under its host key
+    if files.make_dir(base):
+        files.fsync_dir(outer)
+    files.own_dir(base, "the fleet's state directory", hint=f"remove {base} or chmod 700 it")
+    key = keys.read(key_file)
+    try:
+        previous = keys.read(previous_key_file) if previous_key_file is not None else None
+    except BaseException:
+        key.close()
+        raise
+    return State(base, key, generations, None, previous=previous)
 
 
 def open_to_read(key_file: Path | None = None) -> State | None:

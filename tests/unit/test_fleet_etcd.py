@@ -303,7 +303,7 @@ def test_tls_with_client_certificates(tmp_path: Path, monkeypatch: pytest.Monkey
         # no client certificate: etcd refuses the handshake
         with Etcd(srv.url, TLSFiles(srv.pki.ca), timeout=1) as etcd, pytest.raises(EtcdUnavailable) as info:
             etcd.get("/tls")
-        assert "TLS failed" in info.value.message and "--fleet-ca" in str(info.value.hint)
+        assert "TLS failed" in info.value.message and "--etcd-ca" in str(info.value.hint)
         # a certificate from another CA, and a CA that did not sign etcd's
         other = make_pki(tmp_path / "other")
         for tls in (TLSFiles(srv.pki.ca, other.client_cert, other.client_key), other.client()):
@@ -311,7 +311,7 @@ def test_tls_with_client_certificates(tmp_path: Path, monkeypatch: pytest.Monkey
                 etcd.get("/tls")
         # plain HTTP to a TLS port: one line naming the URL and the flag
         with Etcd(srv.url, timeout=1) as etcd, pytest.raises(EtcdUnavailable, match=f"etcd at {srv.url} .*without "
-                                                                                     "an answer .*give --fleet-ca"):
+                                                                                     "an answer .*give --etcd-ca"):
             etcd.get("/tls")
 
 

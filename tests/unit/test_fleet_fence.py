@@ -291,3 +291,13 @@ def test_fence_layer_stays_off_the_daemon() -> None:
     import memvisor.fleet
     text = "\n".join(p.read_text() for p in Path(memvisor.fleet.__file__).parent.glob("*.py"))
     assert "memvisor.service" not in text and "memvisor.cli" not in text
+
+
+def test_an_owner_gives_up_what_it_cannot_recover(fence: Callable[[str], Fence]) -> None:
+    a, b = fence("a"), fence("b")
+    a.create("s-lose", "lose")
+    with pytest.raises(FenceLost):
+        b.lose("s-lose")  # only its owner says nothing of it is left
+    assert a.lose("s-lose").state == State.LOST
+    assert a.adopt("s-lose").state == State.RUNNING  # and it may take it up again if it comes back
+    a.delete("s-lose")

@@ -16,6 +16,7 @@ from memvisor.snapshot.files import StateError
 
 
 def head_of(state: statedir.State) -> Path:
+    assert state.ledger is not None
     return state.ledger.head
 
 

@@ -49,12 +49,9 @@ def kill(daemon: Daemon) -> None:
     daemon.proc.communicate(timeout=30)
 
 
-def test_a_killed_daemon_loses_no_sandbox(image: Image, tmp_path: Path) -> None:
-    """Three sandboxes: an idle one holding memory, one running a command, one being parked; SIGKILL. The next
-    daemon lists all three: the idle one answers with its memory intact (same VMM), the command is reported ended
-    by the crash (and is gone from the guest), the one being parked is running or parked (or lost, with the
-    reason)."""
-    first = start_daemon(tmp_path)
+def crash_with_three(first: Daemon) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Three sandboxes on `first`: an idle one with a marker, one running a long command, one being parked with
+    a marker; then the SIGKILL. Returns their infos (idle, busy, parking)."""
     with first.unix() as api:
         idle, busy, parking = (create(api, name) for name in ("idle", "busy", "parking"))
         for info in (idle, parking):
@@ -91,6 +88,20 @@ def test_a_killed_daemon_loses_no_sandbox(image: Image, tmp_path: Path) -> None:
     # No other command sweeps a daemon's sandboxes: they wait, running, for the next daemon.
     orphans = {s["id"]: s["state"] for s in ps()}
     assert orphans[idle["id"]] == orphans[busy["id"]] == "running (no daemon)", orphans
+    return idle, busy, parking
+
+
+def test_a_killed_daemon_loses_no_sandbox(image: Image, tmp_path: Path) -> None:
+    """Three sandboxes: an idle one holding memory, one running a command, one being parked; SIGKILL. The next
+    daemon lists all three: the idle one answers with its memory intact (same VMM), the command is reported ended
+    by the crash (and is gone from the guest), the one being parked is running or parked (or lost, with the
+    reason)."""
+    first = start_daemon(tmp_path)
+    try:
+        idle, busy, parking = crash_with_three(first)
+    finally:
+        if first.proc.poll() is None:  # the test failed before its kill: end it as any test ends its daemon
+            stop_daemon(first)
 
     second = start_daemon(tmp_path)
     try:
@@ -121,43 +132,44 @@ def test_a_resume_killed_at_any_step_leaves_the_sandbox_intact_or_lost(image: Im
     """A parked sandbox, resumed by an exec; the daemon SIGKILLed after each delay of a loop. The next daemon has
     it running (the new VMM had run the guest: taken over) or parked on its intact snapshot (it had not), never
     parked without a snapshot; either way the next exec finds its memory."""
-    daemon = start_daemon(tmp_path)
-    with daemon.unix() as api:
-        info = create(api, "resumed")
-        key = info["id"]
-        sh(api, key, HOLDER, "kept")
-        assert api.post(f"/v1/sandboxes/{key}/park", json={}).status_code == 200
-    seen = []
-    for delay in (0.05, 0.4, 0.9, 1.6):
-        with daemon.unix() as api:
-            assert api.get(f"/v1/sandboxes/{key}").json()["state"] == "parked"
-
-            def resume(d: Daemon = daemon) -> None:
-                with d.unix() as other:
-                    try:
-                        other.post(f"/v1/sandboxes/{key}/resume", json={})
-                    except httpx.HTTPError:
-                        pass
-
-            thread = background(resume)
-            time.sleep(delay)
-        kill(daemon)
-        thread.join(timeout=60)
-        daemon = start_daemon(tmp_path)
-        with daemon.unix() as api:
-            found = api.get(f"/v1/sandboxes/{key}").json()
-            seen.append(found["state"])
-            assert found["state"] in ("running", "parked", "lost"), found
-            if found["state"] == "lost":
-                assert found["lost"], found
-                break
-            assert sh(api, key, LOOK)[:2] == ["alive", "kept"]  # resumes it if it was parked
-            assert api.post(f"/v1/sandboxes/{key}/park", json={}).status_code == 200
+    current = [start_daemon(tmp_path)]  # whichever daemon runs now: stopped at the end, whatever happened
     try:
-        with daemon.unix() as api:
+        with current[0].unix() as api:
+            info = create(api, "resumed")
+            key = info["id"]
+            sh(api, key, HOLDER, "kept")
+            assert api.post(f"/v1/sandboxes/{key}/park", json={}).status_code == 200
+        seen = []
+        for delay in (0.05, 0.4, 0.9, 1.6):
+            daemon = current[0]
+            with daemon.unix() as api:
+                assert api.get(f"/v1/sandboxes/{key}").json()["state"] == "parked"
+
+                def resume(d: Daemon = daemon) -> None:
+                    with d.unix() as other:
+                        try:
+                            other.post(f"/v1/sandboxes/{key}/resume", json={})
+                        except httpx.HTTPError:
+                            pass
+
+                thread = background(resume)
+                time.sleep(delay)
+            kill(daemon)
+            thread.join(timeout=60)
+            current[0] = start_daemon(tmp_path)
+            with current[0].unix() as api:
+                found = api.get(f"/v1/sandboxes/{key}").json()
+                seen.append(found["state"])
+                assert found["state"] in ("running", "parked", "lost"), found
+                if found["state"] == "lost":
+                    assert found["lost"], found
+                    break
+                assert sh(api, key, LOOK)[:2] == ["alive", "kept"]  # resumes it if it was parked
+                assert api.post(f"/v1/sandboxes/{key}/park", json={}).status_code == 200
+        with current[0].unix() as api:
             assert api.delete(f"/v1/sandboxes/{key}").status_code == 200
     finally:
-        stop_daemon(daemon)
+        stop_daemon(current[0])
     assert "lost" not in seen, seen
 
 

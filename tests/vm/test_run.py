@@ -21,7 +21,7 @@ def test_echo_with_json_report(memvisor: Runner, image: Image) -> None:
     assert rep["exit_code"] == 0 and rep["code"] == 0 and rep["signal"] is None and not rep["timed_out"]
     assert 0 < rep["boot_seconds"] <= rep["time_to_command_seconds"] <= rep["total_seconds"]
     assert list(rep["guest"]["init_steps"]) == ["mount_filesystems", "read_settings", "load_base_modules",
-                                                "open_channel", "setup_swap", "setup_user_image"]
+                                                "open_channel", "setup_scratch", "setup_swap", "setup_user_image"]
     assert rep["guest"]["kernel"] == image.manifest["kernel_version"]
     assert 150_000 < rep["guest"]["memtotal_kib"] < 256 * 1024
     assert rep["image"] == image.manifest["key"]
