@@ -15,8 +15,6 @@ A daemon started with only the old key after step 2 is refused at its start.
 
 from __future__ import annotations
 
-import base64
-import dataclasses
 import hmac
 import logging
 from dataclasses import dataclass
@@ -27,8 +25,9 @@ from memvisor.fleet.etcd import Etcd, Put, TLSFiles, value_is
 from memvisor.fleet.records import Layout
 from memvisor.fleet.store import DirectoryStore
 from memvisor.service.fleetd import KEY_CHECK
-from memvisor.snapshot import files, keys, seal
+from memvisor.snapshot import files, keys
 from memvisor.snapshot.manifest import Manifest
+from memvisor.snapshot.rotate import rewrap
 
 log = logging.getLogger("memvisor")
 
@@ -87,18 +86,10 @@ def _rewrap_all(store: DirectoryStore, new_wrap: bytearray, old_wrap: bytearray)
         where = f"{bundle.id}/{bundle.generation}"
         try:
             manifest = Manifest.from_bytes(store.manifest(bundle.id, bundle.generation), f"bundle {where}")
-            args = (manifest.wrapped(), manifest.ident, manifest.kind, manifest.digest())
-            try:
-                files.zero(seal.unwrap_key(new_wrap, *args))
+            rewritten = rewrap(manifest, old_wrap, new_wrap)
+            if rewritten is None:
                 already += 1
                 continue
-            except seal.SealError:
-                snapshot_key = seal.unwrap_key(old_wrap, *args)
-            try:
-                wrapped = seal.wrap_key(new_wrap, snapshot_key, manifest.ident, manifest.kind, manifest.digest())
-            finally:
-                files.zero(snapshot_key)
-            rewritten = dataclasses.replace(manifest, wrapped_key=base64.b64encode(wrapped).decode())
             store.rewrite_manifest(bundle.id, bundle.generation, rewritten.to_bytes())
             rewrapped += 1
         except MemvisorError as exc:

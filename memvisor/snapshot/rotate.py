@@ -51,22 +51,29 @@ def _manifests(base: Path) -> list[tuple[Path, str]]:
     return found
 
 
-def _rewrap(path: Path, what: str, old: bytearray, new: bytearray) -> None:
-    data, _ = files.read_own(path, statedir.JSON_LIMIT, f"the manifest of {what}", modes=(0o600,))
-    manifest = Manifest.from_bytes(data, str(path))
+def rewrap(manifest: Manifest, old: bytearray, new: bytearray) -> Manifest | None:
+    """The manifest with its snapshot key rewrapped from the old wrapping key to the new one, or None if it is
+    under the new one already (a rotation cut short did it). The binding (ident, kind, digest) is unchanged.
+    SealError if it unwraps under neither."""
     args = (manifest.wrapped(), manifest.ident, manifest.kind, manifest.digest())
     try:
         files.zero(seal.unwrap_key(new, *args))
-        return  # an interrupted rotation did this one
+        return None
     except seal.SealError:
         pass
     key = seal.unwrap_key(old, *args)
     try:
-        wrapped = seal.wrap_key(new, key, manifest.ident, manifest.kind, manifest.digest())
+        wrapped = seal.wrap_key(new, key, *args[1:])
     finally:
         files.zero(key)
-    rewrapped = dataclasses.replace(manifest, wrapped_key=base64.b64encode(wrapped).decode())
-    files.write_atomic(path, rewrapped.to_bytes())
+    return dataclasses.replace(manifest, wrapped_key=base64.b64encode(wrapped).decode())
+
+
+def _rewrap(path: Path, what: str, old: bytearray, new: bytearray) -> None:
+    data, _ = files.read_own(path, statedir.JSON_LIMIT, f"the manifest of {what}", modes=(0o600,))
+    rewrapped = rewrap(Manifest.from_bytes(data, str(path)), old, new)
+    if rewrapped is not None:
+        files.write_atomic(path, rewrapped.to_bytes())
 
 
 def rotate(key_file: Path | None = None) -> Rotated:

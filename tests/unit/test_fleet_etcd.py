@@ -41,18 +41,6 @@ from tests import fleet_etcd
 from tests.fleet_etcd import EtcdServer, free_port, make_pki, running_etcd
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
-    with running_etcd(tmp_path_factory.mktemp("etcd")) as s:
-        yield s
-
-
-@pytest.fixture
-def etcd(server: EtcdServer) -> Iterator[Etcd]:
-    with server.client() as client:
-        yield client
-
-
 @pytest.fixture
 def prefix() -> str:
     """A key prefix of this test's own, so tests sharing one etcd never see each other's keys."""

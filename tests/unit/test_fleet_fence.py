@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,26 +16,8 @@ from memvisor.fleet.etcd import Etcd, TxnResult
 from memvisor.fleet.fence import Fence, FleetGenerations
 from memvisor.fleet.membership import Member, join
 from memvisor.fleet.records import Layout, NodeRecord, SandboxRecord, State
-from tests.fleet_etcd import EtcdServer, running_etcd
 
 DIGEST = "ab" * 32
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
-    with running_etcd(tmp_path_factory.mktemp("etcd")) as s:
-        yield s
-
-
-@pytest.fixture
-def etcd(server: EtcdServer) -> Iterator[Etcd]:
-    with server.client() as client:
-        yield client
-
-
-@pytest.fixture
-def layout() -> Layout:
-    return Layout(f"/t/{uuid.uuid4().hex[:8]}/")
 
 
 def node(name: str) -> NodeRecord:

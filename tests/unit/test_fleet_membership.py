@@ -7,8 +7,6 @@ import dataclasses
 import re
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 
 import pytest
 
@@ -16,24 +14,6 @@ from memvisor.fleet.errors import FleetConfigError, LeaseLost, NodeNameTaken, Re
 from memvisor.fleet.etcd import Etcd
 from memvisor.fleet.membership import join, nodes, qemu_version
 from memvisor.fleet.records import Layout, NodeRecord
-from tests.fleet_etcd import EtcdServer, running_etcd
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
-    with running_etcd(tmp_path_factory.mktemp("etcd")) as s:
-        yield s
-
-
-@pytest.fixture
-def etcd(server: EtcdServer) -> Iterator[Etcd]:
-    with server.client() as client:
-        yield client
-
-
-@pytest.fixture
-def layout() -> Layout:
-    return Layout(f"/t/{uuid.uuid4().hex[:8]}/")
 
 
 def record(name: str, **changes: object) -> NodeRecord:
