@@ -65,7 +65,7 @@ def test_timeout_of_a_running_guest_gets_pid1s_dump(memvisor: Runner, isolated: 
     assert "memvisor: no guest task was in uninterruptible sleep" in proc.stderr or "tasks in" in proc.stderr
 
 
-RUNS, PARALLEL, RUN_TIMEOUT = 6, 2, 300
+RUNS, PARALLEL, RUN_TIMEOUT = 4, 2, 300
 
 
 # The soak's own per-run --timeout is the stall detector: a run past it is asked for its dump and counted as
