@@ -423,8 +423,9 @@ class Etcd:
                 silent.append(f"{endpoint} ({exc})")
         if versions and silent:  # some answer: go on, and say which did not (when none does, the error says it)
             log.warning("etcd endpoints of %s that do not answer: %s", self.url, "; ".join(silent))
-        if not versions:
-            self._call("a status request", lambda c: c.status())  # raises EtcdUnavailable with each reason
+        if not versions:  # none answered: once more through _call, which raises EtcdUnavailable with each reason
+            status, _ = self._call("a status request", lambda c: c.status())  # or answers: etcd just came up
+            versions.append(str(status["version"]))
         for version in versions:
             found = re.match(r"(\d+)\.(\d+)", version)
             if not found or (int(found.group(1)), int(found.group(2))) < MIN_VERSION:

@@ -267,6 +267,22 @@ def test_check_refuses_an_old_etcd(etcd: Etcd, monkeypatch: pytest.MonkeyPatch) 
         etcd.check()
 
 
+def test_check_when_etcd_answers_only_on_the_second_try(etcd: Etcd, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An etcd that comes up between check()'s first round and its retry (seen in CI: an IndexError)."""
+    real = Etcd3Client.status
+    calls: list[int] = []
+
+    def status(self: Etcd3Client) -> dict[str, object]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionFailedError("connection refused")
+        return real(self)
+
+    monkeypatch.setattr(Etcd3Client, "status", status)
+    assert etcd.check().startswith("3.")
+    assert len(calls) == 2
+
+
 # -- TLS ----------------------------------------------------------------------------------------------------------
 def test_tls_with_client_certificates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with running_etcd(tmp_path / "etcd", tls=True) as srv:
