@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test deps image lint typecheck unit vm bench bench-boot bench-swap bench-density bench-memctl bench-image bench-park bench-template bench-scratch bench-fleet soak serve-soak soak-supervisor soak-crash clean
+.PHONY: run test deps image lint typecheck unit vm bench bench-boot bench-swap bench-density bench-memctl bench-image bench-park bench-template bench-scratch bench-fleet soak serve-soak soak-supervisor soak-crash soak-fleet clean
 
 deps: $(STAMP)
 
@@ -89,6 +89,11 @@ soak-supervisor: image
 # instants with sandboxes mid-command, mid-park and mid-resume, a new daemon each time; ~10 minutes under TCG.
 soak-crash: image
 	$(BIN)/python -m bench.crash_soak $(SOAK_CRASH_ARGS)
+
+# The fleet soak (issue 27): 4 sandboxes parked and resumed across 2 daemons of a one-machine fleet, all at once,
+# claimed by both hosts at once, one daemon restarted every 5 rounds; 20 rounds; prints how many steps went wrong.
+soak-fleet: image
+	$(BIN)/python -m bench.fleet_soak $(SOAK_FLEET_ARGS)
 
 # The swap soak (goals: 0 stalls in 100 confidential and 100 authenticated runs, 0 in 50 of each other mode), two
 # sandboxes at a time; about 2.5 hours under TCG. SOAK_ARGS passes options, e.g. SOAK_ARGS="--runs confidential=20".
