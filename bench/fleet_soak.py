@@ -32,12 +32,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.vm.fleetlab import FleetLab, Node, create, sh
+from tests.vm.fleetlab import COUNTER, LOOK, FleetLab, Node, create, sh
 
-COUNTER = ("echo \"$MARK\" > /tmp/marker; python3 -c 'import sys, time\nm = sys.argv[1] * 4096\ni = 0\n"
-           "while True:\n    i += 1\n    open(\"/tmp/count\", \"w\").write(str(i))\n    time.sleep(0.2)' \"$MARK\" "
-           "</dev/null >/dev/null 2>&1 & echo $! > /tmp/pid")
-LOOK = "kill -0 $(cat /tmp/pid) && echo alive; cat /tmp/marker; cat /tmp/count"
 LOCAL = {"x-memvisor-forwarded": "soak"}  # answered by the node itself, never forwarded
 
 

@@ -20,6 +20,14 @@ import httpx
 from tests.fleet_etcd import EtcdServer, free_port, start_etcd
 
 POLICY = {"vm": {"memory_mib": 160}, "swap": {"size_mib": 64}}
+# A counter that keeps counting in its own memory (and a marker there and on disk). Each count is written to a new
+# file renamed into place: a look right after a resume could otherwise read the file between its truncation and
+# the write (the park froze the process there; seen as an empty count in the fleet soak).
+COUNTER = ("echo \"$MARK\" > /tmp/marker; python3 -c 'import os, sys, time\nm = sys.argv[1] * 4096\ni = 0\n"
+           "while True:\n    i += 1\n    open(\"/tmp/count.new\", \"w\").write(str(i))\n"
+           "    os.rename(\"/tmp/count.new\", \"/tmp/count\")\n    time.sleep(0.2)' \"$MARK\" "
+           "</dev/null >/dev/null 2>&1 & echo $! > /tmp/pid")
+LOOK = "kill -0 $(cat /tmp/pid) && echo alive; cat /tmp/marker; cat /tmp/count"
 START_S = 60.0
 
 

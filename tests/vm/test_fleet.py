@@ -28,15 +28,10 @@ import pytest
 from memvisor.image.build import Image
 from tests.fleet_etcd import free_port
 from tests.vm.conftest import memvisor_argv, wait_for
-from tests.vm.fleetlab import FleetLab, Node, create, ok, sh
+from tests.vm.fleetlab import COUNTER, LOOK, FleetLab, Node, create, ok, sh
 
 TTL = "6"  # short leases: a silent host leaves the fleet within seconds (longer than an etcd pause below)
 NOFORWARD = {"x-memvisor-forwarded": "test"}  # answer for this node itself, as a forwarded request would be
-# A counter that keeps counting in its own memory (and a marker there and on disk).
-WORKLOAD = ("echo \"$MARK\" > /tmp/marker; python3 -c 'import sys, time\nm = sys.argv[1] * 4096\ni = 0\n"
-            "while True:\n    i += 1\n    open(\"/tmp/count\", \"w\").write(str(i))\n    time.sleep(0.2)' \"$MARK\" "
-            "</dev/null >/dev/null 2>&1 & echo $! > /tmp/pid")
-LOOK = "kill -0 $(cat /tmp/pid) && echo alive; cat /tmp/marker; cat /tmp/count"
 
 
 @pytest.fixture
@@ -56,7 +51,7 @@ def start(lab: FleetLab, name: str, *extra: str, store: Path | None = None) -> N
 
 
 def mark(api: httpx.Client, key: str, marker: str) -> int:
-    ok(api, key, WORKLOAD.replace("$MARK", marker))
+    ok(api, key, COUNTER.replace("$MARK", marker))
     time.sleep(0.5)
     return look(api, key, marker)
 
