@@ -88,13 +88,13 @@ class State:
     another process may share the directory."""
 
     def __init__(self, base: Path, key: keys.HostKey, generations: ledger.Generations, inuse: int | None,
-                 book: ledger.LocalLedger | None = None, previous: keys.HostKey | None = None) -> None:
-        """`generations`: the local ledger (`book`, which this object closes), or a fleet's (etcd: open_fleet).
+                 previous: keys.HostKey | None = None) -> None:
+        """`generations`: the local ledger (which this object closes), or a fleet's (etcd: open_fleet).
         `previous`: a fleet's key before a rotation, which snapshots not yet rewrapped still unwrap with."""
         self.root = base
         self.key = key
         self.generations = generations
-        self.ledger = book
+        self.ledger = generations if isinstance(generations, ledger.LocalLedger) else None
         self._inuse = inuse
         self._wrap = key.derive(keys.WRAP)
         self._previous = previous
@@ -451,7 +451,7 @@ def open(key_file: Path | None = None, create_key: bool = False, hold: bool = Tr
         if inuse is not None:
             os.close(inuse)
         raise
-    return State(base, key, book, inuse, book)
+    return State(base, key, book, inuse)
 
 
 def open_fleet(key_file: Path, generations: ledger.Generations, previous_key_file: Path | None = None) -> State:

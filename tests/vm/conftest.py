@@ -18,6 +18,7 @@ import pytest
 from memvisor import proc
 from memvisor.image import build
 from memvisor.image.build import Image
+from tests.vm.fleetlab import FleetLab
 
 pytestmark = pytest.mark.vm
 PR_SET_CHILD_SUBREAPER = 36
@@ -98,6 +99,20 @@ def _descends_from_us(p: psutil.Process) -> bool:
 
 
 Runner = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture
+def lab(image: Image, tmp_path: Path) -> Iterator[FleetLab]:
+    """A one-machine fleet (tests/vm/fleetlab.py) for the test; closed after it, and no host may leave anything in
+    its runtime directory."""
+    fleet = FleetLab(tmp_path / "fleet")
+    try:
+        yield fleet
+    finally:
+        fleet.close()
+    for node in fleet.nodes.values():
+        left = list(node.runtime.iterdir()) if node.runtime.exists() else []
+        assert not left, f"{node.name} left {left}"
 
 
 def memvisor_argv(*args: str) -> list[str]:

@@ -18,32 +18,17 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
-from memvisor.image.build import Image
 from tests.fleet_etcd import free_port
 from tests.vm.conftest import memvisor_argv, wait_for
 from tests.vm.fleetlab import COUNTER, LOOK, FleetLab, Node, create, ok, sh
 
 TTL = "6"  # short leases: a silent host leaves the fleet within seconds (longer than an etcd pause below)
 NOFORWARD = {"x-memvisor-forwarded": "test"}  # answer for this node itself, as a forwarded request would be
-
-
-@pytest.fixture
-def lab(image: Image, tmp_path: Path) -> Iterator[FleetLab]:
-    fleet = FleetLab(tmp_path / "fleet")
-    try:
-        yield fleet
-    finally:
-        fleet.close()
-    for node in fleet.nodes.values():  # nothing of any host left behind
-        left = list(node.runtime.iterdir()) if node.runtime.exists() else []
-        assert not left, f"{node.name} left {left}"
 
 
 def start(lab: FleetLab, name: str, *extra: str, store: Path | None = None) -> Node:

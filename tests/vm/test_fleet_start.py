@@ -6,23 +6,10 @@ here; the daemon only needs the image's key.)"""
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from memvisor.image.build import Image
 from tests.fleet_etcd import free_port
 from tests.vm.fleetlab import FleetLab
-
-
-@pytest.fixture
-def lab(image: Image, tmp_path: Path) -> Iterator[FleetLab]:
-    fleet = FleetLab(tmp_path / "fleet")
-    try:
-        yield fleet
-    finally:
-        fleet.close()
 
 
 def refused(lab: FleetLab, *argv: str) -> str:
