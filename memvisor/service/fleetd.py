@@ -151,15 +151,8 @@ class Fleet:
                                         "every daemon of the fleet the same file (never put it in the store)") from None
 
     def _derived(self, purpose: str, path: Path | None = None) -> str:
-        key = keys.read(path or self.options.key_file)
-        try:
-            sub = key.derive(purpose)
-            try:
-                return bytes(sub).hex()
-            finally:
-                files.zero(sub)
-        finally:
-            key.close()
+        with keys.read(path or self.options.key_file) as key:
+            return key.derive_hex(purpose)
 
     def _check_same_key(self) -> None:
         """Every daemon of a fleet must hold the same fleet key (else what one parks no other can resume): the

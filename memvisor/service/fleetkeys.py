@@ -39,14 +39,6 @@ class Rotated:
     refused: dict[str, str]  # bundles neither key opens: id/generation -> why (left as they are)
 
 
-def _check_value(key: keys.HostKey) -> bytes:
-    sub = key.derive(KEY_CHECK)
-    try:
-        return bytes(sub).hex().encode()
-    finally:
-        files.zero(sub)
-
-
 def rotate(url: str, store_dir: Path, new_file: Path, old_file: Path, tls: TLSFiles | None = None) -> Rotated:
     """Rewrap every bundle of the store at `store_dir` from the key in `old_file` to the one in `new_file`, then
     move the fleet's key check in etcd (`url`) to the new key. MemvisorError, changing nothing, if etcd's check
@@ -57,7 +49,7 @@ def rotate(url: str, store_dir: Path, new_file: Path, old_file: Path, tls: TLSFi
         etcd.check()
         layout = Layout()
         held = etcd.get(layout.key_check)
-        new_check, old_check = _check_value(new), _check_value(old)
+        new_check, old_check = new.derive_hex(KEY_CHECK).encode(), old.derive_hex(KEY_CHECK).encode()
         if held is not None and not any([hmac.compare_digest(held.value, v) for v in (new_check, old_check)]):
             raise MemvisorError(f"neither {new_file} nor {old_file} is the key of the fleet at {url}",
                                 hint="give the fleet's current key as --previous-key-file")

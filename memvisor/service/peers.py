@@ -40,6 +40,11 @@ class PeerUnreachable(MemvisorError):
     """The node that has the sandbox does not answer (HTTP 503)."""
 
 
+def _unreachable(peer: NodeRecord, exc: httpx.HTTPError) -> PeerUnreachable:
+    return PeerUnreachable(f"node {peer.name} ({peer.api}) does not answer: {exc}",
+                           hint="it may be restarting; try again, or see `memvisor fleet ls`")
+
+
 class Forwarded(Exception):
     """A peer's answer to a forwarded request, to be passed back as it is."""
 
@@ -119,8 +124,7 @@ class Peers:
             with self._client(peer) as client:
                 response = client.request(method, path, content=data, headers=headers)
         except httpx.HTTPError as exc:
-            raise PeerUnreachable(f"node {peer.name} ({peer.api}) does not answer: {exc}",
-                                  hint="it may be restarting; try again, or see `memvisor fleet ls`") from None
+            raise _unreachable(peer, exc) from None
         try:
             payload = response.json()
         except ValueError:
@@ -136,8 +140,7 @@ class Peers:
             response = client.send(request, stream=True)
         except httpx.HTTPError as exc:
             client.close()
-            raise PeerUnreachable(f"node {peer.name} ({peer.api}) does not answer: {exc}",
-                                  hint="it may be restarting; try again, or see `memvisor fleet ls`") from None
+            raise _unreachable(peer, exc) from None
 
         def lines() -> Iterator[bytes]:
             try:

@@ -73,6 +73,15 @@ class HostKey:
         return bytearray(HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None,
                               info=b"memvisor " + purpose.encode()).derive(self._secret))
 
+    def derive_hex(self, purpose: str) -> str:
+        """The subkey for `purpose` as hex text, for values that are kept as text (a fleet's key check, its peers'
+        MAC key); the bytes it came from are zeroed."""
+        sub = self.derive(purpose)
+        try:
+            return bytes(sub).hex()
+        finally:
+            files.zero(sub)
+
     def same_as(self, other: HostKey) -> bool:
         """Whether `other` holds the same key (rotation: the new key is not the old one)."""
         import hmac
