@@ -103,6 +103,10 @@ class BundleStore(ABC):
         """Every partial bundle (no manifest): a put in progress, or one that died."""
 
     @abstractmethod
+    def of(self, bundle_id: str) -> builtins.list[Bundle]:
+        """Every bundle, complete or partial, of one sandbox or template (what its removal removes)."""
+
+    @abstractmethod
     def remove(self, bundle_id: str, generation: int) -> bool:
         """Remove a bundle, complete or partial (its manifest first); whether there was one."""
 
@@ -443,6 +447,15 @@ class DirectoryStore(BundleStore):
 
     def partial(self) -> builtins.list[Bundle]:
         return [b for b in self._scan() if not b.complete]
+
+    def of(self, bundle_id: str) -> builtins.list[Bundle]:
+        check_id(bundle_id, "bundle id")
+        try:
+            with _fd(self._subdir(self._root_fd, BUNDLES, f"{BUNDLES}/")[0]) as bundles, \
+                    _fd(self._subdir(bundles, bundle_id, f"{BUNDLES}/{bundle_id}")[0]) as folder:
+                return list(self._scan_id(folder, bundle_id))
+        except FileNotFoundError:
+            return []
 
     def remove(self, bundle_id: str, generation: int) -> bool:
         gen = str(generation)

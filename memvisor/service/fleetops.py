@@ -52,9 +52,8 @@ class FleetOps:
         """The sandbox is gone for good (stopped, or its create failed): its record and every bundle of it."""
         with contextlib.suppress(NoSuchSandbox):
             self.fleet.fence.delete(sandbox_id)
-        for bundle in self.fleet.store.list() + self.fleet.store.partial():
-            if bundle.id == sandbox_id:
-                self.fleet.store.remove(bundle.id, bundle.generation)
+        for bundle in self.fleet.store.of(sandbox_id):  # not a scan of the whole store on every stop
+            self.fleet.store.remove(bundle.id, bundle.generation)
         with contextlib.suppress(MemvisorError):
             self.state.forget(sandbox_id)
 

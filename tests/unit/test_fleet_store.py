@@ -149,6 +149,8 @@ def test_a_partial_bundle_is_invisible(store: DirectoryStore, tmp_path: Path, mo
     (dead / ".vm.snap.0123456789abcdef.tmp").write_bytes(b"ha")
     assert [b.generation for b in store.list()] == [1]
     assert store.partial() == [Bundle("sb1", 2, {"vm.snap": 4}, complete=False)]
+    assert [(b.generation, b.complete) for b in store.of("sb1")] == [(1, True), (2, False)]
+    assert store.of("sb9") == []
     with pytest.raises(BundleNotFound, match="sb1/2 .* is partial \\(no manifest\\)"):
         store.manifest("sb1", 2)
     with pytest.raises(BundleNotFound, match="partial"):
