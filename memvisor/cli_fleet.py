@@ -45,11 +45,10 @@ def cmd_fleet(args: argparse.Namespace, con: Any) -> int:
     from memvisor.service.client import Client
 
     if args.fleet_command == "rotate-key":
-        from memvisor.fleet.etcd import TLSFiles
-        from memvisor.service import fleetkeys
+        from memvisor.service import fleetkeys, server
 
-        tls = TLSFiles(args.etcd_ca, args.etcd_cert, args.etcd_key) if args.etcd_ca is not None else None
-        done = fleetkeys.rotate(args.fleet, args.store, args.fleet_key_file, args.previous_key_file, tls)
+        done = fleetkeys.rotate(args.fleet, args.store, args.fleet_key_file, args.previous_key_file,
+                                server.etcd_tls(args))
         con.notice(f"{done.rewrapped} bundle(s) rewrapped under {args.fleet_key_file}, {done.already} already were"
                    + (f"; {len(done.refused)} refused (left as they are): {done.refused}" if done.refused else ""))
         return 1 if done.refused else 0

@@ -24,7 +24,7 @@ from enum import StrEnum
 from typing import Any, Final
 
 from memvisor.fleet.errors import FleetConfigError, RecordError
-from memvisor.host.runtime import SAFE_ID
+from memvisor.host.runtime import SAFE_ID, TEMPLATE_NAME
 
 DEFAULT_PREFIX: Final = "/memvisor/fleet/"
 NODE_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")  # a DNS label and more: Kubernetes node names fit
@@ -172,7 +172,7 @@ class SandboxRecord:
                      generation=_count(doc, key, "generation"), digest=_field(doc, key, "digest", str, optional=True),
                      last_node=_field(doc, key, "last_node", str, optional=True), lease=_count(doc, key, "lease"),
                      updated=float(_field(doc, key, "updated", (int, float))), nonce=_field(doc, key, "nonce", str),
-                     template=_field(doc, key, "template", str, optional=True) if "template" in doc else None)
+                     template=_field(doc, key, "template", str, optional=True))
         if not SAFE_ID.fullmatch(record.id) or not key.endswith("/" + record.id):
             raise RecordError(f"the record {key} in etcd is for sandbox {record.id!r}, not its key's")
         if (record.node is None) != (record.state == State.PARKED):
@@ -233,7 +233,6 @@ class NodeRecord:
         return record
 
 
-TEMPLATE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,29}")
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,7 @@ def new_id() -> str:
 
 
 SAFE_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+TEMPLATE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,29}")  # a template's name: a state-directory and an etcd key
 
 
 def checked_root(create: bool = False) -> Path | None:

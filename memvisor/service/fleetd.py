@@ -32,6 +32,7 @@ from memvisor.fleet.etcd import Etcd, TLSFiles
 from memvisor.fleet.fence import Fence, FleetGenerations
 from memvisor.fleet.records import Layout, NodeRecord, SandboxRecord, State
 from memvisor.fleet.store import DirectoryStore
+from memvisor.host.runtime import SAFE_ID
 from memvisor.host.vmm import qemu
 from memvisor.snapshot import files, keys
 
@@ -103,14 +104,10 @@ class Fleet:
             options.store.parent.mkdir(parents=True, exist_ok=True)
             self.store = DirectoryStore(options.store, create=True)
             self._check_same_key()
-            self.member = membership.join(self.etcd, self._record(), ttl=self.options.ttl, layout=self.layout,
-                                     wait=self.options.ttl + 2)
+            self._attach(self._join())
         except BaseException:
             self.etcd.close()
             raise
-        self.fence = Fence(self.etcd, self.node, self.member.lease, self.layout)
-        self.catalog = Catalog(self.etcd, self.node, self.member.lease, self.layout)
-        self._generations = FleetGenerations(self.etcd, self.layout, self.node, self.member.lease)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.on_rejoin: Callable[[], None] | None = None  # the registry takes its running sandboxes back
@@ -183,10 +180,6 @@ class Fleet:
             found.append(self._derived(PEER_TOKEN, self.options.previous_key_file))
         return found
 
-    @staticmethod
-    def token_matches(given: str, expected: str) -> bool:
-        return hmac.compare_digest(given.encode(), expected.encode())
-
     # -- the node record ------------------------------------------------------------------------------------------
     def _record(self) -> NodeRecord:
         running, parked, held = self.counts()
@@ -211,16 +204,24 @@ class Fleet:
         """The lease expired (etcd was out of reach longer than its TTL): join again under a new lease, and have
         the registry take its running sandboxes back into the fence (Fence.adopt)."""
         log.warning("fleet: node %s lost its lease: joining the fleet again", self.node)
-        member = membership.join(self.etcd, self._record(), ttl=self.options.ttl, layout=self.layout,
-                                     wait=self.options.ttl + 2)
+        member = self._join()
         with self._lock:
-            old, self.member = self.member, member
-            self.fence = Fence(self.etcd, self.node, member.lease, self.layout)
-            self.catalog = Catalog(self.etcd, self.node, member.lease, self.layout)
-            self._generations = FleetGenerations(self.etcd, self.layout, self.node, member.lease)
+            old = self.member
+            self._attach(member)
         old.lease.stop()
         if self.on_rejoin is not None:
             self.on_rejoin()
+
+    def _join(self) -> membership.Member:
+        return membership.join(self.etcd, self._record(), ttl=self.options.ttl, layout=self.layout,
+                               wait=self.options.ttl + 2)
+
+    def _attach(self, member: membership.Member) -> None:
+        """Act under `member`'s lease: the fence, the catalog and the generations all compare it."""
+        self.member = member
+        self.fence = Fence(self.etcd, self.node, member.lease, self.layout)
+        self.catalog = Catalog(self.etcd, self.node, member.lease, self.layout)
+        self._generations = FleetGenerations(self.etcd, self.layout, self.node, member.lease)
 
     def close(self, leave: bool = True) -> None:
         """Stop refreshing; `leave`: revoke the lease (the node record goes at once; a drained node), else let it
@@ -258,7 +259,7 @@ class Fleet:
 
     def find(self, key: str) -> SandboxRecord | None:
         """A sandbox of the fleet by id or name (None: the fleet has none)."""
-        record = self.fence.get(key) if _looks_like_id(key) else None
+        record = self.fence.get(key) if SAFE_ID.fullmatch(key) else None
         if record is not None:
             return record
         return next((r for r in self.fence.list() if r.name == key), None)
@@ -286,6 +287,3 @@ class Fleet:
                 "nodes": [{**dataclasses.asdict(n), "room": n.room} for n in nodes],
                 "sandboxes": sandboxes, "templates": [dataclasses.asdict(t) for t in self.catalog.list()]}
 
-
-def _looks_like_id(key: str) -> bool:
-    return len(key) <= 32 and key.replace("-", "").replace("_", "").isalnum() and key == key.lower()

@@ -117,6 +117,19 @@ def tls_files(cert: Path | None, key: Path | None) -> tuple[Path, Path] | None:
     return cert, key
 
 
+def etcd_tls(args: Any) -> Any:
+    """The --etcd-ca/--etcd-cert/--etcd-key flags (of `serve` and `fleet rotate-key`) as fleet.etcd.TLSFiles, or
+    None for plain http; a client certificate without the CA is refused, never dropped (Etcd() checks the files)."""
+    if args.etcd_ca is None and args.etcd_cert is None and args.etcd_key is None:
+        return None
+    if args.etcd_ca is None:
+        raise MemvisorError("--etcd-cert/--etcd-key need --etcd-ca", hint="give the CA that signed etcd's "
+                            "certificate")
+    from memvisor.fleet.etcd import TLSFiles
+
+    return TLSFiles(args.etcd_ca, args.etcd_cert, args.etcd_key)
+
+
 def fleet_options(args: Any) -> Any:
     """serve's fleet flags as fleetd.Options (None without --fleet); a one-line error naming what is missing. The
     fleet layer is imported only here, by a daemon that joins a fleet."""
@@ -127,7 +140,7 @@ def fleet_options(args: Any) -> Any:
             raise MemvisorError(f"--{loose[0].replace('_', '-')} is a fleet setting, but --fleet is not given",
                                 hint="add --fleet etcd://HOST:PORT, or drop the fleet flags")
         return None
-    from memvisor.fleet.etcd import TLSFiles, parse_url
+    from memvisor.fleet.etcd import parse_url
     from memvisor.service import fleetd
 
     parse_url(args.fleet)  # a malformed URL is refused here, before anything else
@@ -137,13 +150,7 @@ def fleet_options(args: Any) -> Any:
     if args.listen is None:
         raise MemvisorError("--fleet needs --listen: the address the other daemons forward requests to",
                         hint="e.g. --listen 127.0.0.1:7373 on one machine; NODE_IP:PORT with --tls-cert/--tls-key")
-    tls = None
-    if args.etcd_ca is not None or args.etcd_cert is not None or args.etcd_key is not None:
-        if args.etcd_ca is None:
-            raise MemvisorError("--etcd-cert/--etcd-key need --etcd-ca", hint="give the CA that signed etcd's "
-                                "certificate")
-        tls = TLSFiles(args.etcd_ca, args.etcd_cert, args.etcd_key)
-        tls.check()
+    tls = etcd_tls(args)
     host, port = parse_listen(args.listen, args.tls_cert is not None)
     scheme = "https" if args.tls_cert is not None else "http"
     advertise = args.advertise or f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"

@@ -161,8 +161,8 @@ def park(state: statedir.State, inst: Instance, sandbox: dict[str, Any], templat
         with contextlib.suppress(subprocess.TimeoutExpired):  # then close() has nothing left to stop
             process.wait(timeout=5.0)
     except BaseException as exc:
-        if committed:  # withdrawn first: a manifest without its streams would be a partial snapshot
-            (directory / statedir.META).unlink(missing_ok=True)
+        if committed:  # withdrawn, durably: the VM runs on, so this snapshot must never be resumed
+            statedir.drop_snapshot(directory)
         for path in (stream_path, ram_path, *linked):
             path.unlink(missing_ok=True)
         if fresh:  # a first park leaves no trace; a resumed sandbox's directory holds its disks' names

@@ -88,24 +88,22 @@ class State:
     another process may share the directory."""
 
     def __init__(self, base: Path, key: keys.HostKey, generations: ledger.Generations, inuse: int | None,
-                 previous: keys.HostKey | None = None) -> None:
+                 previous_wrap: bytearray | None = None) -> None:
         """`generations`: the local ledger (which this object closes), or a fleet's (etcd: open_fleet).
-        `previous`: a fleet's key before a rotation, which snapshots not yet rewrapped still unwrap with."""
+        `previous_wrap`: the wrapping key of a fleet's key before a rotation (this object zeroes it), which
+        snapshots not yet rewrapped still unwrap with."""
         self.root = base
         self.key = key
         self.generations = generations
         self.ledger = generations if isinstance(generations, ledger.LocalLedger) else None
         self._inuse = inuse
         self._wrap = key.derive(keys.WRAP)
-        self._previous = previous
-        self._previous_wrap = previous.derive(keys.WRAP) if previous is not None else None
+        self._previous_wrap = previous_wrap
 
     def close(self) -> None:
         """Zero the keys and let `memvisor key rotate` run (the shared lock goes)."""
         files.zero(self._wrap)
         files.zero(self._previous_wrap)
-        if self._previous is not None:
-            self._previous.close()
         if self.ledger is not None:
             self.ledger.close()
         self.key.close()
@@ -140,13 +138,12 @@ class State:
     def unwrap(self, manifest: Manifest) -> bytearray:
         """The snapshot key of `manifest` (the caller zeroes it); SealError if the manifest is not the one it was
         wrapped with, or the key is another host's."""
-        try:
-            return seal.unwrap_key(self._wrap, manifest.wrapped(), manifest.ident, manifest.kind, manifest.digest())
-        except seal.SealError:
-            if self._previous_wrap is None:
-                raise
-            return seal.unwrap_key(self._previous_wrap, manifest.wrapped(), manifest.ident, manifest.kind,
-                                   manifest.digest())
+        args = (manifest.wrapped(), manifest.ident, manifest.kind, manifest.digest())
+        if self._previous_wrap is not None:
+            with contextlib.suppress(seal.SealError):  # a fleet mid-rotation: either key may have wrapped it
+                return seal.unwrap_key(self._wrap, *args)
+            return seal.unwrap_key(self._previous_wrap, *args)
+        return seal.unwrap_key(self._wrap, *args)
 
     def authentic(self, manifest: Manifest) -> None:
         """SealError unless the wrap authenticates every byte of `manifest`."""
@@ -391,7 +388,7 @@ class State:
                 continue
             if found.kind in ("partial", "stale"):
                 if name in running:  # its kept disks are in use: only the snapshot goes
-                    _drop_snapshot(path)
+                    drop_snapshot(path)
                     if found.kind == "stale":
                         problems.append(Problem(name, "stale", found.why + " (its kept disks stay: it runs)", True))
                 elif remove_tree(path):
@@ -419,8 +416,9 @@ class State:
         return manifests, problems
 
 
-def _drop_snapshot(folder: Path) -> None:
-    """Remove a snapshot's manifest and streams, leaving its kept files."""
+def drop_snapshot(folder: Path) -> None:
+    """Remove a snapshot's manifest (first: a manifest without its streams would be a partial snapshot) and
+    streams, leaving its kept files; durably."""
     with contextlib.suppress(FileNotFoundError):
         (folder / META).unlink()
     for name in seal.STREAMS:
@@ -465,12 +463,15 @@ def open_fleet(key_file: Path, generations: ledger.Generations, previous_key_fil
         files.fsync_dir(outer)
     files.own_dir(base, "the fleet's state directory", hint=f"remove {base} or chmod 700 it")
     key = keys.read(key_file)
-    try:
-        previous = keys.read(previous_key_file) if previous_key_file is not None else None
-    except BaseException:
-        key.close()
-        raise
-    return State(base, key, generations, None, previous=previous)
+    previous_wrap = None
+    if previous_key_file is not None:
+        try:
+            with keys.read(previous_key_file) as previous:
+                previous_wrap = previous.derive(keys.WRAP)
+        except BaseException:
+            key.close()
+            raise
+    return State(base, key, generations, None, previous_wrap=previous_wrap)
 
 
 def open_to_read(key_file: Path | None = None) -> State | None:

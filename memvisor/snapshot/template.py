@@ -26,7 +26,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import re
 import secrets
 import subprocess
 import time
@@ -37,6 +36,7 @@ from typing import Any
 from memvisor import proto
 from memvisor.errors import MemvisorError
 from memvisor.host import memctl
+from memvisor.host.runtime import TEMPLATE_NAME
 from memvisor.host.sandbox import Instance
 from memvisor.host.vmm.qmp import QMP
 from memvisor.snapshot import files, migration, park, park_ram, seal, statedir
@@ -45,7 +45,7 @@ from memvisor.snapshot.migration import ParkError, StepFn
 from memvisor.snapshot.park import Figures
 
 log = logging.getLogger("memvisor")
-NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,29}")
+NAME = TEMPLATE_NAME  # the one pattern, also the fleet's (fleet/records.py)
 ID_PREFIX = "t-"  # a template's id: never a sandbox id (those are hex)
 STREAM = "template-vm"  # its streams' names, so never a sandbox's (seal.STREAMS)
 RAM_STREAM = "template-ram"
