@@ -128,14 +128,7 @@ class FleetOps:
             if folder.exists():  # a copy left by an earlier claim that failed here
                 self.state.remove(record.id)
             folder = self.state.sandbox_dir(record.id, create=True)
-            data = self.fleet.store.fetch(record.id, record.generation, folder)
-            claimed = Manifest.from_bytes(data, f"the manifest of bundle {record.id}/{record.generation}")
-            if claimed.digest().hex() != record.digest:  # before anything of it is trusted or resumed
-                raise StoreError(f"the manifest of bundle {record.id}/{record.generation} in the store is not the "
-                                 f"one the fence recorded (digest {claimed.digest().hex()[:16]}..., not "
-                                 f"{(record.digest or '')[:16]}...); it stays parked",
-                                 hint="the bundle was edited or replaced in the store: it is refused")
-            files.write_atomic(folder / layout.META, data)
+            self._fetch(record.id, record.generation, record.digest, folder, "the fence recorded")
             meta = self.state.load(record.id)
             if meta is None:
                 raise statedir.SnapshotProblem("partial", f"the bundle of sandbox {record.id} has no manifest")
@@ -147,6 +140,26 @@ class FleetOps:
         except BaseException:
             self.resume_failed(record.id)
             raise
+
+    def _fetch(self, bundle_id: str, generation: int, digest: str | None, folder: Path, named: str) -> None:
+        """Bundle `bundle_id`/`generation` into `folder` (its manifest written last), if its manifest is the one
+        whose digest (`digest`) the fleet names: compared before a byte of the bundle is copied, and again after
+        (the store may change under the copy). StoreError otherwise: the bundle is refused and stays parked."""
+        where = f"bundle {bundle_id}/{generation}"
+
+        def check(data: bytes) -> None:
+            found = Manifest.from_bytes(data, f"the manifest of {where}").digest().hex()
+            if found != digest:
+                raise StoreError(f"the manifest of {where} in the store is not the one {named} (digest "
+                                 f"{found[:16]}..., not {(digest or '')[:16]}...); it stays parked",
+                                 hint="the bundle was edited or replaced in the store: it is refused")
+
+        manifest = self.fleet.store.manifest(bundle_id, generation)
+        check(manifest)
+        data = self.fleet.store.fetch(bundle_id, generation, folder)
+        if data != manifest:
+            check(data)
+        files.write_atomic(folder / layout.META, data)
 
     def resumed(self, sandbox_id: str, generation: int) -> None:
         """The guest answered: the sandbox runs here, and the bundle it came from is consumed."""
@@ -192,12 +205,7 @@ class FleetOps:
             return None
         folder = template.folder(self.state, name, create=True)
         try:
-            data = self.fleet.store.fetch(record.id, record.generation, folder)
-            fetched = Manifest.from_bytes(data, f"the manifest of template bundle {record.id}")
-            if fetched.digest().hex() != record.digest:
-                raise StoreError(f"the bundle of template {name} in the store is not the one the fleet names "
-                                 f"(digest {fetched.digest().hex()[:16]}...)", hint="it was edited or replaced")
-            files.write_atomic(folder / layout.META, data)
+            self._fetch(record.id, record.generation, record.digest, folder, f"the fleet names template {name}")
             meta = template.load(self.state, name)
             if meta is None:
                 raise statedir.SnapshotProblem("partial", f"template {name} has no manifest here")
@@ -249,7 +257,6 @@ class FleetOps:
                                 record.state)
             except FleetError as exc:
                 log.warning("sandbox %s: the fence could not be set right: %s", record.id, exc.message)
-
 
     def committed(self, sandbox_id: str, phase: str, local: dict[str, Any]) -> bool | None:
         """recovery.py's question, answered by the fence. A park was undone (the VM may go on) only while the fence
