@@ -25,28 +25,25 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.vm.fleetlab import FleetLab, create, ok, sh
+from tests.vm.fleetlab import LOCAL, FleetLab, create, ok, park
 
 HOLD = ("python3 -c 'import time; d = open(\"/dev/urandom\", \"rb\").read({n} << 20); "
         "open(\"/tmp/held\", \"w\").close(); time.sleep(1e9)' </dev/null >/dev/null 2>&1 &")
 HELD = "for i in $(seq 600); do test -f /tmp/held && exit 0; sleep 0.5; done; exit 1"  # the data is all in RAM
 E2B = {"pause_s_per_gib": 4.0, "resume_s": 1.0}  # e2b.dev's published figures (docs/fleet.md cites them)
-NOFORWARD = {"x-memvisor-forwarded": "bench"}
 
 
 def timed_exec(node: Any, key: str) -> float:
     began = time.monotonic()
     with node.api() as api:
-        status, end, _ = sh(api, key, "true", headers=NOFORWARD)
-    assert status == 200 and end.get("exit_code") == 0, (status, end)
+        ok(api, key, "true", LOCAL)
     return time.monotonic() - began
 
 
 def timed_park(node: Any, key: str) -> float:
     began = time.monotonic()
     with node.api() as api:
-        r = api.post(f"/v1/sandboxes/{key}/park", json={}, headers=NOFORWARD)
-    assert r.status_code == 200, r.text
+        park(api, key, LOCAL)
     return time.monotonic() - began
 
 

@@ -32,9 +32,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.vm.fleetlab import COUNTER, LOOK, FleetLab, Node, create, sh
-
-LOCAL = {"x-memvisor-forwarded": "soak"}  # answered by the node itself, never forwarded
+from tests.vm.fleetlab import COUNTER, LOCAL, LOOK, FleetLab, Node, create, ok, sh
 
 
 @dataclass
@@ -78,16 +76,18 @@ class Sandbox:
 class Soak:
     """The soak's rounds over a started lab."""
 
-    def __init__(self, lab: FleetLab, rng: random.Random, step_timeout: float, extra: tuple[str, ...]) -> None:
+    def __init__(self, lab: FleetLab, rng: random.Random, step_timeout: float) -> None:
         self.lab = lab
         self.rng = rng
         self.timeout = step_timeout
-        self.extra = extra  # more `serve` arguments for every daemon
         self.tally = Tally()
 
     def api(self, node: Node) -> httpx.Client:
-        return httpx.Client(transport=httpx.HTTPTransport(uds=str(node.socket)), base_url="http://memvisor",
-                            timeout=self.timeout)
+        return node.api(self.timeout)
+
+    def failed(self, step: str, what: str, exc: httpx.HTTPError) -> None:
+        """No answer: a stall if it timed out, else a wrong answer (the daemon closed the connection...)."""
+        self.tally.bad(step, f"{what}: {exc!r}", stalled=isinstance(exc, httpx.TimeoutException))
 
     def any_node(self) -> Node:
         return self.rng.choice(list(self.lab.nodes.values()))
@@ -97,8 +97,8 @@ class Soak:
         try:
             with self.api(node) as api:
                 status, end, out = sh(api, box.id, LOOK)
-        except httpx.TimeoutException as exc:
-            self.tally.bad("look", f"{box.id} through {node.name}: {exc!r}", stalled=True)
+        except httpx.HTTPError as exc:
+            self.failed("look", f"{box.id} through {node.name}", exc)
             return False
         words = out.split()
         if status != 200 or end.get("exit_code") != 0 or words[:2] != ["alive", box.marker] or len(words) < 3 \
@@ -114,8 +114,8 @@ class Soak:
         try:
             with self.api(node) as api:
                 r = api.post(f"/v1/sandboxes/{box.id}/park", json={})
-        except httpx.TimeoutException as exc:
-            self.tally.bad("park", f"{box.id} through {node.name}: {exc!r}", stalled=True)
+        except httpx.HTTPError as exc:
+            self.failed("park", f"{box.id} through {node.name}", exc)
             return False
         if r.status_code != 200 or r.json().get("state") != "parked":
             self.tally.bad("park", f"{box.id} through {node.name}: HTTP {r.status_code} {r.text}")
@@ -124,26 +124,28 @@ class Soak:
         return True
 
     def claim(self, box: Sandbox) -> bool:
-        """Every node claims the parked sandbox at once: one 200, the rest 409."""
-        answers: dict[str, int | str] = {}
+        """Every node claims the parked sandbox at once: one 200, the rest 409 (no answer is a failure too)."""
+        answers: dict[str, int | httpx.HTTPError] = {}
 
         def one(node: Node) -> None:
             try:
                 with self.api(node) as api:
                     answers[node.name] = api.post(f"/v1/sandboxes/{box.id}/resume", json={},
                                                   headers=LOCAL).status_code
-            except httpx.TimeoutException as exc:
-                answers[node.name] = repr(exc)
+            except httpx.HTTPError as exc:
+                answers[node.name] = exc
 
         racers = [threading.Thread(target=one, args=(n,)) for n in self.lab.nodes.values()]
         for t in racers:
             t.start()
         for t in racers:
             t.join()
-        if any(isinstance(a, str) for a in answers.values()):
-            self.tally.bad("claim", f"{box.id}: {answers}", stalled=True)
+        lost = [a for a in answers.values() if isinstance(a, httpx.HTTPError)]
+        if lost:
+            self.failed("claim", f"{box.id}: {answers}", lost[0])
             return False
-        if sorted(answers.values()) != [200] + [409] * (len(answers) - 1):
+        codes = sorted(a for a in answers.values() if isinstance(a, int))
+        if codes != [200] + [409] * (len(self.lab.nodes) - 1):
             self.tally.bad("claim", f"{box.id}: {answers} (one 200, the rest 409 expected)")
             return False
         self.tally.ok("claim")
@@ -151,11 +153,14 @@ class Soak:
 
     def cycle(self, box: Sandbox) -> None:
         """One round for one sandbox; stops at its first wrong step (the next round starts from what is)."""
-        if not self.park(box, self.any_node()):
-            return
-        if self.rng.random() < 0.5 and not self.claim(box):
-            return
-        self.look(box, self.any_node())
+        try:
+            if not self.park(box, self.any_node()):
+                return
+            if self.rng.random() < 0.5 and not self.claim(box):
+                return
+            self.look(box, self.any_node())
+        except Exception as exc:  # counted, never lost with its thread (an answer that is not JSON...)
+            self.tally.bad("cycle", f"{box.id}: {exc!r}")
 
     def round(self, boxes: list[Sandbox]) -> None:
         threads = [threading.Thread(target=self.cycle, args=(box,)) for box in boxes]
@@ -172,24 +177,23 @@ class Soak:
             self.tally.bad("restart", f"node {name} exited {code} on SIGTERM")
         else:
             self.tally.ok("restart")
-        self.lab.start(name, *self.extra)
+        self.lab.start(name)
 
 
 def run(lab: FleetLab, *, nodes: int, sandboxes: int, rounds: int, restart_every: int, seed: int | None,
-        step_timeout: float, extra: tuple[str, ...] = ()) -> Tally:
+        step_timeout: float) -> Tally:
     """Start `nodes` daemons in `lab`, run the soak, remove its sandboxes; the tally (its printout as it goes)."""
     rng = random.Random(seed)
-    soak = Soak(lab, rng, step_timeout, extra)
+    soak = Soak(lab, rng, step_timeout)
     names = [chr(ord("a") + i) for i in range(nodes)]
     for name in names:
-        lab.start(name, *extra)
+        lab.start(name)
     boxes: list[Sandbox] = []
     for i in range(sandboxes):
         node = lab.nodes[names[i % nodes]]
         with soak.api(node) as api:
             box = Sandbox(create(api, f"soak-{i}")["id"], f"marker-{i}")
-            status, end, out = sh(api, box.id, COUNTER.replace("$MARK", box.marker))
-            assert status == 200 and end.get("exit_code") == 0, (status, end, out)
+            ok(api, box.id, COUNTER.replace("$MARK", box.marker))
         boxes.append(box)
     time.sleep(0.5)
     for box in boxes:

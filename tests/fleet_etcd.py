@@ -63,6 +63,13 @@ class PKI:
         return TLSFiles(self.ca, self.client_cert, self.client_key)
 
 
+def fleet_key(path: Path) -> Path:
+    """A new fleet key file at `path` (32 random bytes, mode 0600)."""
+    path.write_bytes(os.urandom(32))
+    path.chmod(0o600)
+    return path
+
+
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                        serialization.NoEncryption()))

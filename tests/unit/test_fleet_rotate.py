@@ -19,22 +19,14 @@ from memvisor.fleet.store import DirectoryStore
 from memvisor.service import fleetd, fleetkeys
 from memvisor.snapshot import files, keys, seal, statedir
 from memvisor.snapshot.manifest import KeptFile, Manifest
-from tests.fleet_etcd import EtcdServer, start_etcd
+from tests.fleet_etcd import EtcdServer, fleet_key, running_etcd
 
 
 @pytest.fixture
-def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
-    server = start_etcd(tmp_path / "etcd")
-    try:
+def own_etcd(tmp_path: Path) -> Iterator[EtcdServer]:
+    """An etcd of this test's own (not conftest's shared one): fleetkeys.rotate works under the default prefix."""
+    with running_etcd(tmp_path / "etcd") as server:
         yield server
-    finally:
-        server.stop()
-
-
-def key_file(path: Path) -> Path:
-    path.write_bytes(os.urandom(32))
-    path.chmod(0o600)
-    return path
 
 
 def wrapped_manifest(key: Path, sandbox_id: str, secret: bytearray) -> Manifest:
@@ -64,8 +56,8 @@ def unwraps(key: Path, m: Manifest) -> bytes | None:
         host.close()
 
 
-def test_rotation_rewraps_every_bundle_and_moves_the_key_check(etcd: EtcdServer, tmp_path: Path) -> None:
-    old, new = key_file(tmp_path / "old.key"), key_file(tmp_path / "new.key")
+def test_rotation_rewraps_every_bundle_and_moves_the_key_check(own_etcd: EtcdServer, tmp_path: Path) -> None:
+    old, new = fleet_key(tmp_path / "old.key"), fleet_key(tmp_path / "new.key")
     store_dir = tmp_path / "store"
     store_dir.mkdir(mode=0o700)
     store = DirectoryStore(store_dir)
@@ -74,24 +66,24 @@ def test_rotation_rewraps_every_bundle_and_moves_the_key_check(etcd: EtcdServer,
     secrets = {sid: bytearray(os.urandom(32)) for sid in ("aaaa0001", "aaaa0002")}
     for sid, secret in secrets.items():
         store.put(sid, 1, {"vm.snap": payload}, wrapped_manifest(old, sid, secret).to_bytes())
-    client = Etcd(etcd.url)
+    client = Etcd(own_etcd.url)
     layout = Layout()
     old_host = keys.read(old)
     check = old_host.derive(fleetd.KEY_CHECK)
     client.txn([], [Put(layout.key_check, bytes(check).hex().encode())])  # the fleet runs on the old key
     old_host.close()
 
-    stranger = key_file(tmp_path / "stranger.key")
+    stranger = fleet_key(tmp_path / "stranger.key")
     with pytest.raises(MemvisorError, match="is the key of the fleet"):
-        fleetkeys.rotate(etcd.url, store_dir, stranger, key_file(tmp_path / "other.key"))
+        fleetkeys.rotate(own_etcd.url, store_dir, stranger, fleet_key(tmp_path / "other.key"))
 
-    done = fleetkeys.rotate(etcd.url, store_dir, new, old)
+    done = fleetkeys.rotate(own_etcd.url, store_dir, new, old)
     assert (done.rewrapped, done.already, done.refused) == (2, 0, {})
     for sid, secret in secrets.items():
         m = Manifest.from_bytes(store.manifest(sid, 1), sid)
         assert unwraps(new, m) == bytes(secret) and unwraps(old, m) is None
         assert store.manifest(sid, 1) != wrapped_manifest(old, sid, secret).to_bytes()
-    again = fleetkeys.rotate(etcd.url, store_dir, new, old)  # finishing a cut-short rotation: nothing left to do
+    again = fleetkeys.rotate(own_etcd.url, store_dir, new, old)  # finishing a cut-short rotation: nothing left to do
     assert (again.rewrapped, again.already) == (0, 2)
     held = client.get(layout.key_check)
     new_host = keys.read(new)
@@ -102,7 +94,7 @@ def test_rotation_rewraps_every_bundle_and_moves_the_key_check(etcd: EtcdServer,
 
 def test_a_state_with_the_previous_key_opens_what_either_wrapped(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    old, new = key_file(tmp_path / "old.key"), key_file(tmp_path / "new.key")
+    old, new = fleet_key(tmp_path / "old.key"), fleet_key(tmp_path / "new.key")
     state_dir = tmp_path / "state"
     monkeypatch.setenv("MEMVISOR_STATE_DIR", str(state_dir))
     secret = bytearray(os.urandom(32))

@@ -17,9 +17,11 @@ from typing import Any
 
 import httpx
 
-from tests.fleet_etcd import EtcdServer, free_port, start_etcd
+from memvisor.service.peers import FORWARDED
+from tests.fleet_etcd import EtcdServer, fleet_key, free_port, start_etcd
 
 POLICY = {"vm": {"memory_mib": 160}, "swap": {"size_mib": 64}}
+LOCAL = {FORWARDED: "test"}  # a request the node answers itself (as a forwarded one): never forwarded again
 # A counter that keeps counting in its own memory (and a marker there and on disk). Each count is written to a new
 # file renamed into place: a look right after a resume could otherwise read the file between its truncation and
 # the write (the park froze the process there; seen as an empty count in the fleet soak).
@@ -49,9 +51,9 @@ class Node:
     def runtime(self) -> Path:
         return self.folder / "run"
 
-    def api(self) -> httpx.Client:
+    def api(self, timeout: float = 300) -> httpx.Client:
         return httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)), base_url="http://memvisor",
-                            timeout=300)
+                            timeout=timeout)
 
     def log(self) -> str:
         return (self.folder / "daemon.log").read_text(errors="replace")
@@ -86,9 +88,7 @@ class FleetLab:
         self.etcd = start_etcd(self.root / "etcd")
         self.store = self.root / "store"
         self.store.mkdir(mode=0o700, exist_ok=True)
-        self.key = self.root / "fleet.key"
-        self.key.write_bytes(os.urandom(32))
-        self.key.chmod(0o600)
+        self.key = fleet_key(self.root / "fleet.key")
 
     def env_of(self, name: str) -> dict[str, str]:
         folder = self.root / name
@@ -170,8 +170,16 @@ def sh(api: httpx.Client, key: str, script: str, headers: dict[str, str] | None 
     return 200, end, out.decode()
 
 
-def ok(api: httpx.Client, key: str, script: str) -> str:
+def ok(api: httpx.Client, key: str, script: str, headers: dict[str, str] | None = None) -> str:
     """Run `script`; its stdout, asserting it exited 0."""
-    status, end, out = sh(api, key, script)
+    status, end, out = sh(api, key, script, headers)
     assert status == 200 and end.get("exit_code") == 0, (status, end, out)
     return out
+
+
+def park(api: httpx.Client, key: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """Park sandbox `key`; its answer, asserting it is parked."""
+    r = api.post(f"/v1/sandboxes/{key}/park", json={}, headers=headers)
+    assert r.status_code == 200 and r.json()["state"] == "parked", r.text
+    info: dict[str, Any] = r.json()
+    return info

@@ -12,7 +12,6 @@ ports, runtime and state directories) sharing one store directory and one fleet 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -23,12 +22,11 @@ from typing import Any
 
 import httpx
 
-from tests.fleet_etcd import free_port
+from tests.fleet_etcd import fleet_key, free_port
 from tests.vm.conftest import memvisor_argv, wait_for
-from tests.vm.fleetlab import COUNTER, LOOK, FleetLab, Node, create, ok, sh
+from tests.vm.fleetlab import COUNTER, LOCAL, LOOK, FleetLab, Node, create, ok, park, sh
 
 TTL = "6"  # short leases: a silent host leaves the fleet within seconds (longer than an etcd pause below)
-NOFORWARD = {"x-memvisor-forwarded": "test"}  # answer for this node itself, as a forwarded request would be
 
 
 def start(lab: FleetLab, name: str, *extra: str, store: Path | None = None) -> Node:
@@ -67,13 +65,6 @@ def record(api: httpx.Client, key: str) -> dict[str, Any]:
     return found
 
 
-def park(api: httpx.Client, key: str) -> dict[str, Any]:
-    r = api.post(f"/v1/sandboxes/{key}/park", json={})
-    assert r.status_code == 200 and r.json()["state"] == "parked", r.text
-    info: dict[str, Any] = r.json()
-    return info
-
-
 def bundle(lab: FleetLab, key: str, generation: int) -> Path:
     return lab.store / "bundles" / key / str(generation)
 
@@ -101,17 +92,16 @@ def test_a_parked_sandbox_resumes_on_any_host_once_and_a_changed_bundle_never(la
         assert record(on_a, first)["node"] == "b" and not bundle(lab, first, 1).exists()
         assert on_a.get(f"/v1/sandboxes/{first}").json()["node"] == "b"  # a forwards it to its owner
         # The host that parked it cannot resume it again: the fence names b now.
-        r = on_a.post(f"/v1/sandboxes/{first}/resume", json={}, headers=NOFORWARD)
+        r = on_a.post(f"/v1/sandboxes/{first}/resume", json={}, headers=LOCAL)
         assert r.status_code == 409, r.text
 
         # Two hosts claiming one parked sandbox at once: one resumes it, the other is told 409.
         park(on_a, first)  # forwarded to b, its owner
-        gen = record(on_a, first)["generation"]
         answers: list[int] = []
 
         def claim(node: Node) -> None:
             with node.api() as api:
-                answers.append(api.post(f"/v1/sandboxes/{first}/resume", json={}, headers=NOFORWARD).status_code)
+                answers.append(api.post(f"/v1/sandboxes/{first}/resume", json={}, headers=LOCAL).status_code)
 
         racers = [threading.Thread(target=claim, args=(n,)) for n in (a, b)]
         for t in racers:
@@ -120,7 +110,7 @@ def test_a_parked_sandbox_resumes_on_any_host_once_and_a_changed_bundle_never(la
             t.join(timeout=120)
         assert sorted(answers) == [200, 409], answers
         winner = record(on_a, first)["node"]
-        look(a.api() if winner == "a" else on_b, first, "first-marker")
+        look(on_a if winner == "a" else on_b, first, "first-marker")
 
         # A bundle changed in the store is refused, and the sandbox stays parked.
         park(on_a, first)
@@ -134,7 +124,6 @@ def test_a_parked_sandbox_resumes_on_any_host_once_and_a_changed_bundle_never(la
         data[len(data) // 2] ^= 1
         snap.write_bytes(bytes(data))
         refused(on_b, first, "failed authentication")
-        assert record(on_b, first)["state"] == "parked"
         shutil.copyfile(aside / "vm.snap", snap)
         (folder / "manifest").write_bytes((aside / "manifest").read_bytes().replace(b'"name":"first"',
                                                                                        b'"name":"firsT"'))
@@ -154,9 +143,7 @@ def test_a_parked_sandbox_resumes_on_any_host_once_and_a_changed_bundle_never(la
         assert record(on_a, first)["state"] == "parked"
 
         # A daemon holding another fleet key is refused at its start, naming the file.
-        wrong = tmp_path / "wrong.key"
-        wrong.write_bytes(os.urandom(32))
-        wrong.chmod(0o600)
+        wrong = fleet_key(tmp_path / "wrong.key")
         (lab.root / "c").mkdir()
         proc = subprocess.run(lab.argv("c", free_port(), key=wrong), env=lab.env_of("c"), capture_output=True,
                               text=True, timeout=120, stdin=subprocess.DEVNULL)
@@ -221,7 +208,7 @@ def test_faults_lose_nothing(lab: FleetLab, tmp_path: Path) -> None:
         assert status == 409 and "unreachable" in body["detail"], body
         b = start(lab, "b")
         wait_for(lambda: record(on_a, busy)["state"] == "running", 60, "b to take it back")
-        assert look(on_a, busy, "busy-marker")  # forwarded to b
+        look(on_a, busy, "busy-marker")  # forwarded to b
 
         # A host that stops answering (a partition): its running sandbox shows unreachable and is never resumed
         # elsewhere; what it parked resumes anywhere; back, it takes up what it still runs.

@@ -76,11 +76,15 @@ def test_the_documented_one_machine_fleet_works_as_written(image: Image, tmp_pat
         listed = next(o for line, o in zip(use, out, strict=True) if "fleet ls" in line)
         assert re.search(r"^[* ]a\s", listed, re.M) and re.search(r"^[* ]b\s", listed, re.M), listed
     finally:
+        hung = []
         for pid in reversed(pids):  # the daemons first (they drain: nothing is left), etcd last
             if alive(pid):
                 os.kill(pid, signal.SIGTERM)
                 deadline = time.monotonic() + 120
                 while alive(pid) and time.monotonic() < deadline:
                     time.sleep(0.1)
-                assert not alive(pid), f"pid {pid} did not end"
+                if alive(pid):  # ended anyway, so that one that hangs does not leave the others running
+                    hung.append(pid)
+                    os.kill(pid, signal.SIGKILL)
+        assert not hung, f"pids {hung} did not end on SIGTERM"
     assert not [p for p in (demo / "a" / "run", demo / "b" / "run") if p.exists() and any(p.iterdir())]
